@@ -1,0 +1,20 @@
+// fastvis: the core's one thread pool.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace fastvis {
+
+// Number of threads the core uses (the caller's thread included). Python sets it
+// from torch.get_num_threads() at import; native programs default to the
+// hardware concurrency.
+void set_num_threads(int n);
+int get_num_threads();
+
+// Runs fn(begin, end) over [0, n) split into at most get_num_threads() contiguous
+// chunks of at least `grain` items. The split depends only on n, grain and the
+// thread count, so a kernel that writes disjoint outputs per index is deterministic.
+// Calls from inside a running parallel region run serially on the calling thread.
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+}  // namespace fastvis
