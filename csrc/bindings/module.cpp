@@ -1,0 +1,301 @@
+// The pybind11 module fastvis._C: thin. Objects come in through DLPack
+// (__dlpack__ / __dlpack_device__: torch tensors, NumPy arrays, ...), become
+// fastvis::TensorView, the core is called with the GIL released, and
+// fastvis::Error is translated to ValueError / TypeError / RuntimeError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "bindings/dlpack.h"
+#include "fastvis/fastvis.h"
+
+namespace py = pybind11;
+using namespace fastvis;
+
+namespace {
+
+// Keeps the DLPack capsules of one call alive while the core reads the views.
+struct Borrowed {
+  std::vector<py::object> keep;
+
+  TensorView view(const py::handle& obj, const char* name) {
+    if (!py::hasattr(obj, "__dlpack__"))
+      detail::throw_error(ErrorKind::Type, name,
+                          ": expected an array supporting DLPack (a torch.Tensor or a NumPy "
+                          "array), got ",
+                          std::string(py::str(py::type::of(obj).attr("__name__"))));
+    py::object capsule;
+    int dev_type = kDLCPU;
+    if (py::hasattr(obj, "__dlpack_device__")) {
+      py::tuple dev = obj.attr("__dlpack_device__")();
+      dev_type = dev[0].cast<int>();
+    }
+    if (dev_type == kDLCUDA || dev_type == kDLCUDAManaged)
+      capsule = obj.attr("__dlpack__")(py::arg("stream") = -1);  // the caller orders streams
+    else
+      capsule = obj.attr("__dlpack__")();
+    keep.push_back(capsule);
+    if (!PyCapsule_IsValid(capsule.ptr(), "dltensor"))
+      detail::throw_error(ErrorKind::Type, name,
+                          ": __dlpack__ did not return a 'dltensor' capsule");
+    auto* mt = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+    const DLTensor& t = mt->dl_tensor;
+    TensorView v;
+    FV_CHECK_VALUE(t.ndim >= 0 && t.ndim <= kMaxDims, name, ": at most ", kMaxDims,
+                   " dimensions are supported, got ", t.ndim);
+    FV_CHECK_TYPE(t.dtype.lanes == 1, name, ": vector dtypes (lanes > 1) are not supported");
+    const int code = t.dtype.code, bits = t.dtype.bits;
+    if (code == kDLFloat && bits == 32) v.dtype = DType::Float32;
+    else if (code == kDLFloat && bits == 64) v.dtype = DType::Float64;
+    else if (code == kDLFloat && bits == 16) v.dtype = DType::Float16;
+    else if (code == kDLBfloat && bits == 16) v.dtype = DType::BFloat16;
+    else if (code == kDLUInt && bits == 8) v.dtype = DType::UInt8;
+    else
+      detail::throw_error(ErrorKind::Type, name, ": unsupported dtype (DLPack code ", code,
+                          ", ", bits, " bits); expected float32, float64, bfloat16 or float16");
+    if (t.device.device_type == kDLCPU || t.device.device_type == kDLCUDAHost) {
+      v.device = Device{DeviceType::CPU, 0};
+    } else if (t.device.device_type == kDLCUDA || t.device.device_type == kDLCUDAManaged) {
+      v.device = Device{DeviceType::CUDA, t.device.device_id};
+    } else {
+      detail::throw_error(ErrorKind::Value, name, ": unsupported device (DLPack type ",
+                          t.device.device_type, "); expected CPU or CUDA memory");
+    }
+    v.data = static_cast<char*>(t.data) + t.byte_offset;
+    v.ndim = t.ndim;
+    int64_t st = 1;
+    for (int d = t.ndim - 1; d >= 0; --d) {
+      v.shape[d] = t.shape[d];
+      v.strides[d] = t.strides ? t.strides[d] : st;
+      st *= t.shape[d];
+    }
+    return v;
+  }
+};
+
+DepthwiseConv2dParams make_params(const std::array<int64_t, 2>& stride,
+                                  const std::array<int64_t, 4>& padding,
+                                  const std::array<int64_t, 2>& dilation) {
+  DepthwiseConv2dParams p;
+  p.stride_h = stride[0];
+  p.stride_w = stride[1];
+  p.pad_top = padding[0];
+  p.pad_bottom = padding[1];
+  p.pad_left = padding[2];
+  p.pad_right = padding[3];
+  p.dilation_h = dilation[0];
+  p.dilation_w = dilation[1];
+  return p;
+}
+
+// Caller-provided scratch (a uint8 array) or, when None, a buffer owned here.
+struct Scratch {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  std::unique_ptr<uint64_t[]> owned;
+
+  Scratch(Borrowed& b, const py::object& obj, size_t need, const TensorView& like) {
+    if (obj.is_none()) {
+      if (like.device.type == DeviceType::CUDA && need > 0)
+        detail::throw_error(ErrorKind::Value,
+                            "scratch: CUDA tensors need a caller-allocated CUDA scratch buffer of ",
+                            need, " bytes");
+      if (need > 0) {
+        owned.reset(new uint64_t[(need + 7) / 8]);
+        ptr = owned.get();
+        bytes = need;
+      }
+      return;
+    }
+    TensorView s = b.view(obj, "scratch");
+    FV_CHECK_TYPE(s.dtype == DType::UInt8, "scratch: expected a uint8 buffer, got ",
+                  dtype_name(s.dtype));
+    FV_CHECK_VALUE(s.is_contiguous(), "scratch: must be contiguous");
+    FV_CHECK_VALUE(s.device == like.device, "scratch: expected memory on ",
+                   device_name(like.device), ", got ", device_name(s.device));
+    ptr = s.data;
+    bytes = static_cast<size_t>(s.numel());
+  }
+};
+
+void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastvis core bindings (DLPack in, core call out)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const fastvis::Error& e) {
+      PyObject* type = PyExc_RuntimeError;
+      if (e.kind() == ErrorKind::Value) type = PyExc_ValueError;
+      if (e.kind() == ErrorKind::Type) type = PyExc_TypeError;
+      PyErr_SetString(type, e.what());
+    }
+  });
+
+  m.def("version", [] { return std::string(fastvis::version()); });
+  m.def("set_num_threads", &fastvis::set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &fastvis::get_num_threads);
+  m.def("cuda_device_count", &fastvis::cuda_device_count);
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = std::string(fastvis::version());
+    d["cpu_isa_compiled"] = fastvis::cpu_isa_compiled();
+    d["cpu_isa_selected"] = fastvis::cpu_isa_selected();
+    d["cuda"] = fastvis::cuda_compiled();
+    d["cuda_archs"] = fastvis::cuda_archs();
+    return d;
+  });
+
+  using A2 = std::array<int64_t, 2>;
+  using A4 = std::array<int64_t, 4>;
+
+  m.def(
+      "dwconv_output_shape",
+      [](py::object x, py::object w, A2 stride, A4 padding, A2 dilation) {
+        Borrowed b;
+        auto s = depthwise_conv2d_shape(b.view(x, "x"), b.view(w, "weight"),
+                                        make_params(stride, padding, dilation));
+        return py::make_tuple(s.n, s.c, s.oh, s.ow);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("padding"), py::arg("dilation"));
+
+  m.def(
+      "dwconv_forward_scratch_bytes",
+      [](py::object x, py::object w, A2 stride, A4 padding, A2 dilation) {
+        Borrowed b;
+        return depthwise_conv2d_forward_scratch_bytes(b.view(x, "x"), b.view(w, "weight"),
+                                                      make_params(stride, padding, dilation));
+      },
+      py::arg("x"), py::arg("weight"), py::arg("stride"), py::arg("padding"), py::arg("dilation"));
+
+  m.def(
+      "dwconv_forward",
+      [](py::object x, py::object w, py::object bias, py::object y, A2 stride, A4 padding,
+         A2 dilation, py::object scratch, uintptr_t stream) {
+        Borrowed b;
+        const auto p = make_params(stride, padding, dilation);
+        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), yv = b.view(y, "y");
+        TensorView bv;
+        if (!bias.is_none()) bv = b.view(bias, "bias");
+        const size_t need = depthwise_conv2d_forward_scratch_bytes(xv, wv, p);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        depthwise_conv2d_forward(xv, wv, bias.is_none() ? nullptr : &bv, yv, p, sc.ptr, sc.bytes,
+                                 as_stream(stream));
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("stride"),
+      py::arg("padding"), py::arg("dilation"), py::arg("scratch") = py::none(),
+      py::arg("stream") = 0);
+
+  m.def(
+      "dwconv_backward_input_scratch_bytes",
+      [](py::object gy, py::object w, py::object gx, A2 stride, A4 padding, A2 dilation) {
+        Borrowed b;
+        return depthwise_conv2d_backward_input_scratch_bytes(
+            b.view(gy, "grad_y"), b.view(w, "weight"), b.view(gx, "grad_x"),
+            make_params(stride, padding, dilation));
+      },
+      py::arg("grad_y"), py::arg("weight"), py::arg("grad_x"), py::arg("stride"),
+      py::arg("padding"), py::arg("dilation"));
+
+  m.def(
+      "dwconv_backward_input",
+      [](py::object gy, py::object w, py::object gx, A2 stride, A4 padding, A2 dilation,
+         py::object scratch, uintptr_t stream) {
+        Borrowed b;
+        const auto p = make_params(stride, padding, dilation);
+        TensorView gyv = b.view(gy, "grad_y"), wv = b.view(w, "weight"),
+                   gxv = b.view(gx, "grad_x");
+        const size_t need = depthwise_conv2d_backward_input_scratch_bytes(gyv, wv, gxv, p);
+        Scratch sc(b, scratch, need, gxv);
+        py::gil_scoped_release nogil;
+        depthwise_conv2d_backward_input(gyv, wv, gxv, p, sc.ptr, sc.bytes, as_stream(stream));
+      },
+      py::arg("grad_y"), py::arg("weight"), py::arg("grad_x"), py::arg("stride"),
+      py::arg("padding"), py::arg("dilation"), py::arg("scratch") = py::none(),
+      py::arg("stream") = 0);
+
+  m.def(
+      "dwconv_backward_weight_scratch_bytes",
+      [](py::object gy, py::object x, py::object gw, A2 stride, A4 padding, A2 dilation) {
+        Borrowed b;
+        return depthwise_conv2d_backward_weight_scratch_bytes(
+            b.view(gy, "grad_y"), b.view(x, "x"), b.view(gw, "grad_weight"),
+            make_params(stride, padding, dilation));
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("grad_weight"), py::arg("stride"),
+      py::arg("padding"), py::arg("dilation"));
+
+  m.def(
+      "dwconv_backward_weight",
+      [](py::object gy, py::object x, py::object gw, py::object gb, A2 stride, A4 padding,
+         A2 dilation, py::object scratch, uintptr_t stream) {
+        Borrowed b;
+        const auto p = make_params(stride, padding, dilation);
+        TensorView gyv = b.view(gy, "grad_y"), xv = b.view(x, "x"),
+                   gwv = b.view(gw, "grad_weight");
+        TensorView gbv;
+        if (!gb.is_none()) gbv = b.view(gb, "grad_bias");
+        const size_t need = depthwise_conv2d_backward_weight_scratch_bytes(gyv, xv, gwv, p);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        depthwise_conv2d_backward_weight(gyv, xv, gwv, gb.is_none() ? nullptr : &gbv, p, sc.ptr,
+                                         sc.bytes, as_stream(stream));
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("grad_weight"), py::arg("grad_bias"),
+      py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("scratch") = py::none(), py::arg("stream") = 0);
+
+  m.def(
+      "dwconv_forward_reference",
+      [](py::object x, py::object w, py::object bias, py::object y, A2 stride, A4 padding,
+         A2 dilation) {
+        Borrowed b;
+        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), yv = b.view(y, "y");
+        TensorView bv;
+        if (!bias.is_none()) bv = b.view(bias, "bias");
+        const auto p = make_params(stride, padding, dilation);
+        py::gil_scoped_release nogil;
+        depthwise_conv2d_forward_reference(xv, wv, bias.is_none() ? nullptr : &bv, yv, p);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("stride"),
+      py::arg("padding"), py::arg("dilation"));
+
+  m.def(
+      "dwconv_backward_input_reference",
+      [](py::object gy, py::object w, py::object gx, A2 stride, A4 padding, A2 dilation) {
+        Borrowed b;
+        TensorView gyv = b.view(gy, "grad_y"), wv = b.view(w, "weight"),
+                   gxv = b.view(gx, "grad_x");
+        const auto p = make_params(stride, padding, dilation);
+        py::gil_scoped_release nogil;
+        depthwise_conv2d_backward_input_reference(gyv, wv, gxv, p);
+      },
+      py::arg("grad_y"), py::arg("weight"), py::arg("grad_x"), py::arg("stride"),
+      py::arg("padding"), py::arg("dilation"));
+
+  m.def(
+      "dwconv_backward_weight_reference",
+      [](py::object gy, py::object x, py::object gw, py::object gb, A2 stride, A4 padding,
+         A2 dilation) {
+        Borrowed b;
+        TensorView gyv = b.view(gy, "grad_y"), xv = b.view(x, "x"),
+                   gwv = b.view(gw, "grad_weight");
+        TensorView gbv;
+        if (!gb.is_none()) gbv = b.view(gb, "grad_bias");
+        const auto p = make_params(stride, padding, dilation);
+        py::gil_scoped_release nogil;
+        depthwise_conv2d_backward_weight_reference(gyv, xv, gwv, gb.is_none() ? nullptr : &gbv,
+                                                   p);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("grad_weight"), py::arg("grad_bias"),
+      py::arg("stride"), py::arg("padding"), py::arg("dilation"));
+}

@@ -1,0 +1,487 @@
+// CPU fast paths of depthwise convolution, NHWC. Compiled once per instruction
+// set (see CMakeLists.txt): FV_ISA names the namespace and the flags differ.
+//
+// SIMD runs over channels (GCC/Clang vector extensions, 32-byte vectors: one AVX
+// register when built for AVX2, two SSE/NEON registers on the baseline build).
+// Forward and backward-input keep a block of output pixels x channel vectors in
+// registers; weight-gradient keeps a block of kernel taps x channel vectors in
+// registers while sweeping an output row.
+#include <algorithm>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "core/dtype_convert.h"
+#include "fastvis/threading.h"
+#include "ops/depthwise_conv/cpu_kernels.h"
+
+#ifndef FV_ISA
+#error "FV_ISA must name the instruction-set namespace"
+#endif
+
+namespace fastvis {
+namespace dwconv {
+namespace FV_ISA {
+namespace {
+
+template <class A> struct VT;
+template <> struct VT<float> {
+  typedef float V __attribute__((vector_size(32)));
+  static constexpr int L = 8;
+};
+template <> struct VT<double> {
+  typedef double V __attribute__((vector_size(32)));
+  static constexpr int L = 4;
+};
+
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+
+template <class T, class A> inline typename VT<A>::V vload(const T* p) {
+  typename VT<A>::V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <> inline VT<float>::V vload<bfloat16, float>(const bfloat16* p) {
+  U16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  U32x8 w = __builtin_convertvector(h, U32x8) << 16;
+  VT<float>::V v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+template <class T, class A> inline void vstore(T* p, typename VT<A>::V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <> inline void vstore<bfloat16, float>(bfloat16* p, VT<float>::V v) {
+  U32x8 u;
+  std::memcpy(&u, &v, sizeof u);
+  const U32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const U32x8 quiet = (u >> 16) | 0x40u;
+  const U32x8 is_nan = (U32x8)((u & 0x7fffffffu) > 0x7f800000u);
+  const U32x8 r = (quiet & is_nan) | (rounded & ~is_nan);
+  U16x8 h = __builtin_convertvector(r, U16x8);
+  std::memcpy(p, &h, sizeof h);
+}
+
+template <class T, class A> inline A sload(const T* p) { return static_cast<A>(*p); }
+template <> inline float sload<bfloat16, float>(const bfloat16* p) { return bf16_to_float(p->bits); }
+template <class T, class A> inline void sstore(T* p, A v) { *p = static_cast<T>(v); }
+template <> inline void sstore<bfloat16, float>(bfloat16* p, float v) { p->bits = float_to_bf16(v); }
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// Taps t in [0, k) with 0 <= base + t*d < size.
+inline void tap_range(int64_t base, int64_t d, int64_t k, int64_t size, int64_t& lo, int64_t& hi) {
+  lo = std::max<int64_t>(0, ceil_div(-base, d));
+  hi = std::min<int64_t>(k, floor_div(size - 1 - base, d) + 1);
+  lo = std::min(lo, k);
+  hi = std::max(hi, lo);
+}
+// Outputs o in [0, O) with 0 <= o*s + off and o*s + off + ext <= size - 1.
+inline void out_range(int64_t off, int64_t ext, int64_t s, int64_t O, int64_t size, int64_t& lo,
+                      int64_t& hi) {
+  lo = std::max<int64_t>(0, ceil_div(-off, s));
+  hi = std::min<int64_t>(O, floor_div(size - 1 - ext - off, s) + 1);
+  lo = std::min(lo, O);
+  hi = std::max(hi, lo);
+}
+
+// Channel blocks: (first channel, kind) with kind 2 = two vectors, 1 = one vector,
+// -m = m leftover channels handled by scalar code.
+template <class A> std::vector<std::pair<int64_t, int>> channel_blocks(int64_t C) {
+  constexpr int L = VT<A>::L;
+  std::vector<std::pair<int64_t, int>> b;
+  int64_t c0 = 0;
+  for (; c0 + 2 * L <= C; c0 += 2 * L) b.push_back({c0, 2});
+  for (; c0 + L <= C; c0 += L) b.push_back({c0, 1});
+  if (c0 < C) b.push_back({c0, -static_cast<int>(C - c0)});
+  return b;
+}
+template <class A> inline int64_t block_width(const std::pair<int64_t, int>& b) {
+  return b.second > 0 ? b.second * VT<A>::L : -b.second;
+}
+
+// ------------------------------------------------------------------ forward
+
+// OWB consecutive output pixels of one row, NV channel vectors from c0.
+template <class T, class A, int NV, int OWB>
+inline void fwd_pixels(const Geom& g, const T* xn, const A* wpk, const A* bias, T* yp,
+                       int64_t ih0, int64_t iw0, int64_t i_lo, int64_t i_hi, int64_t j_lo,
+                       int64_t j_hi, int64_t c0) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const int64_t C = g.c, sC = g.sw * C;
+  V acc[OWB][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload<A, A>(bias + c0 + v * L) : V{};
+    for (int o = 0; o < OWB; ++o) acc[o][v] = b;
+  }
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const int64_t row = (ih0 + i * g.dh) * g.w;
+    const A* wr = wpk + i * g.kw * C + c0;
+    for (int64_t j = j_lo; j < j_hi; ++j) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = vload<A, A>(wr + j * C + v * L);
+      const T* xp = xn + (row + iw0 + j * g.dw) * C + c0;
+      for (int o = 0; o < OWB; ++o)
+        for (int v = 0; v < NV; ++v) acc[o][v] += vload<T, A>(xp + o * sC + v * L) * wv[v];
+    }
+  }
+  for (int o = 0; o < OWB; ++o)
+    for (int v = 0; v < NV; ++v) vstore<T, A>(yp + o * C + v * L, acc[o][v]);
+}
+
+template <class T, class A, int NV>
+void fwd_row(const Geom& g, const T* xn, const A* wpk, const A* bias, T* yrow, int64_t oh,
+             int64_t c0) {
+  constexpr int OWB = NV == 2 ? 6 : 12;
+  const int64_t ih0 = oh * g.sh - g.pt;
+  int64_t i_lo, i_hi, ow_lo, ow_hi;
+  tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
+  out_range(-g.pl, (g.kw - 1) * g.dw, g.sw, g.ow, g.w, ow_lo, ow_hi);
+  auto edge = [&](int64_t ow) {
+    const int64_t iw0 = ow * g.sw - g.pl;
+    int64_t j_lo, j_hi;
+    tap_range(iw0, g.dw, g.kw, g.w, j_lo, j_hi);
+    fwd_pixels<T, A, NV, 1>(g, xn, wpk, bias, yrow + ow * g.c + c0, ih0, iw0, i_lo, i_hi, j_lo,
+                            j_hi, c0);
+  };
+  int64_t ow = 0;
+  for (; ow < ow_lo; ++ow) edge(ow);
+  for (; ow + OWB <= ow_hi; ow += OWB)
+    fwd_pixels<T, A, NV, OWB>(g, xn, wpk, bias, yrow + ow * g.c + c0, ih0, ow * g.sw - g.pl,
+                              i_lo, i_hi, 0, g.kw, c0);
+  for (; ow < ow_hi; ++ow)
+    fwd_pixels<T, A, NV, 1>(g, xn, wpk, bias, yrow + ow * g.c + c0, ih0, ow * g.sw - g.pl, i_lo,
+                            i_hi, 0, g.kw, c0);
+  for (; ow < g.ow; ++ow) edge(ow);
+}
+
+template <class T, class A>
+void fwd_row_scalar(const Geom& g, const T* xn, const A* wpk, const A* bias, T* yrow, int64_t oh,
+                    int64_t c0, int64_t cn) {
+  const int64_t C = g.c, ih0 = oh * g.sh - g.pt;
+  int64_t i_lo, i_hi;
+  tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
+  for (int64_t ow = 0; ow < g.ow; ++ow) {
+    const int64_t iw0 = ow * g.sw - g.pl;
+    int64_t j_lo, j_hi;
+    tap_range(iw0, g.dw, g.kw, g.w, j_lo, j_hi);
+    for (int64_t c = c0; c < c0 + cn; ++c) {
+      A acc = bias ? bias[c] : A(0);
+      for (int64_t i = i_lo; i < i_hi; ++i)
+        for (int64_t j = j_lo; j < j_hi; ++j)
+          acc += sload<T, A>(xn + ((ih0 + i * g.dh) * g.w + iw0 + j * g.dw) * C + c) *
+                 wpk[(i * g.kw + j) * C + c];
+      sstore<T, A>(yrow + ow * C + c, acc);
+    }
+  }
+}
+
+template <class T, class A>
+void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y) {
+  const auto blocks = channel_blocks<A>(g.c);
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  // Items ordered (n, channel block, output row): a thread sweeps consecutive rows
+  // of one channel block, so the input window of that block stays in cache.
+  parallel_for(g.n * nb * g.oh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t oh = it % g.oh, t = it / g.oh, bi = t % nb, n = t / nb;
+      const T* xn = x + n * g.h * g.w * g.c;
+      T* yrow = y + (n * g.oh + oh) * g.ow * g.c;
+      const auto& b = blocks[bi];
+      if (b.second == 2)
+        fwd_row<T, A, 2>(g, xn, wpk, bias, yrow, oh, b.first);
+      else if (b.second == 1)
+        fwd_row<T, A, 1>(g, xn, wpk, bias, yrow, oh, b.first);
+      else
+        fwd_row_scalar<T, A>(g, xn, wpk, bias, yrow, oh, b.first, -b.second);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward input (gather)
+
+template <class T, class A, int NV>
+void bwdin_row(const Geom& g, const T* gyn, const A* wpk, T* gxrow, int64_t ih, int64_t c0,
+               const int64_t* ti, const int64_t* to, int nt) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const int64_t C = g.c;
+  for (int64_t iw = 0; iw < g.w; ++iw) {
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t u = iw + g.pl - j * g.dw;
+      if (u < 0 || u % g.sw != 0) continue;
+      const int64_t ow = u / g.sw;
+      if (ow >= g.ow) continue;
+      for (int p = 0; p < nt; ++p) {
+        const A* wp = wpk + (ti[p] * g.kw + j) * C + c0;
+        const T* gp = gyn + (to[p] * g.ow + ow) * C + c0;
+        for (int v = 0; v < NV; ++v) acc[v] += vload<T, A>(gp + v * L) * vload<A, A>(wp + v * L);
+      }
+    }
+    for (int v = 0; v < NV; ++v) vstore<T, A>(gxrow + iw * C + c0 + v * L, acc[v]);
+  }
+}
+
+template <class T, class A>
+void bwdin_row_scalar(const Geom& g, const T* gyn, const A* wpk, T* gxrow, int64_t c0, int64_t cn,
+                      const int64_t* ti, const int64_t* to, int nt) {
+  const int64_t C = g.c;
+  for (int64_t iw = 0; iw < g.w; ++iw) {
+    for (int64_t c = c0; c < c0 + cn; ++c) {
+      A acc = 0;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t u = iw + g.pl - j * g.dw;
+        if (u < 0 || u % g.sw != 0) continue;
+        const int64_t ow = u / g.sw;
+        if (ow >= g.ow) continue;
+        for (int p = 0; p < nt; ++p)
+          acc += sload<T, A>(gyn + (to[p] * g.ow + ow) * C + c) * wpk[(ti[p] * g.kw + j) * C + c];
+      }
+      sstore<T, A>(gxrow + iw * C + c, acc);
+    }
+  }
+}
+
+template <class T, class A>
+void backward_input_t(const Geom& g, const T* gy, const A* wpk, T* gx) {
+  const auto blocks = channel_blocks<A>(g.c);
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  parallel_for(g.n * nb * g.h, 1, [&](int64_t begin, int64_t end) {
+    int64_t ti[64], to[64];
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t ih = it % g.h, t = it / g.h, bi = t % nb, n = t / nb;
+      int nt = 0;  // kernel rows i hitting this input row, and their output rows
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t u = ih + g.pt - i * g.dh;
+        if (u < 0 || u % g.sh != 0 || u / g.sh >= g.oh) continue;
+        ti[nt] = i;
+        to[nt] = u / g.sh;
+        ++nt;
+      }
+      const T* gyn = gy + n * g.oh * g.ow * g.c;
+      T* gxrow = gx + (n * g.h + ih) * g.w * g.c;
+      const auto& b = blocks[bi];
+      if (b.second == 2)
+        bwdin_row<T, A, 2>(g, gyn, wpk, gxrow, ih, b.first, ti, to, nt);
+      else if (b.second == 1)
+        bwdin_row<T, A, 1>(g, gyn, wpk, gxrow, ih, b.first, ti, to, nt);
+      else
+        bwdin_row_scalar<T, A>(g, gyn, wpk, gxrow, b.first, -b.second, ti, to, nt);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ weight gradient
+
+// JB taps x NV channel vectors accumulated over outputs [lo, hi) of one row.
+// off[t]: offset of tap t's input pixel for ow = 0 (elements, may be negative);
+// part[t]: where tap t's partial sums for channel c0 live.
+template <class T, class A, int NV, int JB>
+inline void wg_taps(const T* gyrow, const T* xn, const int64_t* off, A* const* part, int64_t lo,
+                    int64_t hi, int64_t sC, int64_t C, int64_t c0) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  V acc[JB][NV];
+  for (int t = 0; t < JB; ++t)
+    for (int v = 0; v < NV; ++v) acc[t][v] = V{};
+  int64_t o[JB];
+  for (int t = 0; t < JB; ++t) o[t] = off[t] + c0;
+  for (int64_t ow = lo; ow < hi; ++ow) {
+    V gv[NV];
+    for (int v = 0; v < NV; ++v) gv[v] = vload<T, A>(gyrow + ow * C + c0 + v * L);
+    const T* xb = xn + ow * sC;
+    for (int t = 0; t < JB; ++t)
+      for (int v = 0; v < NV; ++v) acc[t][v] += vload<T, A>(xb + o[t] + v * L) * gv[v];
+  }
+  for (int t = 0; t < JB; ++t)
+    for (int v = 0; v < NV; ++v) {
+      A* p = part[t] + v * L;
+      vstore<A, A>(p, vload<A, A>(p) + acc[t][v]);
+    }
+}
+
+template <class T, class A, int NV>
+inline void wg_group(int r, const T* gyrow, const T* xn, const int64_t* off, A* const* part,
+                     int64_t lo, int64_t hi, int64_t sC, int64_t C, int64_t c0) {
+  switch (r) {
+#define FV_WG_CASE(k) \
+  case k: wg_taps<T, A, NV, k>(gyrow, xn, off, part, lo, hi, sC, C, c0); break;
+    FV_WG_CASE(1) FV_WG_CASE(2) FV_WG_CASE(3) FV_WG_CASE(4) FV_WG_CASE(5) FV_WG_CASE(6)
+    FV_WG_CASE(7) FV_WG_CASE(8)
+#undef FV_WG_CASE
+    default: break;
+  }
+}
+
+template <class T, class A, int NV>
+void wg_row(const Geom& g, const T* gyrow, const T* xn, A* partial, int64_t oh, int64_t c0,
+            const int64_t* jlo, const int64_t* jhi) {
+  constexpr int JB = NV == 2 ? 6 : 8;
+  const int64_t C = g.c, sC = g.sw * C, ih0 = oh * g.sh - g.pt;
+  int64_t i_lo, i_hi;
+  tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
+  // Taps of this row in (i, j) order, grouped JB at a time.
+  int64_t off[JB], lo[JB], hi[JB];
+  A* part[JB];
+  int nt = 0;
+  auto flush = [&]() {
+    if (nt == 0) return;
+    int64_t clo = lo[0], chi = hi[0];
+    for (int t = 1; t < nt; ++t) {
+      clo = std::max(clo, lo[t]);
+      chi = std::min(chi, hi[t]);
+    }
+    if (clo < chi) {
+      wg_group<T, A, NV>(nt, gyrow, xn, off, part, clo, chi, sC, C, c0);
+      for (int t = 0; t < nt; ++t) {
+        wg_taps<T, A, NV, 1>(gyrow, xn, off + t, part + t, lo[t], clo, sC, C, c0);
+        wg_taps<T, A, NV, 1>(gyrow, xn, off + t, part + t, chi, hi[t], sC, C, c0);
+      }
+    } else {
+      for (int t = 0; t < nt; ++t)
+        wg_taps<T, A, NV, 1>(gyrow, xn, off + t, part + t, lo[t], hi[t], sC, C, c0);
+    }
+    nt = 0;
+  };
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const int64_t ih = ih0 + i * g.dh;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      if (jlo[j] >= jhi[j]) continue;
+      off[nt] = (ih * g.w - g.pl + j * g.dw) * C;
+      lo[nt] = jlo[j];
+      hi[nt] = jhi[j];
+      part[nt] = partial + (i * g.kw + j) * C + c0;
+      if (++nt == JB) flush();
+    }
+  }
+  flush();
+}
+
+template <class T, class A>
+void wg_row_scalar(const Geom& g, const T* gyrow, const T* xn, A* partial, int64_t oh, int64_t c0,
+                   int64_t cn, const int64_t* jlo, const int64_t* jhi) {
+  const int64_t C = g.c, ih0 = oh * g.sh - g.pt;
+  int64_t i_lo, i_hi;
+  tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const int64_t ih = ih0 + i * g.dh;
+    for (int64_t j = 0; j < g.kw; ++j)
+      for (int64_t c = c0; c < c0 + cn; ++c) {
+        A acc = 0;
+        for (int64_t ow = jlo[j]; ow < jhi[j]; ++ow)
+          acc += sload<T, A>(gyrow + ow * C + c) *
+                 sload<T, A>(xn + (ih * g.w + ow * g.sw - g.pl + j * g.dw) * C + c);
+        partial[(i * g.kw + j) * C + c] += acc;
+      }
+  }
+}
+
+template <class T, class A>
+void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const T* x, A* partial) {
+  const auto blocks = channel_blocks<A>(g.c);
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  const int64_t R = g.n * g.oh, RC = plan.row_chunks, C = g.c, KK = g.kh * g.kw;
+  // Valid output columns per kernel column (the same for every row).
+  std::vector<int64_t> jlo(g.kw), jhi(g.kw);
+  for (int64_t j = 0; j < g.kw; ++j)
+    out_range(-g.pl + j * g.dw, 0, g.sw, g.ow, g.w, jlo[j], jhi[j]);
+  parallel_for(nb * RC, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t rc = it % RC, bi = it / RC;
+      const auto& b = blocks[bi];
+      const int64_t c0 = b.first, cw = block_width<A>(b);
+      A* part = partial + rc * plan.partial_elems;
+      for (int64_t k = 0; k < KK; ++k) std::fill(part + k * C + c0, part + k * C + c0 + cw, A(0));
+      A* pbias = part + KK * C;
+      std::fill(pbias + c0, pbias + c0 + cw, A(0));
+      const int64_t r0 = rc * R / RC, r1 = (rc + 1) * R / RC;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / g.oh, oh = r % g.oh;
+        const T* gyrow = gy + r * g.ow * C;
+        const T* xn = x + n * g.h * g.w * C;
+        if (b.second == 2)
+          wg_row<T, A, 2>(g, gyrow, xn, part, oh, c0, jlo.data(), jhi.data());
+        else if (b.second == 1)
+          wg_row<T, A, 1>(g, gyrow, xn, part, oh, c0, jlo.data(), jhi.data());
+        else
+          wg_row_scalar<T, A>(g, gyrow, xn, part, oh, c0, cw, jlo.data(), jhi.data());
+        for (int64_t c = c0; c < c0 + cw; ++c) {
+          A s = 0;
+          for (int64_t ow = 0; ow < g.ow; ++ow) s += sload<T, A>(gyrow + ow * C + c);
+          pbias[c] += s;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void forward(DType dt, const Geom& g, const void* x, const void* wpk, const void* bias, void* y) {
+  switch (dt) {
+    case DType::Float32:
+      forward_t<float, float>(g, static_cast<const float*>(x), static_cast<const float*>(wpk),
+                              static_cast<const float*>(bias), static_cast<float*>(y));
+      break;
+    case DType::Float64:
+      forward_t<double, double>(g, static_cast<const double*>(x), static_cast<const double*>(wpk),
+                                static_cast<const double*>(bias), static_cast<double*>(y));
+      break;
+    case DType::BFloat16:
+      forward_t<bfloat16, float>(g, static_cast<const bfloat16*>(x),
+                                 static_cast<const float*>(wpk), static_cast<const float*>(bias),
+                                 static_cast<bfloat16*>(y));
+      break;
+    default: break;
+  }
+}
+
+void backward_input_gather(DType dt, const Geom& g, const void* gy, const void* wpk, void* gx) {
+  switch (dt) {
+    case DType::Float32:
+      backward_input_t<float, float>(g, static_cast<const float*>(gy),
+                                     static_cast<const float*>(wpk), static_cast<float*>(gx));
+      break;
+    case DType::Float64:
+      backward_input_t<double, double>(g, static_cast<const double*>(gy),
+                                       static_cast<const double*>(wpk), static_cast<double*>(gx));
+      break;
+    case DType::BFloat16:
+      backward_input_t<bfloat16, float>(g, static_cast<const bfloat16*>(gy),
+                                        static_cast<const float*>(wpk),
+                                        static_cast<bfloat16*>(gx));
+      break;
+    default: break;
+  }
+}
+
+void backward_weight_partials(DType dt, const Geom& g, const WgradPlan& plan, const void* gy,
+                              const void* x, void* partial) {
+  switch (dt) {
+    case DType::Float32:
+      backward_weight_t<float, float>(g, plan, static_cast<const float*>(gy),
+                                      static_cast<const float*>(x), static_cast<float*>(partial));
+      break;
+    case DType::Float64:
+      backward_weight_t<double, double>(g, plan, static_cast<const double*>(gy),
+                                        static_cast<const double*>(x),
+                                        static_cast<double*>(partial));
+      break;
+    case DType::BFloat16:
+      backward_weight_t<bfloat16, float>(g, plan, static_cast<const bfloat16*>(gy),
+                                         static_cast<const bfloat16*>(x),
+                                         static_cast<float*>(partial));
+      break;
+    default: break;
+  }
+}
+
+}  // namespace FV_ISA
+}  // namespace dwconv
+}  // namespace fastvis

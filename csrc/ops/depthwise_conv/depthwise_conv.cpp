@@ -1,0 +1,461 @@
+// Depthwise convolution: validation, scratch planning and dispatch to the CPU
+// fast paths (cpu_kernels.cpp, per ISA) or the CUDA kernels (cuda/dwconv.cu).
+#include "fastvis/depthwise_conv.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/cpu_features.h"
+#include "core/dtype_convert.h"
+#include "core/layout.h"
+#include "fastvis/error.h"
+#include "fastvis/threading.h"
+#include "ops/depthwise_conv/checks.h"
+#include "ops/depthwise_conv/cpu_kernels.h"
+#if defined(FASTVIS_WITH_CUDA)
+#include "ops/depthwise_conv/dwconv_cuda.h"
+#endif
+
+namespace fastvis {
+namespace dwconv {
+
+constexpr int64_t kMaxKernel = 63;
+
+void check_cpu(const TensorView& t, const char* name) {
+  FV_CHECK_VALUE(t.device.type == DeviceType::CPU, name, " must be a CPU tensor here, got ",
+                 t.describe());
+  FV_CHECK_TYPE(t.dtype == DType::Float32 || t.dtype == DType::Float64 ||
+                    t.dtype == DType::BFloat16,
+                name, ": the CPU backend supports float32, float64 and bfloat16, got ",
+                dtype_name(t.dtype), t.dtype == DType::Float16 ? " (float16 is CUDA-only)" : "");
+}
+
+int dense_layouts(const TensorView& t) {
+  if (t.ndim != 4) return 0;
+  const int64_t N = t.shape[0], C = t.shape[1], H = t.shape[2], W = t.shape[3];
+  auto match = [&](const int64_t* want) {
+    for (int d = 0; d < 4; ++d)
+      if (t.shape[d] != 1 && t.strides[d] != want[d]) return false;
+    return true;
+  };
+  (void)N;
+  const int64_t nchw[4] = {C * H * W, H * W, W, 1};
+  const int64_t nhwc[4] = {H * W * C, 1, W * C, C};
+  return (match(nchw) ? 1 : 0) | (match(nhwc) ? 2 : 0);
+}
+
+void check_output(const TensorView& out, const TensorView& like, int64_t n, int64_t c, int64_t h,
+                  int64_t w, const char* name) {
+  FV_CHECK_VALUE(out.ndim == 4 && out.shape[0] == n && out.shape[1] == c && out.shape[2] == h &&
+                     out.shape[3] == w,
+                 name, ": expected shape [", n, ", ", c, ", ", h, ", ", w, "], got ",
+                 out.describe());
+  FV_CHECK_TYPE(out.dtype == like.dtype, name, ": expected dtype ", dtype_name(like.dtype),
+                ", got ", dtype_name(out.dtype));
+  FV_CHECK_VALUE(out.device == like.device, name, ": expected a tensor on ",
+                 device_name(like.device), ", got one on ", device_name(out.device));
+  FV_CHECK_VALUE((dense_layouts(out) & dense_layouts(like)) != 0, name,
+                 ": must use the same dense memory layout (NHWC/channels_last or contiguous "
+                 "NCHW) as the input");
+  FV_CHECK_VALUE(out.data != nullptr || out.numel() == 0, name, ": null data pointer");
+}
+
+void check_bias(const TensorView& b, const TensorView& like, int64_t c, const char* name) {
+  FV_CHECK_VALUE(b.ndim == 1 && b.shape[0] == c, name, ": expected shape [", c, "], got ",
+                 b.describe());
+  FV_CHECK_TYPE(b.dtype == like.dtype, name, ": expected dtype ", dtype_name(like.dtype),
+                " (the input's), got ", dtype_name(b.dtype));
+  FV_CHECK_VALUE(b.device == like.device, name, ": expected a tensor on ",
+                 device_name(like.device), ", got one on ", device_name(b.device));
+  FV_CHECK_VALUE(b.data != nullptr || c == 0, name, ": null data pointer");
+}
+
+WgradPlan wgrad_plan(const Geom& g) {
+  WgradPlan plan;
+  plan.partial_elems = g.kh * g.kw * g.c + g.c;
+  const int64_t rows = g.n * g.oh;
+  const int64_t cblocks = std::max<int64_t>(1, (g.c + 15) / 16);
+  int64_t rc = std::max<int64_t>(1, (32 + cblocks - 1) / cblocks);  // ~32 work items
+  const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / (plan.partial_elems * 8));
+  rc = std::min({rc, cap, std::max<int64_t>(rows, 1)});
+  plan.row_chunks = rc;
+  return plan;
+}
+
+namespace {
+
+inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
+
+// Carves aligned regions out of the caller's scratch buffer.
+class ScratchCarver {
+ public:
+  ScratchCarver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
+  void* take(size_t b) {
+    void* p = base_ + used_;
+    used_ += align64(b);
+    FV_CHECK_VALUE(used_ <= bytes_ || base_ == nullptr, "scratch buffer too small: need at least ",
+                   used_, " bytes, got ", bytes_);
+    return p;
+  }
+
+ private:
+  char* base_;
+  size_t bytes_;
+  size_t used_ = 0;
+};
+
+size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
+
+Geom forward_geom(const DepthwiseConv2dShape& s, const DepthwiseConv2dParams& p) {
+  return Geom{s.n,          s.c,        s.h,           s.w,          s.kh,
+              s.kw,         s.oh,       s.ow,          p.stride_h,   p.stride_w,
+              p.pad_top,    p.pad_left, p.dilation_h,  p.dilation_w};
+}
+
+// weight (any strides, storage dtype) -> [kh][kw][C] in the accumulation type.
+void pack_weight(const TensorView& w, const DepthwiseConv2dShape& s, bool flip, void* out) {
+  const WeightIndex wi(w);
+  const bool dbl = w.dtype == DType::Float64;
+  for (int64_t i = 0; i < s.kh; ++i)
+    for (int64_t j = 0; j < s.kw; ++j) {
+      const int64_t si = flip ? s.kh - 1 - i : i, sj = flip ? s.kw - 1 - j : j;
+      for (int64_t c = 0; c < s.c; ++c) {
+        const double v = load_as_double(w.dtype, w.data, wi(c, si, sj));
+        const int64_t o = (i * s.kw + j) * s.c + c;
+        if (dbl)
+          static_cast<double*>(out)[o] = v;
+        else
+          static_cast<float*>(out)[o] = static_cast<float>(v);
+      }
+    }
+}
+
+void pack_bias(const TensorView& b, int64_t C, void* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = load_as_double(b.dtype, b.data, c * b.strides[0]);
+    if (b.dtype == DType::Float64)
+      static_cast<double*>(out)[c] = v;
+    else
+      static_cast<float*>(out)[c] = static_cast<float>(v);
+  }
+}
+
+struct Kernels {
+  void (*forward)(DType, const Geom&, const void*, const void*, const void*, void*);
+  void (*backward_input_gather)(DType, const Geom&, const void*, const void*, void*);
+  void (*backward_weight_partials)(DType, const Geom&, const WgradPlan&, const void*, const void*,
+                                   void*);
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX2)
+    if (cpu::selected_isa() == cpu::Isa::Avx2)
+      return Kernels{&avx2::forward, &avx2::backward_input_gather, &avx2::backward_weight_partials};
+#endif
+    return Kernels{&generic::forward, &generic::backward_input_gather,
+                   &generic::backward_weight_partials};
+  }();
+  return k;
+}
+
+[[noreturn]] void no_cuda() {
+  detail::throw_error(ErrorKind::Runtime,
+                      "got CUDA tensors, but this build of fastvis has no CUDA backend "
+                      "(rebuild with FASTVIS_CUDA=on and a CUDA compiler)");
+}
+
+void check_cuda_dtype(const TensorView& x) {
+  FV_CHECK_TYPE(x.dtype == DType::Float32 || x.dtype == DType::Float16 ||
+                    x.dtype == DType::BFloat16,
+                "x: the CUDA backend supports float32, float16 and bfloat16, got ",
+                dtype_name(x.dtype));
+}
+
+// The layout both activations are dense in, NHWC preferred (tensors with C == 1 or
+// H == W == 1 are dense in both).
+Layout common_layout(const TensorView& a, const TensorView& b) {
+  return (dense_layouts(a) & dense_layouts(b) & 2) ? Layout::NHWC : Layout::NCHW;
+}
+
+bool stride_one(const DepthwiseConv2dParams& p) { return p.stride_h == 1 && p.stride_w == 1; }
+
+}  // namespace
+}  // namespace dwconv
+
+using namespace dwconv;
+
+Layout activation_layout(const TensorView& t, const char* name) {
+  FV_CHECK_VALUE(t.ndim == 4, name, ": expected a 4-D (N, C, H, W) tensor, got ", t.describe());
+  const int l = dense_layouts(t);
+  FV_CHECK_VALUE(l != 0, name,
+                 ": unsupported memory layout; expected channels_last (NHWC) or contiguous NCHW "
+                 "strides (call .contiguous() or .contiguous(memory_format=torch.channels_last))");
+  return (l & 2) ? Layout::NHWC : Layout::NCHW;
+}
+
+DepthwiseConv2dShape depthwise_conv2d_shape(const TensorView& x, const TensorView& weight,
+                                            const DepthwiseConv2dParams& p) {
+  FV_CHECK_VALUE(x.ndim == 4, "x: expected a 4-D (N, C, H, W) tensor, got ", x.describe());
+  FV_CHECK_TYPE(x.dtype != DType::UInt8, "x: expected a floating-point tensor, got uint8");
+  FV_CHECK_VALUE(weight.ndim == 4 || weight.ndim == 3,
+                 "weight: expected shape (C, 1, kh, kw) or (C, kh, kw), got ", weight.describe());
+  FV_CHECK_TYPE(weight.dtype == x.dtype, "weight: expected dtype ", dtype_name(x.dtype),
+                " (the input's), got ", dtype_name(weight.dtype));
+  FV_CHECK_VALUE(weight.device == x.device, "weight is on ", device_name(weight.device),
+                 " but x is on ", device_name(x.device), "; both must be on the same device");
+  DepthwiseConv2dShape s;
+  s.n = x.shape[0];
+  s.c = x.shape[1];
+  s.h = x.shape[2];
+  s.w = x.shape[3];
+  FV_CHECK_VALUE(s.n >= 0 && s.c >= 0 && s.h >= 0 && s.w >= 0, "x: negative size in ",
+                 x.describe());
+  FV_CHECK_VALUE(s.c > 0, "x: expected at least one channel, got ", x.describe());
+  FV_CHECK_VALUE(s.h > 0 && s.w > 0, "x: spatial size must be positive, got ", x.describe());
+  if (weight.ndim == 4)
+    FV_CHECK_VALUE(weight.shape[1] == 1,
+                   "weight: a depthwise convolution has one input channel per group, so the "
+                   "weight must be (C, 1, kh, kw); got ",
+                   weight.describe());
+  FV_CHECK_VALUE(weight.shape[0] == s.c, "weight: expected ", s.c,
+                 " output channels (one per input channel, groups=C), got ", weight.describe());
+  s.kh = weight.shape[weight.ndim - 2];
+  s.kw = weight.shape[weight.ndim - 1];
+  FV_CHECK_VALUE(s.kh >= 1 && s.kh <= kMaxKernel && s.kw >= 1 && s.kw <= kMaxKernel,
+                 "weight: kernel size must be between 1 and ", kMaxKernel,
+                 " in each dimension, got ", s.kh, "x", s.kw);
+  FV_CHECK_VALUE((p.stride_h == 1 || p.stride_h == 2) && (p.stride_w == 1 || p.stride_w == 2),
+                 "stride: expected 1 or 2 in each dimension, got (", p.stride_h, ", ", p.stride_w,
+                 ")");
+  FV_CHECK_VALUE(p.dilation_h >= 1 && p.dilation_w >= 1 && p.dilation_h <= 1024 &&
+                     p.dilation_w <= 1024,
+                 "dilation: expected values in [1, 1024], got (", p.dilation_h, ", ",
+                 p.dilation_w, ")");
+  const int64_t eh = (s.kh - 1) * p.dilation_h, ew = (s.kw - 1) * p.dilation_w;
+  FV_CHECK_VALUE(p.pad_top >= 0 && p.pad_bottom >= 0 && p.pad_left >= 0 && p.pad_right >= 0,
+                 "padding: must be non-negative, got (top ", p.pad_top, ", bottom ", p.pad_bottom,
+                 ", left ", p.pad_left, ", right ", p.pad_right, ")");
+  FV_CHECK_VALUE(p.pad_top <= eh && p.pad_bottom <= eh && p.pad_left <= ew && p.pad_right <= ew,
+                 "padding: each side may be at most dilation*(kernel-1) (", eh, " rows, ", ew,
+                 " columns here), got (top ", p.pad_top, ", bottom ", p.pad_bottom, ", left ",
+                 p.pad_left, ", right ", p.pad_right, ")");
+  const int64_t ph = s.h + p.pad_top + p.pad_bottom, pw = s.w + p.pad_left + p.pad_right;
+  FV_CHECK_VALUE(ph > eh && pw > ew, "x: padded input ", ph, "x", pw,
+                 " is smaller than the dilated kernel ", eh + 1, "x", ew + 1);
+  s.oh = (ph - eh - 1) / p.stride_h + 1;
+  s.ow = (pw - ew - 1) / p.stride_w + 1;
+  FV_CHECK_VALUE(s.n < (int64_t(1) << 31) && s.c < (int64_t(1) << 31) &&
+                     s.h < (int64_t(1) << 31) && s.w < (int64_t(1) << 31),
+                 "x: sizes beyond 2^31 per dimension are not supported, got ", x.describe());
+  FV_CHECK_VALUE(x.data != nullptr || x.numel() == 0, "x: null data pointer");
+  FV_CHECK_VALUE(weight.data != nullptr, "weight: null data pointer");
+  s.layout = activation_layout(x, "x");
+  return s;
+}
+
+// ---------------------------------------------------------------- forward
+
+size_t depthwise_conv2d_forward_scratch_bytes(const TensorView& x, const TensorView& weight,
+                                              const DepthwiseConv2dParams& p) {
+  const DepthwiseConv2dShape s = depthwise_conv2d_shape(x, weight, p);
+  if (x.device.type == DeviceType::CUDA) return 0;
+  const size_t a = acc_size(x.dtype), e = x.itemsize();
+  size_t b = align64(s.kh * s.kw * s.c * a) + align64(s.c * a);
+  if (dense_layouts(x) & 1) b += align64(s.n * s.c * s.h * s.w * e) + align64(s.n * s.c * s.oh * s.ow * e);
+  return b;
+}
+
+void depthwise_conv2d_forward(const TensorView& x, const TensorView& weight,
+                              const TensorView* bias, const TensorView& y,
+                              const DepthwiseConv2dParams& p, void* scratch, size_t scratch_bytes,
+                              void* stream) {
+  DepthwiseConv2dShape s = depthwise_conv2d_shape(x, weight, p);
+  check_output(y, x, s.n, s.c, s.oh, s.ow, "y");
+  s.layout = common_layout(x, y);
+  if (bias) check_bias(*bias, x, s.c, "bias");
+  if (x.device.type == DeviceType::CUDA) {
+    check_cuda_dtype(x);
+#if defined(FASTVIS_WITH_CUDA)
+    if (s.n == 0) return;
+    cuda::forward(x, weight, bias, y, s, p, stream);
+    return;
+#else
+    no_cuda();
+#endif
+  }
+  check_cpu(x, "x");
+  const size_t need = depthwise_conv2d_forward_scratch_bytes(x, weight, p);
+  FV_CHECK_VALUE(scratch_bytes >= need && (scratch != nullptr || need == 0),
+                 "scratch: need ", need, " bytes, got ", scratch_bytes);
+  if (s.n == 0) return;
+  const size_t a = acc_size(x.dtype), e = x.itemsize();
+  ScratchCarver sc(scratch, scratch_bytes);
+  void* wpk = sc.take(s.kh * s.kw * s.c * a);
+  void* bpk = sc.take(s.c * a);
+  pack_weight(weight, s, false, wpk);
+  if (bias) pack_bias(*bias, s.c, bpk);
+  const Geom g = forward_geom(s, p);
+  if (s.layout == Layout::NHWC) {
+    kernels().forward(x.dtype, g, x.data, wpk, bias ? bpk : nullptr, y.data);
+  } else {
+    void* xh = sc.take(s.n * s.c * s.h * s.w * e);
+    void* yh = sc.take(s.n * s.c * s.oh * s.ow * e);
+    nchw_to_nhwc(x.data, xh, s.n, s.c, s.h * s.w, e);
+    kernels().forward(x.dtype, g, xh, wpk, bias ? bpk : nullptr, yh);
+    nhwc_to_nchw(yh, y.data, s.n, s.c, s.oh * s.ow, e);
+  }
+}
+
+// ---------------------------------------------------------------- backward input
+
+size_t depthwise_conv2d_backward_input_scratch_bytes(const TensorView& grad_y,
+                                                     const TensorView& weight,
+                                                     const TensorView& grad_x,
+                                                     const DepthwiseConv2dParams& p) {
+  const DepthwiseConv2dShape s = depthwise_conv2d_shape(grad_x, weight, p);
+  if (grad_x.device.type == DeviceType::CUDA) return 0;
+  const size_t a = acc_size(grad_x.dtype), e = grad_x.itemsize();
+  size_t b = align64(s.kh * s.kw * s.c * a);
+  if (dense_layouts(grad_x) & 1) b += align64(s.n * s.c * s.h * s.w * e) + align64(s.n * s.c * s.oh * s.ow * e);
+  return b;
+}
+
+void depthwise_conv2d_backward_input(const TensorView& grad_y, const TensorView& weight,
+                                     const TensorView& grad_x, const DepthwiseConv2dParams& p,
+                                     void* scratch, size_t scratch_bytes, void* stream) {
+  DepthwiseConv2dShape s = depthwise_conv2d_shape(grad_x, weight, p);
+  check_output(grad_y, grad_x, s.n, s.c, s.oh, s.ow, "grad_y");
+  s.layout = common_layout(grad_x, grad_y);
+  if (grad_x.device.type == DeviceType::CUDA) {
+    check_cuda_dtype(grad_x);
+#if defined(FASTVIS_WITH_CUDA)
+    if (s.n == 0) return;
+    cuda::backward_input(grad_y, weight, grad_x, s, p, stream);
+    return;
+#else
+    no_cuda();
+#endif
+  }
+  check_cpu(grad_x, "grad_x");
+  const size_t need = depthwise_conv2d_backward_input_scratch_bytes(grad_y, weight, grad_x, p);
+  FV_CHECK_VALUE(scratch_bytes >= need && (scratch != nullptr || need == 0),
+                 "scratch: need ", need, " bytes, got ", scratch_bytes);
+  if (s.n == 0) return;
+  const size_t a = acc_size(grad_x.dtype), e = grad_x.itemsize();
+  ScratchCarver sc(scratch, scratch_bytes);
+  void* wpk = sc.take(s.kh * s.kw * s.c * a);
+  const void* gy = grad_y.data;
+  void* gx = grad_x.data;
+  void* gxh = nullptr;
+  if (s.layout == Layout::NCHW) {
+    void* gyh = sc.take(s.n * s.c * s.oh * s.ow * e);
+    gxh = sc.take(s.n * s.c * s.h * s.w * e);
+    nchw_to_nhwc(grad_y.data, gyh, s.n, s.c, s.oh * s.ow, e);
+    gy = gyh;
+    gx = gxh;
+  }
+  if (stride_one(p)) {
+    // Stride 1: the input gradient is a correlation of grad_y with the flipped
+    // kernel, padded by dilation*(k-1) - pad (>= 0 as pads are at most that).
+    pack_weight(weight, s, true, wpk);
+    const Geom g{s.n,  s.c,  s.oh, s.ow, s.kh, s.kw, s.h, s.w, 1, 1,
+                 (s.kh - 1) * p.dilation_h - p.pad_top, (s.kw - 1) * p.dilation_w - p.pad_left,
+                 p.dilation_h, p.dilation_w};
+    kernels().forward(grad_x.dtype, g, gy, wpk, nullptr, gx);
+  } else {
+    pack_weight(weight, s, false, wpk);
+    kernels().backward_input_gather(grad_x.dtype, forward_geom(s, p), gy, wpk, gx);
+  }
+  if (gxh) nhwc_to_nchw(gxh, grad_x.data, s.n, s.c, s.h * s.w, e);
+}
+
+// ---------------------------------------------------------------- backward weight
+
+size_t depthwise_conv2d_backward_weight_scratch_bytes(const TensorView& grad_y,
+                                                      const TensorView& x,
+                                                      const TensorView& grad_weight,
+                                                      const DepthwiseConv2dParams& p) {
+  const DepthwiseConv2dShape s = depthwise_conv2d_shape(x, grad_weight, p);
+  if (x.device.type == DeviceType::CUDA) {
+#if defined(FASTVIS_WITH_CUDA)
+    return cuda::backward_weight_scratch_bytes(s, p);
+#else
+    return 0;
+#endif
+  }
+  const size_t a = acc_size(x.dtype), e = x.itemsize();
+  const WgradPlan plan = wgrad_plan(forward_geom(s, p));
+  size_t b = align64(plan.row_chunks * plan.partial_elems * a);
+  if (dense_layouts(x) & 1) b += align64(s.n * s.c * s.h * s.w * e) + align64(s.n * s.c * s.oh * s.ow * e);
+  return b;
+}
+
+void depthwise_conv2d_backward_weight(const TensorView& grad_y, const TensorView& x,
+                                      const TensorView& grad_weight, const TensorView* grad_bias,
+                                      const DepthwiseConv2dParams& p, void* scratch,
+                                      size_t scratch_bytes, void* stream) {
+  DepthwiseConv2dShape s = depthwise_conv2d_shape(x, grad_weight, p);
+  check_output(grad_y, x, s.n, s.c, s.oh, s.ow, "grad_y");
+  if (grad_bias) check_bias(*grad_bias, x, s.c, "grad_bias");
+  s.layout = common_layout(x, grad_y);
+  if (x.device.type == DeviceType::CUDA) {
+    check_cuda_dtype(x);
+#if defined(FASTVIS_WITH_CUDA)
+    cuda::backward_weight(grad_y, x, grad_weight, grad_bias, s, p, scratch, scratch_bytes, stream);
+    return;
+#else
+    no_cuda();
+#endif
+  }
+  check_cpu(x, "x");
+  const size_t need = depthwise_conv2d_backward_weight_scratch_bytes(grad_y, x, grad_weight, p);
+  FV_CHECK_VALUE(scratch_bytes >= need && scratch != nullptr, "scratch: need ", need,
+                 " bytes, got ", scratch_bytes);
+  const size_t a = acc_size(x.dtype), e = x.itemsize();
+  const Geom g = forward_geom(s, p);
+  const WgradPlan plan = wgrad_plan(g);
+  ScratchCarver sc(scratch, scratch_bytes);
+  void* partial = sc.take(plan.row_chunks * plan.partial_elems * a);
+  if (s.n == 0) {
+    std::memset(partial, 0, plan.row_chunks * plan.partial_elems * a);
+  } else if (s.layout == Layout::NHWC) {
+    kernels().backward_weight_partials(x.dtype, g, plan, grad_y.data, x.data, partial);
+  } else {
+    void* xh = sc.take(s.n * s.c * s.h * s.w * e);
+    void* gyh = sc.take(s.n * s.c * s.oh * s.ow * e);
+    nchw_to_nhwc(x.data, xh, s.n, s.c, s.h * s.w, e);
+    nchw_to_nhwc(grad_y.data, gyh, s.n, s.c, s.oh * s.ow, e);
+    kernels().backward_weight_partials(x.dtype, g, plan, gyh, xh, partial);
+  }
+  // Fixed-order reduction over the row chunks (deterministic, thread-count independent).
+  const WeightIndex wi(grad_weight);
+  const int64_t KK = s.kh * s.kw, RC = plan.row_chunks, PE = plan.partial_elems;
+  const bool dbl = x.dtype == DType::Float64;
+  auto sum_at = [&](int64_t e_idx) {
+    double acc = 0.0;
+    if (dbl) {
+      const double* pp = static_cast<const double*>(partial);
+      for (int64_t r = 0; r < RC; ++r) acc += pp[r * PE + e_idx];
+    } else {
+      const float* pp = static_cast<const float*>(partial);
+      float f = 0.f;
+      for (int64_t r = 0; r < RC; ++r) f += pp[r * PE + e_idx];
+      acc = f;
+    }
+    return acc;
+  };
+  parallel_for(s.c, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t k = 0; k < KK; ++k)
+        store_from_double(grad_weight.dtype, grad_weight.data, wi(c, k / s.kw, k % s.kw),
+                          sum_at(k * s.c + c));
+      if (grad_bias)
+        store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0],
+                          sum_at(KK * s.c + c));
+    }
+  });
+}
+
+}  // namespace fastvis
