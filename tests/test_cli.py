@@ -1,0 +1,201 @@
+"""The fastvis command line: `python -m fastvis` / the `fastvis` console script.
+
+The command-line tests run the CLI in a subprocess (`sys.executable -m fastvis`), using the
+fastvis this test process imports (installed, or the dev build via PYTHONPATH=python). The
+benchmark test runs a tiny `fastvis bench dwconv --quick` case; timings are not checked,
+only that the run completes, checks fastvis against PyTorch and prints its tables.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import fastvis
+from fastvis import cli
+from fastvis.bench import dwconv, print_table, timing
+
+# The directory holding the fastvis package this process imported, first on the child's path.
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastvis.__file__)))
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_PKG_PARENT, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "fastvis", *args], capture_output=True,
+                          text=True, env=_env(), timeout=timeout)
+
+
+def _error_lines(stderr):
+    """stderr without Python warnings a dependency may print on import."""
+    return [l for l in stderr.strip().splitlines() if l.strip() and "Warning" not in l]
+
+
+# ------------------------------------------------------------------------- subprocess
+
+
+def test_help():
+    r = run_cli("--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: fastvis" in r.stdout
+    for command in ("bench", "info"):
+        assert command in r.stdout
+
+
+def test_info():
+    r = run_cli("info")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("fastvis ")
+    assert "build:" in r.stdout and "runtime:" in r.stdout
+    # every key of build_info() is shown
+    for key in fastvis.build_info():
+        assert str(key) in r.stdout
+
+
+def test_unknown_subcommand_is_one_line_and_exit_2():
+    r = run_cli("no-such-command")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("fastvis: error:")
+    assert "no-such-command" in lines[0]
+    assert r.stdout == ""
+
+
+def test_bench_dwconv_quick(tmp_path):
+    out = tmp_path / "dwconv.json"
+    r = run_cli("bench", "dwconv", "--quick", "--no-compile", "--kernels", "3", "--batch", "1",
+                "--channels", "8", "--size", "8", "--format", "text", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    # a table per pass, with the case and the comparison columns
+    assert "Forward" in r.stdout and "Forward + backward" in r.stdout
+    for col in ("fastvis ms", "eager NCHW", "eager CL", "vs eager", "GFLOP/s"):
+        assert col in r.stdout
+    assert "3x3" in r.stdout and "8x8" in r.stdout
+    assert "match PyTorch" in r.stdout
+    # progress goes to stderr, not into the table
+    assert "N=1 C=8 8x8 k=3x3" in r.stderr
+    assert "timing" not in r.stdout
+
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "dwconv" and doc["complete"] is True
+    assert doc["settings"]["compile_layouts"] == []
+    assert [res["pass"] for res in doc["results"]] == ["fwd", "fwd+bwd"]
+    for res in doc["results"]:
+        assert (res["kh"], res["kw"], res["n"], res["c"], res["h"], res["w"]) == (3, 3, 1, 8, 8, 8)
+        assert set(res["times"]) == {"fastvis", "eager_nchw", "eager_cl"}
+        for t in res["times"].values():
+            assert t["median"] > 0 and t["min"] <= t["median"] and t["repeats"] >= 1
+        assert res["check"]["ok"] is True
+        assert res["speedup_vs_eager"] > 0
+        assert res["flops"] == 2 * 1 * 8 * 8 * 8 * 9 * (3 if res["pass"] == "fwd+bwd" else 1)
+
+
+@pytest.mark.skipif(shutil.which("fastvis") is None, reason="console script not installed")
+def test_console_script():
+    r = subprocess.run(["fastvis", "--help"], capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: fastvis" in r.stdout
+
+
+# --------------------------------------------------------------------------- in-process
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "required"),
+    (["bench"], "required"),
+    (["bench", "nope"], "invalid choice"),
+    (["bench", "dwconv", "--kernels", "3,x"], "invalid kernel size 'x'"),
+    (["bench", "dwconv", "--kernels", "0"], "invalid kernel size '0'"),
+    (["bench", "dwconv", "--repeat", "0"], "--repeat"),
+    (["bench", "dwconv", "--dtype", "float16"], "invalid choice"),
+    (["bench", "dwconv", "--size", "8x"], "invalid size"),
+    (["bench", "dwconv", "--bogus"], "unrecognized arguments: --bogus"),
+    (["info", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_arguments_one_line_exit_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fastvis") and "error:" in lines[0]
+    assert fragment in lines[0]
+
+
+def test_bench_help_lists_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "dwconv", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--kernels", "--batch", "--channels", "--size", "--dtype", "--warmup",
+                "--repeat", "--threads", "--quick", "--json", "--no-compile"):
+        assert opt in out
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"version", "build", "runtime"}
+    assert doc["runtime"]["torch_threads"] >= 1
+
+
+def test_parse_kernels_and_sizes():
+    assert dwconv.parse_kernels("3,5, 1x11 11X1") == [(3, 3), (5, 5), (1, 11), (11, 1)]
+    assert dwconv.parse_kernels(["3", "7"]) == [(3, 3), (7, 7)]
+    assert dwconv.parse_sizes("56,28x32") == [(56, 56), (28, 32)]
+    assert dwconv.parse_positive_ints("8,1", "batch size") == [8, 1]
+
+
+def test_default_cases():
+    args = cli.build_parser().parse_args(["bench", "dwconv"])
+    s = dwconv.Settings.from_args(args)
+    assert [f"{kh}x{kw}" for kh, kw in s.kernels] == \
+        ["3x3", "5x5", "7x7", "13x13", "31x31", "51x51", "1x11", "11x1"]
+    assert s.batch == [8, 1] and s.channels == [128] and s.sizes == [(56, 56)]
+    assert s.dtype == "float32" and s.compile_layouts == ("nchw", "channels_last")
+    assert len(s.cases()) == 16
+    quick = dwconv.Settings.from_args(
+        cli.build_parser().parse_args(["bench", "dwconv", "--quick", "--repeat", "5"]))
+    assert quick.repeat == 5 and len(quick.cases()) < len(s.cases())
+
+
+def test_interleaved_timing():
+    calls = {"a": 0, "b": 0}
+
+    def fa():
+        calls["a"] += 1
+
+    def fb():
+        calls["b"] += 1
+
+    st = timing.measure_interleaved({"a": fa, "b": fb}, warmup=2, repeat=4,
+                                    min_block_time=1e-4)
+    for name in ("a", "b"):
+        assert st[name].repeats == 4 and st[name].warmup == 2
+        assert 0 < st[name].min <= st[name].median
+        assert calls[name] >= 2 + 4 * st[name].number
+    # a time budget cuts the samples of a slow candidate down, but not below min_repeat
+    slow = timing.measure(lambda: sum(range(20000)), warmup=0, repeat=50,
+                          min_block_time=1e-4, max_time=1e-6, min_repeat=3)
+    assert slow.repeats == 3
+
+
+@pytest.mark.parametrize("fmt", ["text", "markdown"])
+def test_print_table(fmt, capsys):
+    print_table("Title", ["name", "ms"], [["a", "1.00"], ["bbb", "10.0"]], fmt=fmt, n_left=1)
+    out = capsys.readouterr().out
+    assert "Title" in out and "bbb" in out and "10.0" in out
+    if fmt == "markdown":
+        assert "| name | ms |" in out and "|:---|---:|" in out
