@@ -140,14 +140,15 @@ int get_num_threads() {
   return g_requested > 0 ? g_requested : default_threads();
 }
 
-void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+void parallel_for_indexed(int64_t n, int64_t grain,
+                          const std::function<void(int, int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
   int nt = get_num_threads();
   int64_t max_chunks = (n + grain - 1) / grain;
   int nchunks = static_cast<int>(std::min<int64_t>(nt, max_chunks));
   if (nchunks <= 1 || t_in_parallel) {
-    fn(0, n);
+    fn(0, 0, n);
     return;
   }
   Pool* pool = get_pool();
@@ -156,9 +157,13 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   std::function<void(int)> task = [&](int c) {
     int64_t begin = c * base + std::min<int64_t>(c, rem);
     int64_t end = begin + base + (c < rem ? 1 : 0);
-    if (begin < end) fn(begin, end);
+    if (begin < end) fn(c, begin, end);
   };
   pool->run(nchunks, task);
+}
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  parallel_for_indexed(n, grain, [&](int, int64_t b, int64_t e) { fn(b, e); });
 }
 
 }  // namespace fastvis

@@ -17,4 +17,9 @@ int get_num_threads();
 // Calls from inside a running parallel region run serially on the calling thread.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
+// As parallel_for, and fn also receives its chunk's index (< get_num_threads()), e.g.
+// to pick a per-thread slot of a caller-allocated scratch buffer.
+void parallel_for_indexed(int64_t n, int64_t grain,
+                          const std::function<void(int, int64_t, int64_t)>& fn);
+
 }  // namespace fastvis

@@ -105,38 +105,74 @@ template <class A> inline int64_t block_width(const std::pair<int64_t, int>& b) 
 
 // ------------------------------------------------------------------ forward
 
-// OWB consecutive output pixels of one row, NV channel vectors from c0.
-template <class T, class A, int NV, int OWB>
-inline void fwd_pixels(const Geom& g, const T* xn, const A* wpk, const A* bias, T* yp,
-                       int64_t ih0, int64_t iw0, int64_t i_lo, int64_t i_hi, int64_t j_lo,
-                       int64_t j_hi, int64_t c0) {
+// Packs input rows [ih_lo, ih_hi) of channels [c0, c0 + cw) into buf[row][w][CB]
+// (accumulator type; channels past cw are zero).
+template <class T, class A>
+void pack_rows(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t c0, int64_t cw,
+               A* buf) {
+  constexpr int L = VT<A>::L, CB = 2 * L;
+  for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
+    const T* s = xn + ih * g.w * g.c + c0;
+    A* d = buf + (ih - ih_lo) * g.w * CB;
+    if (cw == CB) {
+      for (int64_t iw = 0; iw < g.w; ++iw, s += g.c, d += CB) {
+        vstore<A, A>(d, vload<T, A>(s));
+        vstore<A, A>(d + L, vload<T, A>(s + L));
+      }
+    } else {
+      for (int64_t iw = 0; iw < g.w; ++iw, s += g.c, d += CB) {
+        int64_t c = 0;
+        for (; c < cw; ++c) d[c] = sload<T, A>(s + c);
+        for (; c < CB; ++c) d[c] = A(0);
+      }
+    }
+  }
+}
+
+// OWB consecutive output pixels of one row, one channel block (two vectors), read
+// from the packed buffer. ih0/iw0: input coordinates of tap (0, 0) of the first pixel.
+template <class T, class A, int OWB>
+inline void fwd_pixels(const Geom& g, const A* buf, int64_t ih_base, const A* wpk,
+                       const A* bias, T* yp, int64_t cw, int64_t ih0, int64_t iw0, int64_t i_lo,
+                       int64_t i_hi, int64_t j_lo, int64_t j_hi, int64_t c0) {
   using V = typename VT<A>::V;
-  constexpr int L = VT<A>::L;
-  const int64_t C = g.c, sC = g.sw * C;
-  V acc[OWB][NV];
-  for (int v = 0; v < NV; ++v) {
+  constexpr int L = VT<A>::L, CB = 2 * L;
+  const int64_t sps = g.sw * CB, rs = g.w * CB;
+  V acc[OWB][2];
+  for (int v = 0; v < 2; ++v) {
     const V b = bias ? vload<A, A>(bias + c0 + v * L) : V{};
     for (int o = 0; o < OWB; ++o) acc[o][v] = b;
   }
   for (int64_t i = i_lo; i < i_hi; ++i) {
-    const int64_t row = (ih0 + i * g.dh) * g.w;
-    const A* wr = wpk + i * g.kw * C + c0;
+    const A* xr = buf + (ih0 + i * g.dh - ih_base) * rs;
+    const A* wr = wpk + i * g.kw * g.cp + c0;
     for (int64_t j = j_lo; j < j_hi; ++j) {
-      V wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = vload<A, A>(wr + j * C + v * L);
-      const T* xp = xn + (row + iw0 + j * g.dw) * C + c0;
-      for (int o = 0; o < OWB; ++o)
-        for (int v = 0; v < NV; ++v) acc[o][v] += vload<T, A>(xp + o * sC + v * L) * wv[v];
+      const V w0 = vload<A, A>(wr + j * g.cp), w1 = vload<A, A>(wr + j * g.cp + L);
+      const A* xp = xr + (iw0 + j * g.dw) * CB;
+      for (int o = 0; o < OWB; ++o) {
+        acc[o][0] += vload<A, A>(xp + o * sps) * w0;
+        acc[o][1] += vload<A, A>(xp + o * sps + L) * w1;
+      }
     }
   }
-  for (int o = 0; o < OWB; ++o)
-    for (int v = 0; v < NV; ++v) vstore<T, A>(yp + o * C + v * L, acc[o][v]);
+  if (cw == CB) {
+    for (int o = 0; o < OWB; ++o) {
+      vstore<T, A>(yp + o * g.c, acc[o][0]);
+      vstore<T, A>(yp + o * g.c + L, acc[o][1]);
+    }
+  } else {
+    for (int o = 0; o < OWB; ++o) {
+      A tmp[CB];
+      std::memcpy(tmp, acc[o], sizeof tmp);
+      for (int64_t c = 0; c < cw; ++c) sstore<T, A>(yp + o * g.c + c, tmp[c]);
+    }
+  }
 }
 
-template <class T, class A, int NV>
-void fwd_row(const Geom& g, const T* xn, const A* wpk, const A* bias, T* yrow, int64_t oh,
-             int64_t c0) {
-  constexpr int OWB = NV == 2 ? 6 : 12;
+template <class T, class A>
+void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias, T* yrow,
+             int64_t oh, int64_t c0, int64_t cw) {
+  constexpr int OWB = 6;
   const int64_t ih0 = oh * g.sh - g.pt;
   int64_t i_lo, i_hi, ow_lo, ow_hi;
   tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
@@ -145,59 +181,36 @@ void fwd_row(const Geom& g, const T* xn, const A* wpk, const A* bias, T* yrow, i
     const int64_t iw0 = ow * g.sw - g.pl;
     int64_t j_lo, j_hi;
     tap_range(iw0, g.dw, g.kw, g.w, j_lo, j_hi);
-    fwd_pixels<T, A, NV, 1>(g, xn, wpk, bias, yrow + ow * g.c + c0, ih0, iw0, i_lo, i_hi, j_lo,
-                            j_hi, c0);
+    fwd_pixels<T, A, 1>(g, buf, ih_base, wpk, bias, yrow + ow * g.c + c0, cw, ih0, iw0, i_lo,
+                        i_hi, j_lo, j_hi, c0);
   };
   int64_t ow = 0;
   for (; ow < ow_lo; ++ow) edge(ow);
   for (; ow + OWB <= ow_hi; ow += OWB)
-    fwd_pixels<T, A, NV, OWB>(g, xn, wpk, bias, yrow + ow * g.c + c0, ih0, ow * g.sw - g.pl,
-                              i_lo, i_hi, 0, g.kw, c0);
+    fwd_pixels<T, A, OWB>(g, buf, ih_base, wpk, bias, yrow + ow * g.c + c0, cw, ih0,
+                          ow * g.sw - g.pl, i_lo, i_hi, 0, g.kw, c0);
   for (; ow < ow_hi; ++ow)
-    fwd_pixels<T, A, NV, 1>(g, xn, wpk, bias, yrow + ow * g.c + c0, ih0, ow * g.sw - g.pl, i_lo,
-                            i_hi, 0, g.kw, c0);
+    fwd_pixels<T, A, 1>(g, buf, ih_base, wpk, bias, yrow + ow * g.c + c0, cw, ih0,
+                        ow * g.sw - g.pl, i_lo, i_hi, 0, g.kw, c0);
   for (; ow < g.ow; ++ow) edge(ow);
 }
 
 template <class T, class A>
-void fwd_row_scalar(const Geom& g, const T* xn, const A* wpk, const A* bias, T* yrow, int64_t oh,
-                    int64_t c0, int64_t cn) {
-  const int64_t C = g.c, ih0 = oh * g.sh - g.pt;
-  int64_t i_lo, i_hi;
-  tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
-  for (int64_t ow = 0; ow < g.ow; ++ow) {
-    const int64_t iw0 = ow * g.sw - g.pl;
-    int64_t j_lo, j_hi;
-    tap_range(iw0, g.dw, g.kw, g.w, j_lo, j_hi);
-    for (int64_t c = c0; c < c0 + cn; ++c) {
-      A acc = bias ? bias[c] : A(0);
-      for (int64_t i = i_lo; i < i_hi; ++i)
-        for (int64_t j = j_lo; j < j_hi; ++j)
-          acc += sload<T, A>(xn + ((ih0 + i * g.dh) * g.w + iw0 + j * g.dw) * C + c) *
-                 wpk[(i * g.kw + j) * C + c];
-      sstore<T, A>(yrow + ow * C + c, acc);
-    }
-  }
-}
-
-template <class T, class A>
-void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y) {
-  const auto blocks = channel_blocks<A>(g.c);
-  const int64_t nb = static_cast<int64_t>(blocks.size());
-  // Items ordered (n, channel block, output row): a thread sweeps consecutive rows
-  // of one channel block, so the input window of that block stays in cache.
-  parallel_for(g.n * nb * g.oh, 1, [&](int64_t begin, int64_t end) {
+void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y, A* bufs, int nbufs) {
+  const FwdPlan pl = fwd_plan(g, sizeof(A));
+  parallel_for_indexed(g.n * pl.ntiles * pl.nb, 1, [&](int slot, int64_t begin, int64_t end) {
+    A* buf = bufs + std::min(slot, nbufs - 1) * pl.buf_elems;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t oh = it % g.oh, t = it / g.oh, bi = t % nb, n = t / nb;
+      const int64_t bi = it % pl.nb, t = it / pl.nb, tile = t % pl.ntiles, n = t / pl.ntiles;
+      const int64_t oh0 = tile * pl.rt, oh1 = std::min(g.oh, oh0 + pl.rt);
+      const int64_t ih_lo = std::max<int64_t>(0, oh0 * g.sh - g.pt);
+      const int64_t ih_hi =
+          std::min<int64_t>(g.h, (oh1 - 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
+      const int64_t c0 = bi * pl.cb, cw = std::min(pl.cb, g.c - c0);
       const T* xn = x + n * g.h * g.w * g.c;
-      T* yrow = y + (n * g.oh + oh) * g.ow * g.c;
-      const auto& b = blocks[bi];
-      if (b.second == 2)
-        fwd_row<T, A, 2>(g, xn, wpk, bias, yrow, oh, b.first);
-      else if (b.second == 1)
-        fwd_row<T, A, 1>(g, xn, wpk, bias, yrow, oh, b.first);
-      else
-        fwd_row_scalar<T, A>(g, xn, wpk, bias, yrow, oh, b.first, -b.second);
+      if (ih_hi > ih_lo) pack_rows<T, A>(g, xn, ih_lo, ih_hi, c0, cw, buf);
+      for (int64_t oh = oh0; oh < oh1; ++oh)
+        fwd_row<T, A>(g, buf, ih_lo, wpk, bias, y + (n * g.oh + oh) * g.ow * g.c, oh, c0, cw);
     }
   });
 }
@@ -219,7 +232,7 @@ void bwdin_row(const Geom& g, const T* gyn, const A* wpk, T* gxrow, int64_t ih, 
       const int64_t ow = u / g.sw;
       if (ow >= g.ow) continue;
       for (int p = 0; p < nt; ++p) {
-        const A* wp = wpk + (ti[p] * g.kw + j) * C + c0;
+        const A* wp = wpk + (ti[p] * g.kw + j) * g.cp + c0;
         const T* gp = gyn + (to[p] * g.ow + ow) * C + c0;
         for (int v = 0; v < NV; ++v) acc[v] += vload<T, A>(gp + v * L) * vload<A, A>(wp + v * L);
       }
@@ -241,7 +254,7 @@ void bwdin_row_scalar(const Geom& g, const T* gyn, const A* wpk, T* gxrow, int64
         const int64_t ow = u / g.sw;
         if (ow >= g.ow) continue;
         for (int p = 0; p < nt; ++p)
-          acc += sload<T, A>(gyn + (to[p] * g.ow + ow) * C + c) * wpk[(ti[p] * g.kw + j) * C + c];
+          acc += sload<T, A>(gyn + (to[p] * g.ow + ow) * C + c) * wpk[(ti[p] * g.kw + j) * g.cp + c];
       }
       sstore<T, A>(gxrow + iw * C + c, acc);
     }
@@ -423,20 +436,23 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
 
 }  // namespace
 
-void forward(DType dt, const Geom& g, const void* x, const void* wpk, const void* bias, void* y) {
+void forward(DType dt, const Geom& g, const void* x, const void* wpk, const void* bias, void* y,
+             void* bufs, int nbufs) {
   switch (dt) {
     case DType::Float32:
       forward_t<float, float>(g, static_cast<const float*>(x), static_cast<const float*>(wpk),
-                              static_cast<const float*>(bias), static_cast<float*>(y));
+                              static_cast<const float*>(bias), static_cast<float*>(y),
+                              static_cast<float*>(bufs), nbufs);
       break;
     case DType::Float64:
       forward_t<double, double>(g, static_cast<const double*>(x), static_cast<const double*>(wpk),
-                                static_cast<const double*>(bias), static_cast<double*>(y));
+                                static_cast<const double*>(bias), static_cast<double*>(y),
+                                static_cast<double*>(bufs), nbufs);
       break;
     case DType::BFloat16:
       forward_t<bfloat16, float>(g, static_cast<const bfloat16*>(x),
                                  static_cast<const float*>(wpk), static_cast<const float*>(bias),
-                                 static_cast<bfloat16*>(y));
+                                 static_cast<bfloat16*>(y), static_cast<float*>(bufs), nbufs);
       break;
     default: break;
   }

@@ -6,6 +6,7 @@
 // [kh][kw][C] in the accumulation type A (float for float32/bfloat16, double for
 // float64). Storage type T: float, double or bfloat16 (uint16 bits).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "fastvis/tensor.h"
@@ -20,7 +21,49 @@ struct Geom {
   int64_t sh, sw;        // stride
   int64_t pt, pl;        // top/left padding (>= 0)
   int64_t dh, dw;        // dilation
+  int64_t cp;            // channel stride of the packed weights (C rounded up to a block)
 };
+
+// Forward tiling: work items are (image, tile of output rows, channel block). Each
+// item packs the input rows its tile reads, for its channel block only, into a
+// per-thread buffer [rows][W][CB] (CB = 64 bytes of accumulators: 16 floats or 8
+// doubles). A channel block's window is then contiguous, whatever C is, which keeps
+// the kernel's loads in L1/L2 instead of striding by C (that stride maps every pixel
+// of an NHWC row to the same few cache sets when C is a power of two).
+struct FwdPlan {
+  int64_t cb;         // channels per block
+  int64_t nb;         // channel blocks
+  int64_t rt;         // output rows per tile
+  int64_t ntiles;     // tiles per image
+  int64_t buf_elems;  // accumulator elements of one per-thread buffer
+};
+
+inline int64_t channel_block(int64_t acc_bytes) { return 64 / acc_bytes; }
+inline int64_t padded_channels(int64_t c, int64_t acc_bytes) {
+  const int64_t cb = channel_block(acc_bytes);
+  return (c + cb - 1) / cb * cb;
+}
+
+inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes) {
+  FwdPlan p;
+  p.cb = channel_block(acc_bytes);
+  p.nb = (g.c + p.cb - 1) / p.cb;
+  const int64_t row_bytes = g.w * p.cb * acc_bytes;
+  const int64_t budget_rows = std::max<int64_t>(1, (192 * 1024) / row_bytes);
+  const int64_t ext = (g.kh - 1) * g.dh + 1;
+  auto rows_in = [&](int64_t rt) { return std::min(g.h, (rt - 1) * g.sh + ext); };
+  int64_t rt;
+  if (g.h <= budget_rows)
+    rt = g.oh;
+  else
+    rt = std::max<int64_t>(1, std::min<int64_t>(g.oh, (budget_rows - ext) / g.sh + 1));
+  // Keep enough work items to balance threads.
+  while (rt > 1 && g.n * p.nb * ((g.oh + rt - 1) / rt) < 16) rt = (rt + 1) / 2;
+  p.rt = rt;
+  p.ntiles = (g.oh + rt - 1) / rt;
+  p.buf_elems = rows_in(rt) * g.w * p.cb;
+  return p;
+}
 
 // The split of the weight-gradient reduction, a function of the shape only.
 struct WgradPlan {
@@ -30,9 +73,10 @@ struct WgradPlan {
 WgradPlan wgrad_plan(const Geom& g);
 
 #define FV_DWCONV_KERNEL_DECLS                                                                 \
-  /* y = correlate(x, wpk) + bias; bias may be null. */                                        \
+  /* y = correlate(x, wpk) + bias; bias (cp elements) may be null. bufs: nbufs per-thread */  \
+  /* buffers of fwd_plan(g).buf_elems accumulators each (nbufs >= get_num_threads()). */      \
   void forward(DType dt, const Geom& g, const void* x, const void* wpk, const void* bias,      \
-               void* y);                                                                       \
+               void* y, void* bufs, int nbufs);                                                \
   /* Transposed correlation (any stride): gx from gy and the packed, unflipped weight. */      \
   /* g describes the forward problem (x of g.h x g.w, gy of g.oh x g.ow). */                  \
   void backward_input_gather(DType dt, const Geom& g, const void* gy, const void* wpk,         \

@@ -107,22 +107,40 @@ class ScratchCarver {
 
 size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
 
-Geom forward_geom(const DepthwiseConv2dShape& s, const DepthwiseConv2dParams& p) {
+Geom forward_geom(const DepthwiseConv2dShape& s, const DepthwiseConv2dParams& p, DType dt) {
   return Geom{s.n,          s.c,        s.h,           s.w,          s.kh,
               s.kw,         s.oh,       s.ow,          p.stride_h,   p.stride_w,
-              p.pad_top,    p.pad_left, p.dilation_h,  p.dilation_w};
+              p.pad_top,    p.pad_left, p.dilation_h,  p.dilation_w,
+              padded_channels(s.c, static_cast<int64_t>(acc_size(dt)))};
+}
+
+// The correlation that computes the stride-1 input gradient: grad_y with the flipped
+// kernel, padded by dilation*(k-1) - pad (>= 0 as pads are at most that).
+Geom backward_input_geom(const DepthwiseConv2dShape& s, const DepthwiseConv2dParams& p, DType dt) {
+  return Geom{s.n, s.c, s.oh, s.ow, s.kh, s.kw, s.h, s.w, 1, 1,
+              (s.kh - 1) * p.dilation_h - p.pad_top, (s.kw - 1) * p.dilation_w - p.pad_left,
+              p.dilation_h, p.dilation_w, padded_channels(s.c, static_cast<int64_t>(acc_size(dt)))};
+}
+
+// Bytes of the per-thread tile buffers of the forward kernel for geometry g.
+size_t fwd_buffer_bytes(const Geom& g, DType dt) {
+  const int64_t a = static_cast<int64_t>(acc_size(dt));
+  return align64(static_cast<size_t>(fwd_plan(g, a).buf_elems * a)) *
+         static_cast<size_t>(get_num_threads());
 }
 
 // weight (any strides, storage dtype) -> [kh][kw][C] in the accumulation type.
-void pack_weight(const TensorView& w, const DepthwiseConv2dShape& s, bool flip, void* out) {
+void pack_weight(const TensorView& w, const DepthwiseConv2dShape& s, int64_t cp, bool flip,
+                 void* out) {
   const WeightIndex wi(w);
   const bool dbl = w.dtype == DType::Float64;
+  std::memset(out, 0, s.kh * s.kw * cp * acc_size(w.dtype));
   for (int64_t i = 0; i < s.kh; ++i)
     for (int64_t j = 0; j < s.kw; ++j) {
       const int64_t si = flip ? s.kh - 1 - i : i, sj = flip ? s.kw - 1 - j : j;
       for (int64_t c = 0; c < s.c; ++c) {
         const double v = load_as_double(w.dtype, w.data, wi(c, si, sj));
-        const int64_t o = (i * s.kw + j) * s.c + c;
+        const int64_t o = (i * s.kw + j) * cp + c;
         if (dbl)
           static_cast<double*>(out)[o] = v;
         else
@@ -131,7 +149,8 @@ void pack_weight(const TensorView& w, const DepthwiseConv2dShape& s, bool flip, 
     }
 }
 
-void pack_bias(const TensorView& b, int64_t C, void* out) {
+void pack_bias(const TensorView& b, int64_t C, int64_t cp, void* out) {
+  std::memset(out, 0, cp * acc_size(b.dtype));
   for (int64_t c = 0; c < C; ++c) {
     const double v = load_as_double(b.dtype, b.data, c * b.strides[0]);
     if (b.dtype == DType::Float64)
@@ -142,7 +161,7 @@ void pack_bias(const TensorView& b, int64_t C, void* out) {
 }
 
 struct Kernels {
-  void (*forward)(DType, const Geom&, const void*, const void*, const void*, void*);
+  void (*forward)(DType, const Geom&, const void*, const void*, const void*, void*, void*, int);
   void (*backward_input_gather)(DType, const Geom&, const void*, const void*, void*);
   void (*backward_weight_partials)(DType, const Geom&, const WgradPlan&, const void*, const void*,
                                    void*);
@@ -262,7 +281,8 @@ size_t depthwise_conv2d_forward_scratch_bytes(const TensorView& x, const TensorV
   const DepthwiseConv2dShape s = depthwise_conv2d_shape(x, weight, p);
   if (x.device.type == DeviceType::CUDA) return 0;
   const size_t a = acc_size(x.dtype), e = x.itemsize();
-  size_t b = align64(s.kh * s.kw * s.c * a) + align64(s.c * a);
+  const Geom g = forward_geom(s, p, x.dtype);
+  size_t b = align64(s.kh * s.kw * g.cp * a) + align64(g.cp * a) + fwd_buffer_bytes(g, x.dtype);
   if (dense_layouts(x) & 1) b += align64(s.n * s.c * s.h * s.w * e) + align64(s.n * s.c * s.oh * s.ow * e);
   return b;
 }
@@ -292,18 +312,20 @@ void depthwise_conv2d_forward(const TensorView& x, const TensorView& weight,
   if (s.n == 0) return;
   const size_t a = acc_size(x.dtype), e = x.itemsize();
   ScratchCarver sc(scratch, scratch_bytes);
-  void* wpk = sc.take(s.kh * s.kw * s.c * a);
-  void* bpk = sc.take(s.c * a);
-  pack_weight(weight, s, false, wpk);
-  if (bias) pack_bias(*bias, s.c, bpk);
-  const Geom g = forward_geom(s, p);
+  const Geom g = forward_geom(s, p, x.dtype);
+  const int nbufs = get_num_threads();
+  void* wpk = sc.take(s.kh * s.kw * g.cp * a);
+  void* bpk = sc.take(g.cp * a);
+  void* bufs = sc.take(fwd_buffer_bytes(g, x.dtype));
+  pack_weight(weight, s, g.cp, false, wpk);
+  if (bias) pack_bias(*bias, s.c, g.cp, bpk);
   if (s.layout == Layout::NHWC) {
-    kernels().forward(x.dtype, g, x.data, wpk, bias ? bpk : nullptr, y.data);
+    kernels().forward(x.dtype, g, x.data, wpk, bias ? bpk : nullptr, y.data, bufs, nbufs);
   } else {
     void* xh = sc.take(s.n * s.c * s.h * s.w * e);
     void* yh = sc.take(s.n * s.c * s.oh * s.ow * e);
     nchw_to_nhwc(x.data, xh, s.n, s.c, s.h * s.w, e);
-    kernels().forward(x.dtype, g, xh, wpk, bias ? bpk : nullptr, yh);
+    kernels().forward(x.dtype, g, xh, wpk, bias ? bpk : nullptr, yh, bufs, nbufs);
     nhwc_to_nchw(yh, y.data, s.n, s.c, s.oh * s.ow, e);
   }
 }
@@ -317,7 +339,9 @@ size_t depthwise_conv2d_backward_input_scratch_bytes(const TensorView& grad_y,
   const DepthwiseConv2dShape s = depthwise_conv2d_shape(grad_x, weight, p);
   if (grad_x.device.type == DeviceType::CUDA) return 0;
   const size_t a = acc_size(grad_x.dtype), e = grad_x.itemsize();
-  size_t b = align64(s.kh * s.kw * s.c * a);
+  const Geom g = forward_geom(s, p, grad_x.dtype);
+  size_t b = align64(s.kh * s.kw * g.cp * a);
+  if (stride_one(p)) b += fwd_buffer_bytes(backward_input_geom(s, p, grad_x.dtype), grad_x.dtype);
   if (dense_layouts(grad_x) & 1) b += align64(s.n * s.c * s.h * s.w * e) + align64(s.n * s.c * s.oh * s.ow * e);
   return b;
 }
@@ -345,7 +369,8 @@ void depthwise_conv2d_backward_input(const TensorView& grad_y, const TensorView&
   if (s.n == 0) return;
   const size_t a = acc_size(grad_x.dtype), e = grad_x.itemsize();
   ScratchCarver sc(scratch, scratch_bytes);
-  void* wpk = sc.take(s.kh * s.kw * s.c * a);
+  const int64_t cp = forward_geom(s, p, grad_x.dtype).cp;
+  void* wpk = sc.take(s.kh * s.kw * cp * a);
   const void* gy = grad_y.data;
   void* gx = grad_x.data;
   void* gxh = nullptr;
@@ -357,16 +382,13 @@ void depthwise_conv2d_backward_input(const TensorView& grad_y, const TensorView&
     gx = gxh;
   }
   if (stride_one(p)) {
-    // Stride 1: the input gradient is a correlation of grad_y with the flipped
-    // kernel, padded by dilation*(k-1) - pad (>= 0 as pads are at most that).
-    pack_weight(weight, s, true, wpk);
-    const Geom g{s.n,  s.c,  s.oh, s.ow, s.kh, s.kw, s.h, s.w, 1, 1,
-                 (s.kh - 1) * p.dilation_h - p.pad_top, (s.kw - 1) * p.dilation_w - p.pad_left,
-                 p.dilation_h, p.dilation_w};
-    kernels().forward(grad_x.dtype, g, gy, wpk, nullptr, gx);
+    const Geom g = backward_input_geom(s, p, grad_x.dtype);
+    void* bufs = sc.take(fwd_buffer_bytes(g, grad_x.dtype));
+    pack_weight(weight, s, cp, true, wpk);
+    kernels().forward(grad_x.dtype, g, gy, wpk, nullptr, gx, bufs, get_num_threads());
   } else {
-    pack_weight(weight, s, false, wpk);
-    kernels().backward_input_gather(grad_x.dtype, forward_geom(s, p), gy, wpk, gx);
+    pack_weight(weight, s, cp, false, wpk);
+    kernels().backward_input_gather(grad_x.dtype, forward_geom(s, p, grad_x.dtype), gy, wpk, gx);
   }
   if (gxh) nhwc_to_nchw(gxh, grad_x.data, s.n, s.c, s.h * s.w, e);
 }
@@ -386,7 +408,7 @@ size_t depthwise_conv2d_backward_weight_scratch_bytes(const TensorView& grad_y,
 #endif
   }
   const size_t a = acc_size(x.dtype), e = x.itemsize();
-  const WgradPlan plan = wgrad_plan(forward_geom(s, p));
+  const WgradPlan plan = wgrad_plan(forward_geom(s, p, x.dtype));
   size_t b = align64(plan.row_chunks * plan.partial_elems * a);
   if (dense_layouts(x) & 1) b += align64(s.n * s.c * s.h * s.w * e) + align64(s.n * s.c * s.oh * s.ow * e);
   return b;
@@ -414,7 +436,7 @@ void depthwise_conv2d_backward_weight(const TensorView& grad_y, const TensorView
   FV_CHECK_VALUE(scratch_bytes >= need && scratch != nullptr, "scratch: need ", need,
                  " bytes, got ", scratch_bytes);
   const size_t a = acc_size(x.dtype), e = x.itemsize();
-  const Geom g = forward_geom(s, p);
+  const Geom g = forward_geom(s, p, x.dtype);
   const WgradPlan plan = wgrad_plan(g);
   ScratchCarver sc(scratch, scratch_bytes);
   void* partial = sc.take(plan.row_chunks * plan.partial_elems * a);

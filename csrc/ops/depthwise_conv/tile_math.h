@@ -127,8 +127,9 @@ FV_HOST_DEVICE inline Span tile_span(int64_t idx, int64_t t, int64_t n) {
 }
 // Intersection of a window with the image [0, n): the part read from memory.
 FV_HOST_DEVICE inline Span clamp_span(Span w, int64_t n) {
-  Span c{imax(w.begin, 0), imin(w.end, n)};
-  if (c.end < c.begin) c.end = c.begin;
+  Span c;
+  c.begin = imin(imax(w.begin, 0), n);
+  c.end = imax(imin(w.end, n), c.begin);
   return c;
 }
 FV_HOST_DEVICE inline bool in_range(int64_t v, int64_t n) { return v >= 0 && v < n; }
