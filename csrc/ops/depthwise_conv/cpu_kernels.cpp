@@ -292,54 +292,52 @@ void backward_input_t(const Geom& g, const T* gy, const A* wpk, T* gx) {
 
 // ------------------------------------------------------------------ weight gradient
 
-// JB taps x NV channel vectors accumulated over outputs [lo, hi) of one row.
-// off[t]: offset of tap t's input pixel for ow = 0 (elements, may be negative);
-// part[t]: where tap t's partial sums for channel c0 live.
-template <class T, class A, int NV, int JB>
-inline void wg_taps(const T* gyrow, const T* xn, const int64_t* off, A* const* part, int64_t lo,
-                    int64_t hi, int64_t sC, int64_t C, int64_t c0) {
+// JB taps x one channel block (two vectors) accumulated over outputs [lo, hi) of one
+// packed row. off[t]: element offset in the packed input tile of tap t's pixel for
+// ow = 0 (may be negative); part[t]: tap t's partial sums for this channel block.
+template <class A, int JB>
+inline void wg_taps(const A* gyrow, const A* xt, const int64_t* off, A* const* part, int64_t lo,
+                    int64_t hi, int64_t sps) {
   using V = typename VT<A>::V;
-  constexpr int L = VT<A>::L;
-  V acc[JB][NV];
-  for (int t = 0; t < JB; ++t)
-    for (int v = 0; v < NV; ++v) acc[t][v] = V{};
-  int64_t o[JB];
-  for (int t = 0; t < JB; ++t) o[t] = off[t] + c0;
+  constexpr int L = VT<A>::L, CB = 2 * L;
+  if (lo >= hi) return;
+  V acc[JB][2];
+  for (int t = 0; t < JB; ++t) acc[t][0] = acc[t][1] = V{};
   for (int64_t ow = lo; ow < hi; ++ow) {
-    V gv[NV];
-    for (int v = 0; v < NV; ++v) gv[v] = vload<T, A>(gyrow + ow * C + c0 + v * L);
-    const T* xb = xn + ow * sC;
-    for (int t = 0; t < JB; ++t)
-      for (int v = 0; v < NV; ++v) acc[t][v] += vload<T, A>(xb + o[t] + v * L) * gv[v];
-  }
-  for (int t = 0; t < JB; ++t)
-    for (int v = 0; v < NV; ++v) {
-      A* p = part[t] + v * L;
-      vstore<A, A>(p, vload<A, A>(p) + acc[t][v]);
+    const V g0 = vload<A, A>(gyrow + ow * CB), g1 = vload<A, A>(gyrow + ow * CB + L);
+    const A* xb = xt + ow * sps;
+    for (int t = 0; t < JB; ++t) {
+      acc[t][0] += vload<A, A>(xb + off[t]) * g0;
+      acc[t][1] += vload<A, A>(xb + off[t] + L) * g1;
     }
+  }
+  for (int t = 0; t < JB; ++t) {
+    vstore<A, A>(part[t], vload<A, A>(part[t]) + acc[t][0]);
+    vstore<A, A>(part[t] + L, vload<A, A>(part[t] + L) + acc[t][1]);
+  }
 }
 
-template <class T, class A, int NV>
-inline void wg_group(int r, const T* gyrow, const T* xn, const int64_t* off, A* const* part,
-                     int64_t lo, int64_t hi, int64_t sC, int64_t C, int64_t c0) {
+template <class A>
+inline void wg_group(int r, const A* gyrow, const A* xt, const int64_t* off, A* const* part,
+                     int64_t lo, int64_t hi, int64_t sps) {
   switch (r) {
 #define FV_WG_CASE(k) \
-  case k: wg_taps<T, A, NV, k>(gyrow, xn, off, part, lo, hi, sC, C, c0); break;
+  case k: wg_taps<A, k>(gyrow, xt, off, part, lo, hi, sps); break;
     FV_WG_CASE(1) FV_WG_CASE(2) FV_WG_CASE(3) FV_WG_CASE(4) FV_WG_CASE(5) FV_WG_CASE(6)
-    FV_WG_CASE(7) FV_WG_CASE(8)
 #undef FV_WG_CASE
     default: break;
   }
 }
 
-template <class T, class A, int NV>
-void wg_row(const Geom& g, const T* gyrow, const T* xn, A* partial, int64_t oh, int64_t c0,
-            const int64_t* jlo, const int64_t* jhi) {
-  constexpr int JB = NV == 2 ? 6 : 8;
-  const int64_t C = g.c, sC = g.sw * C, ih0 = oh * g.sh - g.pt;
+// One output row: its taps in (i, j) order, six at a time; each group sweeps the
+// outputs valid for all its taps, and each tap then its own remaining edges.
+template <class A>
+void wg_row(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, A* partial, int64_t oh,
+            int64_t c0, const int64_t* jlo, const int64_t* jhi) {
+  constexpr int JB = 6, CB = 2 * VT<A>::L;
+  const int64_t sps = g.sw * CB, ih0 = oh * g.sh - g.pt;
   int64_t i_lo, i_hi;
   tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
-  // Taps of this row in (i, j) order, grouped JB at a time.
   int64_t off[JB], lo[JB], hi[JB];
   A* part[JB];
   int nt = 0;
@@ -351,25 +349,24 @@ void wg_row(const Geom& g, const T* gyrow, const T* xn, A* partial, int64_t oh, 
       chi = std::min(chi, hi[t]);
     }
     if (clo < chi) {
-      wg_group<T, A, NV>(nt, gyrow, xn, off, part, clo, chi, sC, C, c0);
+      wg_group<A>(nt, gyrow, xt, off, part, clo, chi, sps);
       for (int t = 0; t < nt; ++t) {
-        wg_taps<T, A, NV, 1>(gyrow, xn, off + t, part + t, lo[t], clo, sC, C, c0);
-        wg_taps<T, A, NV, 1>(gyrow, xn, off + t, part + t, chi, hi[t], sC, C, c0);
+        wg_taps<A, 1>(gyrow, xt, off + t, part + t, lo[t], clo, sps);
+        wg_taps<A, 1>(gyrow, xt, off + t, part + t, chi, hi[t], sps);
       }
     } else {
-      for (int t = 0; t < nt; ++t)
-        wg_taps<T, A, NV, 1>(gyrow, xn, off + t, part + t, lo[t], hi[t], sC, C, c0);
+      for (int t = 0; t < nt; ++t) wg_taps<A, 1>(gyrow, xt, off + t, part + t, lo[t], hi[t], sps);
     }
     nt = 0;
   };
   for (int64_t i = i_lo; i < i_hi; ++i) {
-    const int64_t ih = ih0 + i * g.dh;
+    const int64_t r = ih0 + i * g.dh - ih_base;
     for (int64_t j = 0; j < g.kw; ++j) {
       if (jlo[j] >= jhi[j]) continue;
-      off[nt] = (ih * g.w - g.pl + j * g.dw) * C;
+      off[nt] = (r * g.w - g.pl + j * g.dw) * CB;
       lo[nt] = jlo[j];
       hi[nt] = jhi[j];
-      part[nt] = partial + (i * g.kw + j) * C + c0;
+      part[nt] = partial + (i * g.kw + j) * g.cp + c0;
       if (++nt == JB) flush();
     }
   }
@@ -377,59 +374,51 @@ void wg_row(const Geom& g, const T* gyrow, const T* xn, A* partial, int64_t oh, 
 }
 
 template <class T, class A>
-void wg_row_scalar(const Geom& g, const T* gyrow, const T* xn, A* partial, int64_t oh, int64_t c0,
-                   int64_t cn, const int64_t* jlo, const int64_t* jhi) {
-  const int64_t C = g.c, ih0 = oh * g.sh - g.pt;
-  int64_t i_lo, i_hi;
-  tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
-  for (int64_t i = i_lo; i < i_hi; ++i) {
-    const int64_t ih = ih0 + i * g.dh;
-    for (int64_t j = 0; j < g.kw; ++j)
-      for (int64_t c = c0; c < c0 + cn; ++c) {
-        A acc = 0;
-        for (int64_t ow = jlo[j]; ow < jhi[j]; ++ow)
-          acc += sload<T, A>(gyrow + ow * C + c) *
-                 sload<T, A>(xn + (ih * g.w + ow * g.sw - g.pl + j * g.dw) * C + c);
-        partial[(i * g.kw + j) * C + c] += acc;
-      }
-  }
-}
-
-template <class T, class A>
-void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const T* x, A* partial) {
-  const auto blocks = channel_blocks<A>(g.c);
-  const int64_t nb = static_cast<int64_t>(blocks.size());
-  const int64_t R = g.n * g.oh, RC = plan.row_chunks, C = g.c, KK = g.kh * g.kw;
+void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const T* x, A* partial,
+                       A* bufs, int nbufs) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L, CB = 2 * L;
+  const int64_t nb = (g.c + CB - 1) / CB;
+  const int64_t R = g.n * g.oh, RC = plan.row_chunks, KK = g.kh * g.kw;
   // Valid output columns per kernel column (the same for every row).
   std::vector<int64_t> jlo(g.kw), jhi(g.kw);
   for (int64_t j = 0; j < g.kw; ++j)
     out_range(-g.pl + j * g.dw, 0, g.sw, g.ow, g.w, jlo[j], jhi[j]);
-  parallel_for(nb * RC, 1, [&](int64_t begin, int64_t end) {
+  // grad_y rows viewed as an "image" of 1-row kernels, for pack_rows.
+  Geom gg = g;
+  gg.h = g.oh;
+  gg.w = g.ow;
+  parallel_for_indexed(nb * RC, 1, [&](int slot, int64_t begin, int64_t end) {
+    A* xbuf = bufs + std::min(slot, nbufs - 1) * (plan.x_elems + plan.gy_elems);
+    A* gbuf = xbuf + plan.x_elems;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t rc = it % RC, bi = it / RC;
-      const auto& b = blocks[bi];
-      const int64_t c0 = b.first, cw = block_width<A>(b);
+      const int64_t c0 = bi * CB, cw = std::min<int64_t>(CB, g.c - c0);
       A* part = partial + rc * plan.partial_elems;
-      for (int64_t k = 0; k < KK; ++k) std::fill(part + k * C + c0, part + k * C + c0 + cw, A(0));
-      A* pbias = part + KK * C;
-      std::fill(pbias + c0, pbias + c0 + cw, A(0));
-      const int64_t r0 = rc * R / RC, r1 = (rc + 1) * R / RC;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / g.oh, oh = r % g.oh;
-        const T* gyrow = gy + r * g.ow * C;
-        const T* xn = x + n * g.h * g.w * C;
-        if (b.second == 2)
-          wg_row<T, A, 2>(g, gyrow, xn, part, oh, c0, jlo.data(), jhi.data());
-        else if (b.second == 1)
-          wg_row<T, A, 1>(g, gyrow, xn, part, oh, c0, jlo.data(), jhi.data());
-        else
-          wg_row_scalar<T, A>(g, gyrow, xn, part, oh, c0, cw, jlo.data(), jhi.data());
-        for (int64_t c = c0; c < c0 + cw; ++c) {
-          A s = 0;
-          for (int64_t ow = 0; ow < g.ow; ++ow) s += sload<T, A>(gyrow + ow * C + c);
-          pbias[c] += s;
+      for (int64_t k = 0; k < KK; ++k) std::fill(part + k * g.cp + c0, part + k * g.cp + c0 + CB, A(0));
+      A* pbias = part + KK * g.cp + c0;
+      V bacc[2] = {V{}, V{}};
+      const int64_t r1 = (rc + 1) * R / RC;
+      for (int64_t r = rc * R / RC; r < r1;) {
+        const int64_t n = r / g.oh, oh0 = r % g.oh;
+        const int64_t oh1 = std::min({g.oh, oh0 + plan.rt, oh0 + (r1 - r)});
+        const int64_t ih_lo = std::max<int64_t>(0, oh0 * g.sh - g.pt);
+        const int64_t ih_hi =
+            std::min<int64_t>(g.h, (oh1 - 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
+        if (ih_hi > ih_lo) pack_rows<T, A>(g, x + n * g.h * g.w * g.c, ih_lo, ih_hi, c0, cw, xbuf);
+        pack_rows<T, A>(gg, gy + n * g.oh * g.ow * g.c, oh0, oh1, c0, cw, gbuf);
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const A* gyrow = gbuf + (oh - oh0) * g.ow * CB;
+          wg_row<A>(g, gyrow, xbuf, ih_lo, part, oh, c0, jlo.data(), jhi.data());
+          for (int64_t ow = 0; ow < g.ow; ++ow) {
+            bacc[0] += vload<A, A>(gyrow + ow * CB);
+            bacc[1] += vload<A, A>(gyrow + ow * CB + L);
+          }
         }
+        r += oh1 - oh0;
       }
+      vstore<A, A>(pbias, bacc[0]);
+      vstore<A, A>(pbias + L, bacc[1]);
     }
   });
 }
@@ -478,21 +467,24 @@ void backward_input_gather(DType dt, const Geom& g, const void* gy, const void* 
 }
 
 void backward_weight_partials(DType dt, const Geom& g, const WgradPlan& plan, const void* gy,
-                              const void* x, void* partial) {
+                              const void* x, void* partial, void* bufs, int nbufs) {
   switch (dt) {
     case DType::Float32:
       backward_weight_t<float, float>(g, plan, static_cast<const float*>(gy),
-                                      static_cast<const float*>(x), static_cast<float*>(partial));
+                                      static_cast<const float*>(x), static_cast<float*>(partial),
+                                      static_cast<float*>(bufs), nbufs);
       break;
     case DType::Float64:
       backward_weight_t<double, double>(g, plan, static_cast<const double*>(gy),
                                         static_cast<const double*>(x),
-                                        static_cast<double*>(partial));
+                                        static_cast<double*>(partial),
+                                        static_cast<double*>(bufs), nbufs);
       break;
     case DType::BFloat16:
       backward_weight_t<bfloat16, float>(g, plan, static_cast<const bfloat16*>(gy),
                                          static_cast<const bfloat16*>(x),
-                                         static_cast<float*>(partial));
+                                         static_cast<float*>(partial),
+                                         static_cast<float*>(bufs), nbufs);
       break;
     default: break;
   }

@@ -65,12 +65,20 @@ inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes) {
   return p;
 }
 
-// The split of the weight-gradient reduction, a function of the shape only.
+// The weight gradient: work items are (channel block, chunk of output rows); each
+// chunk writes its own partial sums, reduced afterwards in a fixed order. The split
+// is a function of the shape only, so results do not depend on the thread count.
+// Within a chunk, tiles of `rt` output rows are packed per channel block like the
+// forward pass: input rows into a buffer of fwd_plan(g).buf_elems (same row tiling)
+// and grad_y rows into one of gy_elems.
 struct WgradPlan {
   int64_t row_chunks;     // number of partial sums per weight element
-  int64_t partial_elems;  // kh*kw*C + C (weights then bias) per chunk
+  int64_t partial_elems;  // kh*kw*cp + cp accumulators (weights then bias) per chunk
+  int64_t rt;             // output rows per packed tile
+  int64_t x_elems;        // per-thread input tile buffer
+  int64_t gy_elems;       // per-thread grad_y tile buffer
 };
-WgradPlan wgrad_plan(const Geom& g);
+WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes);
 
 #define FV_DWCONV_KERNEL_DECLS                                                                 \
   /* y = correlate(x, wpk) + bias; bias (cp elements) may be null. bufs: nbufs per-thread */  \
@@ -81,9 +89,11 @@ WgradPlan wgrad_plan(const Geom& g);
   /* g describes the forward problem (x of g.h x g.w, gy of g.oh x g.ow). */                  \
   void backward_input_gather(DType dt, const Geom& g, const void* gy, const void* wpk,         \
                              void* gx);                                                        \
-  /* partial: plan.row_chunks * plan.partial_elems accumulators of type A. */                  \
+  /* partial: plan.row_chunks * plan.partial_elems accumulators of type A; bufs: nbufs */    \
+  /* per-thread buffers of plan.x_elems + plan.gy_elems accumulators. */                       \
   void backward_weight_partials(DType dt, const Geom& g, const WgradPlan& plan,                \
-                                const void* gy, const void* x, void* partial);
+                                const void* gy, const void* x, void* partial, void* bufs,      \
+                                int nbufs);
 
 namespace generic {
 FV_DWCONV_KERNEL_DECLS

@@ -71,15 +71,19 @@ void check_bias(const TensorView& b, const TensorView& like, int64_t c, const ch
   FV_CHECK_VALUE(b.data != nullptr || c == 0, name, ": null data pointer");
 }
 
-WgradPlan wgrad_plan(const Geom& g) {
+WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes) {
   WgradPlan plan;
-  plan.partial_elems = g.kh * g.kw * g.c + g.c;
+  plan.partial_elems = g.kh * g.kw * g.cp + g.cp;
   const int64_t rows = g.n * g.oh;
-  const int64_t cblocks = std::max<int64_t>(1, (g.c + 15) / 16);
+  const int64_t cblocks = std::max<int64_t>(1, g.cp / channel_block(acc_bytes));
   int64_t rc = std::max<int64_t>(1, (32 + cblocks - 1) / cblocks);  // ~32 work items
-  const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / (plan.partial_elems * 8));
+  const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / (plan.partial_elems * acc_bytes));
   rc = std::min({rc, cap, std::max<int64_t>(rows, 1)});
   plan.row_chunks = rc;
+  const FwdPlan fp = fwd_plan(g, acc_bytes);
+  plan.rt = fp.rt;
+  plan.x_elems = (fp.buf_elems + 15) / 16 * 16;
+  plan.gy_elems = (fp.rt * g.ow * fp.cb + 15) / 16 * 16;
   return plan;
 }
 
@@ -164,7 +168,7 @@ struct Kernels {
   void (*forward)(DType, const Geom&, const void*, const void*, const void*, void*, void*, int);
   void (*backward_input_gather)(DType, const Geom&, const void*, const void*, void*);
   void (*backward_weight_partials)(DType, const Geom&, const WgradPlan&, const void*, const void*,
-                                   void*);
+                                   void*, void*, int);
 };
 
 const Kernels& kernels() {
@@ -408,8 +412,9 @@ size_t depthwise_conv2d_backward_weight_scratch_bytes(const TensorView& grad_y,
 #endif
   }
   const size_t a = acc_size(x.dtype), e = x.itemsize();
-  const WgradPlan plan = wgrad_plan(forward_geom(s, p, x.dtype));
-  size_t b = align64(plan.row_chunks * plan.partial_elems * a);
+  const WgradPlan plan = wgrad_plan(forward_geom(s, p, x.dtype), a);
+  size_t b = align64(plan.row_chunks * plan.partial_elems * a) +
+             align64((plan.x_elems + plan.gy_elems) * a * get_num_threads());
   if (dense_layouts(x) & 1) b += align64(s.n * s.c * s.h * s.w * e) + align64(s.n * s.c * s.oh * s.ow * e);
   return b;
 }
@@ -437,19 +442,21 @@ void depthwise_conv2d_backward_weight(const TensorView& grad_y, const TensorView
                  " bytes, got ", scratch_bytes);
   const size_t a = acc_size(x.dtype), e = x.itemsize();
   const Geom g = forward_geom(s, p, x.dtype);
-  const WgradPlan plan = wgrad_plan(g);
+  const WgradPlan plan = wgrad_plan(g, a);
+  const int nbufs = get_num_threads();
   ScratchCarver sc(scratch, scratch_bytes);
   void* partial = sc.take(plan.row_chunks * plan.partial_elems * a);
+  void* bufs = sc.take((plan.x_elems + plan.gy_elems) * a * nbufs);
   if (s.n == 0) {
     std::memset(partial, 0, plan.row_chunks * plan.partial_elems * a);
   } else if (s.layout == Layout::NHWC) {
-    kernels().backward_weight_partials(x.dtype, g, plan, grad_y.data, x.data, partial);
+    kernels().backward_weight_partials(x.dtype, g, plan, grad_y.data, x.data, partial, bufs, nbufs);
   } else {
     void* xh = sc.take(s.n * s.c * s.h * s.w * e);
     void* gyh = sc.take(s.n * s.c * s.oh * s.ow * e);
     nchw_to_nhwc(x.data, xh, s.n, s.c, s.h * s.w, e);
     nchw_to_nhwc(grad_y.data, gyh, s.n, s.c, s.oh * s.ow, e);
-    kernels().backward_weight_partials(x.dtype, g, plan, gyh, xh, partial);
+    kernels().backward_weight_partials(x.dtype, g, plan, gyh, xh, partial, bufs, nbufs);
   }
   // Fixed-order reduction over the row chunks (deterministic, thread-count independent).
   const WeightIndex wi(grad_weight);
@@ -472,10 +479,10 @@ void depthwise_conv2d_backward_weight(const TensorView& grad_y, const TensorView
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t k = 0; k < KK; ++k)
         store_from_double(grad_weight.dtype, grad_weight.data, wi(c, k / s.kw, k % s.kw),
-                          sum_at(k * s.c + c));
+                          sum_at(k * g.cp + c));
       if (grad_bias)
         store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0],
-                          sum_at(KK * s.c + c));
+                          sum_at(KK * g.cp + c));
     }
   });
 }

@@ -348,8 +348,10 @@ inline double conv_plan_cost(const Problem2D& pr, const ConvPlan& pl, int elem_b
   const double coalesce = run_bytes >= 32.0 ? 1.0 : 32.0 / (run_bytes > 1.0 ? run_bytes : 1.0);
   const double loads = double((pl.in_floats + kThreads - 1) / kThreads) * coalesce * 4.0 +
                        double((pl.w_floats + kThreads - 1) / kThreads) * 4.0;
-  double fma = double(pl.ppt) * taps;
-  if (pl.gather) fma = double(pl.ppt) * taps / double(pr.y.s * pr.x.s) * 1.5;
+  // Shared-memory loads of a thread's FMA chain: forward reads one weight per tap
+  // for all its ppt pixels (register blocking); gather reads both per FMA.
+  double fma = double(pl.ppt + 1) * taps;
+  if (pl.gather) fma = 2.0 * double(pl.ppt) * taps / double(pr.y.s * pr.x.s);
   const double per_block = loads + fma + 16.0;
   const double blocks = double(pl.blocks > kFillBlocks ? pl.blocks : kFillBlocks);
   return blocks * per_block;

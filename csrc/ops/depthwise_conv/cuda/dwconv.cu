@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <initializer_list>
 #include <cstdint>
 
 #include "fastvis/error.h"
