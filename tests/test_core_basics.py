@@ -1,0 +1,110 @@
+"""Package basics: version, build information, the thread pool setting, CUDA query."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastvis
+
+REQUIRED_KEYS = {"version", "cpu_isa_compiled", "cpu_isa_selected", "cuda", "cuda_archs",
+                 "num_threads"}
+
+
+def _as_list(v):
+    if isinstance(v, str):
+        return [s for s in re.split(r"[,;\s]+", v) if s]
+    return list(v)
+
+
+def test_version():
+    v = fastvis.__version__
+    assert isinstance(v, str)
+    assert re.fullmatch(r"\d+\.\d+\.\d+([.+-]?\w[\w.+-]*)?", v), v
+    assert fastvis.build_info()["version"] == v
+
+
+def test_build_info_keys_and_values():
+    info = fastvis.build_info()
+    assert isinstance(info, dict)
+    missing = REQUIRED_KEYS - set(info)
+    assert not missing, f"build_info() lacks {sorted(missing)}"
+    compiled = _as_list(info["cpu_isa_compiled"])
+    assert compiled, "no CPU instruction-set path compiled"
+    selected = info["cpu_isa_selected"]
+    assert isinstance(selected, str) and selected
+    assert selected in compiled, f"selected ISA {selected!r} not among compiled {compiled}"
+    assert isinstance(info["cuda"], bool)
+    archs = _as_list(info["cuda_archs"])
+    if info["cuda"]:
+        assert archs and all(re.fullmatch(r"\d+[a-z]?", a) for a in archs), archs
+    else:
+        assert archs == [], f"CUDA not compiled but cuda_archs={info['cuda_archs']!r}"
+    assert info["num_threads"] == fastvis.get_num_threads()
+    # A snapshot: mutating it does not change the library.
+    info["version"] = "x"
+    assert fastvis.build_info()["version"] == fastvis.__version__
+
+
+def test_num_threads_round_trip():
+    old = fastvis.get_num_threads()
+    assert isinstance(old, int) and old >= 1
+    try:
+        for n in (1, 2, 3, 1):
+            fastvis.set_num_threads(n)
+            assert fastvis.get_num_threads() == n
+            assert fastvis.build_info()["num_threads"] == n
+    finally:
+        fastvis.set_num_threads(old)
+    assert fastvis.get_num_threads() == old
+
+
+@pytest.mark.parametrize("bad", [0, -1, -8])
+def test_set_num_threads_rejects_non_positive(bad):
+    old = fastvis.get_num_threads()
+    with pytest.raises(ValueError, match=r"(?i)thread|positive|>= ?1|at least"):
+        fastvis.set_num_threads(bad)
+    assert fastvis.get_num_threads() == old, "a rejected value changed the thread count"
+
+
+def test_default_threads_follow_torch():
+    code = ("import torch; torch.set_num_threads(2); import fastvis; "
+            "print(fastvis.get_num_threads(), torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    ours, theirs = out.stdout.split()
+    assert ours == theirs, f"fastvis starts with {ours} threads, torch has {theirs}"
+
+
+def test_cuda_available_is_a_bool_and_false_without_gpu():
+    avail = fastvis.cuda_available()
+    assert isinstance(avail, bool)
+    if not fastvis.build_info()["cuda"]:
+        assert avail is False
+    if not torch.cuda.is_available():
+        assert avail is False
+
+
+def test_import_has_no_side_effect_on_torch_threads():
+    code = ("import torch; torch.set_num_threads(2); import fastvis; "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "2"
+
+
+def test_public_api_present():
+    import fastvis.nn
+    import fastvis.ops
+
+    for name in ("set_num_threads", "get_num_threads", "build_info", "cuda_available",
+                 "use_reference", "get_include", "get_library_dir", "__version__"):
+        assert hasattr(fastvis, name), name
+    assert callable(fastvis.ops.depthwise_conv2d)
+    assert callable(fastvis.ops.depthwise_conv2d_reference)
+    assert isinstance(fastvis.nn.DepthwiseConv2d, type)
