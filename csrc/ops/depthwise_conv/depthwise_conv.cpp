@@ -183,11 +183,13 @@ const Kernels& kernels() {
   return k;
 }
 
+#if !defined(FASTVIS_WITH_CUDA)
 [[noreturn]] void no_cuda() {
   detail::throw_error(ErrorKind::Runtime,
                       "got CUDA tensors, but this build of fastvis has no CUDA backend "
                       "(rebuild with FASTVIS_CUDA=on and a CUDA compiler)");
 }
+#endif
 
 void check_cuda_dtype(const TensorView& x) {
   FV_CHECK_TYPE(x.dtype == DType::Float32 || x.dtype == DType::Float16 ||
