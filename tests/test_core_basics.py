@@ -62,7 +62,23 @@ def test_num_threads_round_trip():
     assert fastvis.get_num_threads() == old
 
 
-@pytest.mark.parametrize("bad", [0, -1, -8])
+def test_set_num_threads_zero_follows_torch_again():
+    # Documented: 0 unpins fastvis' count, which then follows torch.get_num_threads().
+    old_torch = torch.get_num_threads()
+    try:
+        fastvis.set_num_threads(1)
+        torch.set_num_threads(2)
+        assert fastvis.get_num_threads() == 1, "an explicit count must stay pinned"
+        fastvis.set_num_threads(0)
+        assert fastvis.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert fastvis.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old_torch)
+        fastvis.set_num_threads(0)
+
+
+@pytest.mark.parametrize("bad", [-1, -8])
 def test_set_num_threads_rejects_non_positive(bad):
     old = fastvis.get_num_threads()
     with pytest.raises(ValueError, match=r"(?i)thread|positive|>= ?1|at least"):

@@ -287,7 +287,7 @@ def test_forward_independent_of_thread_count():
         fastvis.set_num_threads(2)
         y2 = run_op(x, w, b, cfg)
     finally:
-        fastvis.set_num_threads(old)
+        fastvis.set_num_threads(0)  # back to following torch
     check_forward(y1, x, w, b, cfg)
     assert torch.equal(y1, y2), "forward result depends on the thread count"
 

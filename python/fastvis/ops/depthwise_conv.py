@@ -98,6 +98,7 @@ def _dwconv_fwd(
     padding: List[int],
     dilation: List[int],
 ) -> torch.Tensor:
+    _sync_threads()  # here, not in the traced wrapper: torch.compile sees only the op
     x = dense_for_core(x)
     xd, wd = x.detach(), weight.detach()
     bd = None if bias is None else bias.detach()
@@ -128,6 +129,7 @@ def _dwconv_bwd(
     need_weight: bool,
     need_bias: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _sync_threads()
     x = dense_for_core(x).detach()
     gy = like_layout(grad_y, x).detach()
     wd = weight.detach()
@@ -202,6 +204,48 @@ def _check_devices(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             )
 
 
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _validate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], s, p, d) -> None:
+    """The core's argument rules, checked in Python so every path (fast, reference,
+    fallback device) accepts and refuses the same inputs with the same exceptions."""
+    allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
+    if x.dtype not in allowed and x.device.type != "meta":
+        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
+        hint = " (float16 is CUDA-only)" if x.dtype == torch.float16 else ""
+        raise TypeError(f"x: the {x.device.type.upper()} backend supports {names}, got {str(x.dtype).replace('torch.', '')}{hint}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+    n, c, h, w = x.shape
+    if c < 1:
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    if h < 1 or w < 1:
+        raise ValueError(f"x: spatial size must be positive, got shape {tuple(x.shape)}")
+    if weight.shape[0] != c or weight.shape[1] != 1:
+        raise ValueError(
+            f"weight: a depthwise convolution needs shape (C, 1, kh, kw) with C = {c} "
+            f"(groups=C), got {tuple(weight.shape)}"
+        )
+    kh, kw = weight.shape[2], weight.shape[3]
+    if not (1 <= kh <= 63 and 1 <= kw <= 63):
+        raise ValueError(f"weight: kernel size must be between 1 and 63 in each dimension, got {kh}x{kw}")
+    if bias is not None and tuple(bias.shape) != (c,):
+        raise ValueError(f"bias: expected shape ({c},), got {tuple(bias.shape)}")
+    eh, ew = d[0] * (kh - 1), d[1] * (kw - 1)
+    if max(p[0], p[1]) > eh or max(p[2], p[3]) > ew:
+        raise ValueError(
+            f"padding: each side may be at most dilation*(kernel-1) ({eh} rows, {ew} columns here), "
+            f"got (top, bottom, left, right) = {tuple(p)}"
+        )
+    if h + p[0] + p[1] <= eh or w + p[2] + p[3] <= ew:
+        raise ValueError(
+            f"x: padded input {h + p[0] + p[1]}x{w + p[2] + p[3]} is smaller than the dilated kernel {eh + 1}x{ew + 1}"
+        )
+
+
 def _core_serves(x: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         return True
@@ -255,7 +299,7 @@ def depthwise_conv2d(
         raise ValueError(f"depthwise_conv2d: expected a (C, 1, kh, kw) weight, got shape {tuple(weight.shape)}")
     _check_devices(x, weight, bias)
     s, p, d = normalize_conv_args((weight.shape[-2], weight.shape[-1]), stride, padding, dilation)
+    _validate(x, weight, bias, s, p, d)
     if reference_enabled() or not _core_serves(x):
         return depthwise_conv2d_reference(x, weight, bias, s, p, d)
-    _sync_threads()
     return _dwconv_fwd(x, weight, bias, s, p, d)
