@@ -79,14 +79,6 @@ inline void tap_range(int64_t base, int64_t d, int64_t k, int64_t size, int64_t&
   lo = std::min(lo, k);
   hi = std::max(hi, lo);
 }
-// Outputs o in [0, O) with 0 <= o*s + off and o*s + off + ext <= size - 1.
-inline void out_range(int64_t off, int64_t ext, int64_t s, int64_t O, int64_t size, int64_t& lo,
-                      int64_t& hi) {
-  lo = std::max<int64_t>(0, ceil_div(-off, s));
-  hi = std::min<int64_t>(O, floor_div(size - 1 - ext - off, s) + 1);
-  lo = std::min(lo, O);
-  hi = std::max(hi, lo);
-}
 
 // Channel blocks: (first channel, kind) with kind 2 = two vectors, 1 = one vector,
 // -m = m leftover channels handled by scalar code.
@@ -105,22 +97,28 @@ template <class A> inline int64_t block_width(const std::pair<int64_t, int>& b) 
 
 // ------------------------------------------------------------------ forward
 
-// Packs input rows [ih_lo, ih_hi) of channels [c0, c0 + cw) into buf[row][w][CB]
-// (accumulator type; channels past cw are zero).
+// Packs input rows [ih_lo, ih_hi) of channels [c0, c0 + cw) into buf[row][q][CB], q
+// the packed column of input column q - pl (zero outside the image; accumulator
+// type; channels past cw are zero).
 template <class T, class A>
 void pack_rows(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t c0, int64_t cw,
                A* buf) {
   constexpr int L = VT<A>::L, CB = 2 * L;
+  const int64_t wp = packed_width(g);
+  const int64_t q_lo = std::min(wp, g.pl), q_hi = std::max(q_lo, std::min(wp, g.pl + g.w));
   for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
-    const T* s = xn + ih * g.w * g.c + c0;
-    A* d = buf + (ih - ih_lo) * g.w * CB;
+    A* row = buf + (ih - ih_lo) * wp * CB;
+    std::fill(row, row + q_lo * CB, A(0));
+    std::fill(row + q_hi * CB, row + wp * CB, A(0));
+    const T* s = xn + (ih * g.w + (q_lo - g.pl)) * g.c + c0;
+    A* d = row + q_lo * CB;
     if (cw == CB) {
-      for (int64_t iw = 0; iw < g.w; ++iw, s += g.c, d += CB) {
+      for (int64_t q = q_lo; q < q_hi; ++q, s += g.c, d += CB) {
         vstore<A, A>(d, vload<T, A>(s));
         vstore<A, A>(d + L, vload<T, A>(s + L));
       }
     } else {
-      for (int64_t iw = 0; iw < g.w; ++iw, s += g.c, d += CB) {
+      for (int64_t q = q_lo; q < q_hi; ++q, s += g.c, d += CB) {
         int64_t c = 0;
         for (; c < cw; ++c) d[c] = sload<T, A>(s + c);
         for (; c < CB; ++c) d[c] = A(0);
@@ -130,25 +128,25 @@ void pack_rows(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t
 }
 
 // OWB consecutive output pixels of one row, one channel block (two vectors), read
-// from the packed buffer. ih0/iw0: input coordinates of tap (0, 0) of the first pixel.
+// from the packed tile (row r0 = first kernel row's input row, relative to the tile).
 template <class T, class A, int OWB>
-inline void fwd_pixels(const Geom& g, const A* buf, int64_t ih_base, const A* wpk,
-                       const A* bias, T* yp, int64_t cw, int64_t ih0, int64_t iw0, int64_t i_lo,
-                       int64_t i_hi, int64_t j_lo, int64_t j_hi, int64_t c0) {
+inline void fwd_pixels(const Geom& g, const A* buf, int64_t wp, const A* wpk, const A* bias,
+                       T* yp, int64_t cw, int64_t r0, int64_t q0, int64_t i_lo, int64_t i_hi,
+                       int64_t c0) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L, CB = 2 * L;
-  const int64_t sps = g.sw * CB, rs = g.w * CB;
+  const int64_t sps = g.sw * CB, rs = wp * CB;
   V acc[OWB][2];
   for (int v = 0; v < 2; ++v) {
     const V b = bias ? vload<A, A>(bias + c0 + v * L) : V{};
     for (int o = 0; o < OWB; ++o) acc[o][v] = b;
   }
   for (int64_t i = i_lo; i < i_hi; ++i) {
-    const A* xr = buf + (ih0 + i * g.dh - ih_base) * rs;
+    const A* xr = buf + (r0 + i * g.dh) * rs + q0 * CB;
     const A* wr = wpk + i * g.kw * g.cp + c0;
-    for (int64_t j = j_lo; j < j_hi; ++j) {
+    for (int64_t j = 0; j < g.kw; ++j) {
       const V w0 = vload<A, A>(wr + j * g.cp), w1 = vload<A, A>(wr + j * g.cp + L);
-      const A* xp = xr + (iw0 + j * g.dw) * CB;
+      const A* xp = xr + j * g.dw * CB;
       for (int o = 0; o < OWB; ++o) {
         acc[o][0] += vload<A, A>(xp + o * sps) * w0;
         acc[o][1] += vload<A, A>(xp + o * sps + L) * w1;
@@ -173,26 +171,22 @@ template <class T, class A>
 void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias, T* yrow,
              int64_t oh, int64_t c0, int64_t cw) {
   constexpr int OWB = 6;
-  const int64_t ih0 = oh * g.sh - g.pt;
-  int64_t i_lo, i_hi, ow_lo, ow_hi;
+  const int64_t wp = packed_width(g), ih0 = oh * g.sh - g.pt;
+  int64_t i_lo, i_hi;
   tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
-  out_range(-g.pl, (g.kw - 1) * g.dw, g.sw, g.ow, g.w, ow_lo, ow_hi);
-  auto edge = [&](int64_t ow) {
-    const int64_t iw0 = ow * g.sw - g.pl;
-    int64_t j_lo, j_hi;
-    tap_range(iw0, g.dw, g.kw, g.w, j_lo, j_hi);
-    fwd_pixels<T, A, 1>(g, buf, ih_base, wpk, bias, yrow + ow * g.c + c0, cw, ih0, iw0, i_lo,
-                        i_hi, j_lo, j_hi, c0);
-  };
+  const int64_t r0 = ih0 - ih_base;
   int64_t ow = 0;
-  for (; ow < ow_lo; ++ow) edge(ow);
-  for (; ow + OWB <= ow_hi; ow += OWB)
-    fwd_pixels<T, A, OWB>(g, buf, ih_base, wpk, bias, yrow + ow * g.c + c0, cw, ih0,
-                          ow * g.sw - g.pl, i_lo, i_hi, 0, g.kw, c0);
-  for (; ow < ow_hi; ++ow)
-    fwd_pixels<T, A, 1>(g, buf, ih_base, wpk, bias, yrow + ow * g.c + c0, cw, ih0,
-                        ow * g.sw - g.pl, i_lo, i_hi, 0, g.kw, c0);
-  for (; ow < g.ow; ++ow) edge(ow);
+  for (; ow + OWB <= g.ow; ow += OWB)
+    fwd_pixels<T, A, OWB>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * g.sw, i_lo,
+                          i_hi, c0);
+  if (ow + 3 <= g.ow) {
+    fwd_pixels<T, A, 3>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * g.sw, i_lo,
+                        i_hi, c0);
+    ow += 3;
+  }
+  for (; ow < g.ow; ++ow)
+    fwd_pixels<T, A, 1>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * g.sw, i_lo,
+                        i_hi, c0);
 }
 
 template <class T, class A>
@@ -329,48 +323,30 @@ inline void wg_group(int r, const A* gyrow, const A* xt, const int64_t* off, A* 
   }
 }
 
-// One output row: its taps in (i, j) order, six at a time; each group sweeps the
-// outputs valid for all its taps, and each tap then its own remaining edges.
+// One output row: its taps in (i, j) order, six at a time, each group sweeping the
+// whole row (the packed tile holds the padding as zeros).
 template <class A>
 void wg_row(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, A* partial, int64_t oh,
-            int64_t c0, const int64_t* jlo, const int64_t* jhi) {
+            int64_t c0) {
   constexpr int JB = 6, CB = 2 * VT<A>::L;
-  const int64_t sps = g.sw * CB, ih0 = oh * g.sh - g.pt;
+  const int64_t wp = packed_width(g), sps = g.sw * CB, ih0 = oh * g.sh - g.pt;
   int64_t i_lo, i_hi;
   tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
-  int64_t off[JB], lo[JB], hi[JB];
+  int64_t off[JB];
   A* part[JB];
   int nt = 0;
-  auto flush = [&]() {
-    if (nt == 0) return;
-    int64_t clo = lo[0], chi = hi[0];
-    for (int t = 1; t < nt; ++t) {
-      clo = std::max(clo, lo[t]);
-      chi = std::min(chi, hi[t]);
-    }
-    if (clo < chi) {
-      wg_group<A>(nt, gyrow, xt, off, part, clo, chi, sps);
-      for (int t = 0; t < nt; ++t) {
-        wg_taps<A, 1>(gyrow, xt, off + t, part + t, lo[t], clo, sps);
-        wg_taps<A, 1>(gyrow, xt, off + t, part + t, chi, hi[t], sps);
-      }
-    } else {
-      for (int t = 0; t < nt; ++t) wg_taps<A, 1>(gyrow, xt, off + t, part + t, lo[t], hi[t], sps);
-    }
-    nt = 0;
-  };
   for (int64_t i = i_lo; i < i_hi; ++i) {
     const int64_t r = ih0 + i * g.dh - ih_base;
     for (int64_t j = 0; j < g.kw; ++j) {
-      if (jlo[j] >= jhi[j]) continue;
-      off[nt] = (r * g.w - g.pl + j * g.dw) * CB;
-      lo[nt] = jlo[j];
-      hi[nt] = jhi[j];
+      off[nt] = (r * wp + j * g.dw) * CB;
       part[nt] = partial + (i * g.kw + j) * g.cp + c0;
-      if (++nt == JB) flush();
+      if (++nt == JB) {
+        wg_taps<A, JB>(gyrow, xt, off, part, 0, g.ow, sps);
+        nt = 0;
+      }
     }
   }
-  flush();
+  if (nt) wg_group<A>(nt, gyrow, xt, off, part, 0, g.ow, sps);
 }
 
 template <class T, class A>
@@ -380,14 +356,12 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
   constexpr int L = VT<A>::L, CB = 2 * L;
   const int64_t nb = (g.c + CB - 1) / CB;
   const int64_t R = g.n * g.oh, RC = plan.row_chunks, KK = g.kh * g.kw;
-  // Valid output columns per kernel column (the same for every row).
-  std::vector<int64_t> jlo(g.kw), jhi(g.kw);
-  for (int64_t j = 0; j < g.kw; ++j)
-    out_range(-g.pl + j * g.dw, 0, g.sw, g.ow, g.w, jlo[j], jhi[j]);
-  // grad_y rows viewed as an "image" of 1-row kernels, for pack_rows.
+  // grad_y rows viewed as an image packed with a 1x1 kernel and no padding.
   Geom gg = g;
   gg.h = g.oh;
   gg.w = g.ow;
+  gg.kh = gg.kw = gg.sh = gg.sw = gg.dh = gg.dw = 1;
+  gg.pt = gg.pl = 0;
   parallel_for_indexed(nb * RC, 1, [&](int slot, int64_t begin, int64_t end) {
     A* xbuf = bufs + std::min(slot, nbufs - 1) * (plan.x_elems + plan.gy_elems);
     A* gbuf = xbuf + plan.x_elems;
@@ -409,7 +383,7 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
         pack_rows<T, A>(gg, gy + n * g.oh * g.ow * g.c, oh0, oh1, c0, cw, gbuf);
         for (int64_t oh = oh0; oh < oh1; ++oh) {
           const A* gyrow = gbuf + (oh - oh0) * g.ow * CB;
-          wg_row<A>(g, gyrow, xbuf, ih_lo, part, oh, c0, jlo.data(), jhi.data());
+          wg_row<A>(g, gyrow, xbuf, ih_lo, part, oh, c0);
           for (int64_t ow = 0; ow < g.ow; ++ow) {
             bacc[0] += vload<A, A>(gyrow + ow * CB);
             bacc[1] += vload<A, A>(gyrow + ow * CB + L);

@@ -26,7 +26,7 @@ struct Geom {
 
 // Forward tiling: work items are (image, tile of output rows, channel block). Each
 // item packs the input rows its tile reads, for its channel block only, into a
-// per-thread buffer [rows][W][CB] (CB = 64 bytes of accumulators: 16 floats or 8
+// per-thread buffer [rows][packed_width][CB] (CB = 64 bytes of accumulators: 16 floats or 8
 // doubles). A channel block's window is then contiguous, whatever C is, which keeps
 // the kernel's loads in L1/L2 instead of striding by C (that stride maps every pixel
 // of an NHWC row to the same few cache sets when C is a power of two).
@@ -39,6 +39,9 @@ struct FwdPlan {
 };
 
 inline int64_t channel_block(int64_t acc_bytes) { return 64 / acc_bytes; }
+// Width of a packed tile row: the input columns -pl .. (ow-1)*sw - pl + (kw-1)*dw, the
+// padding stored as zeros so every output pixel runs the full, unchecked tap loop.
+inline int64_t packed_width(const Geom& g) { return (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1; }
 inline int64_t padded_channels(int64_t c, int64_t acc_bytes) {
   const int64_t cb = channel_block(acc_bytes);
   return (c + cb - 1) / cb * cb;
@@ -48,7 +51,7 @@ inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes) {
   FwdPlan p;
   p.cb = channel_block(acc_bytes);
   p.nb = (g.c + p.cb - 1) / p.cb;
-  const int64_t row_bytes = g.w * p.cb * acc_bytes;
+  const int64_t row_bytes = packed_width(g) * p.cb * acc_bytes;
   const int64_t budget_rows = std::max<int64_t>(1, (192 * 1024) / row_bytes);
   const int64_t ext = (g.kh - 1) * g.dh + 1;
   auto rows_in = [&](int64_t rt) { return std::min(g.h, (rt - 1) * g.sh + ext); };
@@ -61,7 +64,7 @@ inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes) {
   while (rt > 1 && g.n * p.nb * ((g.oh + rt - 1) / rt) < 16) rt = (rt + 1) / 2;
   p.rt = rt;
   p.ntiles = (g.oh + rt - 1) / rt;
-  p.buf_elems = rows_in(rt) * g.w * p.cb;
+  p.buf_elems = rows_in(rt) * packed_width(g) * p.cb;
   return p;
 }
 
