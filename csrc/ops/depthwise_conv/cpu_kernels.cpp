@@ -129,13 +129,16 @@ void pack_rows(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t
 
 // OWB consecutive output pixels of one row, one channel block (two vectors), read
 // from the packed tile (row r0 = first kernel row's input row, relative to the tile).
-template <class T, class A, int OWB>
+// SW: the horizontal stride as a constant, so the pixel offsets are immediates
+// rather than registers (with a run-time stride GCC spills them to the stack).
+template <class T, class A, int OWB, int SW>
 inline void fwd_pixels(const Geom& g, const A* buf, int64_t wp, const A* wpk, const A* bias,
                        T* yp, int64_t cw, int64_t r0, int64_t q0, int64_t i_lo, int64_t i_hi,
                        int64_t c0) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L, CB = 2 * L;
-  const int64_t sps = g.sw * CB, rs = wp * CB;
+  constexpr int64_t sps = SW * CB;
+  const int64_t rs = wp * CB;
   V acc[OWB][2];
   for (int v = 0; v < 2; ++v) {
     const V b = bias ? vload<A, A>(bias + c0 + v * L) : V{};
@@ -167,9 +170,9 @@ inline void fwd_pixels(const Geom& g, const A* buf, int64_t wp, const A* wpk, co
   }
 }
 
-template <class T, class A>
-void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias, T* yrow,
-             int64_t oh, int64_t c0, int64_t cw) {
+template <class T, class A, int SW>
+void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias,
+                T* yrow, int64_t oh, int64_t c0, int64_t cw) {
   constexpr int OWB = 6;
   const int64_t wp = packed_width(g), ih0 = oh * g.sh - g.pt;
   int64_t i_lo, i_hi;
@@ -177,16 +180,25 @@ void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A
   const int64_t r0 = ih0 - ih_base;
   int64_t ow = 0;
   for (; ow + OWB <= g.ow; ow += OWB)
-    fwd_pixels<T, A, OWB>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * g.sw, i_lo,
-                          i_hi, c0);
+    fwd_pixels<T, A, OWB, SW>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * SW,
+                              i_lo, i_hi, c0);
   if (ow + 3 <= g.ow) {
-    fwd_pixels<T, A, 3>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * g.sw, i_lo,
-                        i_hi, c0);
+    fwd_pixels<T, A, 3, SW>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * SW, i_lo,
+                            i_hi, c0);
     ow += 3;
   }
   for (; ow < g.ow; ++ow)
-    fwd_pixels<T, A, 1>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * g.sw, i_lo,
-                        i_hi, c0);
+    fwd_pixels<T, A, 1, SW>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * SW, i_lo,
+                            i_hi, c0);
+}
+
+template <class T, class A>
+void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias, T* yrow,
+             int64_t oh, int64_t c0, int64_t cw) {
+  if (g.sw == 1)
+    fwd_row_sw<T, A, 1>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
+  else
+    fwd_row_sw<T, A, 2>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
 }
 
 template <class T, class A>
