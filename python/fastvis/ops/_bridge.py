@@ -1,7 +1,11 @@
 """Shared plumbing between torch tensors and the core: scratch, streams, layouts."""
 from __future__ import annotations
 
+import threading
+
 import torch
+
+from .. import _C
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -27,9 +31,43 @@ def empty_like_layout(shape, ref: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=ref.dtype, device=ref.device, memory_format=fmt)
 
 
+_tls = threading.local()
+_CPU_SCRATCH_KEEP = 16 << 20  # keep at most this much CPU scratch per Python thread
+
+
 def scratch(nbytes: int, device: torch.device) -> torch.Tensor:
-    """Scratch memory from torch's (caching) allocator."""
-    return torch.empty(max(int(nbytes), 0), dtype=torch.uint8, device=device)
+    """Scratch memory for one core call.
+
+    CUDA: torch's caching allocator. CPU: torch has no caching allocator, and a fresh
+    multi-megabyte buffer costs page faults on every call, so each Python thread keeps
+    one grow-only buffer (up to 16 MiB) that successive calls reuse. Core calls are
+    synchronous, so a thread never uses its buffer twice at once.
+    """
+    nbytes = max(int(nbytes), 0)
+    if device.type != "cpu" or nbytes > _CPU_SCRATCH_KEEP:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    buf = getattr(_tls, "cpu_scratch", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+        _tls.cpu_scratch = buf
+    return buf[:nbytes]
+
+
+_scratch_sizes: dict = {}
+
+
+def scratch_bytes(kind: str, query, key_tensors, *args) -> int:
+    """Memoised core scratch-size query; the size depends on shapes, strides, dtypes, the
+    arguments and the core's thread count only."""
+    key = (kind, _C.get_num_threads(), *(tuple(a) if isinstance(a, list) else a for a in args),
+           *((tuple(t.shape), t.stride(), t.dtype, t.device.type) for t in key_tensors))
+    n = _scratch_sizes.get(key)
+    if n is None:
+        if len(_scratch_sizes) > 512:
+            _scratch_sizes.clear()
+        n = query(*key_tensors, *args)
+        _scratch_sizes[key] = n
+    return n
 
 
 def stream_of(x: torch.Tensor) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
-from ._bridge import dense_for_core, empty_like_layout, is_channels_last, like_layout, scratch, stream_of
+from ._bridge import dense_for_core, empty_like_layout, like_layout, scratch, scratch_bytes, stream_of
 
 IntOrPair = Union[int, Sequence[int]]
 Padding = Union[int, str, Sequence[int]]
@@ -102,19 +102,23 @@ def _dwconv_fwd(
     x = dense_for_core(x)
     xd, wd = x.detach(), weight.detach()
     bd = None if bias is None else bias.detach()
-    n, c, oh, ow = _C.dwconv_output_shape(xd, wd, stride, padding, dilation)
-    y = empty_like_layout((n, c, oh, ow), x)
-    nbytes = _C.dwconv_forward_scratch_bytes(xd, wd, stride, padding, dilation)
+    # The (memoised) scratch query validates the arguments in the core first.
+    nbytes = scratch_bytes("fwd", _C.dwconv_forward_scratch_bytes, (xd, wd), stride, padding, dilation)
+    y = empty_like_layout(_out_shape(x, weight, stride, padding, dilation), x)
     _C.dwconv_forward(xd, wd, bd, y, stride, padding, dilation, scratch(nbytes, x.device), stream_of(x))
     return y
 
 
-@_dwconv_fwd.register_fake
-def _(x, weight, bias, stride, padding, dilation):
+def _out_shape(x, weight, stride, padding, dilation):
     kh, kw = weight.shape[-2], weight.shape[-1]
     oh = _out_size(x.shape[2], kh, stride[0], dilation[0], padding[0], padding[1])
     ow = _out_size(x.shape[3], kw, stride[1], dilation[1], padding[2], padding[3])
-    return empty_like_layout((x.shape[0], x.shape[1], oh, ow), x)
+    return (x.shape[0], x.shape[1], oh, ow)
+
+
+@_dwconv_fwd.register_fake
+def _(x, weight, bias, stride, padding, dilation):
+    return empty_like_layout(_out_shape(x, weight, stride, padding, dilation), x)
 
 
 @torch.library.custom_op("fastvis::depthwise_conv2d_backward", mutates_args=())
@@ -136,12 +140,12 @@ def _dwconv_bwd(
     stream = stream_of(x)
     gx = empty_like_layout(x.shape, x) if need_input else x.new_empty(0)
     if need_input:
-        nbytes = _C.dwconv_backward_input_scratch_bytes(gy, wd, gx, stride, padding, dilation)
+        nbytes = scratch_bytes("bwd_in", _C.dwconv_backward_input_scratch_bytes, (gy, wd, gx), stride, padding, dilation)
         _C.dwconv_backward_input(gy, wd, gx, stride, padding, dilation, scratch(nbytes, x.device), stream)
     gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight or need_bias else weight.new_empty(0)
     gb = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if need_bias else weight.new_empty(0)
     if need_weight or need_bias:
-        nbytes = _C.dwconv_backward_weight_scratch_bytes(gy, x, gw, stride, padding, dilation)
+        nbytes = scratch_bytes("bwd_w", _C.dwconv_backward_weight_scratch_bytes, (gy, x, gw), stride, padding, dilation)
         _C.dwconv_backward_weight(
             gy, x, gw, gb if need_bias else None, stride, padding, dilation, scratch(nbytes, x.device), stream
         )
