@@ -298,4 +298,99 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("grad_y"), py::arg("x"), py::arg("grad_weight"), py::arg("grad_bias"),
       py::arg("stride"), py::arg("padding"), py::arg("dilation"));
+
+  // ------------------------------------------------------------ layer_norm_channels
+  // Optional tensors are None; mean / rstd are (N, H, W) in the statistics dtype.
+  auto opt_view = [](Borrowed& b, const py::object& o, TensorView& v, const char* name)
+      -> const TensorView* {
+    if (o.is_none()) return nullptr;
+    v = b.view(o, name);
+    return &v;
+  };
+
+  m.def("layer_norm_channels_forward_scratch_bytes",
+        [](py::object x) {
+          Borrowed b;
+          return layer_norm_channels_forward_scratch_bytes(b.view(x, "x"));
+        },
+        py::arg("x"));
+
+  m.def(
+      "layer_norm_channels_forward",
+      [opt_view](py::object x, py::object w, py::object bias, double eps, py::object y,
+                 py::object mean, py::object rstd, py::object scratch) {
+        Borrowed b;
+        TensorView xv = b.view(x, "x"), yv = b.view(y, "y"), wv, bv, mv, rv;
+        const TensorView* wp = opt_view(b, w, wv, "weight");
+        const TensorView* bp = opt_view(b, bias, bv, "bias");
+        const TensorView* mp = opt_view(b, mean, mv, "mean");
+        const TensorView* rp = opt_view(b, rstd, rv, "rstd");
+        layer_norm_channels_shape(xv, wp, bp, eps);
+        const size_t need = layer_norm_channels_forward_scratch_bytes(xv);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        layer_norm_channels_forward(xv, wp, bp, eps, yv, mp, rp, sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y"),
+      py::arg("mean") = py::none(), py::arg("rstd") = py::none(),
+      py::arg("scratch") = py::none());
+
+  m.def("layer_norm_channels_backward_scratch_bytes",
+        [](py::object x) {
+          Borrowed b;
+          return layer_norm_channels_backward_scratch_bytes(b.view(x, "x"));
+        },
+        py::arg("x"));
+
+  m.def(
+      "layer_norm_channels_backward",
+      [opt_view](py::object gy, py::object x, py::object w, py::object mean, py::object rstd,
+                 py::object gx, py::object gw, py::object gb, py::object scratch) {
+        Borrowed b;
+        TensorView gyv = b.view(gy, "grad_y"), xv = b.view(x, "x"), mv = b.view(mean, "mean"),
+                   rv = b.view(rstd, "rstd"), wv, gxv, gwv, gbv;
+        const TensorView* wp = opt_view(b, w, wv, "weight");
+        const TensorView* gxp = opt_view(b, gx, gxv, "grad_x");
+        const TensorView* gwp = opt_view(b, gw, gwv, "grad_weight");
+        const TensorView* gbp = opt_view(b, gb, gbv, "grad_bias");
+        const size_t need = layer_norm_channels_backward_scratch_bytes(xv);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        layer_norm_channels_backward(gyv, xv, wp, mv, rv, gxp, gwp, gbp, sc.ptr, sc.bytes);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"),
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
+      py::arg("scratch") = py::none());
+
+  m.def(
+      "layer_norm_channels_forward_reference",
+      [opt_view](py::object x, py::object w, py::object bias, double eps, py::object y,
+                 py::object mean, py::object rstd) {
+        Borrowed b;
+        TensorView xv = b.view(x, "x"), yv = b.view(y, "y"), wv, bv, mv, rv;
+        const TensorView* wp = opt_view(b, w, wv, "weight");
+        const TensorView* bp = opt_view(b, bias, bv, "bias");
+        const TensorView* mp = opt_view(b, mean, mv, "mean");
+        const TensorView* rp = opt_view(b, rstd, rv, "rstd");
+        py::gil_scoped_release nogil;
+        layer_norm_channels_forward_reference(xv, wp, bp, eps, yv, mp, rp);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y"),
+      py::arg("mean") = py::none(), py::arg("rstd") = py::none());
+
+  m.def(
+      "layer_norm_channels_backward_reference",
+      [opt_view](py::object gy, py::object x, py::object w, double eps, py::object gx,
+                 py::object gw, py::object gb) {
+        Borrowed b;
+        TensorView gyv = b.view(gy, "grad_y"), xv = b.view(x, "x"), wv, gxv, gwv, gbv;
+        const TensorView* wp = opt_view(b, w, wv, "weight");
+        const TensorView* gxp = opt_view(b, gx, gxv, "grad_x");
+        const TensorView* gwp = opt_view(b, gw, gwv, "grad_weight");
+        const TensorView* gbp = opt_view(b, gb, gbv, "grad_bias");
+        py::gil_scoped_release nogil;
+        layer_norm_channels_backward_reference(gyv, xv, wp, eps, gxp, gwp, gbp);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("grad_x"),
+      py::arg("grad_weight"), py::arg("grad_bias"));
 }

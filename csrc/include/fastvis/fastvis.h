@@ -3,5 +3,6 @@
 #include "fastvis/build_info.h"
 #include "fastvis/depthwise_conv.h"
 #include "fastvis/error.h"
+#include "fastvis/layer_norm.h"
 #include "fastvis/tensor.h"
 #include "fastvis/threading.h"

@@ -1,4 +1,5 @@
 """fastvis modules, with the parameter names of their PyTorch/timm counterparts."""
 from .depthwise_conv import DepthwiseConv2d
+from .layer_norm import LayerNorm2d
 
-__all__ = ["DepthwiseConv2d"]
+__all__ = ["DepthwiseConv2d", "LayerNorm2d"]

@@ -1,4 +1,11 @@
 """fastvis ops: torch custom ops over the core, each with a pure-PyTorch reference."""
 from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normalize_conv_args
+from .layer_norm import layer_norm_channels, layer_norm_channels_reference
 
-__all__ = ["depthwise_conv2d", "depthwise_conv2d_reference", "normalize_conv_args"]
+__all__ = [
+    "depthwise_conv2d",
+    "depthwise_conv2d_reference",
+    "normalize_conv_args",
+    "layer_norm_channels",
+    "layer_norm_channels_reference",
+]

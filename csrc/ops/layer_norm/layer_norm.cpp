@@ -1,0 +1,291 @@
+// LayerNorm over channels: validation, weight packing, scratch planning, dispatch to
+// the CPU kernels (cpu_kernels.cpp, per ISA) and the deterministic reduction of the
+// weight/bias gradients.
+#include "fastvis/layer_norm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/cpu_features.h"
+#include "core/dtype_convert.h"
+#include "fastvis/error.h"
+#include "fastvis/threading.h"
+#include "ops/depthwise_conv/checks.h"  // dense_layouts, check_cpu
+#include "ops/layer_norm/checks.h"
+#include "ops/layer_norm/cpu_kernels.h"
+
+namespace fastvis {
+namespace layernorm {
+
+void check_activation(const TensorView& t, const TensorView& x, const LayerNormShape& s,
+                      const char* name) {
+  FV_CHECK_VALUE(t.ndim == 4 && t.shape[0] == s.n && t.shape[1] == s.c && t.shape[2] == s.h &&
+                     t.shape[3] == s.w,
+                 name, ": expected shape [", s.n, ", ", s.c, ", ", s.h, ", ", s.w, "], got ",
+                 t.describe());
+  FV_CHECK_TYPE(t.dtype == x.dtype, name, ": expected dtype ", dtype_name(x.dtype),
+                " (the input's), got ", dtype_name(t.dtype));
+  FV_CHECK_VALUE(t.device == x.device, name, ": expected a tensor on ", device_name(x.device),
+                 ", got one on ", device_name(t.device));
+  FV_CHECK_VALUE(t.data != nullptr || t.numel() == 0, name, ": null data pointer");
+}
+
+void check_channel_vector(const TensorView& t, const TensorView& x, const LayerNormShape& s,
+                          const char* name) {
+  FV_CHECK_VALUE(t.ndim == 1 && t.shape[0] == s.c, name, ": expected shape [", s.c,
+                 "] (one value per channel), got ", t.describe());
+  FV_CHECK_TYPE(t.dtype == x.dtype, name, ": expected dtype ", dtype_name(x.dtype),
+                " (the input's), got ", dtype_name(t.dtype));
+  FV_CHECK_VALUE(t.device == x.device, name, " is on ", device_name(t.device), " but x is on ",
+                 device_name(x.device), "; both must be on the same device");
+  FV_CHECK_VALUE(t.data != nullptr, name, ": null data pointer");
+}
+
+void check_stats(const TensorView& t, const TensorView& x, const LayerNormShape& s,
+                 const char* name) {
+  FV_CHECK_VALUE(t.ndim == 3 && t.shape[0] == s.n && t.shape[1] == s.h && t.shape[2] == s.w,
+                 name, ": expected shape [", s.n, ", ", s.h, ", ", s.w, "] (one value per pixel), got ",
+                 t.describe());
+  const DType want = layer_norm_stats_dtype(x.dtype);
+  FV_CHECK_TYPE(t.dtype == want, name, ": expected dtype ", dtype_name(want), " for ",
+                dtype_name(x.dtype), " activations, got ", dtype_name(t.dtype));
+  FV_CHECK_VALUE(t.device == x.device, name, ": expected a tensor on ", device_name(x.device),
+                 ", got one on ", device_name(t.device));
+  const int64_t want_strides[3] = {s.h * s.w, s.w, 1};
+  for (int d = 0; d < 3; ++d)
+    FV_CHECK_VALUE(t.shape[d] <= 1 || t.strides[d] == want_strides[d], name,
+                   ": must be contiguous (row-major), got strides (", t.strides[0], ", ",
+                   t.strides[1], ", ", t.strides[2], ")");
+  FV_CHECK_VALUE(t.data != nullptr || t.numel() == 0, name, ": null data pointer");
+}
+
+Layout common_layout(const TensorView* const* ts, int count) {
+  int common = 3;
+  int64_t numel = 0;
+  for (int i = 0; i < count; ++i) {
+    common &= dwconv::dense_layouts(*ts[i]);
+    numel = std::max(numel, ts[i]->numel());
+  }
+  if (numel == 0) return Layout::NHWC;  // nothing is read or written
+  FV_CHECK_VALUE(common != 0,
+                 "layer_norm_channels: x and the other activations (y, grad_y, grad_x) must all "
+                 "be dense in one memory layout, channels_last (NHWC) or contiguous NCHW");
+  return (common & 2) ? Layout::NHWC : Layout::NCHW;
+}
+
+namespace {
+
+inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
+inline size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
+
+class ScratchCarver {
+ public:
+  ScratchCarver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
+  void* take(size_t b) {
+    void* p = base_ + used_;
+    used_ += align64(b);
+    FV_CHECK_VALUE(used_ <= bytes_, "scratch buffer too small: need at least ", used_,
+                   " bytes, got ", bytes_);
+    return p;
+  }
+
+ private:
+  char* base_;
+  size_t bytes_;
+  size_t used_ = 0;
+};
+
+Geom geom_of(const LayerNormShape& s, Layout layout) {
+  return Geom{s.n, s.c, s.h * s.w, layout == Layout::NHWC};
+}
+
+// A channel vector (any stride) in the accumulation type, or `fill` when absent.
+void pack_channels(const TensorView* t, int64_t C, DType dt, double fill, void* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = t ? load_as_double(t->dtype, t->data, c * t->strides[0]) : fill;
+    if (dt == DType::Float64)
+      static_cast<double*>(out)[c] = v;
+    else
+      static_cast<float*>(out)[c] = static_cast<float>(v);
+  }
+}
+
+struct Kernels {
+  void (*forward)(DType, const Geom&, const void*, const void*, const void*, double, void*, void*,
+                  void*, void*, int);
+  void (*backward)(DType, const Geom&, int64_t, const void*, const void*, const void*,
+                   const void*, const void*, void*, void*, void*, int);
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX2)
+    if (cpu::selected_isa() == cpu::Isa::Avx2) return Kernels{&avx2::forward, &avx2::backward};
+#endif
+    return Kernels{&generic::forward, &generic::backward};
+  }();
+  return k;
+}
+
+void refuse_cuda(const TensorView& x) {
+  FV_CHECK_RUNTIME(x.device.type != DeviceType::CUDA,
+                   "layer_norm_channels: no CUDA kernels yet (got ", x.describe(),
+                   "); the Python op runs the PyTorch reference on CUDA tensors");
+  dwconv::check_cpu(x, "x");
+}
+
+// Bytes for a geometry: packed weight/bias (or weight only) + per-thread buffers.
+size_t forward_bytes(const Geom& g, DType dt) {
+  const size_t a = acc_size(dt);
+  return 2 * align64(g.c * a) +
+         align64(fwd_buffer_elems(g, static_cast<int64_t>(a)) * a) * get_num_threads();
+}
+
+size_t backward_bytes(const Geom& g, DType dt) {
+  const size_t a = acc_size(dt);
+  return align64(g.c * a) + align64(bwd_chunks(g) * 2 * g.c * a) +
+         align64(bwd_buffer_elems(g, static_cast<int64_t>(a)) * a) * get_num_threads();
+}
+
+Layout layout_of(const TensorView& x, const LayerNormShape& s) {
+  const TensorView* ts[1] = {&x};
+  return common_layout(ts, 1);
+}
+
+}  // namespace
+}  // namespace layernorm
+
+using namespace layernorm;
+
+DType layer_norm_stats_dtype(DType dt) {
+  return dt == DType::Float64 ? DType::Float64 : DType::Float32;
+}
+
+LayerNormShape layer_norm_channels_shape(const TensorView& x, const TensorView* weight,
+                                         const TensorView* bias, double eps) {
+  FV_CHECK_VALUE(x.ndim == 4, "x: expected a 4-D (N, C, H, W) tensor, got ", x.describe());
+  FV_CHECK_TYPE(x.dtype != DType::UInt8, "x: expected a floating-point tensor, got uint8");
+  LayerNormShape s;
+  s.n = x.shape[0];
+  s.c = x.shape[1];
+  s.h = x.shape[2];
+  s.w = x.shape[3];
+  FV_CHECK_VALUE(s.n >= 0 && s.c >= 0 && s.h >= 0 && s.w >= 0, "x: negative size in ",
+                 x.describe());
+  FV_CHECK_VALUE(s.c > 0, "x: expected at least one channel, got ", x.describe());
+  FV_CHECK_VALUE(s.n < (int64_t(1) << 31) && s.c < (int64_t(1) << 31) &&
+                     s.h < (int64_t(1) << 31) && s.w < (int64_t(1) << 31),
+                 "x: sizes beyond 2^31 per dimension are not supported, got ", x.describe());
+  FV_CHECK_VALUE(std::isfinite(eps) && eps > 0.0,
+                 "eps: expected a positive finite number, got ", eps);
+  if (weight) check_channel_vector(*weight, x, s, "weight");
+  if (bias) check_channel_vector(*bias, x, s, "bias");
+  FV_CHECK_VALUE(x.data != nullptr || x.numel() == 0, "x: null data pointer");
+  // The fast paths require a dense layout (common_layout); the references take any strides.
+  s.layout = (dwconv::dense_layouts(x) & 2) ? Layout::NHWC : Layout::NCHW;
+  return s;
+}
+
+size_t layer_norm_channels_forward_scratch_bytes(const TensorView& x) {
+  const LayerNormShape s = layer_norm_channels_shape(x, nullptr, nullptr, 1.0);
+  if (x.device.type == DeviceType::CUDA) return 0;
+  return forward_bytes(geom_of(s, layout_of(x, s)), x.dtype);
+}
+
+void layer_norm_channels_forward(const TensorView& x, const TensorView* weight,
+                                 const TensorView* bias, double eps, const TensorView& y,
+                                 const TensorView* mean, const TensorView* rstd, void* scratch,
+                                 size_t scratch_bytes) {
+  const LayerNormShape s = layer_norm_channels_shape(x, weight, bias, eps);
+  check_activation(y, x, s, "y");
+  if (mean) check_stats(*mean, x, s, "mean");
+  if (rstd) check_stats(*rstd, x, s, "rstd");
+  refuse_cuda(x);
+  const TensorView* acts[2] = {&x, &y};
+  const Layout layout = common_layout(acts, 2);
+  const Geom g = geom_of(s, layout);
+  const size_t need = forward_bytes(g, x.dtype);
+  FV_CHECK_VALUE(scratch_bytes >= need && scratch != nullptr, "scratch: need ", need,
+                 " bytes, got ", scratch_bytes);
+  if (s.n * s.h * s.w == 0) return;
+  const size_t a = acc_size(x.dtype);
+  ScratchCarver sc(scratch, scratch_bytes);
+  void* wpk = sc.take(s.c * a);
+  void* bpk = sc.take(s.c * a);
+  const int nbufs = get_num_threads();
+  void* bufs = sc.take(fwd_buffer_elems(g, static_cast<int64_t>(a)) * a * nbufs);
+  pack_channels(weight, s.c, x.dtype, 1.0, wpk);
+  pack_channels(bias, s.c, x.dtype, 0.0, bpk);
+  kernels().forward(x.dtype, g, x.data, wpk, bpk, eps, y.data, mean ? mean->data : nullptr,
+                    rstd ? rstd->data : nullptr, bufs, nbufs);
+}
+
+size_t layer_norm_channels_backward_scratch_bytes(const TensorView& x) {
+  const LayerNormShape s = layer_norm_channels_shape(x, nullptr, nullptr, 1.0);
+  if (x.device.type == DeviceType::CUDA) return 0;
+  return backward_bytes(geom_of(s, layout_of(x, s)), x.dtype);
+}
+
+void layer_norm_channels_backward(const TensorView& grad_y, const TensorView& x,
+                                  const TensorView* weight, const TensorView& mean,
+                                  const TensorView& rstd, const TensorView* grad_x,
+                                  const TensorView* grad_weight, const TensorView* grad_bias,
+                                  void* scratch, size_t scratch_bytes) {
+  const LayerNormShape s = layer_norm_channels_shape(x, weight, nullptr, 1.0);
+  check_activation(grad_y, x, s, "grad_y");
+  if (grad_x) check_activation(*grad_x, x, s, "grad_x");
+  check_stats(mean, x, s, "mean");
+  check_stats(rstd, x, s, "rstd");
+  if (grad_weight) check_channel_vector(*grad_weight, x, s, "grad_weight");
+  if (grad_bias) check_channel_vector(*grad_bias, x, s, "grad_bias");
+  refuse_cuda(x);
+  const TensorView* acts[3] = {&x, &grad_y, grad_x ? grad_x : &x};
+  const Layout layout = common_layout(acts, 3);
+  const Geom g = geom_of(s, layout);
+  const size_t need = backward_bytes(g, x.dtype);
+  FV_CHECK_VALUE(scratch_bytes >= need && scratch != nullptr, "scratch: need ", need,
+                 " bytes, got ", scratch_bytes);
+  const size_t a = acc_size(x.dtype);
+  const int64_t chunks = bwd_chunks(g);
+  const bool want_params = grad_weight != nullptr || grad_bias != nullptr;
+  ScratchCarver sc(scratch, scratch_bytes);
+  void* wpk = sc.take(s.c * a);
+  void* partial = sc.take(chunks * 2 * s.c * a);
+  const int nbufs = get_num_threads();
+  void* bufs = sc.take(bwd_buffer_elems(g, static_cast<int64_t>(a)) * a * nbufs);
+  pack_channels(weight, s.c, x.dtype, 1.0, wpk);
+  if (s.n * s.h * s.w == 0) {
+    std::memset(partial, 0, chunks * 2 * s.c * a);
+  } else if (grad_x || want_params) {
+    kernels().backward(x.dtype, g, chunks, grad_y.data, x.data, wpk, mean.data, rstd.data,
+                       grad_x ? grad_x->data : nullptr, want_params ? partial : nullptr, bufs,
+                       nbufs);
+  }
+  if (!want_params) return;
+  // Fixed-order reduction over the chunks (deterministic, thread-count independent).
+  const bool dbl = x.dtype == DType::Float64;
+  const int64_t C = s.c;
+  auto sum_at = [&](int64_t i) {
+    if (dbl) {
+      const double* pp = static_cast<const double*>(partial);
+      double acc = 0.0;
+      for (int64_t r = 0; r < chunks; ++r) acc += pp[r * 2 * C + i];
+      return acc;
+    }
+    const float* pp = static_cast<const float*>(partial);
+    float acc = 0.f;
+    for (int64_t r = 0; r < chunks; ++r) acc += pp[r * 2 * C + i];
+    return static_cast<double>(acc);
+  };
+  for (int64_t c = 0; c < C; ++c) {
+    if (grad_weight)
+      store_from_double(grad_weight->dtype, grad_weight->data, c * grad_weight->strides[0],
+                        sum_at(c));
+    if (grad_bias)
+      store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0],
+                        sum_at(C + c));
+  }
+}
+
+}  // namespace fastvis

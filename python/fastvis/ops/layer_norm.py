@@ -1,0 +1,224 @@
+"""LayerNorm over channels: ``fastvis.ops.layer_norm_channels``.
+
+Semantics of timm's ``LayerNorm2d`` (ConvNeXt): each pixel's C values of a logical
+(N, C, H, W) tensor are normalised (biased variance, ``eps`` inside the square root) and
+scaled by the optional affine ``weight`` / ``bias`` of shape (C,), i.e.
+``F.layer_norm(x.permute(0, 2, 3, 1), (C,), weight, bias, eps).permute(0, 3, 1, 2)``.
+
+Implemented as ``torch.library.custom_op``s (forward and backward) with fake kernels and
+registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break. The
+forward op also returns the per-pixel ``mean`` and ``rstd`` (float32, float64 for
+float64 inputs), which autograd saves so the backward pass does not recompute them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _C
+from .._reference import reference_enabled, warn_fallback_once
+from .._runtime import _sync_threads
+from ._bridge import dense_for_core, empty_like_layout, like_layout, scratch
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_stats(x: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return torch.empty((n, h, w), dtype=_stats_dtype(x.dtype), device=x.device)
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastvis::layer_norm_channels", mutates_args=())
+def _ln_fwd(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _sync_threads()  # here, not in the traced wrapper: torch.compile sees only the op
+    x = dense_for_core(x).detach()
+    wd = None if weight is None else weight.detach()
+    bd = None if bias is None else bias.detach()
+    y = empty_like_layout(x.shape, x)
+    mean, rstd = _empty_stats(x), _empty_stats(x)
+    nbytes = _C.layer_norm_channels_forward_scratch_bytes(x)
+    _C.layer_norm_channels_forward(x, wd, bd, eps, y, mean, rstd, scratch(nbytes, x.device))
+    return y, mean, rstd
+
+
+@_ln_fwd.register_fake
+def _(x, weight, bias, eps):
+    return empty_like_layout(x.shape, x), _empty_stats(x), _empty_stats(x)
+
+
+@torch.library.custom_op("fastvis::layer_norm_channels_backward", mutates_args=())
+def _ln_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _sync_threads()
+    x = dense_for_core(x).detach()
+    gy = like_layout(grad_y, x).detach()
+    wd = None if weight is None else weight.detach()
+    c = x.shape[1]
+    gx = empty_like_layout(x.shape, x) if need_input else x.new_empty(0)
+    gw = torch.empty(c, dtype=x.dtype, device=x.device) if need_weight else x.new_empty(0)
+    gb = torch.empty(c, dtype=x.dtype, device=x.device) if need_bias else x.new_empty(0)
+    if need_input or need_weight or need_bias:
+        nbytes = _C.layer_norm_channels_backward_scratch_bytes(x)
+        _C.layer_norm_channels_backward(
+            gy, x, wd, mean.detach(), rstd.detach(),
+            gx if need_input else None, gw if need_weight else None, gb if need_bias else None,
+            scratch(nbytes, x.device),
+        )
+    return gx, gw, gb
+
+
+@_ln_bwd.register_fake
+def _(grad_y, x, weight, mean, rstd, need_input, need_weight, need_bias):
+    c = x.shape[1]
+    gx = empty_like_layout(x.shape, x) if need_input else x.new_empty(0)
+    gw = x.new_empty(c) if need_weight else x.new_empty(0)
+    gb = x.new_empty(c) if need_bias else x.new_empty(0)
+    return gx, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    need_w = ctx.has_weight and ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    gx, gw, gb = _ln_bwd(grad_y, x, weight, mean, rstd, need_x, need_w, need_b)
+    return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None)
+
+
+_ln_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def layer_norm_channels_reference(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`layer_norm_channels` (timm's LayerNorm2d:
+    permute to NHWC, ``F.layer_norm`` over C, permute back), in x's memory format."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
+    e = float(eps)
+    if not (math.isfinite(e) and e > 0.0):
+        raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
+    return e
+
+
+def _validate(x, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
+    """The core's argument rules, checked in Python so every path (fast, reference,
+    fallback device) accepts and refuses the same inputs with the same exceptions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"layer_norm_channels: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"layer_norm_channels: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
+    if x.dtype not in allowed and x.device.type != "meta":
+        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
+        hint = " (float16 is CUDA-only)" if x.dtype == torch.float16 else ""
+        raise TypeError(
+            f"x: the {x.device.type.upper()} backend supports {names}, got "
+            f"{str(x.dtype).replace('torch.', '')}{hint}"
+        )
+    c = x.shape[1]
+    if c < 1:
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(
+                f"layer_norm_channels: {name} is on {t.device} but x is on {x.device}; "
+                "all tensors must be on the same device"
+            )
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"{name}: expected shape ({c},) (one value per channel), got {tuple(t.shape)}")
+
+
+def _core_serves(x: torch.Tensor) -> bool:
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        # No CUDA kernels for this op yet (CUDA builds included).
+        warn_fallback_once(
+            "layer_norm-cuda",
+            "fastvis.ops.layer_norm_channels: no fastvis CUDA kernels for this op yet; "
+            "running the PyTorch reference on CUDA tensors",
+        )
+        return False
+    if x.device.type != "meta":
+        warn_fallback_once(
+            f"layer_norm-{x.device.type}",
+            f"fastvis.ops.layer_norm_channels: no fastvis kernels for device '{x.device.type}'; "
+            "running the PyTorch reference",
+        )
+    return False
+
+
+def layer_norm_channels(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """LayerNorm over the channel dimension of an (N, C, H, W) tensor (timm's LayerNorm2d).
+
+    Args:
+        x: (N, C, H, W), channels_last (fast, zero-copy) or contiguous NCHW; other strides
+            are copied to contiguous first.
+        weight, bias: optional (C,), x's dtype.
+        eps: added to the (biased) variance; a positive finite number.
+
+    Returns:
+        (N, C, H, W) in x's memory format. CPU: float32, float64, bfloat16 (float32
+        accumulation). CUDA tensors run the PyTorch reference (warned once).
+    """
+    _validate(x, weight, bias)
+    e = _check_eps(eps)
+    if reference_enabled() or not _core_serves(x):
+        return layer_norm_channels_reference(x, weight, bias, e)
+    y, _, _ = _ln_fwd(x, weight, bias, e)
+    return y
