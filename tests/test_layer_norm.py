@@ -341,8 +341,9 @@ def test_convnext_sized_problem(layout):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_empty_batch(layout):
-    cfg = LNCfg(n=0, c=5, h=4, w=3, layout=layout)
+@pytest.mark.parametrize("nhw", [(0, 4, 3), (2, 0, 3), (1, 4, 0)])
+def test_empty_batch_or_image(nhw, layout):
+    cfg = LNCfg(n=nhw[0], c=5, h=nhw[1], w=nhw[2], layout=layout)
     x, w, b = make_inputs(cfg, requires_grad=True)
     y = ln(x, w, b)
     assert y.shape == x.shape
