@@ -27,8 +27,6 @@ struct DepthwiseConv2dParams {
   int64_t dilation_h = 1, dilation_w = 1;
 };
 
-enum class Layout : int { NCHW = 0, NHWC = 1 };
-
 struct DepthwiseConv2dShape {
   int64_t n = 0, c = 0, h = 0, w = 0;  // input
   int64_t kh = 0, kw = 0;              // kernel

@@ -22,8 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "fastvis/depthwise_conv.h"  // Layout
-#include "fastvis/tensor.h"
+#include "fastvis/tensor.h"  // TensorView, Layout
 
 namespace fastvis {
 

@@ -17,6 +17,9 @@ struct Device {
   bool operator!=(const Device& o) const { return !(*this == o); }
 };
 
+// Memory layout of a logical (N, C, H, W) activation tensor.
+enum class Layout : int { NCHW = 0, NHWC = 1 };
+
 constexpr int kMaxDims = 8;
 
 // Strides are in elements, not bytes (as in PyTorch and DLPack).

@@ -2,20 +2,20 @@
 #pragma once
 #include <cstdint>
 
+#include "core/checks.h"
 #include "fastvis/depthwise_conv.h"
 
 namespace fastvis {
 namespace dwconv {
 
-// t must live on the CPU and have a dtype the CPU kernels serve.
-void check_cpu(const TensorView& t, const char* name);
+using core::check_cpu;
+using core::dense_layouts;
+
 // out must be a 4-D (n, c, h, w) tensor with like's dtype, device and layout.
 void check_output(const TensorView& out, const TensorView& like, int64_t n, int64_t c, int64_t h,
                   int64_t w, const char* name);
 // b must be a 1-D tensor of c elements with like's dtype and device.
 void check_bias(const TensorView& b, const TensorView& like, int64_t c, const char* name);
-// The dense layouts a logical NCHW tensor has (bit 0: NCHW, bit 1: NHWC).
-int dense_layouts(const TensorView& t);
 
 // Element offset of weight[c, 0, i, j] for (C,1,kh,kw) or (C,kh,kw) weights.
 struct WeightIndex {

@@ -1,8 +1,8 @@
 // CPU fast paths of depthwise convolution, NHWC. Compiled once per instruction
 // set (see CMakeLists.txt): FV_ISA names the namespace and the flags differ.
 //
-// SIMD runs over channels (GCC/Clang vector extensions, 32-byte vectors: one AVX
-// register when built for AVX2, two SSE/NEON registers on the baseline build).
+// SIMD runs over channels (core/simd.h: 32-byte vectors, one AVX register when built
+// for AVX2, two SSE/NEON registers on the baseline build).
 // Forward and backward-input keep a block of output pixels x channel vectors in
 // registers; weight-gradient keeps a block of kernel taps x channel vectors in
 // registers while sweeping an output row.
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/dtype_convert.h"
+#include "core/simd.h"
 #include "fastvis/threading.h"
 #include "ops/depthwise_conv/cpu_kernels.h"
 
@@ -24,50 +25,7 @@ namespace dwconv {
 namespace FV_ISA {
 namespace {
 
-template <class A> struct VT;
-template <> struct VT<float> {
-  typedef float V __attribute__((vector_size(32)));
-  static constexpr int L = 8;
-};
-template <> struct VT<double> {
-  typedef double V __attribute__((vector_size(32)));
-  static constexpr int L = 4;
-};
-
-typedef uint16_t U16x8 __attribute__((vector_size(16)));
-typedef uint32_t U32x8 __attribute__((vector_size(32)));
-
-template <class T, class A> inline typename VT<A>::V vload(const T* p) {
-  typename VT<A>::V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <> inline VT<float>::V vload<bfloat16, float>(const bfloat16* p) {
-  U16x8 h;
-  std::memcpy(&h, p, sizeof h);
-  U32x8 w = __builtin_convertvector(h, U32x8) << 16;
-  VT<float>::V v;
-  std::memcpy(&v, &w, sizeof v);
-  return v;
-}
-template <class T, class A> inline void vstore(T* p, typename VT<A>::V v) {
-  std::memcpy(p, &v, sizeof v);
-}
-template <> inline void vstore<bfloat16, float>(bfloat16* p, VT<float>::V v) {
-  U32x8 u;
-  std::memcpy(&u, &v, sizeof u);
-  const U32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const U32x8 quiet = (u >> 16) | 0x40u;
-  const U32x8 is_nan = (U32x8)((u & 0x7fffffffu) > 0x7f800000u);
-  const U32x8 r = (quiet & is_nan) | (rounded & ~is_nan);
-  U16x8 h = __builtin_convertvector(r, U16x8);
-  std::memcpy(p, &h, sizeof h);
-}
-
-template <class T, class A> inline A sload(const T* p) { return static_cast<A>(*p); }
-template <> inline float sload<bfloat16, float>(const bfloat16* p) { return bf16_to_float(p->bits); }
-template <class T, class A> inline void sstore(T* p, A v) { *p = static_cast<T>(v); }
-template <> inline void sstore<bfloat16, float>(bfloat16* p, float v) { p->bits = float_to_bf16(v); }
+using namespace ::fastvis::simd::FV_ISA;
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }

@@ -8,6 +8,7 @@
 
 #include "core/cpu_features.h"
 #include "core/dtype_convert.h"
+#include "core/checks.h"
 #include "core/layout.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
@@ -20,30 +21,10 @@
 namespace fastvis {
 namespace dwconv {
 
+using core::check_cpu;
+using core::dense_layouts;
+
 constexpr int64_t kMaxKernel = 63;
-
-void check_cpu(const TensorView& t, const char* name) {
-  FV_CHECK_VALUE(t.device.type == DeviceType::CPU, name, " must be a CPU tensor here, got ",
-                 t.describe());
-  FV_CHECK_TYPE(t.dtype == DType::Float32 || t.dtype == DType::Float64 ||
-                    t.dtype == DType::BFloat16,
-                name, ": the CPU backend supports float32, float64 and bfloat16, got ",
-                dtype_name(t.dtype), t.dtype == DType::Float16 ? " (float16 is CUDA-only)" : "");
-}
-
-int dense_layouts(const TensorView& t) {
-  if (t.ndim != 4) return 0;
-  const int64_t N = t.shape[0], C = t.shape[1], H = t.shape[2], W = t.shape[3];
-  auto match = [&](const int64_t* want) {
-    for (int d = 0; d < 4; ++d)
-      if (t.shape[d] != 1 && t.strides[d] != want[d]) return false;
-    return true;
-  };
-  (void)N;
-  const int64_t nchw[4] = {C * H * W, H * W, W, 1};
-  const int64_t nhwc[4] = {H * W * C, 1, W * C, C};
-  return (match(nchw) ? 1 : 0) | (match(nhwc) ? 2 : 0);
-}
 
 void check_output(const TensorView& out, const TensorView& like, int64_t n, int64_t c, int64_t h,
                   int64_t w, const char* name) {

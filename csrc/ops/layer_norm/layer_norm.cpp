@@ -11,7 +11,7 @@
 #include "core/dtype_convert.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
-#include "ops/depthwise_conv/checks.h"  // dense_layouts, check_cpu
+#include "core/checks.h"
 #include "ops/layer_norm/checks.h"
 #include "ops/layer_norm/cpu_kernels.h"
 
@@ -64,7 +64,7 @@ Layout common_layout(const TensorView* const* ts, int count) {
   int common = 3;
   int64_t numel = 0;
   for (int i = 0; i < count; ++i) {
-    common &= dwconv::dense_layouts(*ts[i]);
+    common &= core::dense_layouts(*ts[i]);
     numel = std::max(numel, ts[i]->numel());
   }
   if (numel == 0) return Layout::NHWC;  // nothing is read or written
@@ -132,7 +132,7 @@ void refuse_cuda(const TensorView& x) {
   FV_CHECK_RUNTIME(x.device.type != DeviceType::CUDA,
                    "layer_norm_channels: no CUDA kernels yet (got ", x.describe(),
                    "); the Python op runs the PyTorch reference on CUDA tensors");
-  dwconv::check_cpu(x, "x");
+  core::check_cpu(x, "x");
 }
 
 // Bytes for a geometry: packed weight/bias (or weight only) + per-thread buffers.
@@ -183,7 +183,7 @@ LayerNormShape layer_norm_channels_shape(const TensorView& x, const TensorView* 
   if (bias) check_channel_vector(*bias, x, s, "bias");
   FV_CHECK_VALUE(x.data != nullptr || x.numel() == 0, "x: null data pointer");
   // The fast paths require a dense layout (common_layout); the references take any strides.
-  s.layout = (dwconv::dense_layouts(x) & 2) ? Layout::NHWC : Layout::NCHW;
+  s.layout = (core::dense_layouts(x) & 2) ? Layout::NHWC : Layout::NCHW;
   return s;
 }
 

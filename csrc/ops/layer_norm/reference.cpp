@@ -6,7 +6,7 @@
 #include "core/dtype_convert.h"
 #include "fastvis/error.h"
 #include "fastvis/layer_norm.h"
-#include "ops/depthwise_conv/checks.h"  // check_cpu
+#include "core/checks.h"
 #include "ops/layer_norm/checks.h"
 
 namespace fastvis {
@@ -43,7 +43,7 @@ void layer_norm_channels_forward_reference(const TensorView& x, const TensorView
                                            const TensorView& y, const TensorView* mean,
                                            const TensorView* rstd) {
   const LayerNormShape s = layer_norm_channels_shape(x, weight, bias, eps);
-  dwconv::check_cpu(x, "x");
+  core::check_cpu(x, "x");
   layernorm::check_activation(y, x, s, "y");
   if (mean) layernorm::check_stats(*mean, x, s, "mean");
   if (rstd) layernorm::check_stats(*rstd, x, s, "rstd");
@@ -68,7 +68,7 @@ void layer_norm_channels_backward_reference(const TensorView& grad_y, const Tens
                                             const TensorView* grad_weight,
                                             const TensorView* grad_bias) {
   const LayerNormShape s = layer_norm_channels_shape(x, weight, nullptr, eps);
-  dwconv::check_cpu(x, "x");
+  core::check_cpu(x, "x");
   layernorm::check_activation(grad_y, x, s, "grad_y");
   if (grad_x) layernorm::check_activation(*grad_x, x, s, "grad_x");
   if (grad_weight) layernorm::check_channel_vector(*grad_weight, x, s, "grad_weight");
