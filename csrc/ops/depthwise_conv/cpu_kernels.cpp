@@ -86,32 +86,27 @@ void pack_rows(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t
 }
 
 // OWB consecutive output pixels of one row, one channel block (two vectors), read
-// from the packed tile (row r0 = first kernel row's input row, relative to the tile).
-// SW: the horizontal stride as a constant, so the pixel offsets are immediates
-// rather than registers (with a run-time stride GCC spills them to the stack).
+// from the packed tile. The taps come as one flat list of (input offset, weight
+// offset): a single loop keeps the 12 accumulators in registers (with nested i/j
+// loops GCC spills them to the stack at every kernel row).
 template <class T, class A, int OWB, int SW>
-inline void fwd_pixels(const Geom& g, const A* buf, int64_t wp, const A* wpk, const A* bias,
-                       T* yp, int64_t cw, int64_t r0, int64_t q0, int64_t i_lo, int64_t i_hi,
-                       int64_t c0) {
+inline void fwd_pixels(const Geom& g, const A* xb, const A* wb, const int32_t* xo,
+                       const int32_t* wo, int nt, const A* bias, T* yp, int64_t cw, int64_t c0) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L, CB = 2 * L;
   constexpr int64_t sps = SW * CB;
-  const int64_t rs = wp * CB;
   V acc[OWB][2];
   for (int v = 0; v < 2; ++v) {
     const V b = bias ? vload<A, A>(bias + c0 + v * L) : V{};
     for (int o = 0; o < OWB; ++o) acc[o][v] = b;
   }
-  for (int64_t i = i_lo; i < i_hi; ++i) {
-    const A* xr = buf + (r0 + i * g.dh) * rs + q0 * CB;
-    const A* wr = wpk + i * g.kw * g.cp + c0;
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const V w0 = vload<A, A>(wr + j * g.cp), w1 = vload<A, A>(wr + j * g.cp + L);
-      const A* xp = xr + j * g.dw * CB;
-      for (int o = 0; o < OWB; ++o) {
-        acc[o][0] += vload<A, A>(xp + o * sps) * w0;
-        acc[o][1] += vload<A, A>(xp + o * sps + L) * w1;
-      }
+  for (int t = 0; t < nt; ++t) {
+    const A* wp = wb + wo[t];
+    const V w0 = vload<A, A>(wp), w1 = vload<A, A>(wp + L);
+    const A* xp = xb + xo[t];
+    for (int o = 0; o < OWB; ++o) {
+      acc[o][0] += vload<A, A>(xp + o * sps) * w0;
+      acc[o][1] += vload<A, A>(xp + o * sps + L) * w1;
     }
   }
   if (cw == CB) {
@@ -131,23 +126,31 @@ inline void fwd_pixels(const Geom& g, const A* buf, int64_t wp, const A* wpk, co
 template <class T, class A, int SW>
 void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias,
                 T* yrow, int64_t oh, int64_t c0, int64_t cw) {
-  constexpr int OWB = 6;
+  constexpr int OWB = 6, CB = 2 * VT<A>::L;
   const int64_t wp = packed_width(g), ih0 = oh * g.sh - g.pt;
   int64_t i_lo, i_hi;
   tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
-  const int64_t r0 = ih0 - ih_base;
+  // The row's taps: input offsets in the packed tile (pixel 0) and weight offsets.
+  int32_t xo[64 * 64], wo[64 * 64];
+  int nt = 0;
+  for (int64_t i = i_lo; i < i_hi; ++i)
+    for (int64_t j = 0; j < g.kw; ++j, ++nt) {
+      xo[nt] = static_cast<int32_t>(((ih0 - ih_base + i * g.dh) * wp + j * g.dw) * CB);
+      wo[nt] = static_cast<int32_t>((i * g.kw + j) * g.cp);
+    }
+  const A* wb = wpk + c0;
   int64_t ow = 0;
   for (; ow + OWB <= g.ow; ow += OWB)
-    fwd_pixels<T, A, OWB, SW>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * SW,
-                              i_lo, i_hi, c0);
+    fwd_pixels<T, A, OWB, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias,
+                              yrow + ow * g.c + c0, cw, c0);
   if (ow + 3 <= g.ow) {
-    fwd_pixels<T, A, 3, SW>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * SW, i_lo,
-                            i_hi, c0);
+    fwd_pixels<T, A, 3, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * g.c + c0,
+                            cw, c0);
     ow += 3;
   }
   for (; ow < g.ow; ++ow)
-    fwd_pixels<T, A, 1, SW>(g, buf, wp, wpk, bias, yrow + ow * g.c + c0, cw, r0, ow * SW, i_lo,
-                            i_hi, c0);
+    fwd_pixels<T, A, 1, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * g.c + c0,
+                            cw, c0);
 }
 
 template <class T, class A>
@@ -159,22 +162,67 @@ void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A
     fwd_row_sw<T, A, 2>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
 }
 
+// Packs rows [ih_lo, ih_hi) of channel blocks [b0, b1) into one packed tile per block
+// (tile b - b0 at buf + (b - b0) * block_elems), reading each pixel's channels in order.
+template <class T, class A>
+void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t b0,
+                      int64_t b1, int64_t block_elems, A* buf) {
+  constexpr int L = VT<A>::L, CB = 2 * L;
+  if (b1 - b0 == 1) {
+    const int64_t c0 = b0 * CB;
+    pack_rows<T, A>(g, xn, ih_lo, ih_hi, c0, std::min<int64_t>(CB, g.c - c0), buf);
+    return;
+  }
+  const int64_t wp = packed_width(g);
+  const int64_t q_lo = std::min(wp, g.pl), q_hi = std::max(q_lo, std::min(wp, g.pl + g.w));
+  for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
+    const int64_t r = ih - ih_lo;
+    for (int64_t b = b0; b < b1; ++b) {
+      A* row = buf + (b - b0) * block_elems + r * wp * CB;
+      std::fill(row, row + q_lo * CB, A(0));
+      std::fill(row + q_hi * CB, row + wp * CB, A(0));
+    }
+    const T* s = xn + (ih * g.w + (q_lo - g.pl)) * g.c;
+    for (int64_t q = q_lo; q < q_hi; ++q, s += g.c) {
+      A* d = buf + (r * wp + q) * CB;
+      for (int64_t b = b0; b < b1; ++b, d += block_elems) {
+        const int64_t c0 = b * CB, cw = std::min<int64_t>(CB, g.c - c0);
+        if (cw == CB) {
+          vstore<A, A>(d, vload<T, A>(s + c0));
+          vstore<A, A>(d + L, vload<T, A>(s + c0 + L));
+        } else {
+          int64_t c = 0;
+          for (; c < cw; ++c) d[c] = sload<T, A>(s + c0 + c);
+          for (; c < CB; ++c) d[c] = A(0);
+        }
+      }
+    }
+  }
+}
+
 template <class T, class A>
 void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y, A* bufs, int nbufs) {
+  constexpr int64_t CB = 2 * VT<A>::L;
   const FwdPlan pl = fwd_plan(g, sizeof(A));
-  parallel_for_indexed(g.n * pl.ntiles * pl.nb, 1, [&](int slot, int64_t begin, int64_t end) {
+  parallel_for_indexed(g.n * pl.ntiles * pl.ngroups, 1, [&](int slot, int64_t begin, int64_t end) {
     A* buf = bufs + std::min(slot, nbufs - 1) * pl.buf_elems;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t bi = it % pl.nb, t = it / pl.nb, tile = t % pl.ntiles, n = t / pl.ntiles;
+      const int64_t grp = it % pl.ngroups, t = it / pl.ngroups, tile = t % pl.ntiles,
+                    n = t / pl.ntiles;
+      const int64_t b0 = grp * pl.gb, b1 = std::min(pl.nb, b0 + pl.gb);
       const int64_t oh0 = tile * pl.rt, oh1 = std::min(g.oh, oh0 + pl.rt);
       const int64_t ih_lo = std::max<int64_t>(0, oh0 * g.sh - g.pt);
       const int64_t ih_hi =
           std::min<int64_t>(g.h, (oh1 - 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
-      const int64_t c0 = bi * pl.cb, cw = std::min(pl.cb, g.c - c0);
       const T* xn = x + n * g.h * g.w * g.c;
-      if (ih_hi > ih_lo) pack_rows<T, A>(g, xn, ih_lo, ih_hi, c0, cw, buf);
-      for (int64_t oh = oh0; oh < oh1; ++oh)
-        fwd_row<T, A>(g, buf, ih_lo, wpk, bias, y + (n * g.oh + oh) * g.ow * g.c, oh, c0, cw);
+      if (ih_hi > ih_lo) pack_rows_blocks<T, A>(g, xn, ih_lo, ih_hi, b0, b1, pl.block_elems, buf);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c0 = b * CB, cw = std::min<int64_t>(CB, g.c - c0);
+        const A* tile_buf = buf + (b - b0) * pl.block_elems;
+        for (int64_t oh = oh0; oh < oh1; ++oh)
+          fwd_row<T, A>(g, tile_buf, ih_lo, wpk, bias, y + (n * g.oh + oh) * g.ow * g.c, oh, c0,
+                        cw);
+      }
     }
   });
 }

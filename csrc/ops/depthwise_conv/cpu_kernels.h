@@ -31,11 +31,14 @@ struct Geom {
 // the kernel's loads in L1/L2 instead of striding by C (that stride maps every pixel
 // of an NHWC row to the same few cache sets when C is a power of two).
 struct FwdPlan {
-  int64_t cb;         // channels per block
-  int64_t nb;         // channel blocks
-  int64_t rt;         // output rows per tile
-  int64_t ntiles;     // tiles per image
-  int64_t buf_elems;  // accumulator elements of one per-thread buffer
+  int64_t cb;           // channels per block
+  int64_t nb;           // channel blocks
+  int64_t gb;           // channel blocks per work item (1, or nb: see fwd_plan)
+  int64_t ngroups;      // channel-block groups: ceil(nb / gb)
+  int64_t rt;           // output rows per tile
+  int64_t ntiles;       // tiles per image
+  int64_t block_elems;  // accumulator elements of one block's packed tile
+  int64_t buf_elems;    // accumulator elements of one per-thread buffer (gb tiles)
 };
 
 inline int64_t channel_block(int64_t acc_bytes) { return 64 / acc_bytes; }
@@ -47,24 +50,39 @@ inline int64_t padded_channels(int64_t c, int64_t acc_bytes) {
   return (c + cb - 1) / cb * cb;
 }
 
+// Two regimes. When a tile of input rows holding *all* channels fits the budget (small
+// kernels: few rows), an item packs every channel block of its tile at once, reading
+// the NHWC rows front to back; each channel block then runs from its own packed tile.
+// Otherwise (large kernels) an item is one channel block of a taller tile, so the
+// window of that block stays in L2 while its rows are swept.
 inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes) {
+  constexpr int64_t kGroupBudget = 256 * 1024, kBlockBudget = 192 * 1024;
   FwdPlan p;
   p.cb = channel_block(acc_bytes);
   p.nb = (g.c + p.cb - 1) / p.cb;
-  const int64_t row_bytes = packed_width(g) * p.cb * acc_bytes;
-  const int64_t budget_rows = std::max<int64_t>(1, (192 * 1024) / row_bytes);
   const int64_t ext = (g.kh - 1) * g.dh + 1;
   auto rows_in = [&](int64_t rt) { return std::min(g.h, (rt - 1) * g.sh + ext); };
+  auto max_rt = [&](int64_t budget_rows) {
+    if (g.h <= budget_rows) return g.oh;
+    return std::max<int64_t>(1, std::min<int64_t>(g.oh, (budget_rows - ext) / g.sh + 1));
+  };
+  const int64_t block_row_bytes = packed_width(g) * p.cb * acc_bytes;
+  const int64_t group_rows = kGroupBudget / (block_row_bytes * p.nb);
   int64_t rt;
-  if (g.h <= budget_rows)
-    rt = g.oh;
-  else
-    rt = std::max<int64_t>(1, std::min<int64_t>(g.oh, (budget_rows - ext) / g.sh + 1));
+  if (p.nb > 1 && group_rows >= std::min(g.h, ext + g.sh)) {
+    p.gb = p.nb;
+    rt = max_rt(group_rows);
+  } else {
+    p.gb = 1;
+    rt = max_rt(std::max<int64_t>(1, kBlockBudget / block_row_bytes));
+  }
+  p.ngroups = (p.nb + p.gb - 1) / p.gb;
   // Keep enough work items to balance threads.
-  while (rt > 1 && g.n * p.nb * ((g.oh + rt - 1) / rt) < 16) rt = (rt + 1) / 2;
+  while (rt > 1 && g.n * p.ngroups * ((g.oh + rt - 1) / rt) < 16) rt = (rt + 1) / 2;
   p.rt = rt;
   p.ntiles = (g.oh + rt - 1) / rt;
-  p.buf_elems = rows_in(rt) * packed_width(g) * p.cb;
+  p.block_elems = rows_in(rt) * packed_width(g) * p.cb;
+  p.buf_elems = p.gb * p.block_elems;
   return p;
 }
 
