@@ -29,5 +29,18 @@ int dense_layouts(const TensorView& t) {
   return (match(nchw) ? 1 : 0) | (match(nhwc) ? 2 : 0);
 }
 
+NchwDims activation_dims(const TensorView& x, const char* name) {
+  FV_CHECK_VALUE(x.ndim == 4, name, ": expected a 4-D (N, C, H, W) tensor, got ", x.describe());
+  FV_CHECK_TYPE(x.dtype != DType::UInt8, name, ": expected a floating-point tensor, got uint8");
+  const NchwDims d{x.shape[0], x.shape[1], x.shape[2], x.shape[3]};
+  FV_CHECK_VALUE(d.n >= 0 && d.c >= 0 && d.h >= 0 && d.w >= 0, name, ": negative size in ",
+                 x.describe());
+  FV_CHECK_VALUE(d.c > 0, name, ": expected at least one channel, got ", x.describe());
+  constexpr int64_t kMax = int64_t(1) << 31;
+  FV_CHECK_VALUE(d.n < kMax && d.c < kMax && d.h < kMax && d.w < kMax, name,
+                 ": sizes beyond 2^31 per dimension are not supported, got ", x.describe());
+  return d;
+}
+
 }  // namespace core
 }  // namespace fastvis

@@ -1,5 +1,7 @@
 // Internal: argument checks shared by every op family.
 #pragma once
+#include <cstdint>
+
 #include "fastvis/tensor.h"
 
 namespace fastvis {
@@ -10,6 +12,13 @@ void check_cpu(const TensorView& t, const char* name);
 // The dense layouts a logical (N, C, H, W) tensor has: bit 0 NCHW, bit 1 NHWC (both for
 // tensors with C == 1 or H == W == 1; none for other strides or ndim != 4).
 int dense_layouts(const TensorView& t);
+
+// The (N, C, H, W) sizes of an activation tensor after the checks every family shares:
+// 4-D, floating point, no negative size, at least one channel, each size below 2^31.
+struct NchwDims {
+  int64_t n, c, h, w;
+};
+NchwDims activation_dims(const TensorView& x, const char* name);
 
 }  // namespace core
 }  // namespace fastvis

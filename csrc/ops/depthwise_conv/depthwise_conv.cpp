@@ -203,8 +203,7 @@ Layout activation_layout(const TensorView& t, const char* name) {
 
 DepthwiseConv2dShape depthwise_conv2d_shape(const TensorView& x, const TensorView& weight,
                                             const DepthwiseConv2dParams& p) {
-  FV_CHECK_VALUE(x.ndim == 4, "x: expected a 4-D (N, C, H, W) tensor, got ", x.describe());
-  FV_CHECK_TYPE(x.dtype != DType::UInt8, "x: expected a floating-point tensor, got uint8");
+  const core::NchwDims d = core::activation_dims(x, "x");
   FV_CHECK_VALUE(weight.ndim == 4 || weight.ndim == 3,
                  "weight: expected shape (C, 1, kh, kw) or (C, kh, kw), got ", weight.describe());
   FV_CHECK_TYPE(weight.dtype == x.dtype, "weight: expected dtype ", dtype_name(x.dtype),
@@ -212,13 +211,10 @@ DepthwiseConv2dShape depthwise_conv2d_shape(const TensorView& x, const TensorVie
   FV_CHECK_VALUE(weight.device == x.device, "weight is on ", device_name(weight.device),
                  " but x is on ", device_name(x.device), "; both must be on the same device");
   DepthwiseConv2dShape s;
-  s.n = x.shape[0];
-  s.c = x.shape[1];
-  s.h = x.shape[2];
-  s.w = x.shape[3];
-  FV_CHECK_VALUE(s.n >= 0 && s.c >= 0 && s.h >= 0 && s.w >= 0, "x: negative size in ",
-                 x.describe());
-  FV_CHECK_VALUE(s.c > 0, "x: expected at least one channel, got ", x.describe());
+  s.n = d.n;
+  s.c = d.c;
+  s.h = d.h;
+  s.w = d.w;
   FV_CHECK_VALUE(s.h > 0 && s.w > 0, "x: spatial size must be positive, got ", x.describe());
   if (weight.ndim == 4)
     FV_CHECK_VALUE(weight.shape[1] == 1,
@@ -252,9 +248,6 @@ DepthwiseConv2dShape depthwise_conv2d_shape(const TensorView& x, const TensorVie
                  " is smaller than the dilated kernel ", eh + 1, "x", ew + 1);
   s.oh = (ph - eh - 1) / p.stride_h + 1;
   s.ow = (pw - ew - 1) / p.stride_w + 1;
-  FV_CHECK_VALUE(s.n < (int64_t(1) << 31) && s.c < (int64_t(1) << 31) &&
-                     s.h < (int64_t(1) << 31) && s.w < (int64_t(1) << 31),
-                 "x: sizes beyond 2^31 per dimension are not supported, got ", x.describe());
   FV_CHECK_VALUE(x.data != nullptr || x.numel() == 0, "x: null data pointer");
   FV_CHECK_VALUE(weight.data != nullptr, "weight: null data pointer");
   s.layout = activation_layout(x, "x");

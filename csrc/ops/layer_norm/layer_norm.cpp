@@ -164,19 +164,12 @@ DType layer_norm_stats_dtype(DType dt) {
 
 LayerNormShape layer_norm_channels_shape(const TensorView& x, const TensorView* weight,
                                          const TensorView* bias, double eps) {
-  FV_CHECK_VALUE(x.ndim == 4, "x: expected a 4-D (N, C, H, W) tensor, got ", x.describe());
-  FV_CHECK_TYPE(x.dtype != DType::UInt8, "x: expected a floating-point tensor, got uint8");
+  const core::NchwDims d = core::activation_dims(x, "x");
   LayerNormShape s;
-  s.n = x.shape[0];
-  s.c = x.shape[1];
-  s.h = x.shape[2];
-  s.w = x.shape[3];
-  FV_CHECK_VALUE(s.n >= 0 && s.c >= 0 && s.h >= 0 && s.w >= 0, "x: negative size in ",
-                 x.describe());
-  FV_CHECK_VALUE(s.c > 0, "x: expected at least one channel, got ", x.describe());
-  FV_CHECK_VALUE(s.n < (int64_t(1) << 31) && s.c < (int64_t(1) << 31) &&
-                     s.h < (int64_t(1) << 31) && s.w < (int64_t(1) << 31),
-                 "x: sizes beyond 2^31 per dimension are not supported, got ", x.describe());
+  s.n = d.n;
+  s.c = d.c;
+  s.h = d.h;
+  s.w = d.w;
   FV_CHECK_VALUE(std::isfinite(eps) && eps > 0.0,
                  "eps: expected a positive finite number, got ", eps);
   if (weight) check_channel_vector(*weight, x, s, "weight");
