@@ -1,0 +1,197 @@
+"""The fused ConvNeXt block: ``fastvis.ops.convnext_block``.
+
+    y = x + drop_scale[n] * gamma * fc2(GRN?(GELU(fc1(LayerNorm_C(dwconv_kxk(x))))))
+
+on logical (N, C, H, W) activations (channels_last is the native layout; contiguous NCHW
+is accepted). ``dwconv`` is a depthwise k x k convolution with stride 1 and "same"
+padding (k odd), LayerNorm runs over channels with a biased variance, fc1 / fc2 are
+``nn.Linear`` layers C -> hidden -> C, GELU is exact (erf) or the tanh approximation,
+``gamma`` is the optional layer scale and ``drop_scale`` the optional per-sample
+stochastic-depth factor (0 or 1/keep_prob in training). With ``grn_weight`` and
+``grn_bias`` the ConvNeXt-V2 Global Response Normalization runs on the hidden
+activations after GELU.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GELU = ("none", "tanh")
+
+
+def grn_channels_last_reference(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                eps: float = 1e-6) -> torch.Tensor:
+    """ConvNeXt-V2 GRN on an (N, H, W, C) tensor: x + bias + weight * x * Nx, with Nx the
+    per-channel spatial L2 norm divided by its mean over channels (plus eps)."""
+    gx = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
+    return h + bias + weight * (h * nx)
+
+
+def convnext_block_reference(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor] = None,
+    drop_scale: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    grn_weight: Optional[torch.Tensor] = None,
+    grn_bias: Optional[torch.Tensor] = None,
+    grn_eps: float = 1e-6,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`convnext_block`, layer by layer as timm's
+    ``ConvNeXtBlock`` computes it; the output keeps x's memory format."""
+    c, k = x.shape[1], dw_weight.shape[-1]
+    t = F.conv2d(x, dw_weight, dw_bias, padding=k // 2, groups=c)
+    t = F.layer_norm(t.permute(0, 2, 3, 1), (c,), norm_weight, norm_bias, eps)
+    h = F.gelu(F.linear(t, fc1_weight, fc1_bias), approximate=approximate)
+    if grn_weight is not None:
+        h = grn_channels_last_reference(h, grn_weight, grn_bias, grn_eps)
+    o = F.linear(h, fc2_weight, fc2_bias)
+    if gamma is not None:
+        o = o * gamma
+    if drop_scale is not None:
+        o = o * drop_scale.reshape(-1, 1, 1, 1).to(o.dtype)
+    y = x + o.permute(0, 3, 1, 2)
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def _check_eps(eps, name: str) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{name}: expected a positive float, got {type(eps).__name__}")
+    e = float(eps)
+    if not (math.isfinite(e) and e > 0.0):
+        raise ValueError(f"{name}: expected a positive finite number, got {eps!r}")
+    return e
+
+
+def _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+              fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate) -> None:
+    """Argument rules of the op, checked in Python so the fused path, the reference and the
+    fallback devices accept and refuse the same inputs with the same exceptions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"convnext_block: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"convnext_block: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
+    if x.dtype not in allowed and x.device.type != "meta":
+        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
+        hint = " (float16 is CUDA-only)" if x.dtype == torch.float16 else ""
+        raise TypeError(
+            f"x: the {x.device.type.upper()} backend supports {names}, got "
+            f"{str(x.dtype).replace('torch.', '')}{hint}"
+        )
+    n, c, h, w = x.shape
+    if c < 1:
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    if approximate not in _GELU:
+        raise ValueError(f"approximate: expected 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
+
+    def tensor(name, t, shape, required=False, dtype=x.dtype):
+        if t is None:
+            if required:
+                raise TypeError(f"{name}: a tensor is required, got None")
+            return
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor{'' if required else ' or None'}, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(
+                f"convnext_block: {name} is on {t.device} but x is on {x.device}; "
+                "all tensors must be on the same device"
+            )
+        if t.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (the input's), got {t.dtype}")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+    tensor("dw_weight", dw_weight, None, required=True)
+    if dw_weight.dim() != 4 or dw_weight.shape[0] != c or dw_weight.shape[1] != 1:
+        raise ValueError(f"dw_weight: expected shape ({c}, 1, k, k), got {tuple(dw_weight.shape)}")
+    kh, kw = dw_weight.shape[2], dw_weight.shape[3]
+    if kh != kw or kh % 2 == 0 or kh > 31:
+        raise ValueError(f"dw_weight: expected a square odd kernel of size 1..31, got {kh}x{kw}")
+    tensor("fc1_weight", fc1_weight, None, required=True)
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != c or fc1_weight.shape[0] < 1:
+        raise ValueError(f"fc1_weight: expected shape (hidden, {c}), got {tuple(fc1_weight.shape)}")
+    hidden = fc1_weight.shape[0]
+    tensor("fc2_weight", fc2_weight, (c, hidden), required=True)
+    tensor("dw_bias", dw_bias, (c,))
+    tensor("norm_weight", norm_weight, (c,))
+    tensor("norm_bias", norm_bias, (c,))
+    tensor("fc1_bias", fc1_bias, (hidden,))
+    tensor("fc2_bias", fc2_bias, (c,))
+    tensor("gamma", gamma, (c,))
+    tensor("grn_weight", grn_weight, (hidden,))
+    tensor("grn_bias", grn_bias, (hidden,))
+    if (grn_weight is None) != (grn_bias is None):
+        raise ValueError("grn_weight and grn_bias: give both (ConvNeXt-V2 GRN) or neither")
+    if drop_scale is not None:
+        if not isinstance(drop_scale, torch.Tensor):
+            raise TypeError(f"drop_scale: expected a torch.Tensor or None, got {type(drop_scale).__name__}")
+        if drop_scale.device != x.device:
+            raise ValueError(f"convnext_block: drop_scale is on {drop_scale.device} but x is on {x.device}")
+        if not drop_scale.is_floating_point():
+            raise TypeError(f"drop_scale: expected a floating-point tensor, got {drop_scale.dtype}")
+        if drop_scale.numel() != n or drop_scale.dim() not in (1, 4):
+            raise ValueError(f"drop_scale: expected shape ({n},) (one factor per sample), got {tuple(drop_scale.shape)}")
+
+
+def convnext_block(
+    x: torch.Tensor,
+    dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    gamma: Optional[torch.Tensor] = None,
+    drop_scale: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    grn_weight: Optional[torch.Tensor] = None,
+    grn_bias: Optional[torch.Tensor] = None,
+    grn_eps: float = 1e-6,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """One ConvNeXt block (v1, or v2 with ``grn_weight``/``grn_bias``), fused.
+
+    Args:
+        x: (N, C, H, W), channels_last (native) or contiguous NCHW.
+        dw_weight: (C, 1, k, k), k odd, 1..31; ``dw_bias`` (C,) or None.
+        norm_weight, norm_bias: LayerNorm affine (C,) or None; ``eps`` its epsilon.
+        fc1_weight: (hidden, C), fc1_bias (hidden,); fc2_weight: (C, hidden), fc2_bias (C,).
+        gamma: layer scale (C,) or None.
+        drop_scale: per-sample factor (N,) (stochastic depth) or None.
+        grn_weight, grn_bias: ConvNeXt-V2 GRN parameters (hidden,), both or neither;
+            ``grn_eps`` its epsilon.
+        approximate: ``"none"`` (exact GELU) or ``"tanh"``.
+
+    Returns:
+        (N, C, H, W) in x's memory format.
+    """
+    _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+              fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate)
+    e = _check_eps(eps, "eps")
+    ge = _check_eps(grn_eps, "grn_eps")
+    return convnext_block_reference(
+        x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+        gamma, drop_scale, e, grn_weight=grn_weight, grn_bias=grn_bias, grn_eps=ge,
+        approximate=approximate,
+    )
