@@ -393,4 +393,87 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("grad_x"),
       py::arg("grad_weight"), py::arg("grad_bias"));
+
+  // ------------------------------------------------------------ convnext_block
+  // weights: (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+  // fc2_bias, gamma, drop_scale), None where absent; grads: (x, dw_weight, dw_bias,
+  // norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma), None where
+  // not wanted.
+  struct BlockArgs {
+    Borrowed b;
+    TensorView x, wv[10], gv[10];
+    ConvNeXtBlockWeights w;
+    ConvNeXtBlockGrads g;
+    ConvNeXtBlockParams p;
+    BlockArgs(const py::object& xo, const py::sequence& ws, double eps, bool tanh_gelu) {
+      static const char* names[10] = {"dw_weight", "dw_bias", "norm_weight", "norm_bias",
+                                      "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
+                                      "gamma", "drop_scale"};
+      FV_CHECK_VALUE(py::len(ws) == 10, "weights: expected 10 entries, got ", py::len(ws));
+      x = b.view(xo, "x");
+      const TensorView* ptr[10];
+      for (int i = 0; i < 10; ++i) {
+        py::object o = ws[i];
+        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
+      }
+      w = ConvNeXtBlockWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],
+                               ptr[5], ptr[6], ptr[7], ptr[8], ptr[9]};
+      p.eps = eps;
+      p.gelu_tanh = tanh_gelu;
+    }
+    void grads(const py::sequence& gs) {
+      static const char* names[10] = {"grad_x", "grad_dw_weight", "grad_dw_bias",
+                                      "grad_norm_weight", "grad_norm_bias", "grad_fc1_weight",
+                                      "grad_fc1_bias", "grad_fc2_weight", "grad_fc2_bias",
+                                      "grad_gamma"};
+      FV_CHECK_VALUE(py::len(gs) == 10, "grads: expected 10 entries, got ", py::len(gs));
+      const TensorView* ptr[10];
+      for (int i = 0; i < 10; ++i) {
+        py::object o = gs[i];
+        ptr[i] = o.is_none() ? nullptr : (gv[i] = b.view(o, names[i]), &gv[i]);
+      }
+      g = ConvNeXtBlockGrads{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],
+                             ptr[5], ptr[6], ptr[7], ptr[8], ptr[9]};
+    }
+  };
+
+  m.def("convnext_block_forward_scratch_bytes",
+        [](py::object x, py::sequence ws, double eps, bool tanh_gelu) {
+          BlockArgs a(x, ws, eps, tanh_gelu);
+          return convnext_block_forward_scratch_bytes(a.x, a.w, a.p);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"));
+  m.def(
+      "convnext_block_forward",
+      [](py::object x, py::sequence ws, double eps, bool tanh_gelu, py::object y,
+         py::object scratch) {
+        BlockArgs a(x, ws, eps, tanh_gelu);
+        TensorView yv = a.b.view(y, "y");
+        const size_t need = convnext_block_forward_scratch_bytes(a.x, a.w, a.p);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        convnext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"), py::arg("y"),
+      py::arg("scratch") = py::none());
+  m.def("convnext_block_backward_scratch_bytes",
+        [](py::object x, py::sequence ws, double eps, bool tanh_gelu) {
+          BlockArgs a(x, ws, eps, tanh_gelu);
+          return convnext_block_backward_scratch_bytes(a.x, a.w, a.p);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"));
+  m.def(
+      "convnext_block_backward",
+      [](py::object gy, py::object x, py::sequence ws, double eps, bool tanh_gelu,
+         py::sequence grads, py::object scratch) {
+        BlockArgs a(x, ws, eps, tanh_gelu);
+        a.grads(grads);
+        TensorView gyv = a.b.view(gy, "grad_y");
+        const size_t need = convnext_block_backward_scratch_bytes(a.x, a.w, a.p);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        convnext_block_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
+      py::arg("grads"), py::arg("scratch") = py::none());
 }

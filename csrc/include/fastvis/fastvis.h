@@ -1,6 +1,7 @@
 // fastvis: the public C++ API of the core. Framework-free: no PyTorch header.
 #pragma once
 #include "fastvis/build_info.h"
+#include "fastvis/convnext_block.h"
 #include "fastvis/depthwise_conv.h"
 #include "fastvis/error.h"
 #include "fastvis/layer_norm.h"

@@ -89,9 +89,9 @@ void pack_rows(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t
 // from the packed tile. The taps come as one flat list of (input offset, weight
 // offset): a single loop keeps the 12 accumulators in registers (with nested i/j
 // loops GCC spills them to the stack at every kernel row).
-template <class T, class A, int OWB, int SW>
+template <class Y, class A, int OWB, int SW>
 inline void fwd_pixels(const Geom& g, const A* xb, const A* wb, const int32_t* xo,
-                       const int32_t* wo, int nt, const A* bias, T* yp, int64_t cw, int64_t c0) {
+                       const int32_t* wo, int nt, const A* bias, Y* yp, int64_t cw, int64_t c0) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L, CB = 2 * L;
   constexpr int64_t sps = SW * CB;
@@ -111,21 +111,21 @@ inline void fwd_pixels(const Geom& g, const A* xb, const A* wb, const int32_t* x
   }
   if (cw == CB) {
     for (int o = 0; o < OWB; ++o) {
-      vstore<T, A>(yp + o * g.c, acc[o][0]);
-      vstore<T, A>(yp + o * g.c + L, acc[o][1]);
+      vstore<Y, A>(yp + o * g.c, acc[o][0]);
+      vstore<Y, A>(yp + o * g.c + L, acc[o][1]);
     }
   } else {
     for (int o = 0; o < OWB; ++o) {
       A tmp[CB];
       std::memcpy(tmp, acc[o], sizeof tmp);
-      for (int64_t c = 0; c < cw; ++c) sstore<T, A>(yp + o * g.c + c, tmp[c]);
+      for (int64_t c = 0; c < cw; ++c) sstore<Y, A>(yp + o * g.c + c, tmp[c]);
     }
   }
 }
 
-template <class T, class A, int SW>
+template <class Y, class A, int SW>
 void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias,
-                T* yrow, int64_t oh, int64_t c0, int64_t cw) {
+                Y* yrow, int64_t oh, int64_t c0, int64_t cw) {
   constexpr int OWB = 6, CB = 2 * VT<A>::L;
   const int64_t wp = packed_width(g), ih0 = oh * g.sh - g.pt;
   int64_t i_lo, i_hi;
@@ -141,25 +141,25 @@ void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, cons
   const A* wb = wpk + c0;
   int64_t ow = 0;
   for (; ow + OWB <= g.ow; ow += OWB)
-    fwd_pixels<T, A, OWB, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias,
+    fwd_pixels<Y, A, OWB, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias,
                               yrow + ow * g.c + c0, cw, c0);
   if (ow + 3 <= g.ow) {
-    fwd_pixels<T, A, 3, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * g.c + c0,
+    fwd_pixels<Y, A, 3, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * g.c + c0,
                             cw, c0);
     ow += 3;
   }
   for (; ow < g.ow; ++ow)
-    fwd_pixels<T, A, 1, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * g.c + c0,
+    fwd_pixels<Y, A, 1, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * g.c + c0,
                             cw, c0);
 }
 
-template <class T, class A>
-void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias, T* yrow,
+template <class Y, class A>
+void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias, Y* yrow,
              int64_t oh, int64_t c0, int64_t cw) {
   if (g.sw == 1)
-    fwd_row_sw<T, A, 1>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
+    fwd_row_sw<Y, A, 1>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
   else
-    fwd_row_sw<T, A, 2>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
+    fwd_row_sw<Y, A, 2>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
 }
 
 // Packs rows [ih_lo, ih_hi) of channel blocks [b0, b1) into one packed tile per block
@@ -200,11 +200,13 @@ void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, 
   }
 }
 
-template <class T, class A>
-void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y, A* bufs, int nbufs) {
+template <class T, class A, class Y = T>
+void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* bufs, int nbufs,
+               bool balance = true) {
   constexpr int64_t CB = 2 * VT<A>::L;
-  const FwdPlan pl = fwd_plan(g, sizeof(A));
-  parallel_for_indexed(g.n * pl.ntiles * pl.ngroups, 1, [&](int slot, int64_t begin, int64_t end) {
+  const FwdPlan pl = fwd_plan(g, sizeof(A), balance);
+  const int64_t items = g.n * pl.ntiles * pl.ngroups;
+  auto body = [&](int slot, int64_t begin, int64_t end) {
     A* buf = bufs + std::min(slot, nbufs - 1) * pl.buf_elems;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t grp = it % pl.ngroups, t = it / pl.ngroups, tile = t % pl.ntiles,
@@ -220,11 +222,15 @@ void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y, A* 
         const int64_t c0 = b * CB, cw = std::min<int64_t>(CB, g.c - c0);
         const A* tile_buf = buf + (b - b0) * pl.block_elems;
         for (int64_t oh = oh0; oh < oh1; ++oh)
-          fwd_row<T, A>(g, tile_buf, ih_lo, wpk, bias, y + (n * g.oh + oh) * g.ow * g.c, oh, c0,
+          fwd_row<Y, A>(g, tile_buf, ih_lo, wpk, bias, y + (n * g.oh + oh) * g.ow * g.c, oh, c0,
                         cw);
       }
     }
-  });
+  };
+  if (balance)
+    parallel_for_indexed(items, 1, body);
+  else
+    body(0, 0, items);  // serial: the caller owns the one buffer
 }
 
 // ------------------------------------------------------------------ backward input (gather)
@@ -434,6 +440,32 @@ void forward(DType dt, const Geom& g, const void* x, const void* wpk, const void
       forward_t<bfloat16, float>(g, static_cast<const bfloat16*>(x),
                                  static_cast<const float*>(wpk), static_cast<const float*>(bias),
                                  static_cast<bfloat16*>(y), static_cast<float*>(bufs), nbufs);
+      break;
+    default: break;
+  }
+}
+
+void forward_tile_acc(DType dt, const Geom& g, const void* x, const void* wpk, const void* bias,
+                      void* y, void* buf) {
+  switch (dt) {
+    case DType::Float32:
+      forward_t<float, float, float>(g, static_cast<const float*>(x),
+                                     static_cast<const float*>(wpk),
+                                     static_cast<const float*>(bias), static_cast<float*>(y),
+                                     static_cast<float*>(buf), 1, false);
+      break;
+    case DType::Float64:
+      forward_t<double, double, double>(g, static_cast<const double*>(x),
+                                        static_cast<const double*>(wpk),
+                                        static_cast<const double*>(bias),
+                                        static_cast<double*>(y), static_cast<double*>(buf), 1,
+                                        false);
+      break;
+    case DType::BFloat16:
+      forward_t<bfloat16, float, float>(g, static_cast<const bfloat16*>(x),
+                                        static_cast<const float*>(wpk),
+                                        static_cast<const float*>(bias), static_cast<float*>(y),
+                                        static_cast<float*>(buf), 1, false);
       break;
     default: break;
   }

@@ -55,7 +55,9 @@ inline int64_t padded_channels(int64_t c, int64_t acc_bytes) {
 // the NHWC rows front to back; each channel block then runs from its own packed tile.
 // Otherwise (large kernels) an item is one channel block of a taller tile, so the
 // window of that block stays in L2 while its rows are swept.
-inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes) {
+// balance=false: the plan of a serial call (one tile inside another op's parallel loop),
+// which need not split rows into more work items.
+inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes, bool balance = true) {
   constexpr int64_t kGroupBudget = 256 * 1024, kBlockBudget = 192 * 1024;
   FwdPlan p;
   p.cb = channel_block(acc_bytes);
@@ -78,7 +80,7 @@ inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes) {
   }
   p.ngroups = (p.nb + p.gb - 1) / p.gb;
   // Keep enough work items to balance threads.
-  while (rt > 1 && g.n * p.ngroups * ((g.oh + rt - 1) / rt) < 16) rt = (rt + 1) / 2;
+  while (balance && rt > 1 && g.n * p.ngroups * ((g.oh + rt - 1) / rt) < 16) rt = (rt + 1) / 2;
   p.rt = rt;
   p.ntiles = (g.oh + rt - 1) / rt;
   p.block_elems = rows_in(rt) * packed_width(g) * p.cb;
@@ -106,6 +108,11 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes);
   /* buffers of fwd_plan(g).buf_elems accumulators each (nbufs >= get_num_threads()). */      \
   void forward(DType dt, const Geom& g, const void* x, const void* wpk, const void* bias,      \
                void* y, void* bufs, int nbufs);                                                \
+  /* As forward, serially in the calling thread (for the fused blocks, from inside their */  \
+  /* own parallel loop), writing accumulators (A) to y; buf: fwd_plan(g, sizeof(A), */          \
+  /* false).buf_elems accumulators. */                                                         \
+  void forward_tile_acc(DType dt, const Geom& g, const void* x, const void* wpk,               \
+                        const void* bias, void* y, void* buf);                                 \
   /* Transposed correlation (any stride): gx from gy and the packed, unflipped weight. */      \
   /* g describes the forward problem (x of g.h x g.w, gy of g.oh x g.ow). */                  \
   void backward_input_gather(DType dt, const Geom& g, const void* gy, const void* wpk,         \

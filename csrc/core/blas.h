@@ -1,0 +1,28 @@
+// Internal: the BLAS the fused blocks call on cache-sized tiles (OpenBLAS from the
+// scipy-openblas32 wheel, see third_party/cmake/fastvis_blas.cmake). Row-major GEMMs.
+//
+// fastvis' own pool provides the parallelism: each GEMM runs single-threaded in the
+// calling thread. The first GEMM sets this OpenBLAS to one thread. The setting is
+// process-wide for this copy of the library only: the prefixed scipy_openblas32 build is
+// not the one NumPy (scipy_openblas64_, another prefix) or SciPy wheels (their own
+// bundled copy, another soname) use.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace fastvis {
+namespace core {
+
+enum class Op { N, T };
+
+// C[m x n] = alpha * op(A) * op(B) + beta * C, all row-major; op(A) is m x k, op(B) k x n.
+void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+          int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+
+// "OpenBLAS <version> <core>" as the library reports it.
+std::string blas_config();
+
+}  // namespace core
+}  // namespace fastvis

@@ -1,0 +1,83 @@
+// fastvis: the fused ConvNeXt block (op family 3).
+//
+//     y = x + drop_scale[n] * gamma * fc2(GELU(fc1(LayerNorm_C(dwconv_kxk(x)))))
+//
+// on a logical (N, C, H, W) activation stored channels-last (NHWC). dwconv: depthwise
+// k x k, k odd (1..31), stride 1, "same" zero padding, optional bias. LayerNorm over
+// channels (biased variance, eps inside the square root), optional affine. fc1: hidden x C
+// (nn.Linear layout) + optional bias; fc2: C x hidden + optional bias. GELU exact (erf)
+// or the tanh approximation. gamma (C) and drop_scale (N) optional.
+//
+// CPU only. The block runs tile by tile over rows of the image: each tile is convolved
+// from the input rows it needs, normalised, sent through fc1 -> GELU -> fc2 (OpenBLAS
+// GEMMs on the tile) and written out with the residual; the hidden activations never
+// leave the cache. The backward pass recomputes the block from x tile by tile (nothing
+// but x is saved) and reduces every parameter gradient in a fixed, shape-determined
+// order (bit-identical for any thread count).
+//
+// float32, float64 and bfloat16 (float32 inside: the tile's intermediates, GEMMs and
+// accumulations; parameters may be any of the three, converted once per call).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "fastvis/tensor.h"
+
+namespace fastvis {
+
+// Parameters; pointers may be null where the parameter is optional.
+struct ConvNeXtBlockWeights {
+  const TensorView* dw_weight = nullptr;    // (C, 1, k, k) required
+  const TensorView* dw_bias = nullptr;      // (C)
+  const TensorView* norm_weight = nullptr;  // (C)
+  const TensorView* norm_bias = nullptr;    // (C)
+  const TensorView* fc1_weight = nullptr;   // (hidden, C) required
+  const TensorView* fc1_bias = nullptr;     // (hidden)
+  const TensorView* fc2_weight = nullptr;   // (C, hidden) required
+  const TensorView* fc2_bias = nullptr;     // (C)
+  const TensorView* gamma = nullptr;        // (C) layer scale
+  const TensorView* drop_scale = nullptr;   // (N) per-sample stochastic-depth factor
+};
+
+struct ConvNeXtBlockParams {
+  double eps = 1e-6;       // LayerNorm epsilon
+  bool gelu_tanh = false;  // the tanh approximation of GELU instead of erf
+};
+
+// Gradients to compute; null = not wanted. Each has the shape of its parameter (grad_x:
+// x's shape, NHWC); parameter gradients must be contiguous.
+struct ConvNeXtBlockGrads {
+  const TensorView* x = nullptr;
+  const TensorView* dw_weight = nullptr;
+  const TensorView* dw_bias = nullptr;
+  const TensorView* norm_weight = nullptr;
+  const TensorView* norm_bias = nullptr;
+  const TensorView* fc1_weight = nullptr;
+  const TensorView* fc1_bias = nullptr;
+  const TensorView* fc2_weight = nullptr;
+  const TensorView* fc2_bias = nullptr;
+  const TensorView* gamma = nullptr;
+};
+
+struct ConvNeXtBlockShape {
+  int64_t n = 0, c = 0, h = 0, w = 0, k = 0, hidden = 0;
+};
+
+// Validates x, the weights and params (throws fastvis::Error) and returns the sizes.
+ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlockWeights& w,
+                                        const ConvNeXtBlockParams& p);
+
+size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
+                                            const ConvNeXtBlockParams& p);
+void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
+                            const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
+                            size_t scratch_bytes);
+
+size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
+                                             const ConvNeXtBlockParams& p);
+void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
+                             const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
+                             const ConvNeXtBlockGrads& grads, void* scratch,
+                             size_t scratch_bytes);
+
+}  // namespace fastvis

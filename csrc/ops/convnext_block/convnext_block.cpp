@@ -1,0 +1,497 @@
+// The fused ConvNeXt block: validation, planning, parameter packing, scratch carving,
+// dispatch to the per-ISA tile kernels, the fixed-order reduction of the parameter
+// gradients, and the depthwise backward (through the depthwise family's entry points).
+#include "fastvis/convnext_block.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/checks.h"
+#include "core/cpu_features.h"
+#include "core/dtype_convert.h"
+#include "fastvis/depthwise_conv.h"
+#include "fastvis/error.h"
+#include "fastvis/threading.h"
+#include "ops/convnext_block/cpu_kernels.h"
+
+namespace fastvis {
+namespace cnblock {
+
+Plan plan(const Shape& s, int64_t acc) {
+  Plan p;
+  const int64_t rows = s.n * s.h;
+  // ~128 KB of hidden activations per tile (two such buffers in the backward pass),
+  // at least 32 and at most 256 pixels: big enough for the GEMMs, small enough for L2.
+  const int64_t target = std::clamp<int64_t>((128 * 1024) / (s.hidden * acc), 32, 256);
+  int64_t rt = std::max<int64_t>(1, (target + s.w - 1) / std::max<int64_t>(s.w, 1));
+  rt = std::max<int64_t>(1, std::min(rt, rows));
+  while (rt > 1 && (rows + rt - 1) / rt < 8) rt = (rt + 1) / 2;  // enough tiles to share
+  p.rt = rt;
+  p.ntiles = rows > 0 ? (rows + rt - 1) / rt : 0;
+  p.P = rt * s.w;
+  // The depthwise tile kernel's buffer for any tile: every row count a tile can have in
+  // one image, at every position (the input window shrinks at the image borders).
+  p.dw_elems = 0;
+  const int64_t pad = s.k / 2;
+  for (int64_t r = 1; r <= std::min(rt, s.h); ++r)
+    for (int64_t hs = r; hs <= std::min(s.h, r + 2 * pad); ++hs) {
+      const dwconv::Geom g{1, s.c, hs, s.w, s.k, s.k, r, s.w, 1, 1, 0, pad, 1, 1, s.cp};
+      p.dw_elems = std::max(p.dw_elems, dwconv::fwd_plan(g, acc, false).buf_elems);
+    }
+  auto up = [](int64_t e) { return (e + 15) / 16 * 16; };
+  p.fwd_elems = up(p.P * s.c) + up(p.P * s.hidden) + up(p.dw_elems);
+  p.bwd_elems = 4 * up(p.P * s.c) + 2 * up(p.P) + 2 * up(p.P * s.hidden) + up(p.dw_elems);
+  // Backward partial sums: at most 16 runs of tiles and 64 MiB of partials.
+  const int64_t part = partial_layout(s).total;
+  p.partial_elems = up(part);
+  const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / (p.partial_elems * acc));
+  p.chunks = std::max<int64_t>(1, std::min<int64_t>({p.ntiles, 16, cap}));
+  return p;
+}
+
+}  // namespace cnblock
+
+namespace {
+
+using cnblock::Packed;
+using cnblock::Plan;
+using cnblock::Shape;
+
+inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
+size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
+
+class ScratchCarver {
+ public:
+  ScratchCarver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
+  void* take(size_t b) {
+    void* p = base_ + used_;
+    used_ += align64(b);
+    FV_CHECK_VALUE(used_ <= bytes_ || base_ == nullptr, "scratch buffer too small: need at least ",
+                   used_, " bytes, got ", bytes_);
+    return p;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t bytes_;
+  size_t used_ = 0;
+};
+
+struct Kernels {
+  void (*forward)(DType, const Shape&, const Plan&, const Packed&, const void*, void*, void*, int);
+  void (*backward_tiles)(DType, const Shape&, const Plan&, const Packed&, const void*,
+                         const void*, void*, void*, void*, int, bool);
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX2)
+    if (cpu::selected_isa() == cpu::Isa::Avx2)
+      return Kernels{&cnblock::avx2::forward, &cnblock::avx2::backward_tiles};
+#endif
+    return Kernels{&cnblock::generic::forward, &cnblock::generic::backward_tiles};
+  }();
+  return k;
+}
+
+void check_param(const TensorView* t, const TensorView& x, std::initializer_list<int64_t> shape,
+                 const char* name, bool required) {
+  if (!t) {
+    FV_CHECK_TYPE(!required, name, ": required, got none");
+    return;
+  }
+  core::check_cpu(*t, name);
+  FV_CHECK_TYPE(t->dtype == x.dtype, name, ": expected dtype ", dtype_name(x.dtype),
+                " (the input's), got ", dtype_name(t->dtype));
+  bool ok = t->ndim == static_cast<int>(shape.size());
+  int d = 0;
+  for (int64_t v : shape) ok = ok && t->shape[d++] == v;
+  if (!ok) {
+    std::string want = "[";
+    d = 0;
+    for (int64_t v : shape) want += (d++ ? ", " : "") + std::to_string(v);
+    detail::throw_error(ErrorKind::Value, name, ": expected shape ", want, "], got ",
+                        t->describe());
+  }
+  FV_CHECK_VALUE(t->data != nullptr || t->numel() == 0, name, ": null data pointer");
+}
+
+bool is_nhwc(const TensorView& t) { return (core::dense_layouts(t) & 2) != 0; }
+
+Shape shape_of(const TensorView& x, const ConvNeXtBlockWeights& w) {
+  const ConvNeXtBlockShape s = convnext_block_shape(x, w, ConvNeXtBlockParams{});
+  const int64_t cb = 64 / static_cast<int64_t>(acc_size(x.dtype));
+  return Shape{s.n, s.c, s.h, s.w, s.k, s.hidden, (s.c + cb - 1) / cb * cb};
+}
+
+// Row-major [rows][cols] copy of a 2-D (or 1-D when rows == 1) tensor in type A.
+template <class A> void pack_matrix(const TensorView& t, int64_t rows, int64_t cols, A* out) {
+  const int64_t sr = t.ndim == 2 ? t.strides[0] : 0, sc = t.strides[t.ndim - 1];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out[r * cols + c] = static_cast<A>(load_as_double(t.dtype, t.data, r * sr + c * sc));
+}
+
+template <class A> void pack_vector(const TensorView* t, int64_t n, int64_t len, A fill, A* out) {
+  for (int64_t i = 0; i < len; ++i)
+    out[i] = (t && i < n) ? static_cast<A>(load_as_double(t->dtype, t->data, i * t->strides[0]))
+             : (i < n ? fill : A(0));
+}
+
+// The parameters in A: matrices used in place when they already are contiguous A.
+template <class A>
+Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
+                const ConvNeXtBlockParams& p, ScratchCarver& sc, bool dry) {
+  Packed pk{};
+  auto take = [&](int64_t n) { return static_cast<A*>(sc.take(static_cast<size_t>(n) * sizeof(A))); };
+  const bool native = (x.dtype == DType::Float32 && sizeof(A) == 4) ||
+                      (x.dtype == DType::Float64 && sizeof(A) == 8);
+  A* dw = take(s.k * s.k * s.cp);
+  A* dwb = take(s.cp);
+  A* nw = take(s.c);
+  A* nb = take(s.c);
+  A* b1 = take(s.hidden);
+  A* b2 = take(s.c);
+  A* gm = take(s.c);
+  A* ds = take(std::max<int64_t>(s.n, 1));
+  const A* w1 = nullptr;
+  const A* w2 = nullptr;
+  if (native && w.fc1_weight->is_contiguous()) {
+    w1 = static_cast<const A*>(w.fc1_weight->data);
+  } else {
+    A* m = take(s.hidden * s.c);
+    if (!dry) pack_matrix<A>(*w.fc1_weight, s.hidden, s.c, m);
+    w1 = m;
+  }
+  if (native && w.fc2_weight->is_contiguous()) {
+    w2 = static_cast<const A*>(w.fc2_weight->data);
+  } else {
+    A* m = take(s.c * s.hidden);
+    if (!dry) pack_matrix<A>(*w.fc2_weight, s.c, s.hidden, m);
+    w2 = m;
+  }
+  if (!dry) {
+    const TensorView& dwt = *w.dw_weight;
+    std::fill(dw, dw + s.k * s.k * s.cp, A(0));
+    for (int64_t i = 0; i < s.k; ++i)
+      for (int64_t j = 0; j < s.k; ++j)
+        for (int64_t c = 0; c < s.c; ++c)
+          dw[(i * s.k + j) * s.cp + c] = static_cast<A>(load_as_double(
+              dwt.dtype, dwt.data, c * dwt.strides[0] + i * dwt.strides[2] + j * dwt.strides[3]));
+    pack_vector<A>(w.dw_bias, s.c, s.cp, A(0), dwb);
+    pack_vector<A>(w.norm_weight, s.c, s.c, A(1), nw);
+    pack_vector<A>(w.norm_bias, s.c, s.c, A(0), nb);
+    pack_vector<A>(w.fc1_bias, s.hidden, s.hidden, A(0), b1);
+    pack_vector<A>(w.fc2_bias, s.c, s.c, A(0), b2);
+    pack_vector<A>(w.gamma, s.c, s.c, A(1), gm);
+    pack_vector<A>(w.drop_scale, s.n, s.n, A(1), ds);
+  }
+  pk.dw = dw;
+  pk.dwb = dwb;
+  pk.nw = nw;
+  pk.nb = nb;
+  pk.w1 = w1;
+  pk.b1 = b1;
+  pk.w2 = w2;
+  pk.b2 = b2;
+  pk.gamma = gm;
+  pk.ds = ds;
+  pk.eps = p.eps;
+  pk.tanh = p.gelu_tanh;
+  return pk;
+}
+
+Packed pack(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
+            const ConvNeXtBlockParams& p, ScratchCarver& sc, bool dry) {
+  if (x.dtype == DType::Float64) return pack_all<double>(x, s, w, p, sc, dry);
+  return pack_all<float>(x, s, w, p, sc, dry);
+}
+
+// Forward scratch: packed parameters, then one tile buffer set per thread.
+size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
+                      const ConvNeXtBlockParams& p, void* base, size_t bytes, Packed* pk,
+                      void** bufs) {
+  const Shape s = shape_of(x, w);
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+  ScratchCarver sc(base, bytes);
+  const Packed packed = pack(x, s, w, p, sc, base == nullptr);
+  void* b = sc.take(static_cast<size_t>(pl.fwd_elems) * acc_size(x.dtype) *
+                    static_cast<size_t>(get_num_threads()));
+  if (pk) *pk = packed;
+  if (bufs) *bufs = b;
+  return sc.used();
+}
+
+}  // namespace
+
+ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlockWeights& w,
+                                        const ConvNeXtBlockParams& p) {
+  const core::NchwDims d = core::activation_dims(x, "x");
+  core::check_cpu(x, "x");
+  FV_CHECK_VALUE(is_nhwc(x), "x: the fused ConvNeXt block needs a channels-last (NHWC) dense "
+                 "tensor, got ", x.describe(), " with other strides");
+  FV_CHECK_VALUE(std::isfinite(p.eps) && p.eps > 0, "eps: expected a positive finite number, got ",
+                 p.eps);
+  check_param(w.dw_weight, x, {d.c, 1, w.dw_weight ? w.dw_weight->shape[2] : 0,
+                               w.dw_weight ? w.dw_weight->shape[3] : 0}, "dw_weight", true);
+  const int64_t k = w.dw_weight->shape[2];
+  FV_CHECK_VALUE(k == w.dw_weight->shape[3] && k % 2 == 1 && k >= 1 && k <= 31,
+                 "dw_weight: expected a square odd kernel of size 1..31, got ", k, "x",
+                 w.dw_weight->shape[3]);
+  FV_CHECK_TYPE(w.fc1_weight != nullptr, "fc1_weight: required, got none");
+  FV_CHECK_VALUE(w.fc1_weight->ndim == 2 && w.fc1_weight->shape[1] == d.c &&
+                     w.fc1_weight->shape[0] >= 1,
+                 "fc1_weight: expected shape [hidden, ", d.c, "], got ", w.fc1_weight->describe());
+  const int64_t hidden = w.fc1_weight->shape[0];
+  FV_CHECK_VALUE(hidden * d.c < (int64_t(1) << 31), "fc1_weight: hidden x C = ", hidden * d.c,
+                 " is too large for the 32-bit BLAS interface");
+  check_param(w.fc1_weight, x, {hidden, d.c}, "fc1_weight", true);
+  check_param(w.fc2_weight, x, {d.c, hidden}, "fc2_weight", true);
+  check_param(w.dw_bias, x, {d.c}, "dw_bias", false);
+  check_param(w.norm_weight, x, {d.c}, "norm_weight", false);
+  check_param(w.norm_bias, x, {d.c}, "norm_bias", false);
+  check_param(w.fc1_bias, x, {hidden}, "fc1_bias", false);
+  check_param(w.fc2_bias, x, {d.c}, "fc2_bias", false);
+  check_param(w.gamma, x, {d.c}, "gamma", false);
+  if (w.drop_scale) {
+    core::check_cpu(*w.drop_scale, "drop_scale");
+    FV_CHECK_VALUE(w.drop_scale->ndim == 1 && w.drop_scale->shape[0] == d.n,
+                   "drop_scale: expected shape [", d.n, "] (one factor per sample), got ",
+                   w.drop_scale->describe());
+  }
+  return ConvNeXtBlockShape{d.n, d.c, d.h, d.w, k, hidden};
+}
+
+size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
+                                            const ConvNeXtBlockParams& p) {
+  convnext_block_shape(x, w, p);
+  return forward_layout(x, w, p, nullptr, 0, nullptr, nullptr);
+}
+
+void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
+                            const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
+                            size_t scratch_bytes) {
+  const ConvNeXtBlockShape s0 = convnext_block_shape(x, w, p);
+  core::check_cpu(y, "y");
+  FV_CHECK_VALUE(y.ndim == 4 && y.shape[0] == s0.n && y.shape[1] == s0.c && y.shape[2] == s0.h &&
+                     y.shape[3] == s0.w && y.dtype == x.dtype && is_nhwc(y),
+                 "y: expected a channels-last ", dtype_name(x.dtype), " tensor of x's shape, got ",
+                 y.describe());
+  if (s0.n * s0.h * s0.w == 0) return;
+  FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
+  Packed pk;
+  void* bufs;
+  const size_t need = forward_layout(x, w, p, nullptr, 0, nullptr, nullptr);
+  FV_CHECK_VALUE(scratch_bytes >= need, "scratch buffer too small: need at least ", need,
+                 " bytes, got ", scratch_bytes);
+  forward_layout(x, w, p, scratch, scratch_bytes, &pk, &bufs);
+  const Shape s = shape_of(x, w);
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+  kernels().forward(x.dtype, s, pl, pk, x.data, y.data, bufs, get_num_threads());
+}
+
+// ------------------------------------------------------------------ backward
+
+namespace {
+
+struct BwdScratch {
+  Packed pk;
+  void* d = nullptr;         // dL/d(dwconv output), NHWC, x's dtype
+  void* partials = nullptr;  // plan.chunks x plan.partial_elems accumulators
+  void* bufs = nullptr;      // per-thread tile buffers
+  void* dw_scratch = nullptr;
+  size_t dw_bytes = 0;
+};
+
+size_t dw_backward_bytes(const TensorView& x, const TensorView& d, const ConvNeXtBlockWeights& w,
+                         const ConvNeXtBlockGrads& g, const DepthwiseConv2dParams& dp) {
+  size_t b = 0;
+  if (g.x) b = std::max(b, depthwise_conv2d_backward_input_scratch_bytes(d, *w.dw_weight, x, dp));
+  if (g.dw_weight || g.dw_bias) {
+    const TensorView& gw = g.dw_weight ? *g.dw_weight : *w.dw_weight;
+    b = std::max(b, depthwise_conv2d_backward_weight_scratch_bytes(d, x, gw, dp));
+  }
+  return b;
+}
+
+DepthwiseConv2dParams dw_params(int64_t k) {
+  DepthwiseConv2dParams dp;
+  dp.pad_top = dp.pad_bottom = dp.pad_left = dp.pad_right = k / 2;
+  return dp;
+}
+
+size_t backward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
+                       const ConvNeXtBlockParams& p, const ConvNeXtBlockGrads* g, void* base,
+                       size_t bytes, BwdScratch* out) {
+  const Shape s = shape_of(x, w);
+  const size_t a = acc_size(x.dtype);
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(a));
+  ScratchCarver sc(base, bytes);
+  BwdScratch bs;
+  bs.pk = pack(x, s, w, p, sc, base == nullptr);
+  bs.d = sc.take(static_cast<size_t>(s.n * s.h * s.w * s.c) * dtype_size(x.dtype));
+  bs.partials = sc.take(static_cast<size_t>(pl.chunks * pl.partial_elems) * a);
+  bs.bufs = sc.take(static_cast<size_t>(pl.bwd_elems) * a * static_cast<size_t>(get_num_threads()));
+  // The depthwise backward's scratch (its size does not depend on D's address).
+  const TensorView dv = make_nhwc_view(bs.d ? bs.d : reinterpret_cast<void*>(64), x.dtype, s.n,
+                                       s.c, s.h, s.w);
+  ConvNeXtBlockGrads all;
+  all.x = &x;
+  all.dw_weight = w.dw_weight;
+  bs.dw_bytes = dw_backward_bytes(x, dv, w, g ? *g : all, dw_params(s.k));
+  bs.dw_scratch = sc.take(std::max<size_t>(bs.dw_bytes, 1));
+  if (out) *out = bs;
+  return sc.used();
+}
+
+void check_grad(const TensorView* g, const TensorView* like, const TensorView& x,
+                std::initializer_list<int64_t> shape, const char* name) {
+  if (!g) return;
+  check_param(g, x, shape, name, true);
+  FV_CHECK_VALUE(g->is_contiguous(), name, ": must be contiguous, got ", g->describe());
+}
+
+// Sums the chunks' partials in chunk order, then writes the parameter gradients.
+template <class A>
+void reduce_partials(const Shape& s, const Plan& pl, const A* partials, const ConvNeXtBlockGrads& g) {
+  const cnblock::PartialLayout lay = cnblock::partial_layout(s);
+  std::vector<A> sum(static_cast<size_t>(lay.total), A(0));
+  parallel_for(lay.total, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t ch = 0; ch < pl.chunks; ++ch) {
+      const A* src = partials + ch * pl.partial_elems;
+      for (int64_t i = b; i < e; ++i) sum[i] += src[i];
+    }
+  });
+  auto write = [&](const TensorView* t, int64_t off, int64_t n) {
+    if (!t) return;
+    const A* src = sum.data() + off;
+    switch (t->dtype) {
+      case DType::Float32:
+        for (int64_t i = 0; i < n; ++i) static_cast<float*>(t->data)[i] = static_cast<float>(src[i]);
+        break;
+      case DType::Float64:
+        for (int64_t i = 0; i < n; ++i) static_cast<double*>(t->data)[i] = static_cast<double>(src[i]);
+        break;
+      default:
+        for (int64_t i = 0; i < n; ++i) store_from_double(t->dtype, t->data, i, static_cast<double>(src[i]));
+    }
+  };
+  write(g.fc1_weight, lay.w1, s.hidden * s.c);
+  write(g.fc2_weight, lay.w2, s.c * s.hidden);
+  write(g.fc1_bias, lay.b1, s.hidden);
+  write(g.fc2_bias, lay.b2, s.c);
+  write(g.norm_weight, lay.nw, s.c);
+  write(g.norm_bias, lay.nb, s.c);
+  write(g.gamma, lay.gamma, s.c);
+}
+
+// out += gy elementwise (dense, same dtype); bfloat16 sums in float, rounded once.
+void add_residual(DType dt, const void* gy, void* out, int64_t ne) {
+  parallel_for(ne, 1 << 14, [&](int64_t b, int64_t e) {
+    switch (dt) {
+      case DType::Float32: {
+        float* o = static_cast<float*>(out);
+        const float* a = static_cast<const float*>(gy);
+        for (int64_t i = b; i < e; ++i) o[i] += a[i];
+        break;
+      }
+      case DType::Float64: {
+        double* o = static_cast<double*>(out);
+        const double* a = static_cast<const double*>(gy);
+        for (int64_t i = b; i < e; ++i) o[i] += a[i];
+        break;
+      }
+      default: {
+        uint16_t* o = static_cast<uint16_t*>(out);
+        const uint16_t* a = static_cast<const uint16_t*>(gy);
+        for (int64_t i = b; i < e; ++i) o[i] = float_to_bf16(bf16_to_float(o[i]) + bf16_to_float(a[i]));
+      }
+    }
+  });
+}
+
+void zero_grad(const TensorView* t) {
+  if (t && t->numel() > 0) std::memset(t->data, 0, static_cast<size_t>(t->numel()) * t->itemsize());
+}
+
+}  // namespace
+
+size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
+                                             const ConvNeXtBlockParams& p) {
+  convnext_block_shape(x, w, p);
+  return backward_layout(x, w, p, nullptr, nullptr, 0, nullptr);
+}
+
+void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
+                             const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
+                             const ConvNeXtBlockGrads& g, void* scratch, size_t scratch_bytes) {
+  const ConvNeXtBlockShape s0 = convnext_block_shape(x, w, p);
+  const int64_t C = s0.c, Hd = s0.hidden, k = s0.k;
+  auto check_act = [&](const TensorView& t, const char* name) {
+    core::check_cpu(t, name);
+    FV_CHECK_VALUE(t.ndim == 4 && t.shape[0] == s0.n && t.shape[1] == C && t.shape[2] == s0.h &&
+                       t.shape[3] == s0.w && t.dtype == x.dtype && is_nhwc(t),
+                   name, ": expected a channels-last ", dtype_name(x.dtype),
+                   " tensor of x's shape, got ", t.describe());
+  };
+  check_act(grad_y, "grad_y");
+  if (g.x) check_act(*g.x, "grad_x");
+  check_grad(g.dw_weight, w.dw_weight, x, {C, 1, k, k}, "grad_dw_weight");
+  check_grad(g.dw_bias, nullptr, x, {C}, "grad_dw_bias");
+  check_grad(g.norm_weight, nullptr, x, {C}, "grad_norm_weight");
+  check_grad(g.norm_bias, nullptr, x, {C}, "grad_norm_bias");
+  check_grad(g.fc1_weight, nullptr, x, {Hd, C}, "grad_fc1_weight");
+  check_grad(g.fc1_bias, nullptr, x, {Hd}, "grad_fc1_bias");
+  check_grad(g.fc2_weight, nullptr, x, {C, Hd}, "grad_fc2_weight");
+  check_grad(g.fc2_bias, nullptr, x, {C}, "grad_fc2_bias");
+  check_grad(g.gamma, nullptr, x, {C}, "grad_gamma");
+
+  if (s0.n * s0.h * s0.w == 0) {  // nothing flows: zero parameter gradients
+    for (const TensorView* t : {g.dw_weight, g.dw_bias, g.norm_weight, g.norm_bias, g.fc1_weight,
+                                g.fc1_bias, g.fc2_weight, g.fc2_bias, g.gamma})
+      zero_grad(t);
+    return;
+  }
+  FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
+  const size_t need = backward_layout(x, w, p, &g, nullptr, 0, nullptr);
+  FV_CHECK_VALUE(scratch_bytes >= need, "scratch buffer too small: need at least ", need,
+                 " bytes, got ", scratch_bytes);
+  BwdScratch bs;
+  backward_layout(x, w, p, &g, scratch, scratch_bytes, &bs);
+  const Shape s = shape_of(x, w);
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+
+  // Phase A: the tiles -> D and the per-chunk partial sums.
+  kernels().backward_tiles(x.dtype, s, pl, bs.pk, x.data, grad_y.data, bs.d, bs.partials,
+                           bs.bufs, get_num_threads(), g.gamma != nullptr);
+  if (x.dtype == DType::Float64)
+    reduce_partials<double>(s, pl, static_cast<const double*>(bs.partials), g);
+  else
+    reduce_partials<float>(s, pl, static_cast<const float*>(bs.partials), g);
+
+  // Phase B: the depthwise convolution's backward on D, and the residual.
+  const TensorView dv = make_nhwc_view(bs.d, x.dtype, s.n, s.c, s.h, s.w);
+  const DepthwiseConv2dParams dp = dw_params(k);
+  if (g.dw_weight || g.dw_bias) {
+    if (g.dw_weight) {
+      depthwise_conv2d_backward_weight(dv, x, *g.dw_weight, g.dw_bias, dp, bs.dw_scratch,
+                                       bs.dw_bytes);
+    } else {  // bias only: the sum of D over pixels, in a fixed order
+      const int64_t npx = s.n * s.h * s.w;
+      for (int64_t c = 0; c < C; ++c) {
+        double acc = 0;
+        for (int64_t q = 0; q < npx; ++q) acc += load_as_double(x.dtype, bs.d, q * C + c);
+        store_from_double(g.dw_bias->dtype, g.dw_bias->data, c, acc);
+      }
+    }
+  }
+  if (g.x) {
+    depthwise_conv2d_backward_input(dv, *w.dw_weight, *g.x, dp, bs.dw_scratch, bs.dw_bytes);
+    add_residual(x.dtype, grad_y.data, g.x->data, s.n * s.h * s.w * C);
+  }
+}
+
+}  // namespace fastvis

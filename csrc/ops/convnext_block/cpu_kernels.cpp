@@ -1,0 +1,408 @@
+// CPU kernels of the fused ConvNeXt block, NHWC. Compiled once per instruction set
+// (FV_ISA names the namespace, see CMakeLists.txt).
+//
+// Per tile: dwconv (dwconv::FV_ISA::forward_tile_acc, serial, into the tile buffer),
+// LayerNorm (layernorm::FV_ISA::fwd_nhwc, in place), fc1 (GEMM), bias + GELU (SIMD over
+// the hidden units), fc2 (GEMM), then layer scale, drop scale and the residual on the way
+// out. The backward pass runs the same recomputation and then the chain rule backwards
+// through the tile (see backward_tiles_t).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/blas.h"
+#include "core/simd.h"
+#include "fastvis/threading.h"
+#include "ops/convnext_block/cpu_kernels.h"
+#include "ops/layer_norm/row_kernels.h"
+
+#ifndef FV_ISA
+#error "FV_ISA must name the instruction-set namespace"
+#endif
+
+namespace fastvis {
+namespace cnblock {
+namespace FV_ISA {
+namespace {
+
+using namespace ::fastvis::simd::FV_ISA;
+using core::Op;
+
+// ------------------------------------------------------------------ GELU
+//
+// Exact GELU: gelu(x) = x * Phi(x), Phi the standard normal CDF, gelu'(x) = Phi(x) +
+// x * phi(x). Phi(x) = erfc(-x / sqrt 2) / 2, and erfc(z) for z >= 0 comes from the
+// Abramowitz-Stegun 7.1.26 rational form erfc(z) ~ t (a1 + t (a2 + ... + t a5)) exp(-z^2),
+// t = 1 / (1 + p z), |error| < 1.5e-7, which is float's resolution of Phi. For z < 0,
+// erfc(z) = 2 - erfc(-z). exp(-z^2) = exp(-x^2 / 2) is also phi's exponential.
+// tanh GELU: gelu(x) = x * s, s = 1 / (1 + exp(-2u)) = (1 + tanh u) / 2,
+// u = sqrt(2/pi) (x + 0.044715 x^3); gelu'(x) = s + x * 2 s (1 - s) u'(x).
+// float runs vectorised (an own exp: range reduction by ln 2, degree-7 Taylor
+// polynomial, exponent bits), double runs the C library scalar functions.
+
+using VF = VT<float>::V;
+typedef int32_t I32x8 __attribute__((vector_size(32)));
+
+inline VF splatf(float a) { return VF{} + a; }
+inline VF vsel(I32x8 m, VF a, VF b) {  // m ? a : b, lane by lane (m is 0 or -1)
+  I32x8 ia, ib;
+  std::memcpy(&ia, &a, sizeof ia);
+  std::memcpy(&ib, &b, sizeof ib);
+  const I32x8 r = (m & ia) | (~m & ib);
+  VF out;
+  std::memcpy(&out, &r, sizeof out);
+  return out;
+}
+
+inline VF vexp(VF x) {
+  x = vsel((I32x8)(x < -87.0f), splatf(-87.0f), x);
+  x = vsel((I32x8)(x > 88.0f), splatf(88.0f), x);
+  const VF t = x * 1.44269504088896341f;
+  const VF half = vsel((I32x8)(t < 0.0f), splatf(-0.5f), splatf(0.5f));
+  const I32x8 ni = __builtin_convertvector(t + half, I32x8);  // round half away from zero
+  const VF nf = __builtin_convertvector(ni, VF);
+  const VF r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-6f;  // |r| <= ln2/2
+  VF p = splatf(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I32x8 bits = (ni + 127) << 23;
+  VF scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+constexpr float kA1 = 0.254829592f, kA2 = -0.284496736f, kA3 = 1.421413741f,
+                kA4 = -1.453152027f, kA5 = 1.061405429f, kP = 0.3275911f;
+constexpr double kSqrt2OverPi = 0.79788456080286535588, kCoef = 0.044715,
+                 kInvSqrt2Pi = 0.39894228040143267794, kInvSqrt2 = 0.70710678118654752440;
+
+// Phi(x) and phi(x) for exact GELU.
+inline void vphi(VF x, VF& cdf, VF& pdf) {
+  const VF e = vexp(x * x * -0.5f);
+  const I32x8 neg = (I32x8)(x < 0.0f);
+  const VF z = vsel(neg, -x, x) * static_cast<float>(kInvSqrt2);
+  const VF t = 1.0f / (1.0f + kP * z);
+  const VF q = t * (kA1 + t * (kA2 + t * (kA3 + t * (kA4 + t * kA5)))) * e;  // erfc(|x|/sqrt2)
+  cdf = vsel(neg, 0.5f * q, 1.0f - 0.5f * q);
+  pdf = e * static_cast<float>(kInvSqrt2Pi);
+}
+
+inline VF vgelu(VF x, bool tanh_form) {
+  if (tanh_form) {
+    const VF u = static_cast<float>(kSqrt2OverPi) * (x + static_cast<float>(kCoef) * x * x * x);
+    return x / (1.0f + vexp(-2.0f * u));
+  }
+  VF cdf, pdf;
+  vphi(x, cdf, pdf);
+  return x * cdf;
+}
+
+inline VF vgelu_grad(VF x, bool tanh_form) {
+  if (tanh_form) {
+    const VF u = static_cast<float>(kSqrt2OverPi) * (x + static_cast<float>(kCoef) * x * x * x);
+    const VF s = 1.0f / (1.0f + vexp(-2.0f * u));
+    const VF du = static_cast<float>(kSqrt2OverPi) * (1.0f + static_cast<float>(3 * kCoef) * x * x);
+    return s + x * 2.0f * s * (1.0f - s) * du;
+  }
+  VF cdf, pdf;
+  vphi(x, cdf, pdf);
+  return cdf + x * pdf;
+}
+
+inline double sgelu(double x, bool tanh_form) {
+  if (tanh_form) {
+    const double u = kSqrt2OverPi * (x + kCoef * x * x * x);
+    return 0.5 * x * (1.0 + std::tanh(u));
+  }
+  return 0.5 * x * std::erfc(-x * kInvSqrt2);
+}
+
+inline double sgelu_grad(double x, bool tanh_form) {
+  if (tanh_form) {
+    const double u = kSqrt2OverPi * (x + kCoef * x * x * x);
+    const double th = std::tanh(u);
+    const double du = kSqrt2OverPi * (1.0 + 3.0 * kCoef * x * x);
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du;
+  }
+  return 0.5 * std::erfc(-x * kInvSqrt2) + x * kInvSqrt2Pi * std::exp(-0.5 * x * x);
+}
+
+// h[p][j] = gelu(h[p][j] + b[j]) over np rows of n; with `keep`, h keeps the biased
+// pre-activation and the GELU goes to g.
+void bias_gelu(int64_t np, int64_t n, float* h, const float* b, bool tanh_form, float* g) {
+  constexpr int L = VT<float>::L;
+  for (int64_t p = 0; p < np; ++p) {
+    float* hp = h + p * n;
+    float* gp = g ? g + p * n : hp;
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+      const VF v = vload<float, float>(hp + j) + vload<float, float>(b + j);
+      if (g) vstore<float, float>(hp + j, v);
+      vstore<float, float>(gp + j, vgelu(v, tanh_form));
+    }
+    if (j < n) {
+      const VF v = vload_n<float, float>(hp + j, n - j) + vload_n<float, float>(b + j, n - j);
+      if (g) vstore_n<float, float>(hp + j, v, n - j);
+      vstore_n<float, float>(gp + j, vgelu(v, tanh_form), n - j);
+    }
+  }
+}
+void bias_gelu(int64_t np, int64_t n, double* h, const double* b, bool tanh_form, double* g) {
+  for (int64_t p = 0; p < np; ++p) {
+    double* hp = h + p * n;
+    double* gp = g ? g + p * n : hp;
+    for (int64_t j = 0; j < n; ++j) {
+      const double v = hp[j] + b[j];
+      if (g) hp[j] = v;
+      gp[j] = sgelu(v, tanh_form);
+    }
+  }
+}
+
+// h[p][j] = dg[p][j] * gelu'(h[p][j]) (h holds the pre-activation), and db[j] += h[p][j]
+// pixel by pixel.
+void gelu_backward(int64_t np, int64_t n, float* h, const float* dg, bool tanh_form, float* db) {
+  constexpr int L = VT<float>::L;
+  for (int64_t p = 0; p < np; ++p) {
+    float* hp = h + p * n;
+    const float* dp = dg + p * n;
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+      const VF d = vload<float, float>(dp + j) * vgelu_grad(vload<float, float>(hp + j), tanh_form);
+      vstore<float, float>(hp + j, d);
+      vstore<float, float>(db + j, vload<float, float>(db + j) + d);
+    }
+    if (j < n) {
+      const VF d = vload_n<float, float>(dp + j, n - j) *
+                   vgelu_grad(vload_n<float, float>(hp + j, n - j), tanh_form);
+      vstore_n<float, float>(hp + j, d, n - j);
+      vstore_n<float, float>(db + j, vload_n<float, float>(db + j, n - j) + d, n - j);
+    }
+  }
+}
+void gelu_backward(int64_t np, int64_t n, double* h, const double* dg, bool tanh_form,
+                   double* db) {
+  for (int64_t p = 0; p < np; ++p)
+    for (int64_t j = 0; j < n; ++j) {
+      const double d = dg[p * n + j] * sgelu_grad(h[p * n + j], tanh_form);
+      h[p * n + j] = d;
+      db[j] += d;
+    }
+}
+
+// ------------------------------------------------------------------ tile pieces
+
+// Depthwise output of image rows [g0, g1) (global rows n*H + r) into out [pixels][C].
+template <class T, class A>
+void dw_tile(DType dt, const Shape& s, const Packed& pk, const T* x, int64_t g0, int64_t g1,
+             A* out, A* dwbuf) {
+  for (int64_t gr = g0; gr < g1;) {
+    const int64_t n = gr / s.h, r0 = gr % s.h, r1 = std::min(s.h, r0 + (g1 - gr));
+    int64_t s0;
+    const dwconv::Geom g = tile_geom(s, r0, r1, s0);
+    ::fastvis::dwconv::FV_ISA::forward_tile_acc(dt, g, x + ((n * s.h + s0) * s.w) * s.c, pk.dw,
+                                                pk.dwb, out + (gr - g0) * s.w * s.c, dwbuf);
+    gr += r1 - r0;
+  }
+}
+
+// y = x + ds[n] * gamma * (o + b2) for the np pixels starting at global pixel p0.
+template <class T, class A>
+void residual_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const T* x,
+                  const A* o, T* y) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const A* gamma = static_cast<const A*>(pk.gamma);
+  const A* b2 = static_cast<const A*>(pk.b2);
+  const A* ds = static_cast<const A*>(pk.ds);
+  const int64_t C = s.c, hw = s.h * s.w;
+  for (int64_t p = 0; p < np; ++p) {
+    const A sc = ds[(p0 + p) / hw];
+    const V scv = V{} + sc;
+    const T* xp = x + (p0 + p) * C;
+    T* yp = y + (p0 + p) * C;
+    const A* op = o + p * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L)
+      vstore<T, A>(yp + c, vload<T, A>(xp + c) + scv * vload<A, A>(gamma + c) *
+                                                     (vload<A, A>(op + c) + vload<A, A>(b2 + c)));
+    for (; c < C; ++c)
+      sstore<T, A>(yp + c, sload<T, A>(xp + c) + sc * gamma[c] * (op[c] + b2[c]));
+  }
+}
+
+// ------------------------------------------------------------------ forward
+
+template <class T, class A>
+void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x, T* y,
+               A* bufs, int nbufs) {
+  const int64_t C = s.c, Hd = s.hidden, rows = s.n * s.h;
+  const A* w1 = static_cast<const A*>(pk.w1);
+  const A* w2 = static_cast<const A*>(pk.w2);
+  const A* b1 = static_cast<const A*>(pk.b1);
+  const A* nw = static_cast<const A*>(pk.nw);
+  const A* nb = static_cast<const A*>(pk.nb);
+  parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t begin, int64_t end) {
+    A* t = bufs + std::min(slot, nbufs - 1) * pl.fwd_elems;
+    A* hb = t + pl.P * C;
+    A* dwb = hb + pl.P * Hd;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
+      dw_tile<T, A>(dt, s, pk, x, g0, g1, t, dwb);
+      ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, C, t, nw, nb, static_cast<A>(pk.eps), t,
+                                                   nullptr, nullptr);
+      core::gemm(Op::N, Op::T, np, Hd, C, A(1), t, C, w1, C, A(0), hb, Hd);
+      bias_gelu(np, Hd, hb, b1, pk.tanh, static_cast<A*>(nullptr));
+      core::gemm(Op::N, Op::T, np, C, Hd, A(1), hb, Hd, w2, Hd, A(0), t, C);
+      residual_out<T, A>(s, pk, g0 * s.w, np, x, t, y);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward (tiles)
+//
+// Per tile, with t1 = dwconv(x), t2 = LN(t1), a = t2 W1^T + b1, g = gelu(a),
+// o = g W2^T (+ b2), y = x + ds * gamma * (o + b2):
+//   do = dy * ds * gamma             db2 += sum do     dgamma += sum dy * ds * (o + b2)
+//   dW2 += do^T g                     dg = do W2
+//   da = dg * gelu'(a)               db1 += sum da     dW1 += da^T t2     dt2 = da W1
+//   dt1 = LN backward (dnorm_w += sum dt2 * xhat, dnorm_b += sum dt2)  -> D
+// Tiles are grouped in plan.chunks contiguous runs; each run sums into its own partials
+// in tile order, and the caller reduces the runs in order: the result does not depend on
+// which thread ran which run.
+template <class T, class A>
+void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                      const T* gy, T* D, A* partials, A* bufs, int nbufs, bool need_gamma) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const int64_t C = s.c, Hd = s.hidden, rows = s.n * s.h, hw = s.h * s.w;
+  const PartialLayout lay = partial_layout(s);
+  const A* w1 = static_cast<const A*>(pk.w1);
+  const A* w2 = static_cast<const A*>(pk.w2);
+  const A* b1 = static_cast<const A*>(pk.b1);
+  const A* b2 = static_cast<const A*>(pk.b2);
+  const A* nw = static_cast<const A*>(pk.nw);
+  const A* nb = static_cast<const A*>(pk.nb);
+  const A* gamma = static_cast<const A*>(pk.gamma);
+  const A* ds = static_cast<const A*>(pk.ds);
+  parallel_for_indexed(pl.chunks, 1, [&](int slot, int64_t cbeg, int64_t cend) {
+    A* t1 = bufs + std::min(slot, nbufs - 1) * pl.bwd_elems;
+    A* t2 = t1 + pl.P * C;
+    A* dob = t2 + pl.P * C;
+    A* dt2 = dob + pl.P * C;
+    A* mean = dt2 + pl.P * C;
+    A* rstd = mean + pl.P;
+    A* ab = rstd + pl.P;
+    A* gb = ab + pl.P * Hd;
+    A* dwb = gb + pl.P * Hd;
+    for (int64_t chunk = cbeg; chunk < cend; ++chunk) {
+      A* part = partials + chunk * lay.total;
+      std::fill(part, part + lay.total, A(0));
+      const int64_t tb = chunk * pl.ntiles / pl.chunks, te = (chunk + 1) * pl.ntiles / pl.chunks;
+      for (int64_t tile = tb; tile < te; ++tile) {
+        const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
+        const int64_t p0 = g0 * s.w;
+        dw_tile<T, A>(dt, s, pk, x, g0, g1, t1, dwb);
+        ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, C, t1, nw, nb, static_cast<A>(pk.eps),
+                                                     t2, mean, rstd);
+        core::gemm(Op::N, Op::T, np, Hd, C, A(1), t2, C, w1, C, A(0), ab, Hd);
+        bias_gelu(np, Hd, ab, b1, pk.tanh, gb);
+        if (need_gamma)  // o = g W2^T, for dgamma
+          core::gemm(Op::N, Op::T, np, C, Hd, A(1), gb, Hd, w2, Hd, A(0), dt2, C);
+        A* db2 = part + lay.b2;
+        A* dgam = part + lay.gamma;
+        for (int64_t p = 0; p < np; ++p) {
+          const A sc = ds[(p0 + p) / hw];
+          const V scv = V{} + sc;
+          const T* gp = gy + (p0 + p) * C;
+          A* dp = dob + p * C;
+          const A* op = dt2 + p * C;
+          int64_t c = 0;
+          for (; c + L <= C; c += L) {
+            const V g = vload<T, A>(gp + c) * scv;
+            const V d = g * vload<A, A>(gamma + c);
+            vstore<A, A>(dp + c, d);
+            vstore<A, A>(db2 + c, vload<A, A>(db2 + c) + d);
+            if (need_gamma)
+              vstore<A, A>(dgam + c, vload<A, A>(dgam + c) +
+                                         g * (vload<A, A>(op + c) + vload<A, A>(b2 + c)));
+          }
+          for (; c < C; ++c) {
+            const A g = sload<T, A>(gp + c) * sc;
+            dp[c] = g * gamma[c];
+            db2[c] += dp[c];
+            if (need_gamma) dgam[c] += g * (op[c] + b2[c]);
+          }
+        }
+        core::gemm(Op::T, Op::N, C, Hd, np, A(1), dob, C, gb, Hd, A(1), part + lay.w2, Hd);
+        core::gemm(Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), gb, Hd);
+        gelu_backward(np, Hd, ab, gb, pk.tanh, part + lay.b1);
+        core::gemm(Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, A(1), part + lay.w1, C);
+        core::gemm(Op::N, Op::N, np, C, Hd, A(1), ab, Hd, w1, C, A(0), dt2, C);
+        ::fastvis::layernorm::FV_ISA::bwd_nhwc<A, A>(np, C, dt2, t1, nw, mean, rstd, dob,
+                                                     part + lay.nw, part + lay.nb);
+        T* Dp = D + p0 * C;
+        const int64_t ne = np * C;
+        int64_t i = 0;
+        for (; i + L <= ne; i += L) vstore<T, A>(Dp + i, vload<A, A>(dob + i));
+        for (; i < ne; ++i) sstore<T, A>(Dp + i, dob[i]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void forward(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x, void* y,
+             void* bufs, int nbufs) {
+  switch (dt) {
+    case DType::Float32:
+      forward_t<float, float>(dt, s, pl, pk, static_cast<const float*>(x), static_cast<float*>(y),
+                              static_cast<float*>(bufs), nbufs);
+      break;
+    case DType::Float64:
+      forward_t<double, double>(dt, s, pl, pk, static_cast<const double*>(x),
+                                static_cast<double*>(y), static_cast<double*>(bufs), nbufs);
+      break;
+    case DType::BFloat16:
+      forward_t<bfloat16, float>(dt, s, pl, pk, static_cast<const bfloat16*>(x),
+                                 static_cast<bfloat16*>(y), static_cast<float*>(bufs), nbufs);
+      break;
+    default: break;
+  }
+}
+
+void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,
+                    const void* gy, void* d, void* partials, void* bufs, int nbufs,
+                    bool need_gamma) {
+  switch (dt) {
+    case DType::Float32:
+      backward_tiles_t<float, float>(dt, s, pl, pk, static_cast<const float*>(x),
+                                     static_cast<const float*>(gy), static_cast<float*>(d),
+                                     static_cast<float*>(partials), static_cast<float*>(bufs),
+                                     nbufs, need_gamma);
+      break;
+    case DType::Float64:
+      backward_tiles_t<double, double>(dt, s, pl, pk, static_cast<const double*>(x),
+                                       static_cast<const double*>(gy), static_cast<double*>(d),
+                                       static_cast<double*>(partials),
+                                       static_cast<double*>(bufs), nbufs, need_gamma);
+      break;
+    case DType::BFloat16:
+      backward_tiles_t<bfloat16, float>(dt, s, pl, pk, static_cast<const bfloat16*>(x),
+                                        static_cast<const bfloat16*>(gy),
+                                        static_cast<bfloat16*>(d), static_cast<float*>(partials),
+                                        static_cast<float*>(bufs), nbufs, need_gamma);
+      break;
+    default: break;
+  }
+}
+
+}  // namespace FV_ISA
+}  // namespace cnblock
+}  // namespace fastvis

@@ -1,0 +1,102 @@
+// Internal: the CPU kernels of the fused ConvNeXt block (NHWC), compiled once per
+// instruction set like every cpu_kernels.cpp.
+//
+// Tiles are runs of `rt` consecutive rows of the N*H image rows (a tile may span two
+// images; each image's part is convolved from that image's rows). A tile of P = rt*W
+// pixels goes through dwconv (the depthwise family's tile kernel), LayerNorm (the
+// LayerNorm family's row kernel), fc1 / fc2 (BLAS GEMMs on the tile) and GELU, in
+// per-thread buffers, and only the block output is written.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "fastvis/tensor.h"
+#include "ops/depthwise_conv/cpu_kernels.h"
+
+namespace fastvis {
+namespace cnblock {
+
+struct Shape {
+  int64_t n, c, h, w, k, hidden;
+  int64_t cp;  // channel stride of the packed depthwise weights
+};
+
+struct Plan {
+  int64_t rt;           // image rows per tile
+  int64_t ntiles;       // ceil(N*H / rt)
+  int64_t P;            // pixels of a full tile (rt * W)
+  int64_t dw_elems;     // the depthwise tile kernel's buffer (accumulators)
+  int64_t fwd_elems;    // per-thread forward buffers
+  int64_t bwd_elems;    // per-thread backward buffers
+  int64_t chunks;       // backward: partial-sum chunks (contiguous runs of tiles)
+  int64_t partial_elems;  // per chunk: dW1, dW2, db1, db2, dnorm_w, dnorm_b, dgamma
+};
+
+// The plan depends on the shape only (not on the thread count), so tiling, GEMM sizes
+// and reduction order, hence results, are the same for any number of threads.
+Plan plan(const Shape& s, int64_t acc_bytes);
+
+// Parameters in the accumulation type A (float, or double for float64 activations).
+// Absent optional parameters are packed as their neutral values (zeros/ones).
+struct Packed {
+  const void* dw;     // [k][k][cp]
+  const void* dwb;    // [cp]
+  const void* nw;     // [C]
+  const void* nb;     // [C]
+  const void* w1;     // [hidden][C]
+  const void* b1;     // [hidden]
+  const void* w2;     // [C][hidden]
+  const void* b2;     // [C]
+  const void* gamma;  // [C]
+  const void* ds;     // [N]
+  double eps;
+  bool tanh;
+};
+
+// Backward outputs of phase A (the tiles): D = d(loss)/d(dwconv output), NHWC in the
+// activation dtype, and the per-chunk parameter partials (plan.chunks x partial_elems).
+#define FV_CNBLOCK_KERNEL_DECLS                                                               \
+  void forward(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,     \
+               void* y, void* bufs, int nbufs);                                               \
+  void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk,             \
+                      const void* x, const void* gy, void* d, void* partials, void* bufs,     \
+                      int nbufs, bool need_gamma);
+
+namespace generic {
+FV_CNBLOCK_KERNEL_DECLS
+}
+namespace avx2 {
+FV_CNBLOCK_KERNEL_DECLS
+}
+
+// Offsets inside one chunk's partial sums.
+struct PartialLayout {
+  int64_t w1, w2, b1, b2, nw, nb, gamma, total;
+};
+inline PartialLayout partial_layout(const Shape& s) {
+  PartialLayout l;
+  const int64_t hc = s.hidden * s.c;
+  l.w1 = 0;
+  l.w2 = hc;
+  l.b1 = 2 * hc;
+  l.b2 = l.b1 + s.hidden;
+  l.nw = l.b2 + s.c;
+  l.nb = l.nw + s.c;
+  l.gamma = l.nb + s.c;
+  l.total = l.gamma + s.c;
+  return l;
+}
+
+// The depthwise problem of output rows [r0, r1) of one image: input rows [s0, s1) with
+// the top padding that lines them up. x of that image starts at row s0.
+inline dwconv::Geom tile_geom(const Shape& s, int64_t r0, int64_t r1, int64_t& s0) {
+  const int64_t p = s.k / 2;
+  s0 = std::max<int64_t>(0, r0 - p);
+  const int64_t s1 = std::min<int64_t>(s.h, r1 + p);
+  dwconv::Geom g{1, s.c, s1 - s0, s.w, s.k, s.k, r1 - r0, s.w, 1, 1, p - (r0 - s0), p, 1, 1,
+                 s.cp};
+  return g;
+}
+
+}  // namespace cnblock
+}  // namespace fastvis
