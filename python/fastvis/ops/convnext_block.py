@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .. import _C
+from .._reference import reference_enabled, warn_fallback_once
+from .._runtime import _sync_threads
+from ._bridge import scratch
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,6 +74,127 @@ def convnext_block_reference(
     y = x + o.permute(0, 3, 1, 2)
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return y.contiguous(memory_format=fmt)
+
+
+# ---------------------------------------------------------------- custom ops
+
+_GRAD_NAMES = ("x", "dw_weight", "dw_bias", "norm_weight", "norm_bias", "fc1_weight",
+               "fc1_bias", "fc2_weight", "fc2_bias", "gamma")
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("fastvis::convnext_block", mutates_args=())
+def _cb_fwd(
+    x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+    fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+    drop_scale: Optional[torch.Tensor], eps: float, tanh_gelu: bool,
+) -> torch.Tensor:
+    _sync_threads()
+    x = _nhwc(x.detach())
+    ws = [None if t is None else t.detach() for t in
+          (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+           gamma, drop_scale)]
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    nbytes = _C.convnext_block_forward_scratch_bytes(x, ws, eps, tanh_gelu)
+    _C.convnext_block_forward(x, ws, eps, tanh_gelu, y, scratch(nbytes, x.device))
+    return y
+
+
+@_cb_fwd.register_fake
+def _(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+      gamma, drop_scale, eps, tanh_gelu):
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("fastvis::convnext_block_backward", mutates_args=())
+def _cb_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, dw_weight: torch.Tensor,
+    dw_bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor], fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+    drop_scale: Optional[torch.Tensor], eps: float, tanh_gelu: bool, needs: List[bool],
+) -> List[torch.Tensor]:
+    _sync_threads()
+    x = _nhwc(x.detach())
+    gy = _nhwc(grad_y.detach())
+    params = (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+              fc2_bias, gamma)
+    ws = [None if t is None else t.detach() for t in params + (drop_scale,)]
+    outs = [torch.empty_like(x, memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
+    outs += [torch.empty(p.shape, dtype=x.dtype) if (p is not None and need) else x.new_empty(0)
+             for p, need in zip(params, needs[1:])]
+    grads = [o if need else None for o, need in zip(outs, [needs[0]] + [
+        n and p is not None for p, n in zip(params, needs[1:])])]
+    nbytes = _C.convnext_block_backward_scratch_bytes(x, ws, eps, tanh_gelu)
+    _C.convnext_block_backward(gy, x, ws, eps, tanh_gelu, grads, scratch(nbytes, x.device))
+    return outs
+
+
+@_cb_bwd.register_fake
+def _(grad_y, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+      fc2_bias, gamma, drop_scale, eps, tanh_gelu, needs):
+    params = (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+              fc2_bias, gamma)
+    outs = [torch.empty_like(x, memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
+    outs += [x.new_empty(p.shape) if (p is not None and need) else x.new_empty(0)
+             for p, need in zip(params, needs[1:])]
+    return outs
+
+
+def _setup_context(ctx, inputs, output):
+    (x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+     gamma, drop_scale, eps, tanh_gelu) = inputs
+    ctx.save_for_backward(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                          fc2_weight, fc2_bias, gamma, drop_scale)
+    ctx.eps = eps
+    ctx.tanh_gelu = tanh_gelu
+
+
+def _backward(ctx, grad_y):
+    saved = ctx.saved_tensors
+    x, params, drop_scale = saved[0], saved[1:10], saved[10]
+    needs = [bool(ctx.needs_input_grad[0])] + [
+        bool(ctx.needs_input_grad[i + 1]) and params[i] is not None for i in range(9)]
+    if not any(needs):
+        return (None,) * 13
+    outs = _cb_bwd(grad_y, x, *params, drop_scale, ctx.eps, ctx.tanh_gelu, needs)
+    grads = [o if need else None for o, need in zip(outs, needs)]
+    if grads[0] is not None and not x.is_contiguous(memory_format=torch.channels_last):
+        grads[0] = grads[0].contiguous()
+    return (*grads, None, None, None)
+
+
+_cb_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _core_serves(x: torch.Tensor) -> bool:
+    if x.device.type == "cpu":
+        return True
+    if x.device.type != "meta":
+        warn_fallback_once(
+            f"convnext_block-{x.device.type}",
+            f"fastvis.ops.convnext_block: no fused fastvis kernel for device '{x.device.type}' "
+            "yet; running the PyTorch reference",
+        )
+    return False
+
+
+def _autocast(tensors):
+    """Under autocast (CPU or CUDA), the block runs in the autocast dtype, as linear and
+    conv layers do; drop_scale stays in float32."""
+    if not tensors or tensors[0] is None:
+        return tensors
+    dev = tensors[0].device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return [t.to(dt) if (t is not None and t.is_floating_point() and t.dtype != dt) else t
+            for t in tensors]
 
 
 def _check_eps(eps, name: str) -> float:
@@ -186,10 +312,24 @@ def convnext_block(
     Returns:
         (N, C, H, W) in x's memory format.
     """
+    if isinstance(x, torch.Tensor):
+        (x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+         fc2_bias, gamma, grn_weight, grn_bias) = _autocast(
+            [x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+             fc2_bias, gamma, grn_weight, grn_bias])
     _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
               fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate)
     e = _check_eps(eps, "eps")
     ge = _check_eps(grn_eps, "grn_eps")
+    if grn_weight is None and not reference_enabled() and _core_serves(x):
+        ds = None
+        if drop_scale is not None:
+            ds = drop_scale.reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        y = _cb_fwd(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                    fc2_weight, fc2_bias, gamma, ds, e, approximate == "tanh")
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous()
+        return y
     return convnext_block_reference(
         x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
         gamma, drop_scale, e, grn_weight=grn_weight, grn_bias=grn_bias, grn_eps=ge,
