@@ -396,58 +396,61 @@ PYBIND11_MODULE(_C, m) {
 
   // ------------------------------------------------------------ convnext_block
   // weights: (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-  // fc2_bias, gamma, drop_scale), None where absent; grads: (x, dw_weight, dw_bias,
-  // norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma), None where
-  // not wanted.
+  // fc2_bias, gamma, drop_scale, grn_weight, grn_bias), None where absent; grads: (x,
+  // dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+  // gamma, grn_weight, grn_bias), None where not wanted.
   struct BlockArgs {
     Borrowed b;
-    TensorView x, wv[10], gv[10];
+    TensorView x, wv[12], gv[12];
     ConvNeXtBlockWeights w;
     ConvNeXtBlockGrads g;
     ConvNeXtBlockParams p;
-    BlockArgs(const py::object& xo, const py::sequence& ws, double eps, bool tanh_gelu) {
-      static const char* names[10] = {"dw_weight", "dw_bias", "norm_weight", "norm_bias",
+    BlockArgs(const py::object& xo, const py::sequence& ws, double eps, bool tanh_gelu,
+              double grn_eps) {
+      static const char* names[12] = {"dw_weight", "dw_bias", "norm_weight", "norm_bias",
                                       "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
-                                      "gamma", "drop_scale"};
-      FV_CHECK_VALUE(py::len(ws) == 10, "weights: expected 10 entries, got ", py::len(ws));
+                                      "gamma", "drop_scale", "grn_weight", "grn_bias"};
+      FV_CHECK_VALUE(py::len(ws) == 12, "weights: expected 12 entries, got ", py::len(ws));
       x = b.view(xo, "x");
-      const TensorView* ptr[10];
-      for (int i = 0; i < 10; ++i) {
+      const TensorView* ptr[12];
+      for (int i = 0; i < 12; ++i) {
         py::object o = ws[i];
         ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
       }
-      w = ConvNeXtBlockWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],
-                               ptr[5], ptr[6], ptr[7], ptr[8], ptr[9]};
+      w = ConvNeXtBlockWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],  ptr[5],
+                               ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11]};
       p.eps = eps;
       p.gelu_tanh = tanh_gelu;
+      p.grn_eps = grn_eps;
     }
     void grads(const py::sequence& gs) {
-      static const char* names[10] = {"grad_x", "grad_dw_weight", "grad_dw_bias",
+      static const char* names[12] = {"grad_x", "grad_dw_weight", "grad_dw_bias",
                                       "grad_norm_weight", "grad_norm_bias", "grad_fc1_weight",
                                       "grad_fc1_bias", "grad_fc2_weight", "grad_fc2_bias",
-                                      "grad_gamma"};
-      FV_CHECK_VALUE(py::len(gs) == 10, "grads: expected 10 entries, got ", py::len(gs));
-      const TensorView* ptr[10];
-      for (int i = 0; i < 10; ++i) {
+                                      "grad_gamma", "grad_grn_weight", "grad_grn_bias"};
+      FV_CHECK_VALUE(py::len(gs) == 12, "grads: expected 12 entries, got ", py::len(gs));
+      const TensorView* ptr[12];
+      for (int i = 0; i < 12; ++i) {
         py::object o = gs[i];
         ptr[i] = o.is_none() ? nullptr : (gv[i] = b.view(o, names[i]), &gv[i]);
       }
-      g = ConvNeXtBlockGrads{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],
-                             ptr[5], ptr[6], ptr[7], ptr[8], ptr[9]};
+      g = ConvNeXtBlockGrads{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],  ptr[5],
+                             ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11]};
     }
   };
 
   m.def("convnext_block_forward_scratch_bytes",
-        [](py::object x, py::sequence ws, double eps, bool tanh_gelu) {
-          BlockArgs a(x, ws, eps, tanh_gelu);
+        [](py::object x, py::sequence ws, double eps, bool tanh_gelu, double grn_eps) {
+          BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
           return convnext_block_forward_scratch_bytes(a.x, a.w, a.p);
         },
-        py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"));
+        py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
+        py::arg("grn_eps") = 1e-6);
   m.def(
       "convnext_block_forward",
       [](py::object x, py::sequence ws, double eps, bool tanh_gelu, py::object y,
-         py::object scratch) {
-        BlockArgs a(x, ws, eps, tanh_gelu);
+         py::object scratch, double grn_eps) {
+        BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
         TensorView yv = a.b.view(y, "y");
         const size_t need = convnext_block_forward_scratch_bytes(a.x, a.w, a.p);
         Scratch sc(a.b, scratch, need, a.x);
@@ -455,18 +458,19 @@ PYBIND11_MODULE(_C, m) {
         convnext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes);
       },
       py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"), py::arg("y"),
-      py::arg("scratch") = py::none());
+      py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6);
   m.def("convnext_block_backward_scratch_bytes",
-        [](py::object x, py::sequence ws, double eps, bool tanh_gelu) {
-          BlockArgs a(x, ws, eps, tanh_gelu);
+        [](py::object x, py::sequence ws, double eps, bool tanh_gelu, double grn_eps) {
+          BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
           return convnext_block_backward_scratch_bytes(a.x, a.w, a.p);
         },
-        py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"));
+        py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
+        py::arg("grn_eps") = 1e-6);
   m.def(
       "convnext_block_backward",
       [](py::object gy, py::object x, py::sequence ws, double eps, bool tanh_gelu,
-         py::sequence grads, py::object scratch) {
-        BlockArgs a(x, ws, eps, tanh_gelu);
+         py::sequence grads, py::object scratch, double grn_eps) {
+        BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
         a.grads(grads);
         TensorView gyv = a.b.view(gy, "grad_y");
         const size_t need = convnext_block_backward_scratch_bytes(a.x, a.w, a.p);
@@ -475,5 +479,5 @@ PYBIND11_MODULE(_C, m) {
         convnext_block_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes);
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
-      py::arg("grads"), py::arg("scratch") = py::none());
+      py::arg("grads"), py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6);
 }

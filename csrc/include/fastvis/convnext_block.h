@@ -1,12 +1,20 @@
 // fastvis: the fused ConvNeXt block (op family 3).
 //
-//     y = x + drop_scale[n] * gamma * fc2(GELU(fc1(LayerNorm_C(dwconv_kxk(x)))))
+//     y = x + drop_scale[n] * gamma * fc2(GRN?(GELU(fc1(LayerNorm_C(dwconv_kxk(x))))))
 //
 // on a logical (N, C, H, W) activation stored channels-last (NHWC). dwconv: depthwise
 // k x k, k odd (1..31), stride 1, "same" zero padding, optional bias. LayerNorm over
 // channels (biased variance, eps inside the square root), optional affine. fc1: hidden x C
 // (nn.Linear layout) + optional bias; fc2: C x hidden + optional bias. GELU exact (erf)
-// or the tanh approximation. gamma (C) and drop_scale (N) optional.
+// or the tanh approximation. gamma (C) and drop_scale (N) optional. With grn_weight and
+// grn_bias (hidden), the ConvNeXt-V2 Global Response Normalization of the hidden
+// activations h (per image): G_j = ||h_:j||_2 over the pixels, Nx_j = G_j / (mean_k G_k +
+// grn_eps), GRN(h) = h + grn_bias + grn_weight * h * Nx.
+//
+// GRN needs a reduction over the whole image between fc1 and fc2, so those blocks take
+// more passes over the tiles, each recomputing the block from x (nothing is stored):
+// forward = statistics pass + output pass; backward = statistics pass, a pass for the
+// reductions GRN's gradient needs (sum over pixels of dGRN_out * h), and the gradient pass.
 //
 // CPU only. The block runs tile by tile over rows of the image: each tile is convolved
 // from the input rows it needs, normalised, sent through fc1 -> GELU -> fc2 (OpenBLAS
@@ -37,11 +45,14 @@ struct ConvNeXtBlockWeights {
   const TensorView* fc2_bias = nullptr;     // (C)
   const TensorView* gamma = nullptr;        // (C) layer scale
   const TensorView* drop_scale = nullptr;   // (N) per-sample stochastic-depth factor
+  const TensorView* grn_weight = nullptr;   // (hidden) ConvNeXt-V2 GRN, with grn_bias
+  const TensorView* grn_bias = nullptr;     // (hidden)
 };
 
 struct ConvNeXtBlockParams {
   double eps = 1e-6;       // LayerNorm epsilon
   bool gelu_tanh = false;  // the tanh approximation of GELU instead of erf
+  double grn_eps = 1e-6;   // GRN epsilon (added to the mean of the norms)
 };
 
 // Gradients to compute; null = not wanted. Each has the shape of its parameter (grad_x:
@@ -57,6 +68,8 @@ struct ConvNeXtBlockGrads {
   const TensorView* fc2_weight = nullptr;
   const TensorView* fc2_bias = nullptr;
   const TensorView* gamma = nullptr;
+  const TensorView* grn_weight = nullptr;
+  const TensorView* grn_bias = nullptr;
 };
 
 struct ConvNeXtBlockShape {

@@ -44,7 +44,7 @@ Plan plan(const Shape& s, int64_t acc) {
     }
   auto up = [](int64_t e) { return (e + 15) / 16 * 16; };
   p.fwd_elems = up(p.P * s.c) + up(p.P * s.hidden) + up(p.dw_elems);
-  p.bwd_elems = 4 * up(p.P * s.c) + 2 * up(p.P) + 2 * up(p.P * s.hidden) + up(p.dw_elems);
+  p.bwd_elems = 4 * up(p.P * s.c) + 2 * up(p.P) + 3 * up(p.P * s.hidden) + up(p.dw_elems);
   // Backward partial sums: at most 16 runs of tiles and 128 MiB of partials, but at least
   // two runs (so two threads share the tiles) whatever the size.
   const int64_t part = partial_layout(s).total;
@@ -87,15 +87,21 @@ struct Kernels {
   void (*forward)(DType, const Shape&, const Plan&, const Packed&, const void*, void*, void*, int);
   void (*backward_tiles)(DType, const Shape&, const Plan&, const Packed&, const void*,
                          const void*, void*, void*, void*, int, bool);
+  void (*grn_forward_stats)(DType, const Shape&, const Plan&, const Packed&, const void*, void*,
+                            void*, int);
+  void (*grn_backward_stats)(DType, const Shape&, const Plan&, const Packed&, const void*,
+                             const void*, void*, void*, void*, int);
 };
 
 const Kernels& kernels() {
   static const Kernels k = [] {
 #if defined(FV_HAVE_ISA_AVX2)
     if (cpu::selected_isa() == cpu::Isa::Avx2)
-      return Kernels{&cnblock::avx2::forward, &cnblock::avx2::backward_tiles};
+      return Kernels{&cnblock::avx2::forward, &cnblock::avx2::backward_tiles,
+                     &cnblock::avx2::grn_forward_stats, &cnblock::avx2::grn_backward_stats};
 #endif
-    return Kernels{&cnblock::generic::forward, &cnblock::generic::backward_tiles};
+    return Kernels{&cnblock::generic::forward, &cnblock::generic::backward_tiles,
+                   &cnblock::generic::grn_forward_stats, &cnblock::generic::grn_backward_stats};
   }();
   return k;
 }
@@ -160,6 +166,10 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
   A* b2 = take(s.c);
   A* gm = take(s.c);
   A* ds = take(std::max<int64_t>(s.n, 1));
+  const bool grn = w.grn_weight != nullptr;
+  A* gf = grn ? take(s.n * s.hidden) : nullptr;  // filled by the statistics pass
+  A* gu = grn ? take(s.n * s.hidden) : nullptr;  // backward only
+  A* gbias = grn ? take(s.hidden) : nullptr;
   const A* w1 = nullptr;
   const A* w2 = nullptr;
   if (native && w.fc1_weight->is_contiguous()) {
@@ -191,7 +201,11 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
     pack_vector<A>(w.fc2_bias, s.c, s.c, A(0), b2);
     pack_vector<A>(w.gamma, s.c, s.c, A(1), gm);
     pack_vector<A>(w.drop_scale, s.n, s.n, A(1), ds);
+    if (grn) pack_vector<A>(w.grn_bias, s.hidden, s.hidden, A(0), gbias);
   }
+  pk.grn_f = gf;
+  pk.grn_u = gu;
+  pk.grn_b = gbias;
   pk.dw = dw;
   pk.dwb = dwb;
   pk.nw = nw;
@@ -216,16 +230,46 @@ Packed pack(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
 // Forward scratch: packed parameters, then one tile buffer set per thread.
 size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
                       const ConvNeXtBlockParams& p, void* base, size_t bytes, Packed* pk,
-                      void** bufs) {
+                      void** bufs, void** rowsq = nullptr) {
   const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   ScratchCarver sc(base, bytes);
   const Packed packed = pack(x, s, w, p, sc, base == nullptr);
   void* b = sc.take(static_cast<size_t>(pl.fwd_elems) * acc_size(x.dtype) *
                     static_cast<size_t>(get_num_threads()));
+  void* rsq = w.grn_weight ? sc.take(static_cast<size_t>(s.n * s.h * s.hidden) * acc_size(x.dtype))
+                           : nullptr;
   if (pk) *pk = packed;
   if (bufs) *bufs = b;
+  if (rowsq) *rowsq = rsq;
   return sc.used();
+}
+
+// GRN statistics of image n from the per-row sums of squares: G[j] (the norms), the
+// mean of the norms plus eps (returned), and f[n][j] = 1 + grn_weight[j] * Nx[j].
+// Sums run in double, in row order.
+template <class A>
+void grn_norms(const Shape& s, const A* rowsq, const TensorView& gw, double eps,
+               std::vector<double>& G, std::vector<double>& den, A* f) {
+  const int64_t Hd = s.hidden;
+  G.assign(static_cast<size_t>(s.n * Hd), 0.0);
+  den.assign(static_cast<size_t>(s.n), 0.0);
+  for (int64_t n = 0; n < s.n; ++n) {
+    double* g = G.data() + n * Hd;
+    for (int64_t r = 0; r < s.h; ++r) {
+      const A* q = rowsq + (n * s.h + r) * Hd;
+      for (int64_t j = 0; j < Hd; ++j) g[j] += static_cast<double>(q[j]);
+    }
+    double mean = 0;
+    for (int64_t j = 0; j < Hd; ++j) {
+      g[j] = std::sqrt(g[j]);
+      mean += g[j];
+    }
+    den[n] = mean / static_cast<double>(Hd) + eps;
+    for (int64_t j = 0; j < Hd; ++j)
+      f[n * Hd + j] = static_cast<A>(
+          1.0 + load_as_double(gw.dtype, gw.data, j * gw.strides[0]) * g[j] / den[n]);
+  }
 }
 
 }  // namespace
@@ -259,6 +303,12 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
   check_param(w.fc1_bias, x, {hidden}, "fc1_bias", false);
   check_param(w.fc2_bias, x, {d.c}, "fc2_bias", false);
   check_param(w.gamma, x, {d.c}, "gamma", false);
+  check_param(w.grn_weight, x, {hidden}, "grn_weight", false);
+  check_param(w.grn_bias, x, {hidden}, "grn_bias", false);
+  FV_CHECK_VALUE((w.grn_weight == nullptr) == (w.grn_bias == nullptr),
+                 "grn_weight and grn_bias: give both (ConvNeXt-V2 GRN) or neither");
+  FV_CHECK_VALUE(std::isfinite(p.grn_eps) && p.grn_eps > 0,
+                 "grn_eps: expected a positive finite number, got ", p.grn_eps);
   if (w.drop_scale) {
     core::check_cpu(*w.drop_scale, "drop_scale");
     FV_CHECK_VALUE(w.drop_scale->ndim == 1 && w.drop_scale->shape[0] == d.n,
@@ -290,10 +340,22 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
   const size_t need = forward_layout(x, w, p, nullptr, 0, nullptr, nullptr);
   FV_CHECK_VALUE(scratch_bytes >= need, "scratch buffer too small: need at least ", need,
                  " bytes, got ", scratch_bytes);
-  forward_layout(x, w, p, scratch, scratch_bytes, &pk, &bufs);
+  void* rowsq = nullptr;
+  forward_layout(x, w, p, scratch, scratch_bytes, &pk, &bufs, &rowsq);
   const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
-  kernels().forward(x.dtype, s, pl, pk, x.data, y.data, bufs, get_num_threads());
+  const int nt = get_num_threads();
+  if (w.grn_weight) {  // statistics pass, then the output pass
+    kernels().grn_forward_stats(x.dtype, s, pl, pk, x.data, rowsq, bufs, nt);
+    std::vector<double> G, den;
+    if (x.dtype == DType::Float64)
+      grn_norms<double>(s, static_cast<const double*>(rowsq), *w.grn_weight, p.grn_eps, G, den,
+                        static_cast<double*>(const_cast<void*>(pk.grn_f)));
+    else
+      grn_norms<float>(s, static_cast<const float*>(rowsq), *w.grn_weight, p.grn_eps, G, den,
+                       static_cast<float*>(const_cast<void*>(pk.grn_f)));
+  }
+  kernels().forward(x.dtype, s, pl, pk, x.data, y.data, bufs, nt);
 }
 
 // ------------------------------------------------------------------ backward
@@ -307,6 +369,9 @@ struct BwdScratch {
   void* bufs = nullptr;      // per-thread tile buffers
   void* dw_scratch = nullptr;
   size_t dw_bytes = 0;
+  void* rowsq = nullptr;  // GRN: per-row sums (N*H x hidden accumulators each)
+  void* rowt = nullptr;
+  void* rowdb = nullptr;
 };
 
 size_t dw_backward_bytes(const TensorView& x, const TensorView& d, const ConvNeXtBlockWeights& w,
@@ -338,6 +403,12 @@ size_t backward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
   bs.d = sc.take(static_cast<size_t>(s.n * s.h * s.w * s.c) * dtype_size(x.dtype));
   bs.partials = sc.take(static_cast<size_t>(pl.chunks * pl.partial_elems) * a);
   bs.bufs = sc.take(static_cast<size_t>(pl.bwd_elems) * a * static_cast<size_t>(get_num_threads()));
+  if (w.grn_weight) {
+    const size_t rb = static_cast<size_t>(s.n * s.h * s.hidden) * a;
+    bs.rowsq = sc.take(rb);
+    bs.rowt = sc.take(rb);
+    bs.rowdb = sc.take(rb);
+  }
   // The depthwise backward's scratch (its size does not depend on D's address).
   const TensorView dv = make_nhwc_view(bs.d ? bs.d : reinterpret_cast<void*>(64), x.dtype, s.n,
                                        s.c, s.h, s.w);
@@ -420,6 +491,58 @@ void zero_grad(const TensorView* t) {
   if (t && t->numel() > 0) std::memset(t->data, 0, static_cast<size_t>(t->numel()) * t->itemsize());
 }
 
+// GRN's two statistics passes of the backward and their reductions (double, in row
+// order): f and u for the gradient pass, and the GRN parameter gradients.
+//   t[n][j] = sum_p dz g,  dbeta_j = sum dz,  dgamma_grn_j = sum_n Nx[n][j] t[n][j],
+//   s_j = grn_weight_j t_j,  dG_k = s_k / den - (sum_j s_j G_j) / (den^2 hidden),
+//   u[n][k] = dG_k / G_k (0 where G_k = 0, as PyTorch's norm gradient).
+template <class A>
+void grn_backward_prepare(const Shape& s, const Plan& pl, const BwdScratch& bs,
+                          const TensorView& x, const TensorView& grad_y,
+                          const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
+                          const ConvNeXtBlockGrads& g) {
+  const int nt = get_num_threads();
+  const int64_t Hd = s.hidden;
+  kernels().grn_forward_stats(x.dtype, s, pl, bs.pk, x.data, bs.rowsq, bs.bufs, nt);
+  std::vector<double> G, den;
+  A* f = static_cast<A*>(const_cast<void*>(bs.pk.grn_f));
+  A* u = static_cast<A*>(const_cast<void*>(bs.pk.grn_u));
+  grn_norms<A>(s, static_cast<const A*>(bs.rowsq), *w.grn_weight, p.grn_eps, G, den, f);
+  kernels().grn_backward_stats(x.dtype, s, pl, bs.pk, x.data, grad_y.data, bs.rowt, bs.rowdb,
+                               bs.bufs, nt);
+  const A* rowt = static_cast<const A*>(bs.rowt);
+  const A* rowdb = static_cast<const A*>(bs.rowdb);
+  const TensorView& gw = *w.grn_weight;
+  std::vector<double> dgw(static_cast<size_t>(Hd), 0.0), dgb(static_cast<size_t>(Hd), 0.0),
+      t(static_cast<size_t>(Hd));
+  for (int64_t n = 0; n < s.n; ++n) {
+    std::fill(t.begin(), t.end(), 0.0);
+    for (int64_t r = 0; r < s.h; ++r) {
+      const A* qt = rowt + (n * s.h + r) * Hd;
+      const A* qb = rowdb + (n * s.h + r) * Hd;
+      for (int64_t j = 0; j < Hd; ++j) {
+        t[j] += static_cast<double>(qt[j]);
+        dgb[j] += static_cast<double>(qb[j]);
+      }
+    }
+    const double* Gn = G.data() + n * Hd;
+    double sg = 0;
+    for (int64_t j = 0; j < Hd; ++j) {
+      dgw[j] += Gn[j] / den[n] * t[j];
+      sg += load_as_double(gw.dtype, gw.data, j * gw.strides[0]) * t[j] * Gn[j];
+    }
+    for (int64_t k = 0; k < Hd; ++k) {
+      const double sk = load_as_double(gw.dtype, gw.data, k * gw.strides[0]) * t[k];
+      const double dG = sk / den[n] - sg / (den[n] * den[n] * static_cast<double>(Hd));
+      u[n * Hd + k] = Gn[k] > 0 ? static_cast<A>(dG / Gn[k]) : A(0);
+    }
+  }
+  for (int64_t j = 0; j < Hd; ++j) {
+    if (g.grn_weight) store_from_double(g.grn_weight->dtype, g.grn_weight->data, j, dgw[j]);
+    if (g.grn_bias) store_from_double(g.grn_bias->dtype, g.grn_bias->data, j, dgb[j]);
+  }
+}
+
 }  // namespace
 
 size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
@@ -451,10 +574,15 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
   check_grad(g.fc2_weight, nullptr, x, {C, Hd}, "grad_fc2_weight");
   check_grad(g.fc2_bias, nullptr, x, {C}, "grad_fc2_bias");
   check_grad(g.gamma, nullptr, x, {C}, "grad_gamma");
+  check_grad(g.grn_weight, nullptr, x, {Hd}, "grad_grn_weight");
+  check_grad(g.grn_bias, nullptr, x, {Hd}, "grad_grn_bias");
+  FV_CHECK_VALUE(w.grn_weight || (!g.grn_weight && !g.grn_bias),
+                 "grad_grn_weight / grad_grn_bias: the block has no GRN");
 
   if (s0.n * s0.h * s0.w == 0) {  // nothing flows: zero parameter gradients
     for (const TensorView* t : {g.dw_weight, g.dw_bias, g.norm_weight, g.norm_bias, g.fc1_weight,
-                                g.fc1_bias, g.fc2_weight, g.fc2_bias, g.gamma})
+                                g.fc1_bias, g.fc2_weight, g.fc2_bias, g.gamma, g.grn_weight,
+                                g.grn_bias})
       zero_grad(t);
     return;
   }
@@ -467,6 +595,12 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
   const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
 
+  if (w.grn_weight) {
+    if (x.dtype == DType::Float64)
+      grn_backward_prepare<double>(s, pl, bs, x, grad_y, w, p, g);
+    else
+      grn_backward_prepare<float>(s, pl, bs, x, grad_y, w, p, g);
+  }
   // Phase A: the tiles -> D and the per-chunk partial sums.
   kernels().backward_tiles(x.dtype, s, pl, bs.pk, x.data, grad_y.data, bs.d, bs.partials,
                            bs.bufs, get_num_threads(), g.gamma != nullptr);

@@ -236,28 +236,94 @@ void residual_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, cons
   }
 }
 
+// GRN on the tile: h[p][j] = h[p][j] * f[n][j] + b[j] (n the pixel's image).
+template <class A>
+void grn_apply(const Shape& s, int64_t p0, int64_t np, A* h, const A* f, const A* b) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const int64_t Hd = s.hidden, hw = s.h * s.w;
+  for (int64_t p = 0; p < np; ++p) {
+    const A* fn = f + ((p0 + p) / hw) * Hd;
+    A* hp = h + p * Hd;
+    int64_t j = 0;
+    for (; j + L <= Hd; j += L)
+      vstore<A, A>(hp + j, vload<A, A>(hp + j) * vload<A, A>(fn + j) + vload<A, A>(b + j));
+    for (; j < Hd; ++j) hp[j] = hp[j] * fn[j] + b[j];
+  }
+}
+
+// GRN's input gradient on the tile: g[p][j] = dz[p][j] * f[n][j] + u[n][j] * g[p][j].
+template <class A>
+void grn_backward_apply(const Shape& s, int64_t p0, int64_t np, const A* dz, const A* f,
+                        const A* u, A* g) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const int64_t Hd = s.hidden, hw = s.h * s.w;
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t n = (p0 + p) / hw;
+    const A* fn = f + n * Hd;
+    const A* un = u + n * Hd;
+    const A* dp = dz + p * Hd;
+    A* gp = g + p * Hd;
+    int64_t j = 0;
+    for (; j + L <= Hd; j += L)
+      vstore<A, A>(gp + j, vload<A, A>(dp + j) * vload<A, A>(fn + j) +
+                               vload<A, A>(un + j) * vload<A, A>(gp + j));
+    for (; j < Hd; ++j) gp[j] = dp[j] * fn[j] + un[j] * gp[j];
+  }
+}
+
+// do = dy * ds[n] * gamma for np pixels from global pixel p0.
+template <class T, class A>
+void scaled_grad(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const T* gy, A* dob) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const A* gamma = static_cast<const A*>(pk.gamma);
+  const A* ds = static_cast<const A*>(pk.ds);
+  const int64_t C = s.c, hw = s.h * s.w;
+  for (int64_t p = 0; p < np; ++p) {
+    const A sc = ds[(p0 + p) / hw];
+    const V scv = V{} + sc;
+    const T* gp = gy + (p0 + p) * C;
+    A* dp = dob + p * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) vstore<A, A>(dp + c, vload<T, A>(gp + c) * scv * vload<A, A>(gamma + c));
+    for (; c < C; ++c) dp[c] = sload<T, A>(gp + c) * sc * gamma[c];
+  }
+}
+
+// t -> hidden activations g = GELU(fc1(LN(dwconv(x)))) of rows [g0, g1) into hb; with
+// `pre`, the biased pre-activation stays in hb and g goes to pre... (see callers).
+template <class T, class A>
+void hidden_tile(DType dt, const Shape& s, const Packed& pk, const T* x, int64_t g0, int64_t g1,
+                 A* t, A* hb, A* dwb) {
+  const int64_t np = (g1 - g0) * s.w;
+  dw_tile<T, A>(dt, s, pk, x, g0, g1, t, dwb);
+  ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, s.c, t, static_cast<const A*>(pk.nw),
+                                               static_cast<const A*>(pk.nb),
+                                               static_cast<A>(pk.eps), t, nullptr, nullptr);
+  core::gemm(Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
+             A(0), hb, s.hidden);
+  bias_gelu(np, s.hidden, hb, static_cast<const A*>(pk.b1), pk.tanh, static_cast<A*>(nullptr));
+}
+
 // ------------------------------------------------------------------ forward
 
 template <class T, class A>
 void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x, T* y,
                A* bufs, int nbufs) {
   const int64_t C = s.c, Hd = s.hidden, rows = s.n * s.h;
-  const A* w1 = static_cast<const A*>(pk.w1);
   const A* w2 = static_cast<const A*>(pk.w2);
-  const A* b1 = static_cast<const A*>(pk.b1);
-  const A* nw = static_cast<const A*>(pk.nw);
-  const A* nb = static_cast<const A*>(pk.nb);
   parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t begin, int64_t end) {
     A* t = bufs + std::min(slot, nbufs - 1) * pl.fwd_elems;
     A* hb = t + pl.P * C;
     A* dwb = hb + pl.P * Hd;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
-      dw_tile<T, A>(dt, s, pk, x, g0, g1, t, dwb);
-      ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, C, t, nw, nb, static_cast<A>(pk.eps), t,
-                                                   nullptr, nullptr);
-      core::gemm(Op::N, Op::T, np, Hd, C, A(1), t, C, w1, C, A(0), hb, Hd);
-      bias_gelu(np, Hd, hb, b1, pk.tanh, static_cast<A*>(nullptr));
+      hidden_tile<T, A>(dt, s, pk, x, g0, g1, t, hb, dwb);
+      if (pk.grn_f)
+        grn_apply<A>(s, g0 * s.w, np, hb, static_cast<const A*>(pk.grn_f),
+                     static_cast<const A*>(pk.grn_b));
       core::gemm(Op::N, Op::T, np, C, Hd, A(1), hb, Hd, w2, Hd, A(0), t, C);
       residual_out<T, A>(s, pk, g0 * s.w, np, x, t, y);
     }
@@ -299,7 +365,9 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
     A* rstd = mean + pl.P;
     A* ab = rstd + pl.P;
     A* gb = ab + pl.P * Hd;
-    A* dwb = gb + pl.P * Hd;
+    A* zb = gb + pl.P * Hd;  // GRN: its output z, then dz
+    A* dwb = zb + pl.P * Hd;
+    const A* grn_f = static_cast<const A*>(pk.grn_f);
     for (int64_t chunk = cbeg; chunk < cend; ++chunk) {
       A* part = partials + chunk * lay.total;
       std::fill(part, part + lay.total, A(0));
@@ -312,8 +380,14 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
                                                      t2, mean, rstd);
         core::gemm(Op::N, Op::T, np, Hd, C, A(1), t2, C, w1, C, A(0), ab, Hd);
         bias_gelu(np, Hd, ab, b1, pk.tanh, gb);
-        if (need_gamma)  // o = g W2^T, for dgamma
-          core::gemm(Op::N, Op::T, np, C, Hd, A(1), gb, Hd, w2, Hd, A(0), dt2, C);
+        A* zin = gb;  // fc2's input: g, or GRN(g)
+        if (grn_f) {
+          std::copy(gb, gb + np * Hd, zb);
+          grn_apply<A>(s, p0, np, zb, grn_f, static_cast<const A*>(pk.grn_b));
+          zin = zb;
+        }
+        if (need_gamma)  // o = z W2^T, for dgamma
+          core::gemm(Op::N, Op::T, np, C, Hd, A(1), zin, Hd, w2, Hd, A(0), dt2, C);
         A* db2 = part + lay.b2;
         A* dgam = part + lay.gamma;
         for (int64_t p = 0; p < np; ++p) {
@@ -339,8 +413,13 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
             if (need_gamma) dgam[c] += g * (op[c] + b2[c]);
           }
         }
-        core::gemm(Op::T, Op::N, C, Hd, np, A(1), dob, C, gb, Hd, A(1), part + lay.w2, Hd);
-        core::gemm(Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), gb, Hd);
+        core::gemm(Op::T, Op::N, C, Hd, np, A(1), dob, C, zin, Hd, A(1), part + lay.w2, Hd);
+        if (grn_f) {  // dz, then dg = dz * f + u * g
+          core::gemm(Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), zb, Hd);
+          grn_backward_apply<A>(s, p0, np, zb, grn_f, static_cast<const A*>(pk.grn_u), gb);
+        } else {
+          core::gemm(Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), gb, Hd);
+        }
         gelu_backward(np, Hd, ab, gb, pk.tanh, part + lay.b1);
         core::gemm(Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, A(1), part + lay.w1, C);
         core::gemm(Op::N, Op::N, np, C, Hd, A(1), ab, Hd, w1, C, A(0), dt2, C);
@@ -351,6 +430,63 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         int64_t i = 0;
         for (; i + L <= ne; i += L) vstore<T, A>(Dp + i, vload<A, A>(dob + i));
         for (; i < ne; ++i) sstore<T, A>(Dp + i, dob[i]);
+      }
+    }
+  });
+}
+
+// Per image row: rowsq[r][j] = sum over the row's pixels of g^2.
+template <class T, class A>
+void grn_forward_stats_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                         A* rowsq, A* bufs, int nbufs) {
+  const int64_t C = s.c, Hd = s.hidden, rows = s.n * s.h;
+  parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t begin, int64_t end) {
+    A* t = bufs + std::min(slot, nbufs - 1) * pl.fwd_elems;
+    A* hb = t + pl.P * C;
+    A* dwb = hb + pl.P * Hd;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt);
+      hidden_tile<T, A>(dt, s, pk, x, g0, g1, t, hb, dwb);
+      for (int64_t gr = g0; gr < g1; ++gr) {
+        A* out = rowsq + gr * Hd;
+        std::fill(out, out + Hd, A(0));
+        for (int64_t w = 0; w < s.w; ++w) {
+          const A* hp = hb + ((gr - g0) * s.w + w) * Hd;
+          for (int64_t j = 0; j < Hd; ++j) out[j] += hp[j] * hp[j];
+        }
+      }
+    }
+  });
+}
+
+// Per image row: rowt[r][j] = sum of dz * g, rowdb[r][j] = sum of dz, dz = (dy ds gamma) W2.
+template <class T, class A>
+void grn_backward_stats_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk,
+                          const T* x, const T* gy, A* rowt, A* rowdb, A* bufs, int nbufs) {
+  const int64_t C = s.c, Hd = s.hidden, rows = s.n * s.h;
+  const A* w2 = static_cast<const A*>(pk.w2);
+  parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t begin, int64_t end) {
+    A* t = bufs + std::min(slot, nbufs - 1) * pl.bwd_elems;
+    A* hb = t + pl.P * C;
+    A* db = hb + pl.P * Hd;
+    A* dwb = db + pl.P * Hd;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
+      hidden_tile<T, A>(dt, s, pk, x, g0, g1, t, hb, dwb);
+      scaled_grad<T, A>(s, pk, g0 * s.w, np, gy, t);
+      core::gemm(Op::N, Op::N, np, Hd, C, A(1), t, C, w2, Hd, A(0), db, Hd);
+      for (int64_t gr = g0; gr < g1; ++gr) {
+        A* ot = rowt + gr * Hd;
+        A* ob = rowdb + gr * Hd;
+        std::fill(ot, ot + Hd, A(0));
+        std::fill(ob, ob + Hd, A(0));
+        for (int64_t w = 0; w < s.w; ++w) {
+          const int64_t q = ((gr - g0) * s.w + w) * Hd;
+          for (int64_t j = 0; j < Hd; ++j) {
+            ot[j] += db[q + j] * hb[q + j];
+            ob[j] += db[q + j];
+          }
+        }
       }
     }
   });
@@ -402,6 +538,49 @@ void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk, 
     default: break;
   }
 }
+
+#define FV_CNB_DISPATCH(CALL_F32, CALL_F64, CALL_BF16) \
+  switch (dt) {                                       \
+    case DType::Float32: CALL_F32; break;             \
+    case DType::Float64: CALL_F64; break;             \
+    case DType::BFloat16: CALL_BF16; break;           \
+    default: break;                                   \
+  }
+
+void grn_forward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,
+                       void* rowsq, void* bufs, int nbufs) {
+  FV_CNB_DISPATCH(
+      (grn_forward_stats_t<float, float>(dt, s, pl, pk, static_cast<const float*>(x),
+                                         static_cast<float*>(rowsq), static_cast<float*>(bufs),
+                                         nbufs)),
+      (grn_forward_stats_t<double, double>(dt, s, pl, pk, static_cast<const double*>(x),
+                                           static_cast<double*>(rowsq),
+                                           static_cast<double*>(bufs), nbufs)),
+      (grn_forward_stats_t<bfloat16, float>(dt, s, pl, pk, static_cast<const bfloat16*>(x),
+                                            static_cast<float*>(rowsq),
+                                            static_cast<float*>(bufs), nbufs)))
+}
+
+void grn_backward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk,
+                        const void* x, const void* gy, void* rowt, void* rowdb, void* bufs,
+                        int nbufs) {
+  FV_CNB_DISPATCH(
+      (grn_backward_stats_t<float, float>(dt, s, pl, pk, static_cast<const float*>(x),
+                                          static_cast<const float*>(gy),
+                                          static_cast<float*>(rowt), static_cast<float*>(rowdb),
+                                          static_cast<float*>(bufs), nbufs)),
+      (grn_backward_stats_t<double, double>(dt, s, pl, pk, static_cast<const double*>(x),
+                                            static_cast<const double*>(gy),
+                                            static_cast<double*>(rowt),
+                                            static_cast<double*>(rowdb),
+                                            static_cast<double*>(bufs), nbufs)),
+      (grn_backward_stats_t<bfloat16, float>(dt, s, pl, pk, static_cast<const bfloat16*>(x),
+                                             static_cast<const bfloat16*>(gy),
+                                             static_cast<float*>(rowt),
+                                             static_cast<float*>(rowdb),
+                                             static_cast<float*>(bufs), nbufs)))
+}
+#undef FV_CNB_DISPATCH
 
 }  // namespace FV_ISA
 }  // namespace cnblock

@@ -49,6 +49,11 @@ struct Packed {
   const void* b2;     // [C]
   const void* gamma;  // [C]
   const void* ds;     // [N]
+  // GRN (all null without it): z = g * grn_f[n] + grn_b, grn_f[n][j] = 1 + w_j Nx[n][j];
+  // backward: dg = dz * grn_f[n] + grn_u[n] * g (grn_u: d(loss)/dG / G, per image).
+  const void* grn_f;  // [N][hidden]
+  const void* grn_b;  // [hidden]
+  const void* grn_u;  // [N][hidden]
   double eps;
   bool tanh;
 };
@@ -60,7 +65,16 @@ struct Packed {
                void* y, void* bufs, int nbufs);                                               \
   void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk,             \
                       const void* x, const void* gy, void* d, void* partials, void* bufs,     \
-                      int nbufs, bool need_gamma);
+                      int nbufs, bool need_gamma);                                           \
+  /* GRN statistics, per image row r (global n*H + r): rowsq[r][j] = sum over the row's */  \
+  /* pixels of g^2 (g = GELU(fc1(...))). */                                                  \
+  void grn_forward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk,         \
+                         const void* x, void* rowsq, void* bufs, int nbufs);                 \
+  /* rowt[r][j] = sum over the row of dz * g, rowdb[r][j] = sum of dz, with dz the */        \
+  /* gradient at GRN's output (pk.grn_f must be set). */                                     \
+  void grn_backward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk,        \
+                          const void* x, const void* gy, void* rowt, void* rowdb,            \
+                          void* bufs, int nbufs);
 
 namespace generic {
 FV_CNBLOCK_KERNEL_DECLS

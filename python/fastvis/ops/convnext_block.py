@@ -92,22 +92,23 @@ def _cb_fwd(
     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
     fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
     fc2_bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
-    drop_scale: Optional[torch.Tensor], eps: float, tanh_gelu: bool,
+    drop_scale: Optional[torch.Tensor], grn_weight: Optional[torch.Tensor],
+    grn_bias: Optional[torch.Tensor], eps: float, tanh_gelu: bool, grn_eps: float,
 ) -> torch.Tensor:
     _sync_threads()
     x = _nhwc(x.detach())
     ws = [None if t is None else t.detach() for t in
           (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-           gamma, drop_scale)]
+           gamma, drop_scale, grn_weight, grn_bias)]
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    nbytes = _C.convnext_block_forward_scratch_bytes(x, ws, eps, tanh_gelu)
-    _C.convnext_block_forward(x, ws, eps, tanh_gelu, y, scratch(nbytes, x.device))
+    nbytes = _C.convnext_block_forward_scratch_bytes(x, ws, eps, tanh_gelu, grn_eps)
+    _C.convnext_block_forward(x, ws, eps, tanh_gelu, y, scratch(nbytes, x.device), grn_eps)
     return y
 
 
 @_cb_fwd.register_fake
 def _(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-      gamma, drop_scale, eps, tanh_gelu):
+      gamma, drop_scale, grn_weight, grn_bias, eps, tanh_gelu, grn_eps):
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
@@ -117,29 +118,32 @@ def _cb_bwd(
     dw_bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
     norm_bias: Optional[torch.Tensor], fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
     fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
-    drop_scale: Optional[torch.Tensor], eps: float, tanh_gelu: bool, needs: List[bool],
+    drop_scale: Optional[torch.Tensor], grn_weight: Optional[torch.Tensor],
+    grn_bias: Optional[torch.Tensor], eps: float, tanh_gelu: bool, grn_eps: float,
+    needs: List[bool],
 ) -> List[torch.Tensor]:
     _sync_threads()
     x = _nhwc(x.detach())
     gy = _nhwc(grad_y.detach())
     params = (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-              fc2_bias, gamma)
-    ws = [None if t is None else t.detach() for t in params + (drop_scale,)]
+              fc2_bias, gamma, grn_weight, grn_bias)
+    ws = [None if t is None else t.detach() for t in params[:9] + (drop_scale,) + params[9:]]
     outs = [torch.empty_like(x, memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
     outs += [torch.empty(p.shape, dtype=x.dtype) if (p is not None and need) else x.new_empty(0)
              for p, need in zip(params, needs[1:])]
     grads = [o if need else None for o, need in zip(outs, [needs[0]] + [
         n and p is not None for p, n in zip(params, needs[1:])])]
-    nbytes = _C.convnext_block_backward_scratch_bytes(x, ws, eps, tanh_gelu)
-    _C.convnext_block_backward(gy, x, ws, eps, tanh_gelu, grads, scratch(nbytes, x.device))
+    nbytes = _C.convnext_block_backward_scratch_bytes(x, ws, eps, tanh_gelu, grn_eps)
+    _C.convnext_block_backward(gy, x, ws, eps, tanh_gelu, grads, scratch(nbytes, x.device),
+                               grn_eps)
     return outs
 
 
 @_cb_bwd.register_fake
 def _(grad_y, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-      fc2_bias, gamma, drop_scale, eps, tanh_gelu, needs):
+      fc2_bias, gamma, drop_scale, grn_weight, grn_bias, eps, tanh_gelu, grn_eps, needs):
     params = (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-              fc2_bias, gamma)
+              fc2_bias, gamma, grn_weight, grn_bias)
     outs = [torch.empty_like(x, memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
     outs += [x.new_empty(p.shape) if (p is not None and need) else x.new_empty(0)
              for p, need in zip(params, needs[1:])]
@@ -148,25 +152,36 @@ def _(grad_y, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bia
 
 def _setup_context(ctx, inputs, output):
     (x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-     gamma, drop_scale, eps, tanh_gelu) = inputs
+     gamma, drop_scale, grn_weight, grn_bias, eps, tanh_gelu, grn_eps) = inputs
     ctx.save_for_backward(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                          fc2_weight, fc2_bias, gamma, drop_scale)
+                          fc2_weight, fc2_bias, gamma, drop_scale, grn_weight, grn_bias)
     ctx.eps = eps
     ctx.tanh_gelu = tanh_gelu
+    ctx.grn_eps = grn_eps
+
+
+# Input positions of the differentiable tensors (x and the parameters; not drop_scale).
+_DIFF_POS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12)
 
 
 def _backward(ctx, grad_y):
     saved = ctx.saved_tensors
-    x, params, drop_scale = saved[0], saved[1:10], saved[10]
+    x, drop_scale = saved[0], saved[10]
+    params = saved[1:10] + saved[11:13]
     needs = [bool(ctx.needs_input_grad[0])] + [
-        bool(ctx.needs_input_grad[i + 1]) and params[i] is not None for i in range(9)]
+        bool(ctx.needs_input_grad[pos]) and params[i] is not None
+        for i, pos in enumerate(_DIFF_POS[1:])]
     if not any(needs):
-        return (None,) * 13
-    outs = _cb_bwd(grad_y, x, *params, drop_scale, ctx.eps, ctx.tanh_gelu, needs)
+        return (None,) * 16
+    outs = _cb_bwd(grad_y, x, *params[:9], drop_scale, *params[9:], ctx.eps, ctx.tanh_gelu,
+                   ctx.grn_eps, needs)
     grads = [o if need else None for o, need in zip(outs, needs)]
     if grads[0] is not None and not x.is_contiguous(memory_format=torch.channels_last):
         grads[0] = grads[0].contiguous()
-    return (*grads, None, None, None)
+    res = [None] * 16
+    for g, pos in zip(grads, _DIFF_POS):
+        res[pos] = g
+    return tuple(res)
 
 
 _cb_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -321,12 +336,12 @@ def convnext_block(
               fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate)
     e = _check_eps(eps, "eps")
     ge = _check_eps(grn_eps, "grn_eps")
-    if grn_weight is None and not reference_enabled() and _core_serves(x):
+    if not reference_enabled() and _core_serves(x):
         ds = None
         if drop_scale is not None:
             ds = drop_scale.reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         y = _cb_fwd(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                    fc2_weight, fc2_bias, gamma, ds, e, approximate == "tanh")
+                    fc2_weight, fc2_bias, gamma, ds, grn_weight, grn_bias, e, approximate == "tanh", ge)
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()
         return y
