@@ -3,6 +3,7 @@
 #include "fastvis/build_info.h"
 #include "fastvis/depthwise_conv.h"
 #include "fastvis/error.h"
+#include "fastvis/grn.h"
 #include "fastvis/layer_norm.h"
 #include "fastvis/tensor.h"
 #include "fastvis/threading.h"
