@@ -28,14 +28,17 @@ struct Geom {
   bool nhwc;         // dense NHWC (else dense NCHW)
 };
 
-// R, the number of pixel chunks of each image in pass 1: about 16K values per chunk, at
-// most 64 chunks; NCHW chunks keep at least 256 pixels (each chunk reads C runs of its
-// pixels, which should be long enough for the SIMD loop). A function of the shape only.
+// R, the number of pixel chunks of each image in pass 1: enough for N*R >= 64 work items
+// when the images are large enough, but no chunk below ~16K values (fewer, longer chunks
+// mean fewer partial sums to write and reduce), at most 64; NCHW chunks keep at least 256
+// pixels (each chunk reads C runs of its pixels, which should be long enough for the
+// SIMD loop). A function of the shape only.
 inline int64_t reduction_chunks(const Geom& g) {
-  if (g.hw <= 0) return 1;
+  if (g.hw <= 0 || g.n <= 0) return 1;
+  const int64_t want = (64 + g.n - 1) / g.n;
   const int64_t by_size = (g.hw * g.c + 16383) / 16384;
   const int64_t by_len = g.nhwc ? g.hw : std::max<int64_t>(1, g.hw / 256);
-  return std::max<int64_t>(1, std::min<int64_t>(64, std::min(by_size, by_len)));
+  return std::max<int64_t>(1, std::min(std::min(want, by_size), by_len));
 }
 
 #define FV_GRN_KERNEL_DECLS                                                                    \

@@ -208,11 +208,12 @@ void forward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& x,
   parallel_for(N, 1, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       A* gr = norm + n * C;
-      for (int64_t c = 0; c < C; ++c) {
-        A s = 0;
-        for (int64_t r = 0; r < R; ++r) s += partial[(n * R + r) * C + c];
-        gr[c] = std::sqrt(s);
+      std::fill(gr, gr + C, A(0));
+      for (int64_t r = 0; r < R; ++r) {
+        const A* pr = partial + (n * R + r) * C;
+        for (int64_t c = 0; c < C; ++c) gr[c] += pr[c];
       }
+      for (int64_t c = 0; c < C; ++c) gr[c] = std::sqrt(gr[c]);
       const A d = divisor<A>(C, gr, eps);
       for (int64_t c = 0; c < C; ++c) scale[n * C + c] = A(1) + w[c] * (gr[c] / d);
     }
@@ -247,18 +248,25 @@ void backward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& gra
     for (int64_t n = n0; n < n1; ++n) {
       const A* gr = norm + n * C;
       const A d = divisor<A>(C, gr, eps);
+      // D and B: the chunk partials summed in chunk order (into the rows of nxd / bsum).
+      A* dots = nxd + n * C;
+      A* sums = bsum + n * C;
+      std::fill(dots, dots + C, A(0));
+      std::fill(sums, sums + C, A(0));
+      for (int64_t r = 0; r < R; ++r) {
+        const A* pr = partial + (n * R + r) * 2 * C;
+        for (int64_t c = 0; c < C; ++c) {
+          dots[c] += pr[c];
+          sums[c] += pr[C + c];
+        }
+      }
       A ksum = 0;
       for (int64_t c = 0; c < C; ++c) {
-        A dot = 0, sum = 0;
-        for (int64_t r = 0; r < R; ++r) {
-          dot += partial[((n * R + r) * 2) * C + c];
-          sum += partial[((n * R + r) * 2 + 1) * C + c];
-        }
+        const A dot = dots[c];
         const A nx = gr[c] / d;
         const A e = w[c] * dot;
         ksum += e * nx;
-        nxd[n * C + c] = nx * dot;
-        bsum[n * C + c] = sum;
+        dots[c] = nx * dot;
         coef[n * C + c] = e;
       }
       const A kbar = ksum / static_cast<A>(C);
@@ -269,17 +277,19 @@ void backward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& gra
       }
     }
   });
-  // Weight/bias gradients: the per-image terms summed in image order.
-  for (int64_t c = 0; c < C; ++c) {
-    A sw = 0, sb = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      sw += nxd[n * C + c];
-      sb += bsum[n * C + c];
+  // Weight/bias gradients: the per-image terms summed in image order, into row 0.
+  for (int64_t n = 1; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      nxd[c] += nxd[n * C + c];
+      bsum[c] += bsum[n * C + c];
     }
+  for (int64_t c = 0; c < C; ++c) {
     if (grad_weight)
-      store_from_double(grad_weight->dtype, grad_weight->data, c * grad_weight->strides[0], sw);
+      store_from_double(grad_weight->dtype, grad_weight->data, c * grad_weight->strides[0],
+                        N > 0 ? nxd[c] : A(0));
     if (grad_bias)
-      store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0], sb);
+      store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0],
+                        N > 0 ? bsum[c] : A(0));
   }
   if (grad_x && N > 0 && g.hw > 0)
     k.grad_input(dt, g, grad_y.data, x.data, scale, coef, grad_x->data);
