@@ -1,5 +1,6 @@
 """fastvis ops: torch custom ops over the core, each with a pure-PyTorch reference."""
 from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normalize_conv_args
+from .grn import global_response_norm, global_response_norm_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
 
 __all__ = [
@@ -8,4 +9,6 @@ __all__ = [
     "normalize_conv_args",
     "layer_norm_channels",
     "layer_norm_channels_reference",
+    "global_response_norm",
+    "global_response_norm_reference",
 ]
