@@ -480,4 +480,86 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
       py::arg("grads"), py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6);
+  // ------------------------------------------------------------ global_response_norm
+  // weight and bias are required; norm is (N, C) in the statistics dtype.
+  m.def("global_response_norm_forward_scratch_bytes",
+        [](py::object x) {
+          Borrowed b;
+          return global_response_norm_forward_scratch_bytes(b.view(x, "x"));
+        },
+        py::arg("x"));
+
+  m.def(
+      "global_response_norm_forward",
+      [opt_view](py::object x, py::object w, py::object bias, double eps, py::object y,
+                 py::object norm, py::object scratch) {
+        Borrowed b;
+        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), bv = b.view(bias, "bias"),
+                   yv = b.view(y, "y"), nv;
+        const TensorView* np = opt_view(b, norm, nv, "norm");
+        global_response_norm_shape(xv, wv, &bv, eps);
+        const size_t need = global_response_norm_forward_scratch_bytes(xv);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        global_response_norm_forward(xv, wv, bv, eps, yv, np, sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y"),
+      py::arg("norm") = py::none(), py::arg("scratch") = py::none());
+
+  m.def("global_response_norm_backward_scratch_bytes",
+        [](py::object x) {
+          Borrowed b;
+          return global_response_norm_backward_scratch_bytes(b.view(x, "x"));
+        },
+        py::arg("x"));
+
+  m.def(
+      "global_response_norm_backward",
+      [opt_view](py::object gy, py::object x, py::object w, py::object norm, double eps,
+                 py::object gx, py::object gw, py::object gb, py::object scratch) {
+        Borrowed b;
+        TensorView gyv = b.view(gy, "grad_y"), xv = b.view(x, "x"), wv = b.view(w, "weight"),
+                   nv = b.view(norm, "norm"), gxv, gwv, gbv;
+        const TensorView* gxp = opt_view(b, gx, gxv, "grad_x");
+        const TensorView* gwp = opt_view(b, gw, gwv, "grad_weight");
+        const TensorView* gbp = opt_view(b, gb, gbv, "grad_bias");
+        global_response_norm_shape(xv, wv, nullptr, eps);
+        const size_t need = global_response_norm_backward_scratch_bytes(xv);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        global_response_norm_backward(gyv, xv, wv, nv, eps, gxp, gwp, gbp, sc.ptr, sc.bytes);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("norm"), py::arg("eps"),
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
+      py::arg("scratch") = py::none());
+
+  m.def(
+      "global_response_norm_forward_reference",
+      [opt_view](py::object x, py::object w, py::object bias, double eps, py::object y,
+                 py::object norm) {
+        Borrowed b;
+        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), bv = b.view(bias, "bias"),
+                   yv = b.view(y, "y"), nv;
+        const TensorView* np = opt_view(b, norm, nv, "norm");
+        py::gil_scoped_release nogil;
+        global_response_norm_forward_reference(xv, wv, bv, eps, yv, np);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y"),
+      py::arg("norm") = py::none());
+
+  m.def(
+      "global_response_norm_backward_reference",
+      [opt_view](py::object gy, py::object x, py::object w, double eps, py::object gx,
+                 py::object gw, py::object gb) {
+        Borrowed b;
+        TensorView gyv = b.view(gy, "grad_y"), xv = b.view(x, "x"), wv = b.view(w, "weight"),
+                   gxv, gwv, gbv;
+        const TensorView* gxp = opt_view(b, gx, gxv, "grad_x");
+        const TensorView* gwp = opt_view(b, gw, gwv, "grad_weight");
+        const TensorView* gbp = opt_view(b, gb, gbv, "grad_bias");
+        py::gil_scoped_release nogil;
+        global_response_norm_backward_reference(gyv, xv, wv, eps, gxp, gwp, gbp);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("grad_x"),
+      py::arg("grad_weight"), py::arg("grad_bias"));
 }

@@ -4,6 +4,7 @@
 #include "fastvis/convnext_block.h"
 #include "fastvis/depthwise_conv.h"
 #include "fastvis/error.h"
+#include "fastvis/grn.h"
 #include "fastvis/layer_norm.h"
 #include "fastvis/tensor.h"
 #include "fastvis/threading.h"

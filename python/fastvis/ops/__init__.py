@@ -1,6 +1,7 @@
 """fastvis ops: torch custom ops over the core, each with a pure-PyTorch reference."""
 from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normalize_conv_args
 from .convnext_block import convnext_block, convnext_block_reference
+from .grn import global_response_norm, global_response_norm_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
 
 __all__ = [
@@ -11,4 +12,6 @@ __all__ = [
     "normalize_conv_args",
     "layer_norm_channels",
     "layer_norm_channels_reference",
+    "global_response_norm",
+    "global_response_norm_reference",
 ]

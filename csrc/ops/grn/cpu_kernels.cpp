@@ -1,0 +1,360 @@
+// CPU fast paths of global_response_norm: the two passes over the activations (see
+// cpu_kernels.h). Compiled once per instruction set (see CMakeLists.txt): FV_ISA names
+// the namespace and the flags differ.
+//
+// * NHWC: SIMD over channels. Pass 1 accumulates a chunk's pixels into its C partial
+//   sums, four pixels per load/store of the sums (the additions stay in pixel order, so
+//   the grouping does not change the result); pass 2 is a per-pixel multiply-add with
+//   the image's row of coefficients.
+// * NCHW: SIMD over pixels. Pass 1 sums each channel's run of the chunk's pixels with
+//   four vector accumulators combined in a fixed order; pass 2 broadcasts the (n, c)
+//   coefficients over blocks of a channel plane.
+// Channel and pixel tails run scalar code.
+#include <algorithm>
+#include <cstring>
+
+#include "core/dtype_convert.h"
+#include "core/simd.h"
+#include "fastvis/threading.h"
+#include "ops/grn/cpu_kernels.h"
+
+namespace fastvis {
+namespace grn {
+namespace FV_ISA {
+namespace {
+
+using namespace ::fastvis::simd::FV_ISA;
+
+// Sum of the lanes, pairwise in a fixed order.
+template <class A> inline A hsum(typename VT<A>::V v) {
+  constexpr int L = VT<A>::L;
+  A t[L];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+template <class A> inline typename VT<A>::V splat(A a) { return typename VT<A>::V{} + a; }
+
+// Pixels per pass-2 work item of an NCHW plane.
+constexpr int64_t kPlaneBlock = 4096;
+
+// ------------------------------------------------------------------ pass 1, NHWC
+
+// acc[c] = sum over the np pixels (stride C) of x[c]^2.
+template <class T, class A>
+void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  std::fill(acc, acc + C, A(0));
+  int64_t p = 0;
+  for (; p + 4 <= np; p += 4) {
+    const T* x0 = x + p * C;
+    const T *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const V v0 = vload<T, A>(x0 + c), v1 = vload<T, A>(x1 + c);
+      const V v2 = vload<T, A>(x2 + c), v3 = vload<T, A>(x3 + c);
+      V a = vload<A, A>(acc + c);
+      a += v0 * v0;
+      a += v1 * v1;
+      a += v2 * v2;
+      a += v3 * v3;
+      vstore<A, A>(acc + c, a);
+    }
+    for (; c < C; ++c) {
+      const A v0 = sload<T, A>(x0 + c), v1 = sload<T, A>(x1 + c);
+      const A v2 = sload<T, A>(x2 + c), v3 = sload<T, A>(x3 + c);
+      A a = acc[c];
+      a += v0 * v0;
+      a += v1 * v1;
+      a += v2 * v2;
+      a += v3 * v3;
+      acc[c] = a;
+    }
+  }
+  for (; p < np; ++p) {
+    const T* xp = x + p * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const V v = vload<T, A>(xp + c);
+      vstore<A, A>(acc + c, vload<A, A>(acc + c) + v * v);
+    }
+    for (; c < C; ++c) {
+      const A v = sload<T, A>(xp + c);
+      acc[c] += v * v;
+    }
+  }
+}
+
+// dot[c] = sum of gy[c] * x[c], sum[c] = sum of gy[c] over the np pixels (stride C).
+template <class T, class A>
+void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  std::fill(dot, dot + C, A(0));
+  std::fill(sum, sum + C, A(0));
+  int64_t p = 0;
+  for (; p + 2 <= np; p += 2) {
+    const T *g0 = gy + p * C, *g1 = g0 + C;
+    const T *x0 = x + p * C, *x1 = x0 + C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const V a0 = vload<T, A>(g0 + c), a1 = vload<T, A>(g1 + c);
+      V d = vload<A, A>(dot + c), s = vload<A, A>(sum + c);
+      d += a0 * vload<T, A>(x0 + c);
+      s += a0;
+      d += a1 * vload<T, A>(x1 + c);
+      s += a1;
+      vstore<A, A>(dot + c, d);
+      vstore<A, A>(sum + c, s);
+    }
+    for (; c < C; ++c) {
+      const A a0 = sload<T, A>(g0 + c), a1 = sload<T, A>(g1 + c);
+      A d = dot[c], s = sum[c];
+      d += a0 * sload<T, A>(x0 + c);
+      s += a0;
+      d += a1 * sload<T, A>(x1 + c);
+      s += a1;
+      dot[c] = d;
+      sum[c] = s;
+    }
+  }
+  for (; p < np; ++p) {
+    const T *gp = gy + p * C, *xp = x + p * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const V a = vload<T, A>(gp + c);
+      vstore<A, A>(dot + c, vload<A, A>(dot + c) + a * vload<T, A>(xp + c));
+      vstore<A, A>(sum + c, vload<A, A>(sum + c) + a);
+    }
+    for (; c < C; ++c) {
+      const A a = sload<T, A>(gp + c);
+      dot[c] += a * sload<T, A>(xp + c);
+      sum[c] += a;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ pass 1, NCHW
+
+// Sum of x[i]^2 over a contiguous run of len values.
+template <class T, class A>
+A sumsq_run(int64_t len, const T* x) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  V a0{}, a1{}, a2{}, a3{};
+  int64_t i = 0;
+  for (; i + 4 * L <= len; i += 4 * L) {
+    const V v0 = vload<T, A>(x + i), v1 = vload<T, A>(x + i + L);
+    const V v2 = vload<T, A>(x + i + 2 * L), v3 = vload<T, A>(x + i + 3 * L);
+    a0 += v0 * v0;
+    a1 += v1 * v1;
+    a2 += v2 * v2;
+    a3 += v3 * v3;
+  }
+  for (; i + L <= len; i += L) {
+    const V v = vload<T, A>(x + i);
+    a0 += v * v;
+  }
+  A s = hsum<A>((a0 + a1) + (a2 + a3));
+  for (; i < len; ++i) {
+    const A v = sload<T, A>(x + i);
+    s += v * v;
+  }
+  return s;
+}
+
+// dot = sum of gy[i] * x[i], sum = sum of gy[i] over a contiguous run of len values.
+template <class T, class A>
+void sumgrad_run(int64_t len, const T* gy, const T* x, A& dot, A& sum) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  V d0{}, d1{}, s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 2 * L <= len; i += 2 * L) {
+    const V g0 = vload<T, A>(gy + i), g1 = vload<T, A>(gy + i + L);
+    d0 += g0 * vload<T, A>(x + i);
+    d1 += g1 * vload<T, A>(x + i + L);
+    s0 += g0;
+    s1 += g1;
+  }
+  for (; i + L <= len; i += L) {
+    const V g0 = vload<T, A>(gy + i);
+    d0 += g0 * vload<T, A>(x + i);
+    s0 += g0;
+  }
+  A d = hsum<A>(d0 + d1), s = hsum<A>(s0 + s1);
+  for (; i < len; ++i) {
+    const A g = sload<T, A>(gy + i);
+    d += g * sload<T, A>(x + i);
+    s += g;
+  }
+  dot = d;
+  sum = s;
+}
+
+// ------------------------------------------------------------------ pass 2
+
+// out[i] = a[i] * s + (b ? b[i] * t : t) over a contiguous run (NCHW plane block).
+template <class T, class A>
+void affine_run(int64_t len, const T* a, const T* b, A s, A t, T* out) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const V sv = splat<A>(s), tv = splat<A>(t);
+  int64_t i = 0;
+  if (b) {
+    for (; i + L <= len; i += L)
+      vstore<T, A>(out + i, vload<T, A>(a + i) * sv + vload<T, A>(b + i) * tv);
+    for (; i < len; ++i) sstore<T, A>(out + i, sload<T, A>(a + i) * s + sload<T, A>(b + i) * t);
+  } else {
+    for (; i + L <= len; i += L) vstore<T, A>(out + i, vload<T, A>(a + i) * sv + tv);
+    for (; i < len; ++i) sstore<T, A>(out + i, sload<T, A>(a + i) * s + t);
+  }
+}
+
+// out[c] = a[c] * s[c] + (b ? b[c] * t[c] : t[c]) over one NHWC pixel's C channels.
+template <class T, class A>
+void affine_pixel(int64_t C, const T* a, const T* b, const A* s, const A* t, T* out) {
+  constexpr int L = VT<A>::L;
+  int64_t c = 0;
+  if (b) {
+    for (; c + L <= C; c += L)
+      vstore<T, A>(out + c, vload<T, A>(a + c) * vload<A, A>(s + c) +
+                                vload<T, A>(b + c) * vload<A, A>(t + c));
+    for (; c < C; ++c)
+      sstore<T, A>(out + c, sload<T, A>(a + c) * s[c] + sload<T, A>(b + c) * t[c]);
+  } else {
+    for (; c + L <= C; c += L)
+      vstore<T, A>(out + c, vload<T, A>(a + c) * vload<A, A>(s + c) + vload<A, A>(t + c));
+    for (; c < C; ++c) sstore<T, A>(out + c, sload<T, A>(a + c) * s[c] + t[c]);
+  }
+}
+
+// out = a * s1[n, c] + (b ? b * s2[n, c] : s2[c]) over the whole tensor; s2 is per
+// (n, c) when b is given (backward) and per channel otherwise (forward's bias).
+template <class T, class A>
+void affine(const Geom& g, const T* a, const T* b, const A* s1, const A* s2, T* out) {
+  const int64_t C = g.c, HW = g.hw;
+  if (g.nhwc) {
+    const int64_t grain = std::max<int64_t>(16, 16384 / C);
+    parallel_for(g.n * HW, grain, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t n = q / HW;
+        const A* t = b ? s2 + n * C : s2;
+        affine_pixel<T, A>(C, a + q * C, b ? b + q * C : nullptr, s1 + n * C, t, out + q * C);
+      }
+    });
+    return;
+  }
+  const int64_t nb = (HW + kPlaneBlock - 1) / kPlaneBlock;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::min(HW, kPlaneBlock));
+  parallel_for(g.n * C * nb, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t plane = it / nb, p0 = (it % nb) * kPlaneBlock;
+      const int64_t len = std::min(kPlaneBlock, HW - p0);
+      const int64_t off = plane * HW + p0;
+      const A t = b ? s2[plane] : s2[plane % C];
+      affine_run<T, A>(len, a + off, b ? b + off : nullptr, s1[plane], t, out + off);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ drivers
+
+template <class T, class A>
+void sum_squares_t(const Geom& g, int64_t chunks, const T* x, A* partial) {
+  const int64_t C = g.c, HW = g.hw;
+  parallel_for(g.n * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n = it / chunks, r = it % chunks;
+      const int64_t p0 = r * HW / chunks, p1 = (r + 1) * HW / chunks;
+      A* acc = partial + it * C;
+      if (g.nhwc) {
+        sumsq_nhwc<T, A>(p1 - p0, C, x + (n * HW + p0) * C, acc);
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          acc[c] = sumsq_run<T, A>(p1 - p0, x + (n * C + c) * HW + p0);
+      }
+    }
+  });
+}
+
+template <class T, class A>
+void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* partial) {
+  const int64_t C = g.c, HW = g.hw;
+  parallel_for(g.n * chunks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t n = it / chunks, r = it % chunks;
+      const int64_t p0 = r * HW / chunks, p1 = (r + 1) * HW / chunks;
+      A* dot = partial + it * 2 * C;
+      A* sum = dot + C;
+      if (g.nhwc) {
+        const int64_t off = (n * HW + p0) * C;
+        sumgrad_nhwc<T, A>(p1 - p0, C, gy + off, x + off, dot, sum);
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t off = (n * C + c) * HW + p0;
+          sumgrad_run<T, A>(p1 - p0, gy + off, x + off, dot[c], sum[c]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+#define FV_GRN_DISPATCH(dt, CALL)                  \
+  switch (dt) {                                    \
+    case DType::Float32: {                         \
+      using T = float;                             \
+      using A = float;                             \
+      CALL;                                        \
+      break;                                       \
+    }                                              \
+    case DType::Float64: {                         \
+      using T = double;                            \
+      using A = double;                            \
+      CALL;                                        \
+      break;                                       \
+    }                                              \
+    case DType::BFloat16: {                        \
+      using T = bfloat16;                          \
+      using A = float;                             \
+      CALL;                                        \
+      break;                                       \
+    }                                              \
+    default: break;                                \
+  }
+
+void sum_squares(DType dt, const Geom& g, int64_t chunks, const void* x, void* partial) {
+  FV_GRN_DISPATCH(dt, (sum_squares_t<T, A>(g, chunks, static_cast<const T*>(x),
+                                           static_cast<A*>(partial))))
+}
+
+void apply(DType dt, const Geom& g, const void* x, const void* scale, const void* shift,
+           void* y) {
+  FV_GRN_DISPATCH(dt, (affine<T, A>(g, static_cast<const T*>(x), nullptr,
+                                    static_cast<const A*>(scale), static_cast<const A*>(shift),
+                                    static_cast<T*>(y))))
+}
+
+void sum_grads(DType dt, const Geom& g, int64_t chunks, const void* gy, const void* x,
+               void* partial) {
+  FV_GRN_DISPATCH(dt, (sum_grads_t<T, A>(g, chunks, static_cast<const T*>(gy),
+                                         static_cast<const T*>(x), static_cast<A*>(partial))))
+}
+
+void grad_input(DType dt, const Geom& g, const void* gy, const void* x, const void* scale,
+                const void* coef, void* gx) {
+  FV_GRN_DISPATCH(dt, (affine<T, A>(g, static_cast<const T*>(gy), static_cast<const T*>(x),
+                                    static_cast<const A*>(scale), static_cast<const A*>(coef),
+                                    static_cast<T*>(gx))))
+}
+
+#undef FV_GRN_DISPATCH
+
+}  // namespace FV_ISA
+}  // namespace grn
+}  // namespace fastvis

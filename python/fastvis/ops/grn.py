@@ -1,0 +1,211 @@
+"""Global Response Normalization: ``fastvis.ops.global_response_norm``.
+
+Semantics of ConvNeXt-V2's GRN (timm's ``GlobalResponseNorm``) on a logical (N, C, H, W)
+tensor::
+
+    G  = ||x[n, c, :, :]||_2                 (per image and channel)
+    Nx = G / (mean_c G + eps)
+    y  = x + bias[c] + weight[c] * (x * Nx)
+
+with ``weight`` and ``bias`` of shape (C,).
+
+Implemented as ``torch.library.custom_op``s (forward and backward) with fake kernels and
+registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break. The
+forward op also returns the per-(n, c) norms ``G`` as an (N, C) tensor (float32, float64
+for float64 inputs), which autograd saves: the backward pass rebuilds ``Nx`` from them
+instead of re-reading x for the norms.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .. import _C
+from .._reference import reference_enabled, warn_fallback_once
+from .._runtime import _sync_threads
+from ._bridge import dense_for_core, empty_like_layout, like_layout, scratch
+from .layer_norm import _check_eps
+
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape[:2], dtype=_stats_dtype(x.dtype), device=x.device)
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastvis::global_response_norm", mutates_args=())
+def _grn_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    _sync_threads()  # here, not in the traced wrapper: torch.compile sees only the op
+    x = dense_for_core(x).detach()
+    y = empty_like_layout(x.shape, x)
+    norm = _empty_norm(x)
+    nbytes = _C.global_response_norm_forward_scratch_bytes(x)
+    _C.global_response_norm_forward(x, weight.detach(), bias.detach(), eps, y, norm,
+                                    scratch(nbytes, x.device))
+    return y, norm
+
+
+@_grn_fwd.register_fake
+def _(x, weight, bias, eps):
+    return empty_like_layout(x.shape, x), _empty_norm(x)
+
+
+@torch.library.custom_op("fastvis::global_response_norm_backward", mutates_args=())
+def _grn_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm: torch.Tensor,
+    eps: float,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _sync_threads()
+    x = dense_for_core(x).detach()
+    gy = like_layout(grad_y, x).detach()
+    c = x.shape[1]
+    gx = empty_like_layout(x.shape, x) if need_input else x.new_empty(0)
+    gw = torch.empty(c, dtype=x.dtype, device=x.device) if need_weight else x.new_empty(0)
+    gb = torch.empty(c, dtype=x.dtype, device=x.device) if need_bias else x.new_empty(0)
+    if need_input or need_weight or need_bias:
+        nbytes = _C.global_response_norm_backward_scratch_bytes(x)
+        _C.global_response_norm_backward(
+            gy, x, weight.detach(), norm.detach(), eps,
+            gx if need_input else None, gw if need_weight else None, gb if need_bias else None,
+            scratch(nbytes, x.device),
+        )
+    return gx, gw, gb
+
+
+@_grn_bwd.register_fake
+def _(grad_y, x, weight, norm, eps, need_input, need_weight, need_bias):
+    c = x.shape[1]
+    gx = empty_like_layout(x.shape, x) if need_input else x.new_empty(0)
+    gw = x.new_empty(c) if need_weight else x.new_empty(0)
+    gb = x.new_empty(c) if need_bias else x.new_empty(0)
+    return gx, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, eps = inputs
+    _, norm = output
+    ctx.save_for_backward(x, weight, norm)
+    ctx.eps = eps
+    ctx.mark_non_differentiable(norm)
+
+
+def _backward(ctx, grad_y, _grad_norm):
+    x, weight, norm = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gx, gw, gb = _grn_bwd(grad_y, x, weight, norm, ctx.eps, need_x, need_w, need_b)
+    return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None)
+
+
+_grn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def global_response_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`global_response_norm` (timm's GlobalResponseNorm
+    on an NCHW view), in x's memory format."""
+    g = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True)
+    nx = g / (g.mean(dim=1, keepdim=True) + eps)
+    y = x + bias.view(1, -1, 1, 1) + weight.view(1, -1, 1, 1) * (x * nx)
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def _validate(x, weight, bias) -> None:
+    """The core's argument rules, checked in Python so every path (fast, reference,
+    fallback device) accepts and refuses the same inputs with the same exceptions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"global_response_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"global_response_norm: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+    allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
+    if x.dtype not in allowed and x.device.type != "meta":
+        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
+        hint = " (float16 is CUDA-only)" if x.dtype == torch.float16 else ""
+        raise TypeError(
+            f"x: the {x.device.type.upper()} backend supports {names}, got "
+            f"{str(x.dtype).replace('torch.', '')}{hint}"
+        )
+    c = x.shape[1]
+    if c < 1:
+        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of shape ({c},), got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(
+                f"global_response_norm: {name} is on {t.device} but x is on {x.device}; "
+                "all tensors must be on the same device"
+            )
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"{name}: expected shape ({c},) (one value per channel), got {tuple(t.shape)}")
+
+
+def _core_serves(x: torch.Tensor) -> bool:
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        # No CUDA kernels for this op yet (CUDA builds included).
+        warn_fallback_once(
+            "grn-cuda",
+            "fastvis.ops.global_response_norm: no fastvis CUDA kernels for this op yet; "
+            "running the PyTorch reference on CUDA tensors",
+        )
+        return False
+    if x.device.type != "meta":
+        warn_fallback_once(
+            f"grn-{x.device.type}",
+            f"fastvis.ops.global_response_norm: no fastvis kernels for device '{x.device.type}'; "
+            "running the PyTorch reference",
+        )
+    return False
+
+
+def global_response_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Global Response Normalization of an (N, C, H, W) tensor (ConvNeXt-V2, timm's
+    GlobalResponseNorm): ``x + bias + weight * x * Nx`` with ``Nx = G / (mean_c G + eps)``
+    and ``G`` the L2 norm of each image's channel.
+
+    Args:
+        x: (N, C, H, W), channels_last (fast, zero-copy) or contiguous NCHW; other strides
+            are copied to contiguous first. For an (N, H, W, C) tensor pass
+            ``x.permute(0, 3, 1, 2)`` (a zero-copy channels_last view) and permute the
+            result back, as :class:`fastvis.nn.GlobalResponseNorm` does.
+        weight, bias: (C,), x's dtype (required).
+        eps: added to the mean of the norms; a positive finite number.
+
+    Returns:
+        (N, C, H, W) in x's memory format. CPU: float32, float64, bfloat16 (float32
+        accumulation). CUDA tensors run the PyTorch reference (warned once).
+    """
+    _validate(x, weight, bias)
+    e = _check_eps(eps)
+    if reference_enabled() or not _core_serves(x):
+        return global_response_norm_reference(x, weight, bias, e)
+    y, _ = _grn_fwd(x, weight, bias, e)
+    return y
