@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, TextIO
 # name -> module (relative to this package)
 BENCHMARKS: Dict[str, str] = {
     "dwconv": ".dwconv",
+    "block": ".block",
 }
 
 __all__ = ["BENCHMARKS", "names", "load", "print_table", "table_format_choices"]

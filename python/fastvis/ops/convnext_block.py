@@ -82,6 +82,23 @@ _GRAD_NAMES = ("x", "dw_weight", "dw_bias", "norm_weight", "norm_bias", "fc1_wei
                "fc1_bias", "fc2_weight", "fc2_bias", "gamma")
 
 
+_scratch_sizes: dict = {}
+
+
+def _scratch_bytes(kind, query, x, ws, eps, tanh_gelu, grn_eps) -> int:
+    """Memoised core scratch query: the size depends on the shapes, dtypes and strides of x
+    and the parameters present, and on the core's thread count, nothing else."""
+    key = (kind, _C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype,
+           tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in ws))
+    n = _scratch_sizes.get(key)
+    if n is None:
+        if len(_scratch_sizes) > 512:
+            _scratch_sizes.clear()
+        n = query(x, ws, eps, tanh_gelu, grn_eps)
+        _scratch_sizes[key] = n
+    return n
+
+
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
@@ -101,7 +118,8 @@ def _cb_fwd(
           (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
            gamma, drop_scale, grn_weight, grn_bias)]
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    nbytes = _C.convnext_block_forward_scratch_bytes(x, ws, eps, tanh_gelu, grn_eps)
+    nbytes = _scratch_bytes("convnext_block_fwd", _C.convnext_block_forward_scratch_bytes, x, ws,
+                            eps, tanh_gelu, grn_eps)
     _C.convnext_block_forward(x, ws, eps, tanh_gelu, y, scratch(nbytes, x.device), grn_eps)
     return y
 
@@ -133,7 +151,8 @@ def _cb_bwd(
              for p, need in zip(params, needs[1:])]
     grads = [o if need else None for o, need in zip(outs, [needs[0]] + [
         n and p is not None for p, n in zip(params, needs[1:])])]
-    nbytes = _C.convnext_block_backward_scratch_bytes(x, ws, eps, tanh_gelu, grn_eps)
+    nbytes = _scratch_bytes("convnext_block_bwd", _C.convnext_block_backward_scratch_bytes, x, ws,
+                            eps, tanh_gelu, grn_eps)
     _C.convnext_block_backward(gy, x, ws, eps, tanh_gelu, grads, scratch(nbytes, x.device),
                                grn_eps)
     return outs
