@@ -2,7 +2,8 @@
 
 A framework-free C++ core (CPU, and CUDA when built with it) under a PyTorch
 layer: custom ops with autograd and torch.compile support, ``nn`` modules with
-timm-compatible parameter names, and benchmarks.
+timm-compatible parameter names, a model zoo (``fastvis.create_model``) and
+benchmarks.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from ._runtime import (  # noqa: E402
 from ._reference import reference_enabled, use_reference  # noqa: E402
 from . import ops  # noqa: E402
 from . import nn  # noqa: E402
+from . import models  # noqa: E402
+from .models import create_model, list_models  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -43,4 +46,7 @@ __all__ = [
     "reference_enabled",
     "ops",
     "nn",
+    "models",
+    "create_model",
+    "list_models",
 ]

@@ -1,0 +1,25 @@
+"""The fastvis model zoo: timm-compatible architectures on fastvis kernels.
+
+``fastvis.create_model(name, ...)`` builds a registered model, ``fastvis.list_models()``
+lists them. Families: ConvNeXt / ConvNeXt-V2 (:mod:`fastvis.models.convnext`).
+"""
+from ._registry import create_model, is_model, list_models, model_entrypoint, register_model
+from ._features import FeatureInfo
+from ._pretrained import PretrainedWeightsNotFound, load_state_dict_file
+from . import convnext
+from .convnext import ConvNeXt, checkpoint_filter_fn, load_checkpoint
+
+__all__ = [
+    "ConvNeXt",
+    "FeatureInfo",
+    "PretrainedWeightsNotFound",
+    "checkpoint_filter_fn",
+    "convnext",
+    "create_model",
+    "is_model",
+    "list_models",
+    "load_checkpoint",
+    "load_state_dict_file",
+    "model_entrypoint",
+    "register_model",
+]
