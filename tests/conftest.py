@@ -232,10 +232,10 @@ def _oracle_backward(x, w, b, gy, cfg: ConvCfg):
 #   order as the kernel, so some headroom is needed, and 1e-10 still catches any
 #   lost or extra term).
 # * bfloat16 (inputs bf16-exact, float32 accumulation, one rounding to bf16 at
-#   the end): round-to-nearest to bf16 (8 significant bits) errs by at most
-#   2^-9 * |value|; we allow 2^-8 * |ref| (a factor 2 for e.g. round-toward-zero)
-#   plus the float32 accumulation bound above, twice (it also enters the rounded
-#   value).
+#   the end): round-to-nearest to bf16 (8 significant bits) errs by at most half
+#   an ulp, 2^-8 * |value|; we allow exactly that, 2^-8 * |ref|, plus the float32
+#   accumulation bound above, twice (it also enters the rounded value). There is no
+#   extra margin: a kernel that rounds any other way than to nearest fails.
 
 U32 = 2.0 ** -24
 

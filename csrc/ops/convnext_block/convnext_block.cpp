@@ -320,7 +320,8 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
 
 size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                             const ConvNeXtBlockParams& p) {
-  convnext_block_shape(x, w, p);
+  const ConvNeXtBlockShape s = convnext_block_shape(x, w, p);
+  if (s.n * s.h * s.w == 0) return 0;
   return forward_layout(x, w, p, nullptr, 0, nullptr, nullptr);
 }
 
@@ -545,7 +546,8 @@ void grn_backward_prepare(const Shape& s, const Plan& pl, const BwdScratch& bs,
 
 size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                              const ConvNeXtBlockParams& p) {
-  convnext_block_shape(x, w, p);
+  const ConvNeXtBlockShape s = convnext_block_shape(x, w, p);
+  if (s.n * s.h * s.w == 0) return 0;
   return backward_layout(x, w, p, nullptr, nullptr, 0, nullptr);
 }
 

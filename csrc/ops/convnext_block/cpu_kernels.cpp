@@ -369,7 +369,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
     A* dwb = zb + pl.P * Hd;
     const A* grn_f = static_cast<const A*>(pk.grn_f);
     for (int64_t chunk = cbeg; chunk < cend; ++chunk) {
-      A* part = partials + chunk * lay.total;
+      A* part = partials + chunk * pl.partial_elems;  // the stride the reduction reads
       std::fill(part, part + lay.total, A(0));
       const int64_t tb = chunk * pl.ntiles / pl.chunks, te = (chunk + 1) * pl.ntiles / pl.chunks;
       for (int64_t tile = tb; tile < te; ++tile) {

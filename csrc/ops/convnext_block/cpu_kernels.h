@@ -29,7 +29,7 @@ struct Plan {
   int64_t fwd_elems;    // per-thread forward buffers
   int64_t bwd_elems;    // per-thread backward buffers
   int64_t chunks;       // backward: partial-sum chunks (contiguous runs of tiles)
-  int64_t partial_elems;  // per chunk: dW1, dW2, db1, db2, dnorm_w, dnorm_b, dgamma
+  int64_t partial_elems;  // stride between chunks' partials (partial_layout().total rounded up)
 };
 
 // The plan depends on the shape only (not on the thread count), so tiling, GEMM sizes

@@ -74,3 +74,22 @@ def stream_of(x: torch.Tensor) -> int:
     if x.device.type == "cuda":
         return torch.cuda.current_stream(x.device).cuda_stream
     return 0
+
+
+def autocast_dtype(x) -> "torch.dtype | None":
+    """The autocast dtype for x's device when autocast is on there (CPU or CUDA), else None."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    dev = x.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def autocast_cast(dtype, tensors):
+    """tensors with every floating-point one cast to dtype (None entries kept); dtype None:
+    unchanged. The casts are differentiable, so gradients reach the original tensors."""
+    if dtype is None:
+        return list(tensors)
+    return [t.to(dtype) if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype)
+            else t for t in tensors]

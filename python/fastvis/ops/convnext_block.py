@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
-from ._bridge import scratch
+from ._bridge import autocast_cast, autocast_dtype, scratch
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -61,6 +61,13 @@ def convnext_block_reference(
     """Pure-PyTorch reference of :func:`convnext_block`, layer by layer as timm's
     ``ConvNeXtBlock`` computes it; the output keeps x's memory format."""
     c, k = x.shape[1], dw_weight.shape[-1]
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    if x.shape[0] * x.shape[2] * x.shape[3] == 0:
+        # No pixels: y = x, and every parameter gets a zero gradient (as the fused op gives).
+        zero = sum((t.sum() * 0 for t in (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight,
+                                            fc1_bias, fc2_weight, fc2_bias, gamma, grn_weight,
+                                            grn_bias) if t is not None), x.new_zeros(()))
+        return (x + zero.to(x.dtype)).contiguous(memory_format=fmt)
     t = F.conv2d(x, dw_weight, dw_bias, padding=k // 2, groups=c)
     t = F.layer_norm(t.permute(0, 2, 3, 1), (c,), norm_weight, norm_bias, eps)
     h = F.gelu(F.linear(t, fc1_weight, fc1_bias), approximate=approximate)
@@ -72,7 +79,6 @@ def convnext_block_reference(
     if drop_scale is not None:
         o = o * drop_scale.reshape(-1, 1, 1, 1).to(o.dtype)
     y = x + o.permute(0, 3, 1, 2)
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return y.contiguous(memory_format=fmt)
 
 
@@ -218,19 +224,6 @@ def _core_serves(x: torch.Tensor) -> bool:
     return False
 
 
-def _autocast(tensors):
-    """Under autocast (CPU or CUDA), the block runs in the autocast dtype, as linear and
-    conv layers do; drop_scale stays in float32."""
-    if not tensors or tensors[0] is None:
-        return tensors
-    dev = tensors[0].device.type
-    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
-        return tensors
-    dt = torch.get_autocast_dtype(dev)
-    return [t.to(dt) if (t is not None and t.is_floating_point() and t.dtype != dt) else t
-            for t in tensors]
-
-
 def _check_eps(eps, name: str) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{name}: expected a positive float, got {type(eps).__name__}")
@@ -247,7 +240,7 @@ def _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bia
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"convnext_block: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"convnext_block: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        raise ValueError(f"x: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
     allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
     if x.dtype not in allowed and x.device.type != "meta":
         names = ", ".join(str(t).replace("torch.", "") for t in allowed)
@@ -338,7 +331,8 @@ def convnext_block(
         norm_weight, norm_bias: LayerNorm affine (C,) or None; ``eps`` its epsilon.
         fc1_weight: (hidden, C), fc1_bias (hidden,); fc2_weight: (C, hidden), fc2_bias (C,).
         gamma: layer scale (C,) or None.
-        drop_scale: per-sample factor (N,) (stochastic depth) or None.
+        drop_scale: per-sample factor (N,) (stochastic depth) or None; a constant (no
+            gradient flows to it).
         grn_weight, grn_bias: ConvNeXt-V2 GRN parameters (hidden,), both or neither;
             ``grn_eps`` its epsilon.
         approximate: ``"none"`` (exact GELU) or ``"tanh"``.
@@ -347,14 +341,17 @@ def convnext_block(
         (N, C, H, W) in x's memory format.
     """
     if isinstance(x, torch.Tensor):
+        # Under autocast the block runs in the autocast dtype, as linear and conv layers do.
         (x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-         fc2_bias, gamma, grn_weight, grn_bias) = _autocast(
+         fc2_bias, gamma, grn_weight, grn_bias) = autocast_cast(autocast_dtype(x),
             [x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
              fc2_bias, gamma, grn_weight, grn_bias])
     _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
               fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate)
     e = _check_eps(eps, "eps")
     ge = _check_eps(grn_eps, "grn_eps")
+    if drop_scale is not None:
+        drop_scale = drop_scale.detach()
     if not reference_enabled() and _core_serves(x):
         ds = None
         if drop_scale is not None:

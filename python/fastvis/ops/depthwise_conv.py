@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
-from ._bridge import dense_for_core, empty_like_layout, like_layout, scratch, scratch_bytes, stream_of
+from ._bridge import (autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, like_layout,
+                      scratch, scratch_bytes, stream_of)
 
 IntOrPair = Union[int, Sequence[int]]
 Padding = Union[int, str, Sequence[int]]
@@ -303,6 +304,9 @@ def depthwise_conv2d(
         raise ValueError(f"depthwise_conv2d: expected a (C, 1, kh, kw) weight, got shape {tuple(weight.shape)}")
     _check_devices(x, weight, bias)
     s, p, d = normalize_conv_args((weight.shape[-2], weight.shape[-1]), stride, padding, dilation)
+    ac = autocast_dtype(x)
+    if ac is not None:  # as F.conv2d under autocast: input and parameters in the autocast dtype
+        x, weight, bias = autocast_cast(ac, [x, weight, bias])
     _validate(x, weight, bias, s, p, d)
     if reference_enabled() or not _core_serves(x):
         return depthwise_conv2d_reference(x, weight, bias, s, p, d)

@@ -24,7 +24,7 @@ import torch
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
-from ._bridge import dense_for_core, empty_like_layout, like_layout, scratch
+from ._bridge import autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, like_layout, scratch
 from .layer_norm import _check_eps
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -203,6 +203,9 @@ def global_response_norm(
         (N, C, H, W) in x's memory format. CPU: float32, float64, bfloat16 (float32
         accumulation). CUDA tensors run the PyTorch reference (warned once).
     """
+    if autocast_dtype(x) is not None and isinstance(x, torch.Tensor):
+        # Under autocast GRN runs in the input's precision (its parameters follow it).
+        weight, bias = autocast_cast(x.dtype, [weight, bias])
     _validate(x, weight, bias)
     e = _check_eps(eps)
     if reference_enabled() or not _core_serves(x):
