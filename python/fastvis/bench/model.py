@@ -1,0 +1,246 @@
+"""fastvis bench model: whole-model inference, fastvis against timm, torch.compile and ONNX Runtime.
+
+For each model name and batch size, builds the fastvis model (``fastvis.create_model``) and
+timm's model of the same name with the *same weights* (fastvis' state dict loaded strictly
+into timm's), and times, interleaved in the same run:
+
+* fastvis: the fastvis model (fused blocks), channels_last input;
+* timm eager: timm's model in PyTorch eager mode (its default NCHW layout);
+* timm compile: timm's model under ``torch.compile`` (inductor);
+* ONNX Runtime: timm's model exported with ``torch.onnx.export`` (dynamo exporter), run by
+  ``onnxruntime`` on the CPU execution provider with the same thread count.
+
+Reported: images per second of each candidate and the ratios candidate-time / fastvis-time
+(> 1: fastvis is faster), and the largest difference between fastvis' and timm's logits.
+timm, onnxruntime and onnxscript are optional (``pip install "fastvis[bench]"``); missing
+ones are skipped with a note. Training throughput: ``fastvis bench train``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+from . import print_table, table_format_choices
+from .timing import measure_interleaved
+
+HELP = "whole-model inference: fastvis vs timm eager, torch.compile and ONNX Runtime"
+
+DEFAULT_MODELS = ["convnext_atto", "convnext_tiny"]
+DEFAULT_BATCH = [1, 8]
+
+
+def _pos_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _pos_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help=f"fastvis model names (default: {' '.join(DEFAULT_MODELS)})")
+    g.add_argument("--batch", nargs="+", type=_pos_int, default=None, metavar="N",
+                   help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCH))})")
+    g.add_argument("--size", type=_pos_int, default=224, help="input resolution (default: 224)")
+    g.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    g.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    g = p.add_argument_group("how to measure")
+    g.add_argument("--threads", type=_pos_int, default=None,
+                   help="threads for every candidate (default: torch.get_num_threads())")
+    g.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate (default: 2)")
+    g.add_argument("--repeat", type=_pos_int, default=7, help="timed blocks per candidate (default: 7)")
+    g.add_argument("--max-time", type=_pos_float, default=3.0,
+                   help="seconds of timed blocks per candidate and case, at least 3 blocks (default: 3)")
+    g.add_argument("--quick", action="store_true",
+                   help="convnext_atto, batch 1, 64x64, few repeats (a smoke run)")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", default=None, metavar="PATH", help="also save all samples as JSON")
+    g.add_argument("--format", choices=table_format_choices(), default="auto")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+
+
+@dataclass
+class Result:
+    model: str
+    batch: int
+    size: int
+    median_s: Dict[str, float] = field(default_factory=dict)
+    min_s: Dict[str, float] = field(default_factory=dict)
+    max_logit_diff: float = math.nan
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:160] if msg else ''}"
+
+
+def _onnx_session(model, x, threads: int):
+    import onnxruntime as ort
+    import torch
+
+    buf = io.BytesIO()
+    with torch.no_grad():
+        prog = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    buf.write(prog.model_proto.SerializeToString())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    xn = x.numpy()
+    return lambda: sess.run(None, {name: xn})
+
+
+def run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import torch
+
+    import fastvis
+    from ..cli import CommandError
+
+    if fastvis.reference_enabled():
+        raise CommandError("fastvis.use_reference() is on: the benchmark would time the reference")
+    models = args.models or DEFAULT_MODELS
+    batches = args.batch or DEFAULT_BATCH
+    size, repeat, max_time, warmup = args.size, args.repeat, args.max_time, args.warmup
+    if args.quick:
+        models, batches, size, repeat, max_time, warmup = ["convnext_atto"], [1], 64, 3, 0.5, 1
+    known = set(fastvis.list_models())
+    for m in models:
+        if m not in known:
+            raise CommandError(f"unknown model {m!r}; see fastvis.list_models()")
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    threads = args.threads or torch.get_num_threads()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    fastvis.set_num_threads(threads)
+    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    results: List[Result] = []
+    interrupted = False
+    say(f"model: {len(models)} model(s) x {len(batches)} batch size(s), {size}x{size}, "
+        f"{threads} thread(s)")
+    try:
+        for name in models:
+            torch.manual_seed(0)
+            fv = fastvis.create_model(name).eval().to(memory_format=torch.channels_last)
+            tm = None
+            note = ""
+            if timm is None:
+                note = "timm not installed: only fastvis timed"
+            else:
+                try:
+                    tm = timm.create_model(name, pretrained=False).eval()
+                    tm.load_state_dict(fv.state_dict(), strict=True)
+                except Exception as e:
+                    tm, note = None, f"timm model unavailable: {_one_line(e)}"
+            for n in batches:
+                res = Result(name, n, size)
+                if note:
+                    res.notes["timm"] = note
+                x = torch.randn(n, 3, size, size)
+                xcl = x.contiguous(memory_format=torch.channels_last)
+                fns: Dict[str, Callable] = {}
+
+                def nograd(f):
+                    def call():
+                        with torch.no_grad():
+                            return f()
+                    return call
+
+                fns["fastvis"] = nograd(lambda: fv(xcl))
+                if tm is not None:
+                    fns["timm eager"] = nograd(lambda: tm(x))
+                    with torch.no_grad():
+                        res.max_logit_diff = float((fv(xcl) - tm(x)).abs().max())
+                    if not args.no_compile:
+                        say(f"  {name} N={n}: compiling timm's model")
+                        try:
+                            tc = torch.compile(tm, dynamic=False)
+                            with torch.no_grad():
+                                tc(x)
+                            fns["timm compile"] = nograd(lambda: tc(x))
+                        except Exception as e:
+                            res.notes["timm compile"] = _one_line(e)
+                    if not args.no_onnx:
+                        say(f"  {name} N={n}: exporting timm's model to ONNX")
+                        try:
+                            with open(os.devnull, "w") as devnull, \
+                                    contextlib.redirect_stdout(devnull), \
+                                    contextlib.redirect_stderr(devnull):
+                                fns["onnxruntime"] = _onnx_session(tm, x, threads)
+                        except ImportError as e:
+                            res.notes["onnxruntime"] = f"not installed ({e.name}): pip install \"fastvis[bench]\""
+                        except Exception as e:
+                            res.notes["onnxruntime"] = _one_line(e)
+                say(f"  {name} N={n}: timing {', '.join(fns)}")
+                st = measure_interleaved(fns, warmup=warmup, repeat=repeat, max_time=max_time)
+                for k, s in st.items():
+                    res.median_s[k] = s.median
+                    res.min_s[k] = s.min
+                results.append(res)
+    except KeyboardInterrupt:
+        interrupted = True
+        say(f"interrupted: reporting the {len(results)} measurement(s) done so far")
+    finally:
+        torch.set_num_threads(old_threads)
+        fastvis.set_num_threads(0)
+
+    cands = ["fastvis", "timm eager", "timm compile", "onnxruntime"]
+    print(f"fastvis {fastvis.__version__}, torch {torch.__version__}, timm "
+          f"{getattr(timm, '__version__', 'missing')}, {threads} thread(s), float32, inference")
+    header = ["model", "N", "size"] + [f"{c} img/s" for c in cands] + \
+             [f"{c} / fastvis" for c in cands[1:]] + ["max |logit diff|"]
+    rows = []
+    for r in results:
+        f = r.median_s.get("fastvis", math.nan)
+        row = [r.model, str(r.batch), f"{r.size}"]
+        for c in cands:
+            t = r.median_s.get(c, math.nan)
+            row.append("-" if math.isnan(t) else f"{r.batch / t:.1f}")
+        for c in cands[1:]:
+            t = r.median_s.get(c, math.nan)
+            row.append("-" if math.isnan(t) else f"{t / f:.2f}x")
+        row.append("-" if math.isnan(r.max_logit_diff) else f"{r.max_logit_diff:.1e}")
+        rows.append(row)
+    print()
+    print_table("Model inference (median of interleaved blocks; ratios: time / fastvis time)",
+                header, rows, fmt=args.format, n_left=3)
+    for r in results:
+        for k, v in r.notes.items():
+            print(f"  {r.model} N={r.batch}: {k}: {v}")
+    if args.json:
+        doc = {"benchmark": "model", "complete": not interrupted,
+               "settings": {**vars(args), "models": models, "batch": batches, "size": size,
+                            "threads": threads},
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "results": [r.__dict__ for r in results]}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=2, default=str)
+    return 130 if interrupted else 0
