@@ -577,8 +577,14 @@ def _all_grads(x, p, ds, cfg, gy):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_deterministic_and_thread_count_independent(dtype):
-    cfg = BlockCfg(n=3, c=24, h=20, w=20, k=7, hidden=96, dtype=dtype, drop="mixed")
+@pytest.mark.parametrize("shape", ["many_tiles", "one_tile"])
+def test_deterministic_and_thread_count_independent(dtype, shape):
+    # many_tiles: threads share the tiles; one_tile (a 7x7 image, 300 columns of hidden):
+    # the plan has a single tile and splits every GEMM over the pool in column blocks.
+    if shape == "many_tiles":
+        cfg = BlockCfg(n=3, c=24, h=20, w=20, k=7, hidden=96, dtype=dtype, drop="mixed")
+    else:
+        cfg = BlockCfg(n=1, c=72, h=7, w=7, k=7, hidden=300, dtype=dtype, drop="mixed")
     x, p, ds, _ = make_inputs(cfg)
     gy = make_grad_output(cfg)
     old = fastvis.get_num_threads()

@@ -2,10 +2,12 @@
 
 #include <cblas.h>  // scipy-openblas32: every symbol prefixed scipy_
 
+#include <algorithm>
 #include <climits>
 #include <mutex>
 
 #include "fastvis/error.h"
+#include "fastvis/threading.h"
 
 namespace fastvis {
 namespace core {
@@ -43,6 +45,38 @@ void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const dou
   scipy_cblas_dgemm(CblasRowMajor, tr(ta), tr(tb), to_blas(m, "m"), to_blas(n, "n"),
                     to_blas(k, "k"), alpha, a, to_blas(lda, "lda"), b, to_blas(ldb, "ldb"), beta,
                     c, to_blas(ldc, "ldc"));
+}
+
+namespace {
+
+template <class A>
+void gemm_split_t(Op ta, Op tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda,
+                  const A* b, int64_t ldb, A beta, A* c, int64_t ldc) {
+  const int64_t per = std::max<int64_t>(64, ((n + 7) / 8 + 15) / 16 * 16);
+  const int64_t blocks = (n + per - 1) / per;
+  if (blocks <= 1) {
+    gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t j = b0; j < b1; ++j) {
+      const int64_t j0 = j * per, nj = std::min(n, j0 + per) - j0;
+      // op(B)'s columns j0.. : B's columns (no transpose) or rows (transposed).
+      const A* bj = tb == Op::N ? b + j0 : b + j0 * ldb;
+      gemm(ta, tb, m, nj, k, alpha, a, lda, bj, ldb, beta, c + j0, ldc);
+    }
+  });
+}
+
+}  // namespace
+
+void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm_split_t<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  gemm_split_t<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 std::string blas_config() { return scipy_openblas_get_config(); }

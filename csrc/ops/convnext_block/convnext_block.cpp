@@ -29,7 +29,8 @@ Plan plan(const Shape& s, int64_t acc) {
   const int64_t target = std::clamp<int64_t>((512 * 1024) / (s.hidden * acc), 128, 512);
   int64_t rt = std::max<int64_t>(1, (target + s.w - 1) / std::max<int64_t>(s.w, 1));
   rt = std::max<int64_t>(1, std::min(rt, rows));
-  while (rt > 1 && (rows + rt - 1) / rt < 8) rt = (rt + 1) / 2;  // enough tiles to share
+  // Enough tiles to share between threads, but not tiles below 64 pixels.
+  while (rt > 1 && (rows + rt - 1) / rt < 8 && ((rt + 1) / 2) * s.w >= 64) rt = (rt + 1) / 2;
   p.rt = rt;
   p.ntiles = rows > 0 ? (rows + rt - 1) / rt : 0;
   p.P = rt * s.w;
@@ -50,7 +51,11 @@ Plan plan(const Shape& s, int64_t acc) {
   const int64_t part = partial_layout(s).total;
   p.partial_elems = up(part);
   const int64_t cap = std::max<int64_t>(2, (int64_t(128) << 20) / (p.partial_elems * acc));
-  p.chunks = std::max<int64_t>(1, std::min<int64_t>({p.ntiles, 16, cap}));
+  // Each run zeroes and later reduces its partials: give it >= ~512 pixels of work.
+  const int64_t by_work = std::max<int64_t>(2, rows * s.w / 512);
+  p.chunks = std::max<int64_t>(1, std::min<int64_t>({p.ntiles, 16, cap, by_work}));
+  // Few tiles (small images, small batches): each GEMM is split over the pool instead.
+  p.split_gemm = p.ntiles < 4;
   return p;
 }
 

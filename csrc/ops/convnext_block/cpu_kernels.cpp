@@ -28,6 +28,16 @@ namespace {
 using namespace ::fastvis::simd::FV_ISA;
 using core::Op;
 
+// A GEMM on the tile: one BLAS call, or split over the pool when the plan has few tiles.
+template <class A>
+inline void mm(const Plan& pl, Op ta, Op tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a,
+               int64_t lda, const A* b, int64_t ldb, A beta, A* c, int64_t ldc) {
+  if (pl.split_gemm)
+    core::gemm_split(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  else
+    core::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 // ------------------------------------------------------------------ GELU
 //
 // Exact GELU: gelu(x) = x * Phi(x), Phi the standard normal CDF, gelu'(x) = Phi(x) +
@@ -295,14 +305,14 @@ void scaled_grad(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const
 // t -> hidden activations g = GELU(fc1(LN(dwconv(x)))) of rows [g0, g1) into hb; with
 // `pre`, the biased pre-activation stays in hb and g goes to pre... (see callers).
 template <class T, class A>
-void hidden_tile(DType dt, const Shape& s, const Packed& pk, const T* x, int64_t g0, int64_t g1,
-                 A* t, A* hb, A* dwb) {
+void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                 int64_t g0, int64_t g1, A* t, A* hb, A* dwb) {
   const int64_t np = (g1 - g0) * s.w;
   dw_tile<T, A>(dt, s, pk, x, g0, g1, t, dwb);
   ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, s.c, t, static_cast<const A*>(pk.nw),
                                                static_cast<const A*>(pk.nb),
                                                static_cast<A>(pk.eps), t, nullptr, nullptr);
-  core::gemm(Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
+  mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
              A(0), hb, s.hidden);
   bias_gelu(np, s.hidden, hb, static_cast<const A*>(pk.b1), pk.tanh, static_cast<A*>(nullptr));
 }
@@ -320,11 +330,11 @@ void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const
     A* dwb = hb + pl.P * Hd;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
-      hidden_tile<T, A>(dt, s, pk, x, g0, g1, t, hb, dwb);
+      hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb);
       if (pk.grn_f)
         grn_apply<A>(s, g0 * s.w, np, hb, static_cast<const A*>(pk.grn_f),
                      static_cast<const A*>(pk.grn_b));
-      core::gemm(Op::N, Op::T, np, C, Hd, A(1), hb, Hd, w2, Hd, A(0), t, C);
+      mm(pl, Op::N, Op::T, np, C, Hd, A(1), hb, Hd, w2, Hd, A(0), t, C);
       residual_out<T, A>(s, pk, g0 * s.w, np, x, t, y);
     }
   });
@@ -378,7 +388,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         dw_tile<T, A>(dt, s, pk, x, g0, g1, t1, dwb);
         ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, C, t1, nw, nb, static_cast<A>(pk.eps),
                                                      t2, mean, rstd);
-        core::gemm(Op::N, Op::T, np, Hd, C, A(1), t2, C, w1, C, A(0), ab, Hd);
+        mm(pl, Op::N, Op::T, np, Hd, C, A(1), t2, C, w1, C, A(0), ab, Hd);
         bias_gelu(np, Hd, ab, b1, pk.tanh, gb);
         A* zin = gb;  // fc2's input: g, or GRN(g)
         if (grn_f) {
@@ -387,7 +397,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
           zin = zb;
         }
         if (need_gamma)  // o = z W2^T, for dgamma
-          core::gemm(Op::N, Op::T, np, C, Hd, A(1), zin, Hd, w2, Hd, A(0), dt2, C);
+          mm(pl, Op::N, Op::T, np, C, Hd, A(1), zin, Hd, w2, Hd, A(0), dt2, C);
         A* db2 = part + lay.b2;
         A* dgam = part + lay.gamma;
         for (int64_t p = 0; p < np; ++p) {
@@ -413,16 +423,16 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
             if (need_gamma) dgam[c] += g * (op[c] + b2[c]);
           }
         }
-        core::gemm(Op::T, Op::N, C, Hd, np, A(1), dob, C, zin, Hd, A(1), part + lay.w2, Hd);
+        mm(pl, Op::T, Op::N, C, Hd, np, A(1), dob, C, zin, Hd, A(1), part + lay.w2, Hd);
         if (grn_f) {  // dz, then dg = dz * f + u * g
-          core::gemm(Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), zb, Hd);
+          mm(pl, Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), zb, Hd);
           grn_backward_apply<A>(s, p0, np, zb, grn_f, static_cast<const A*>(pk.grn_u), gb);
         } else {
-          core::gemm(Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), gb, Hd);
+          mm(pl, Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), gb, Hd);
         }
         gelu_backward(np, Hd, ab, gb, pk.tanh, part + lay.b1);
-        core::gemm(Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, A(1), part + lay.w1, C);
-        core::gemm(Op::N, Op::N, np, C, Hd, A(1), ab, Hd, w1, C, A(0), dt2, C);
+        mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, A(1), part + lay.w1, C);
+        mm(pl, Op::N, Op::N, np, C, Hd, A(1), ab, Hd, w1, C, A(0), dt2, C);
         ::fastvis::layernorm::FV_ISA::bwd_nhwc<A, A>(np, C, dt2, t1, nw, mean, rstd, dob,
                                                      part + lay.nw, part + lay.nb);
         T* Dp = D + p0 * C;
@@ -446,7 +456,7 @@ void grn_forward_stats_t(DType dt, const Shape& s, const Plan& pl, const Packed&
     A* dwb = hb + pl.P * Hd;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt);
-      hidden_tile<T, A>(dt, s, pk, x, g0, g1, t, hb, dwb);
+      hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb);
       for (int64_t gr = g0; gr < g1; ++gr) {
         A* out = rowsq + gr * Hd;
         std::fill(out, out + Hd, A(0));
@@ -472,9 +482,9 @@ void grn_backward_stats_t(DType dt, const Shape& s, const Plan& pl, const Packed
     A* dwb = db + pl.P * Hd;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
-      hidden_tile<T, A>(dt, s, pk, x, g0, g1, t, hb, dwb);
+      hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb);
       scaled_grad<T, A>(s, pk, g0 * s.w, np, gy, t);
-      core::gemm(Op::N, Op::N, np, Hd, C, A(1), t, C, w2, Hd, A(0), db, Hd);
+      mm(pl, Op::N, Op::N, np, Hd, C, A(1), t, C, w2, Hd, A(0), db, Hd);
       for (int64_t gr = g0; gr < g1; ++gr) {
         A* ot = rowt + gr * Hd;
         A* ob = rowdb + gr * Hd;

@@ -29,6 +29,7 @@ struct Plan {
   int64_t fwd_elems;    // per-thread forward buffers
   int64_t bwd_elems;    // per-thread backward buffers
   int64_t chunks;       // backward: partial-sum chunks (contiguous runs of tiles)
+  bool split_gemm;      // few tiles: each GEMM is split over the pool (core::gemm_split)
   int64_t partial_elems;  // stride between chunks' partials (partial_layout().total rounded up)
 };
 
