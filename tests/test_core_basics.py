@@ -124,3 +124,21 @@ def test_public_api_present():
     assert callable(fastvis.ops.depthwise_conv2d)
     assert callable(fastvis.ops.depthwise_conv2d_reference)
     assert isinstance(fastvis.nn.DepthwiseConv2d, type)
+
+
+def test_bindings_accept_dlpack_capsules_and_refuse_consumed_ones():
+    """The ops hand the core DLPack capsules (torch.utils.dlpack.to_dlpack); a capsule works
+    like the tensor, a consumed one is refused with a TypeError naming the argument."""
+    from torch.utils.dlpack import to_dlpack
+
+    from fastvis import _C
+
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 1, 3, 3)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1])
+    assert list(_C.dwconv_output_shape(to_dlpack(x), to_dlpack(w), *args)) == \
+        list(_C.dwconv_output_shape(x, w, *args))
+    used = to_dlpack(x)
+    torch.from_dlpack(used)  # consumes it
+    with pytest.raises(TypeError, match=r"^x: not a valid 'dltensor'"):
+        _C.dwconv_output_shape(used, w, *args)

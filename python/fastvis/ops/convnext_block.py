@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, scratch
+from ._bridge import autocast_cast, autocast_dtype, dl, scratch
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -126,7 +126,8 @@ def _cb_fwd(
     y = torch.empty_like(x, memory_format=torch.channels_last)
     nbytes = _scratch_bytes("convnext_block_fwd", _C.convnext_block_forward_scratch_bytes, x, ws,
                             eps, tanh_gelu, grn_eps)
-    _C.convnext_block_forward(x, ws, eps, tanh_gelu, y, scratch(nbytes, x.device), grn_eps)
+    _C.convnext_block_forward(dl(x), [dl(t) for t in ws], eps, tanh_gelu, dl(y),
+                              dl(scratch(nbytes, x.device)), grn_eps)
     return y
 
 
@@ -159,8 +160,8 @@ def _cb_bwd(
         n and p is not None for p, n in zip(params, needs[1:])])]
     nbytes = _scratch_bytes("convnext_block_bwd", _C.convnext_block_backward_scratch_bytes, x, ws,
                             eps, tanh_gelu, grn_eps)
-    _C.convnext_block_backward(gy, x, ws, eps, tanh_gelu, grads, scratch(nbytes, x.device),
-                               grn_eps)
+    _C.convnext_block_backward(dl(gy), dl(x), [dl(t) for t in ws], eps, tanh_gelu,
+                               [dl(t) for t in grads], dl(scratch(nbytes, x.device)), grn_eps)
     return outs
 
 

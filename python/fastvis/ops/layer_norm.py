@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, like_layout, scratch
+from ._bridge import (autocast_cast, autocast_dtype, dense_for_core, dl, empty_like_layout,
+                      like_layout, scratch)
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,7 +52,8 @@ def _ln_fwd(
     y = empty_like_layout(x.shape, x)
     mean, rstd = _empty_stats(x), _empty_stats(x)
     nbytes = _C.layer_norm_channels_forward_scratch_bytes(x)
-    _C.layer_norm_channels_forward(x, wd, bd, eps, y, mean, rstd, scratch(nbytes, x.device))
+    _C.layer_norm_channels_forward(dl(x), dl(wd), dl(bd), eps, dl(y), dl(mean), dl(rstd),
+                                   dl(scratch(nbytes, x.device)))
     return y, mean, rstd
 
 
@@ -82,9 +84,9 @@ def _ln_bwd(
     if need_input or need_weight or need_bias:
         nbytes = _C.layer_norm_channels_backward_scratch_bytes(x)
         _C.layer_norm_channels_backward(
-            gy, x, wd, mean.detach(), rstd.detach(),
-            gx if need_input else None, gw if need_weight else None, gb if need_bias else None,
-            scratch(nbytes, x.device),
+            dl(gy), dl(x), dl(wd), dl(mean.detach()), dl(rstd.detach()),
+            dl(gx) if need_input else None, dl(gw) if need_weight else None,
+            dl(gb) if need_bias else None, dl(scratch(nbytes, x.device)),
         )
     return gx, gw, gb
 
