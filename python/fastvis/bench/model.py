@@ -6,18 +6,23 @@ into timm's), and times, interleaved in the same run:
 
 * fastvis: the fastvis model (fused blocks), channels_last input;
 * timm eager: timm's model in PyTorch eager mode (its default NCHW layout);
+* timm channels_last: the same with the model and input in channels_last;
 * timm compile: timm's model under ``torch.compile`` (inductor);
 * ONNX Runtime: timm's model exported with ``torch.onnx.export`` (dynamo exporter), run by
   ``onnxruntime`` on the CPU execution provider with the same thread count.
 
 Reported: images per second of each candidate and the ratios candidate-time / fastvis-time
 (> 1: fastvis is faster), and the largest difference between fastvis' and timm's logits.
+Then a training step (forward, backward, SGD step; train mode) of fastvis against timm
+eager: images per second, and the activation memory the step keeps for its backward pass
+(the bytes of the tensors autograd saves, parameters excluded).
 timm, onnxruntime and onnxscript are optional (``pip install "fastvis[bench]"``); missing
 ones are skipped with a note. Training throughput: ``fastvis bench train``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import math
@@ -30,7 +35,7 @@ from typing import Callable, Dict, List
 from . import print_table, table_format_choices
 from .timing import measure_interleaved
 
-HELP = "whole-model inference: fastvis vs timm eager, torch.compile and ONNX Runtime"
+HELP = "whole-model inference and training step: fastvis vs timm eager, torch.compile and ONNX Runtime"
 
 DEFAULT_MODELS = ["convnext_atto", "convnext_tiny"]
 DEFAULT_BATCH = [1, 8]
@@ -58,13 +63,16 @@ def _pos_float(s: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to measure")
-    g.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                   help=f"fastvis model names (default: {' '.join(DEFAULT_MODELS)})")
-    g.add_argument("--batch", nargs="+", type=_pos_int, default=None, metavar="N",
-                   help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCH))})")
+    g.add_argument("--model", "--models", dest="models", nargs="+", default=None, metavar="NAME",
+                   help=f"fastvis model names, comma or space separated "
+                        f"(default: {','.join(DEFAULT_MODELS)})")
+    g.add_argument("--batch", nargs="+", default=None, metavar="N",
+                   help=f"batch sizes, comma or space separated "
+                        f"(default: {','.join(map(str, DEFAULT_BATCH))})")
     g.add_argument("--size", type=_pos_int, default=224, help="input resolution (default: 224)")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     g.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    g.add_argument("--no-train", action="store_true", help="skip the training step")
     g = p.add_argument_group("how to measure")
     g.add_argument("--threads", type=_pos_int, default=None,
                    help="threads for every candidate (default: torch.get_num_threads())")
@@ -89,6 +97,8 @@ class Result:
     min_s: Dict[str, float] = field(default_factory=dict)
     max_logit_diff: float = math.nan
     notes: Dict[str, str] = field(default_factory=dict)
+    train_median_s: Dict[str, float] = field(default_factory=dict)
+    saved_mb: Dict[str, float] = field(default_factory=dict)
 
 
 def _one_line(e: BaseException) -> str:
@@ -113,6 +123,37 @@ def _onnx_session(model, x, threads: int):
     return lambda: sess.run(None, {name: xn})
 
 
+def _train_step(res: Result, fv, tm, x, xcl, warmup, repeat, max_time, say) -> None:
+    """Times forward + backward + SGD step of fastvis' and timm's models (train mode, copies
+    of the models so the inference ones stay untouched) and records their saved activations."""
+    import torch
+
+    from .block import _saved_bytes
+
+    fns, saved = {}, {}
+    cands = [("fastvis", fv, xcl)] + ([("timm eager", tm, x)] if tm is not None else [])
+    target = torch.randint(0, 1000, (x.shape[0],))
+    for name, model, inp in cands:
+        m = copy.deepcopy(model).train()
+        opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
+        nc = m.num_classes if hasattr(m, "num_classes") else 1000
+        tgt = target % nc
+
+        def step(m=m, opt=opt, inp=inp, tgt=tgt):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(m(inp), tgt)
+            loss.backward()
+            opt.step()
+
+        fns[name] = step
+        saved[name] = _saved_bytes(lambda m=m, inp=inp: m(inp), list(m.parameters()))
+    say(f"  {res.model} N={res.batch}: timing the training step of {', '.join(fns)}")
+    st = measure_interleaved(fns, warmup=warmup, repeat=repeat, max_time=max_time)
+    for k, s_ in st.items():
+        res.train_median_s[k] = s_.median
+    res.saved_mb = saved
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -123,8 +164,13 @@ def run(args: argparse.Namespace) -> int:
 
     if fastvis.reference_enabled():
         raise CommandError("fastvis.use_reference() is on: the benchmark would time the reference")
-    models = args.models or DEFAULT_MODELS
-    batches = args.batch or DEFAULT_BATCH
+    models = [m for v in (args.models or DEFAULT_MODELS) for m in v.split(",") if m]
+    try:
+        batches = [int(b) for v in (args.batch or map(str, DEFAULT_BATCH)) for b in v.split(",") if b]
+    except ValueError:
+        raise CommandError(f"--batch: expected positive integers, got {args.batch}") from None
+    if not batches or min(batches) < 1:
+        raise CommandError(f"--batch: expected positive integers, got {args.batch}")
     size, repeat, max_time, warmup = args.size, args.repeat, args.max_time, args.warmup
     if args.quick:
         models, batches, size, repeat, max_time, warmup = ["convnext_atto"], [1], 64, 3, 0.5, 1
@@ -176,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
                 fns["fastvis"] = nograd(lambda: fv(xcl))
                 if tm is not None:
                     fns["timm eager"] = nograd(lambda: tm(x))
+                    tcl = copy.deepcopy(tm).to(memory_format=torch.channels_last)
+                    fns["timm channels_last"] = nograd(lambda: tcl(xcl))
                     with torch.no_grad():
                         res.max_logit_diff = float((fv(xcl) - tm(x)).abs().max())
                     if not args.no_compile:
@@ -203,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
                 for k, s in st.items():
                     res.median_s[k] = s.median
                     res.min_s[k] = s.min
+                if not args.no_train:
+                    _train_step(res, fv, tm, x, xcl, warmup, repeat, max_time, say)
                 results.append(res)
     except KeyboardInterrupt:
         interrupted = True
@@ -211,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(old_threads)
         fastvis.set_num_threads(0)
 
-    cands = ["fastvis", "timm eager", "timm compile", "onnxruntime"]
+    cands = ["fastvis", "timm eager", "timm channels_last", "timm compile", "onnxruntime"]
     print(f"fastvis {fastvis.__version__}, torch {torch.__version__}, timm "
           f"{getattr(timm, '__version__', 'missing')}, {threads} thread(s), float32, inference")
     header = ["model", "N", "size"] + [f"{c} img/s" for c in cands] + \
@@ -231,6 +281,24 @@ def run(args: argparse.Namespace) -> int:
     print()
     print_table("Model inference (median of interleaved blocks; ratios: time / fastvis time)",
                 header, rows, fmt=args.format, n_left=3)
+    trows = []
+    for r in results:
+        if not r.train_median_s:
+            continue
+        f = r.train_median_s.get("fastvis", math.nan)
+        e = r.train_median_s.get("timm eager", math.nan)
+        fm, em = r.saved_mb.get("fastvis", math.nan), r.saved_mb.get("timm eager", math.nan)
+        trows.append([r.model, str(r.batch), f"{r.size}", f"{r.batch / f:.2f}",
+                      "-" if math.isnan(e) else f"{r.batch / e:.2f}",
+                      "-" if math.isnan(e) else f"{e / f:.2f}x", f"{fm:.1f}",
+                      "-" if math.isnan(em) else f"{em:.1f}",
+                      "-" if math.isnan(em) else f"{fm / em:.2f}"])
+    if trows:
+        print()
+        print_table("Training step: forward + backward + SGD step (median of interleaved blocks)",
+                    ["model", "N", "size", "fastvis img/s", "timm eager img/s",
+                     "timm eager / fastvis", "activations MB fastvis", "activations MB timm",
+                     "memory ratio"], trows, fmt=args.format, n_left=3)
     for r in results:
         for k, v in r.notes.items():
             print(f"  {r.model} N={r.batch}: {k}: {v}")
