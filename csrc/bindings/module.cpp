@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "bindings/dlpack.h"
+#include "core/blas.h"
+#include "core/profile.h"
 #include "fastvis/fastvis.h"
 
 namespace py = pybind11;
@@ -150,6 +152,27 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("version", [] { return std::string(fastvis::version()); });
+  // The fused kernels' opt-in phase profiler (core/profile.h): wall time per phase summed
+  // over threads, and the number of timed sections.
+  m.def("profile_enable", [](bool on) { fastvis::prof::set_enabled(on); }, py::arg("on"));
+  m.def("profile_reset", [] { fastvis::prof::reset(); });
+  m.def("profile_read", [] {
+    py::dict d;
+    for (int i = 0; i < fastvis::prof::kNumPhases; ++i)
+      if (fastvis::prof::calls(i) > 0)
+        d[fastvis::prof::phase_name(i)] =
+            py::make_tuple(fastvis::prof::total_ns(i) * 1e-9, fastvis::prof::calls(i));
+    return d;
+  });
+  m.def("blas_config", [] { return fastvis::core::blas_config(); });
+  // GFLOP/s of the core's BLAS on one thread for C[m x n] = A[m x k] B[k x n]^T (the fused
+  // blocks' GEMM shape), best of `reps` calls: the ceiling the tile GEMMs are compared with.
+  m.def("blas_sgemm_gflops",
+        [](int64_t m_, int64_t n_, int64_t k_, int reps) {
+          py::gil_scoped_release nogil;
+          return fastvis::core::gemm_gflops(m_, n_, k_, reps);
+        },
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("reps") = 5);
   m.def("set_num_threads", &fastvis::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fastvis::get_num_threads);
   m.def("cuda_device_count", &fastvis::cuda_device_count);

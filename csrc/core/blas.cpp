@@ -3,6 +3,8 @@
 #include <cblas.h>  // scipy-openblas32: every symbol prefixed scipy_
 
 #include <algorithm>
+#include <chrono>
+#include <vector>
 #include <climits>
 #include <mutex>
 
@@ -77,6 +79,20 @@ void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, cons
 void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   gemm_split_t<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps) {
+  FV_CHECK_VALUE(m > 0 && n > 0 && k > 0 && reps > 0, "gemm_gflops: sizes and reps must be positive");
+  std::vector<float> a(static_cast<size_t>(m * k), 1.0f), b(static_cast<size_t>(n * k), 0.5f),
+      c(static_cast<size_t>(m * n));
+  double best = 0;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    gemm(Op::N, Op::T, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt > 0) best = std::max(best, 2.0 * double(m) * double(n) * double(k) / dt * 1e-9);
+  }
+  return best;
 }
 
 std::string blas_config() { return scipy_openblas_get_config(); }

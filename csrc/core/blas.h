@@ -30,6 +30,10 @@ void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, cons
 void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
+// GFLOP/s of one single-threaded float gemm(N, T) of m x n x k on this thread, best of
+// `reps` calls: the ceiling the fused blocks' tile GEMMs are compared with.
+double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps);
+
 // "OpenBLAS <version> <core>" as the library reports it.
 std::string blas_config();
 

@@ -11,6 +11,7 @@
 #include "core/checks.h"
 #include "core/cpu_features.h"
 #include "core/dtype_convert.h"
+#include "core/profile.h"
 #include "fastvis/depthwise_conv.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
@@ -350,6 +351,7 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   const int nt = get_num_threads();
   if (w.grn_weight) {  // statistics pass, then the output pass
+    prof::Scope ps(prof::kGrnStats);
     kernels().grn_forward_stats(x.dtype, s, pl, pk, x.data, rowsq, bufs, nt);
     std::vector<double> G, den;
     if (x.dtype == DType::Float64)
@@ -601,6 +603,7 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
 
   if (w.grn_weight) {
+    prof::Scope ps(prof::kGrnStats);
     if (x.dtype == DType::Float64)
       grn_backward_prepare<double>(s, pl, bs, x, grad_y, w, p, g);
     else
@@ -609,10 +612,14 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
   // Phase A: the tiles -> D and the per-chunk partial sums.
   kernels().backward_tiles(x.dtype, s, pl, bs.pk, x.data, grad_y.data, bs.d, bs.partials,
                            bs.bufs, get_num_threads(), g.gamma != nullptr);
-  if (x.dtype == DType::Float64)
-    reduce_partials<double>(s, pl, static_cast<const double*>(bs.partials), g);
-  else
-    reduce_partials<float>(s, pl, static_cast<const float*>(bs.partials), g);
+  {
+    prof::Scope ps(prof::kReduce);
+    if (x.dtype == DType::Float64)
+      reduce_partials<double>(s, pl, static_cast<const double*>(bs.partials), g);
+    else
+      reduce_partials<float>(s, pl, static_cast<const float*>(bs.partials), g);
+  }
+  prof::Scope ps_dw(prof::kDwconvBwd);
 
   // Phase B: the depthwise convolution's backward on D, and the residual.
   const TensorView dv = make_nhwc_view(bs.d, x.dtype, s.n, s.c, s.h, s.w);

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "core/blas.h"
+#include "core/profile.h"
 #include "core/simd.h"
 #include "fastvis/threading.h"
 #include "ops/convnext_block/cpu_kernels.h"
@@ -308,12 +309,22 @@ template <class T, class A>
 void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
                  int64_t g0, int64_t g1, A* t, A* hb, A* dwb) {
   const int64_t np = (g1 - g0) * s.w;
-  dw_tile<T, A>(dt, s, pk, x, g0, g1, t, dwb);
-  ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, s.c, t, static_cast<const A*>(pk.nw),
-                                               static_cast<const A*>(pk.nb),
-                                               static_cast<A>(pk.eps), t, nullptr, nullptr);
-  mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
-             A(0), hb, s.hidden);
+  {
+    prof::Scope ps(prof::kDwconv);
+    dw_tile<T, A>(dt, s, pk, x, g0, g1, t, dwb);
+  }
+  {
+    prof::Scope ps(prof::kLayerNorm);
+    ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, s.c, t, static_cast<const A*>(pk.nw),
+                                                 static_cast<const A*>(pk.nb),
+                                                 static_cast<A>(pk.eps), t, nullptr, nullptr);
+  }
+  {
+    prof::Scope ps(prof::kFc1);
+    mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
+       A(0), hb, s.hidden);
+  }
+  prof::Scope ps(prof::kGelu);
   bias_gelu(np, s.hidden, hb, static_cast<const A*>(pk.b1), pk.tanh, static_cast<A*>(nullptr));
 }
 
@@ -331,10 +342,16 @@ void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
       hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb);
-      if (pk.grn_f)
+      if (pk.grn_f) {
+        prof::Scope ps(prof::kGrn);
         grn_apply<A>(s, g0 * s.w, np, hb, static_cast<const A*>(pk.grn_f),
                      static_cast<const A*>(pk.grn_b));
-      mm(pl, Op::N, Op::T, np, C, Hd, A(1), hb, Hd, w2, Hd, A(0), t, C);
+      }
+      {
+        prof::Scope ps(prof::kFc2);
+        mm(pl, Op::N, Op::T, np, C, Hd, A(1), hb, Hd, w2, Hd, A(0), t, C);
+      }
+      prof::Scope ps(prof::kOutput);
       residual_out<T, A>(s, pk, g0 * s.w, np, x, t, y);
     }
   });
@@ -385,21 +402,38 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
       for (int64_t tile = tb; tile < te; ++tile) {
         const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
         const int64_t p0 = g0 * s.w;
-        dw_tile<T, A>(dt, s, pk, x, g0, g1, t1, dwb);
-        ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, C, t1, nw, nb, static_cast<A>(pk.eps),
-                                                     t2, mean, rstd);
-        mm(pl, Op::N, Op::T, np, Hd, C, A(1), t2, C, w1, C, A(0), ab, Hd);
-        bias_gelu(np, Hd, ab, b1, pk.tanh, gb);
+        {
+          prof::Scope ps(prof::kDwconv);
+          dw_tile<T, A>(dt, s, pk, x, g0, g1, t1, dwb);
+        }
+        {
+          prof::Scope ps(prof::kLayerNorm);
+          ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, C, t1, nw, nb, static_cast<A>(pk.eps),
+                                                       t2, mean, rstd);
+        }
+        {
+          prof::Scope ps(prof::kFc1);
+          mm(pl, Op::N, Op::T, np, Hd, C, A(1), t2, C, w1, C, A(0), ab, Hd);
+        }
+        {
+          prof::Scope ps(prof::kGelu);
+          bias_gelu(np, Hd, ab, b1, pk.tanh, gb);
+        }
         A* zin = gb;  // fc2's input: g, or GRN(g)
         if (grn_f) {
+          prof::Scope ps(prof::kGrn);
           std::copy(gb, gb + np * Hd, zb);
           grn_apply<A>(s, p0, np, zb, grn_f, static_cast<const A*>(pk.grn_b));
           zin = zb;
         }
-        if (need_gamma)  // o = z W2^T, for dgamma
+        if (need_gamma) {  // o = z W2^T, for dgamma
+          prof::Scope ps(prof::kFc2);
           mm(pl, Op::N, Op::T, np, C, Hd, A(1), zin, Hd, w2, Hd, A(0), dt2, C);
+        }
         A* db2 = part + lay.b2;
         A* dgam = part + lay.gamma;
+        {  // ps_out
+        prof::Scope ps_out(prof::kGradOut);
         for (int64_t p = 0; p < np; ++p) {
           const A sc = ds[(p0 + p) / hw];
           const V scv = V{} + sc;
@@ -423,18 +457,40 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
             if (need_gamma) dgam[c] += g * (op[c] + b2[c]);
           }
         }
-        mm(pl, Op::T, Op::N, C, Hd, np, A(1), dob, C, zin, Hd, A(1), part + lay.w2, Hd);
+        }  // ps_out
+        {
+          prof::Scope ps(prof::kWgrad);
+          mm(pl, Op::T, Op::N, C, Hd, np, A(1), dob, C, zin, Hd, A(1), part + lay.w2, Hd);
+        }
         if (grn_f) {  // dz, then dg = dz * f + u * g
-          mm(pl, Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), zb, Hd);
+          {
+            prof::Scope ps(prof::kDgrad);
+            mm(pl, Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), zb, Hd);
+          }
+          prof::Scope ps(prof::kGrn);
           grn_backward_apply<A>(s, p0, np, zb, grn_f, static_cast<const A*>(pk.grn_u), gb);
         } else {
+          prof::Scope ps(prof::kDgrad);
           mm(pl, Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), gb, Hd);
         }
-        gelu_backward(np, Hd, ab, gb, pk.tanh, part + lay.b1);
-        mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, A(1), part + lay.w1, C);
-        mm(pl, Op::N, Op::N, np, C, Hd, A(1), ab, Hd, w1, C, A(0), dt2, C);
-        ::fastvis::layernorm::FV_ISA::bwd_nhwc<A, A>(np, C, dt2, t1, nw, mean, rstd, dob,
-                                                     part + lay.nw, part + lay.nb);
+        {
+          prof::Scope ps(prof::kGeluBwd);
+          gelu_backward(np, Hd, ab, gb, pk.tanh, part + lay.b1);
+        }
+        {
+          prof::Scope ps(prof::kWgrad);
+          mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, A(1), part + lay.w1, C);
+        }
+        {
+          prof::Scope ps(prof::kDgrad);
+          mm(pl, Op::N, Op::N, np, C, Hd, A(1), ab, Hd, w1, C, A(0), dt2, C);
+        }
+        {
+          prof::Scope ps(prof::kLayerNormBwd);
+          ::fastvis::layernorm::FV_ISA::bwd_nhwc<A, A>(np, C, dt2, t1, nw, mean, rstd, dob,
+                                                       part + lay.nw, part + lay.nb);
+        }
+        prof::Scope ps_store(prof::kStoreD);
         T* Dp = D + p0 * C;
         const int64_t ne = np * C;
         int64_t i = 0;

@@ -80,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     g.add_argument("--no-backward", action="store_true", help="inference only")
+    g.add_argument("--profile", action="store_true",
+                   help="also print where fastvis' time goes: wall time per phase of the tile "
+                        "loop (dwconv, LayerNorm, fc1, GELU, fc2, ...), summed over threads")
     g = p.add_argument_group("how to measure")
     g.add_argument("--threads", type=_pos_int, default=None,
                    help="threads for fastvis and PyTorch alike (default: torch.get_num_threads())")
@@ -105,6 +108,8 @@ class Result:
     saved_mb: Dict[str, float] = field(default_factory=dict)
     max_err: float = math.nan
     errors: Dict[str, str] = field(default_factory=dict)
+    gflop: float = math.nan  # model FLOPs of one call (training: 3x the forward)
+    profile: Dict[str, Tuple[float, int]] = field(default_factory=dict)
 
 
 def _params(c: int, k: int, v2: bool, dtype):
@@ -172,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     passes = ["inference"] + ([] if args.no_backward else ["training"])
     results: List[Result] = []
+    from .. import _C
+    sgemm = _C.blas_sgemm_gflops(256, 1536, 384, 5) * threads
     say(f"block: {len(stages)} stage(s) x {len(batches)} batch size(s) x {len(passes)} pass(es), "
         f"{args.dtype}, {threads} thread(s)")
     interrupted = False
@@ -218,6 +225,19 @@ def run(args: argparse.Namespace) -> int:
                     for name, s in st.items():
                         res.median_ms[name] = s.median * 1e3
                         res.min_ms[name] = s.min * 1e3
+                    hid = 4 * c
+                    fwd_flop = n * hw * hw * (4.0 * c * hid + 2.0 * args.kernel ** 2 * c)
+                    res.gflop = (fwd_flop if pas == "inference" else 3 * fwd_flop) * 1e-9
+                    if args.profile and "fastvis" in fns:
+                        from .. import _C
+                        _C.profile_reset()
+                        _C.profile_enable(True)
+                        try:
+                            for _ in range(3):
+                                fns["fastvis"]()
+                        finally:
+                            _C.profile_enable(False)
+                        res.profile = {k_: (v[0] / 3, v[1] // 3) for k_, v in _C.profile_read().items()}
                     if pas == "training":
                         for name, f in (("fastvis", fused), ("eager", eager)):
                             res.saved_mb[name] = _saved_bytes(lambda f=f: f(xg), plist)
@@ -231,13 +251,18 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"fastvis {fastvis.__version__}, torch {torch.__version__}, {threads} thread(s), "
           f"{args.dtype}, kernel {args.kernel}, {'ConvNeXt-V2 (GRN)' if args.v2 else 'ConvNeXt (layer scale)'} blocks")
+    print(f"sgemm ceiling: {sgemm:.0f} GFLOP/s ({threads} x one thread's OpenBLAS sgemm of "
+          f"256x1536x384, measured in this run); GFLOP/s below count model FLOPs "
+          f"(4*C*hidden + 2*k^2*C per pixel, training 3x)")
     for pas in passes:
         rows = []
         for r in results:
             if r.pass_ != pas:
                 continue
             f = r.median_ms.get("fastvis", math.nan)
-            row = [f"{r.c}", f"{r.hw}x{r.hw}", f"{r.n}", f"{f:.2f}",
+            gf = r.gflop / (f * 1e-3)
+            row = [f"{r.c}", f"{r.hw}x{r.hw}", f"{r.n}", f"{f:.2f}", f"{gf:.1f}",
+                   f"{100 * gf / sgemm:.0f}%",
                    f"{r.median_ms.get('eager', math.nan):.2f}",
                    f"{r.median_ms.get('eager', math.nan) / f:.2f}x"]
             if not args.no_compile:
@@ -248,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
                 row += [f"{fe:.1f}", f"{ee:.1f}", f"{fe / ee:.2f}"]
             row += [f"{r.max_err:.1e}"]
             rows.append(row)
-        header = ["C", "HxW", "N", "fastvis ms", "eager ms", "eager/fastvis"]
+        header = ["C", "HxW", "N", "fastvis ms", "GFLOP/s", "of sgemm", "eager ms",
+                  "eager/fastvis"]
         if not args.no_compile:
             header += ["compile ms", "compile/fastvis"]
         if pas == "training":
@@ -257,6 +283,24 @@ def run(args: argparse.Namespace) -> int:
         print()
         print_table(f"ConvNeXt block, {pas} (median of interleaved blocks)", header, rows,
                     fmt=args.format, n_left=3)
+    if args.profile:
+        for pas in passes:
+            phases = []
+            for r in results:
+                for k_ in r.profile:
+                    if r.pass_ == pas and k_ not in phases:
+                        phases.append(k_)
+            rows = []
+            for r in results:
+                if r.pass_ != pas or not r.profile:
+                    continue
+                tot = sum(v[0] for v in r.profile.values())
+                rows.append([f"{r.c}", f"{r.hw}x{r.hw}", f"{r.n}", f"{tot * 1e3:.1f}"] +
+                            [f"{100 * r.profile[k_][0] / tot:.0f}%" if k_ in r.profile else "-"
+                             for k_ in phases])
+            print()
+            print_table(f"Where fastvis' time goes, {pas}: thread-ms per call and share per phase",
+                        ["C", "HxW", "N", "thread-ms"] + phases, rows, fmt=args.format, n_left=3)
     errs = [(r, k, v) for r in results for k, v in r.errors.items()]
     for r, k, v in errs:
         print(f"  C={r.c} N={r.n} {r.pass_}: {k} failed: {v}")
