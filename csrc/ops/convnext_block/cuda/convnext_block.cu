@@ -42,27 +42,6 @@ namespace cuda {
 namespace {
 
 namespace tl = ::fastvis::cnblock::tiles;
-constexpr int kThreads = tl::kThreads;
-constexpr int kM = tl::kM;
-constexpr int kNh = tl::kNh;
-constexpr int kNc = tl::kNc;
-constexpr int kMI = tl::kMI;
-constexpr int kNIh = tl::kNIh;
-constexpr int kNIc = tl::kNIc;
-
-// Runtime dtype codes of parameters and gradients (read once per element).
-enum : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
-
-int dtype_code(DType dt) {
-  switch (dt) {
-    case DType::Float32: return kF32;
-    case DType::Float16: return kF16;
-    case DType::BFloat16: return kBF16;
-    case DType::Float64: return kF64;
-    default: break;
-  }
-  detail::throw_error(ErrorKind::Type, "convnext_block (CUDA): unsupported dtype ", dtype_name(dt));
-}
 
 // ------------------------------------------------------------------ host-side checks
 bool is_nhwc(const TensorView& t) { return (core::dense_layouts(t) & 2) != 0; }
@@ -211,6 +190,28 @@ size_t dw_wgrad_scratch(const tl::Shape& s) {
 }
 
 #if defined(FASTVIS_WITH_CUTLASS)
+
+constexpr int kThreads = tl::kThreads;
+constexpr int kM = tl::kM;
+constexpr int kNh = tl::kNh;
+constexpr int kNc = tl::kNc;
+constexpr int kMI = tl::kMI;
+constexpr int kNIh = tl::kNIh;
+constexpr int kNIc = tl::kNIc;
+
+// Runtime dtype codes of parameters and gradients (read once per element).
+enum : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3 };
+
+int dtype_code(DType dt) {
+  switch (dt) {
+    case DType::Float32: return kF32;
+    case DType::Float16: return kF16;
+    case DType::BFloat16: return kBF16;
+    case DType::Float64: return kF64;
+    default: break;
+  }
+  detail::throw_error(ErrorKind::Type, "convnext_block (CUDA): unsupported dtype ", dtype_name(dt));
+}
 
 // ------------------------------------------------------------------ element access
 struct F16 {
@@ -1553,7 +1554,7 @@ void run_backward(const tl::Plan& p, const tl::BwdScratch& bs, const tl::Shape& 
   }
 }
 
-#endif  // FASTVIS_WITH_CUTLASS
+#else  // FASTVIS_WITH_CUTLASS
 
 [[noreturn]] void no_cutlass() {
   detail::throw_error(ErrorKind::Runtime,
@@ -1562,6 +1563,8 @@ void run_backward(const tl::Plan& p, const tl::BwdScratch& bs, const tl::Shape& 
                       "(pip install --no-deps nvidia-cutlass, then rebuild; see "
                       "FASTVIS_CUTLASS_INCLUDE_DIR)");
 }
+
+#endif  // FASTVIS_WITH_CUTLASS
 
 void check_scratch(void* scratch, size_t bytes, size_t need) {
   FV_CHECK_VALUE(bytes >= need && (scratch != nullptr || need == 0),
