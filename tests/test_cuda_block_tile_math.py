@@ -1,13 +1,18 @@
-"""Host tests of the CUDA fused ConvNeXt block's index math (no GPU needed).
+"""Host tests of the CUDA fused ConvNeXt block (no GPU needed).
 
-Compiles tests/cpp/test_block_tile_math.cpp -- which replays every index formula of
-csrc/ops/convnext_block/block_tile_math.h over many odd shapes (coverage of pixels,
-halos, outputs, shared-memory regions, K/N chunks, MMA fragments, grids, partial sums,
-scratch) and emulates the kernels of csrc/ops/convnext_block/cuda/convnext_block.cu on
-the host against a float64 reference of the block -- with the system C++ compiler and
-runs it: plainly, under AddressSanitizer + UndefinedBehaviorSanitizer, and (when the
-CUTLASS/CuTe and CUDA headers are installed) with the MMA fragment maps cross-checked
-against CuTe's own MMA_Traits layouts.
+* tests/cpp/test_block_tile_math.cpp replays every index formula of
+  csrc/ops/convnext_block/block_tile_math.h over many odd shapes (coverage of pixels,
+  halos, outputs, shared-memory regions, K/N chunks, MMA fragments, grids, partial sums,
+  scratch) and emulates the kernels' data flow against a float64 reference of the block;
+  it runs plainly, under AddressSanitizer + UndefinedBehaviorSanitizer, and (when the
+  CUTLASS/CuTe and CUDA headers are installed) with the MMA fragment maps cross-checked
+  against CuTe's own MMA_Traits layouts.
+* tests/cpp/test_block_cuda_emu.cpp compiles the kernels' own source
+  (csrc/ops/convnext_block/cuda/convnext_block_kernels.cuh) with the host compiler over an
+  emulation of the CUDA built-ins it uses (tests/cpp/cuda_host_emu.h: fibers as threads,
+  barriers with deadlock detection, warp shuffles, the tensor-core MMA atoms, exact
+  float16/bfloat16 rounding) and compares forward, D and the parameter gradients with the
+  float64 reference; plainly and under ASan + UBSan.
 """
 import importlib.util
 import os
@@ -38,23 +43,29 @@ def _env():
     return env
 
 
+EMU_SOURCE = ROOT / "tests" / "cpp" / "test_block_cuda_emu.cpp"
+EMU_FLAGS = ["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-I", str(ROOT / "csrc" / "include"),
+             str(ROOT / "csrc" / "core" / "tensor.cpp")]
+
+
 def _compile(cxx, flags, source, exe):
     cmd = [cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), *flags, str(source), "-o", str(exe)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
-def _build_and_run(tmp_path, flags, args=()):
+def _build_and_run(tmp_path, flags, args=(), source=SOURCE):
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler (c++/g++/clang++) on PATH")
-    exe = tmp_path / "test_block_tile_math"
-    built = _compile(cxx, flags, SOURCE, exe)
-    assert built.returncode == 0, f"compiling {SOURCE.name} failed:\n{built.stderr[-6000:]}"
-    run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=900, env=_env())
+    exe = tmp_path / source.stem
+    built = _compile(cxx, flags, source, exe)
+    assert built.returncode == 0, f"compiling {source.name} failed:\n{built.stderr[-6000:]}"
+    run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=1800, env=_env())
     report = f"stdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-6000:]}"
-    assert run.returncode == 0, f"block tile-math test failed (exit {run.returncode})\n{report}"
+    assert run.returncode == 0, f"{source.name} failed (exit {run.returncode})\n{report}"
     assert " 0 failed" in run.stdout, report
     assert "runtime error" not in run.stderr, report
+    assert "ERROR: AddressSanitizer" not in run.stderr, report
     return run.stdout
 
 
@@ -115,4 +126,22 @@ def test_block_fragments_match_cute(tmp_path):
     if flags is None:
         pytest.skip("CUTLASS/CuTe or CUDA headers not found (pip install --no-deps nvidia-cutlass)")
     out = _build_and_run(tmp_path, ["-DFV_TEST_WITH_CUTE", "-Wno-deprecated-declarations", *flags], ["--quick"])
+    assert "passed" in out
+
+
+def test_kernel_source_on_emulated_cuda(tmp_path):
+    out = _build_and_run(tmp_path, ["-Wall", "-Wextra", *EMU_FLAGS], source=EMU_SOURCE)
+    assert "passed" in out
+
+
+def test_kernel_source_on_emulated_cuda_sanitized(tmp_path):
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (c++/g++/clang++) on PATH")
+    if not _sanitizers_work(cxx, tmp_path):
+        pytest.skip("the C++ compiler cannot build and run AddressSanitizer/UBSan programs here")
+    # ASan prints a notice about makecontext/swapcontext (the emulated threads); it reports
+    # no error on these runs.
+    flags = [*SANITIZE, *[f for f in EMU_FLAGS if f != "-O2"]]
+    out = _build_and_run(tmp_path, flags, ["--quick"], source=EMU_SOURCE)
     assert "passed" in out

@@ -13,9 +13,10 @@ resident in shared memory (C <= 256) and the streamed one (C > 256), one and sev
 output-column chunks (C > 128), several hidden chunks and a hidden size that is not a
 multiple of 64, partial tiles, images smaller than the kernel, 31x31 kernels.
 
-The tolerances are estimates from the operand precision (the GEMM operands are rounded
-to the 16-bit type, accumulation is float32): normwise, max |got - ref| <= tol * max |ref|.
-They have not been validated on hardware.
+Tolerances: normwise, max |got - ref| <= tol * max |ref|, tol = 5e-3 (float16) / 3e-2
+(bfloat16). The host emulation of this very kernel source (tests/cpp/test_block_cuda_emu.cpp,
+with the 16-bit rounding of the GEMM operands modelled) stays below 8e-4 / 7e-3 on these and
+other shapes; the tolerances have not been validated on hardware.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _cuda_ok() -> bool:
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not _cuda_ok(), reason="no CUDA device")]
 
 DTYPES = [torch.float16, torch.bfloat16]
-TOL = {torch.float16: 1.5e-2, torch.bfloat16: 6e-2}
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
 NAMES = ("dw_weight", "dw_bias", "norm_weight", "norm_bias", "fc1_weight", "fc1_bias",
          "fc2_weight", "fc2_bias", "gamma", "grn_weight", "grn_bias")
 
