@@ -481,16 +481,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "convnext_block_forward",
       [](py::object x, py::sequence ws, double eps, bool tanh_gelu, py::object y,
-         py::object scratch, double grn_eps) {
+         py::object scratch, double grn_eps, uintptr_t stream) {
         BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
         TensorView yv = a.b.view(y, "y");
         const size_t need = convnext_block_forward_scratch_bytes(a.x, a.w, a.p);
         Scratch sc(a.b, scratch, need, a.x);
         py::gil_scoped_release nogil;
-        convnext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes);
+        convnext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes, as_stream(stream));
       },
       py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"), py::arg("y"),
-      py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6);
+      py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6, py::arg("stream") = 0);
   m.def("convnext_block_backward_scratch_bytes",
         [](py::object x, py::sequence ws, double eps, bool tanh_gelu, double grn_eps) {
           BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
@@ -501,17 +501,18 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "convnext_block_backward",
       [](py::object gy, py::object x, py::sequence ws, double eps, bool tanh_gelu,
-         py::sequence grads, py::object scratch, double grn_eps) {
+         py::sequence grads, py::object scratch, double grn_eps, uintptr_t stream) {
         BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
         a.grads(grads);
         TensorView gyv = a.b.view(gy, "grad_y");
         const size_t need = convnext_block_backward_scratch_bytes(a.x, a.w, a.p);
         Scratch sc(a.b, scratch, need, a.x);
         py::gil_scoped_release nogil;
-        convnext_block_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes);
+        convnext_block_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes, as_stream(stream));
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
-      py::arg("grads"), py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6);
+      py::arg("grads"), py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6,
+      py::arg("stream") = 0);
   // ------------------------------------------------------------ global_response_norm
   // weight and bias are required; norm is (N, C) in the statistics dtype.
   m.def("global_response_norm_forward_scratch_bytes",

@@ -16,7 +16,7 @@
 // forward = statistics pass + output pass; backward = statistics pass, a pass for the
 // reductions GRN's gradient needs (sum over pixels of dGRN_out * h), and the gradient pass.
 //
-// CPU only. The block runs tile by tile over rows of the image: each tile is convolved
+// CPU: the block runs tile by tile over rows of the image: each tile is convolved
 // from the input rows it needs, normalised, sent through fc1 -> GELU -> fc2 (OpenBLAS
 // GEMMs on the tile) and written out with the residual; the hidden activations never
 // leave the cache. The backward pass recomputes the block from x tile by tile (nothing
@@ -25,6 +25,12 @@
 //
 // float32, float64 and bfloat16 (float32 inside: the tile's intermediates, GEMMs and
 // accumulations; parameters may be any of the three, converted once per call).
+//
+// CUDA (when built with it and the CUTLASS/CuTe headers; see
+// ops/convnext_block/cuda/README.md): float16 and bfloat16 only, the GEMMs on tensor cores
+// with float32 accumulation (float32 inputs are refused: cast them, e.g. under autocast).
+// Same semantics, deterministic reductions; `stream` is a cudaStream_t. Compiled and its
+// index arithmetic host-tested, but NOT yet run on a GPU.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -84,13 +90,13 @@ size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtB
                                             const ConvNeXtBlockParams& p);
 void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                             const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
-                            size_t scratch_bytes);
+                            size_t scratch_bytes, void* stream = nullptr);
 
 size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                              const ConvNeXtBlockParams& p);
 void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
                              const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
                              const ConvNeXtBlockGrads& grads, void* scratch,
-                             size_t scratch_bytes);
+                             size_t scratch_bytes, void* stream = nullptr);
 
 }  // namespace fastvis

@@ -16,6 +16,9 @@
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
 #include "ops/convnext_block/cpu_kernels.h"
+#if defined(FASTVIS_WITH_CUDA)
+#include "ops/convnext_block/convnext_block_cuda.h"  // CUDA tensors: cuda/convnext_block.cu
+#endif
 
 namespace fastvis {
 namespace cnblock {
@@ -280,6 +283,16 @@ void grn_norms(const Shape& s, const A* rowsq, const TensorView& gw, double eps,
 
 }  // namespace
 
+#if !defined(FASTVIS_WITH_CUDA)
+namespace {
+[[noreturn]] void cnblock_no_cuda() {
+  detail::throw_error(ErrorKind::Runtime,
+                      "got CUDA tensors, but this build of fastvis has no CUDA backend "
+                      "(rebuild with FASTVIS_CUDA=on and a CUDA compiler)");
+}
+}  // namespace
+#endif
+
 ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlockWeights& w,
                                         const ConvNeXtBlockParams& p) {
   const core::NchwDims d = core::activation_dims(x, "x");
@@ -326,6 +339,13 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
 
 size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                             const ConvNeXtBlockParams& p) {
+  if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
+#if defined(FASTVIS_WITH_CUDA)
+    return cnblock::cuda::forward_scratch_bytes(x, w, p);
+#else
+    cnblock_no_cuda();
+#endif
+  }
   const ConvNeXtBlockShape s = convnext_block_shape(x, w, p);
   if (s.n * s.h * s.w == 0) return 0;
   return forward_layout(x, w, p, nullptr, 0, nullptr, nullptr);
@@ -333,7 +353,14 @@ size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtB
 
 void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                             const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
-                            size_t scratch_bytes) {
+                            size_t scratch_bytes, void* stream) {
+  if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
+#if defined(FASTVIS_WITH_CUDA)
+    return cnblock::cuda::forward(x, w, p, y, scratch, scratch_bytes, stream);
+#else
+    cnblock_no_cuda();
+#endif
+  }
   const ConvNeXtBlockShape s0 = convnext_block_shape(x, w, p);
   core::check_cpu(y, "y");
   FV_CHECK_VALUE(y.ndim == 4 && y.shape[0] == s0.n && y.shape[1] == s0.c && y.shape[2] == s0.h &&
@@ -553,6 +580,13 @@ void grn_backward_prepare(const Shape& s, const Plan& pl, const BwdScratch& bs,
 
 size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                              const ConvNeXtBlockParams& p) {
+  if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
+#if defined(FASTVIS_WITH_CUDA)
+    return cnblock::cuda::backward_scratch_bytes(x, w, p);
+#else
+    cnblock_no_cuda();
+#endif
+  }
   const ConvNeXtBlockShape s = convnext_block_shape(x, w, p);
   if (s.n * s.h * s.w == 0) return 0;
   return backward_layout(x, w, p, nullptr, nullptr, 0, nullptr);
@@ -560,7 +594,15 @@ size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXt
 
 void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
                              const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
-                             const ConvNeXtBlockGrads& g, void* scratch, size_t scratch_bytes) {
+                             const ConvNeXtBlockGrads& g, void* scratch, size_t scratch_bytes,
+                             void* stream) {
+  if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
+#if defined(FASTVIS_WITH_CUDA)
+    return cnblock::cuda::backward(grad_y, x, w, p, g, scratch, scratch_bytes, stream);
+#else
+    cnblock_no_cuda();
+#endif
+  }
   const ConvNeXtBlockShape s0 = convnext_block_shape(x, w, p);
   const int64_t C = s0.c, Hd = s0.hidden, k = s0.k;
   auto check_act = [&](const TensorView& t, const char* name) {

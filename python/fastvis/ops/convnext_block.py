@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, dl, scratch
+from ._bridge import autocast_cast, autocast_dtype, dl, scratch, stream_of
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,7 +94,7 @@ _scratch_sizes: dict = {}
 def _scratch_bytes(kind, query, x, ws, eps, tanh_gelu, grn_eps) -> int:
     """Memoised core scratch query: the size depends on the shapes, dtypes and strides of x
     and the parameters present, and on the core's thread count, nothing else."""
-    key = (kind, _C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype,
+    key = (kind, _C.get_num_threads(), x.device.type, tuple(x.shape), x.stride(), x.dtype,
            tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in ws))
     n = _scratch_sizes.get(key)
     if n is None:
@@ -127,7 +127,7 @@ def _cb_fwd(
     nbytes = _scratch_bytes("convnext_block_fwd", _C.convnext_block_forward_scratch_bytes, x, ws,
                             eps, tanh_gelu, grn_eps)
     _C.convnext_block_forward(dl(x), [dl(t) for t in ws], eps, tanh_gelu, dl(y),
-                              dl(scratch(nbytes, x.device)), grn_eps)
+                              dl(scratch(nbytes, x.device)), grn_eps, stream_of(x))
     return y
 
 
@@ -154,14 +154,15 @@ def _cb_bwd(
               fc2_bias, gamma, grn_weight, grn_bias)
     ws = [None if t is None else t.detach() for t in params[:9] + (drop_scale,) + params[9:]]
     outs = [torch.empty_like(x, memory_format=torch.channels_last) if needs[0] else x.new_empty(0)]
-    outs += [torch.empty(p.shape, dtype=x.dtype) if (p is not None and need) else x.new_empty(0)
-             for p, need in zip(params, needs[1:])]
+    outs += [torch.empty(p.shape, dtype=x.dtype, device=x.device) if (p is not None and need)
+             else x.new_empty(0) for p, need in zip(params, needs[1:])]
     grads = [o if need else None for o, need in zip(outs, [needs[0]] + [
         n and p is not None for p, n in zip(params, needs[1:])])]
     nbytes = _scratch_bytes("convnext_block_bwd", _C.convnext_block_backward_scratch_bytes, x, ws,
                             eps, tanh_gelu, grn_eps)
     _C.convnext_block_backward(dl(gy), dl(x), [dl(t) for t in ws], eps, tanh_gelu,
-                               [dl(t) for t in grads], dl(scratch(nbytes, x.device)), grn_eps)
+                               [dl(t) for t in grads], dl(scratch(nbytes, x.device)), grn_eps,
+                               stream_of(x))
     return outs
 
 
@@ -215,6 +216,9 @@ _cb_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _core_serves(x: torch.Tensor) -> bool:
     if x.device.type == "cpu":
+        return True
+    # CUDA: the fused kernels (float16 / bfloat16 only; compiled, not yet run on a GPU).
+    if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16) and _C.build_info()["cuda"]:
         return True
     if x.device.type != "meta":
         warn_fallback_once(
