@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, TextIO
 BENCHMARKS: Dict[str, str] = {
     "dwconv": ".dwconv",
     "block": ".block",
+    "train": ".train",
 }
 
 __all__ = ["BENCHMARKS", "names", "load", "print_table", "table_format_choices"]

@@ -57,7 +57,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
 
     # ---- optimisation
-    epochs: int = 30
+    epochs: int = 15
     batch_size: int = 64             # the GLOBAL batch (over ranks and accumulation steps)
     accum_steps: int = 1
     opt: str = "adamw"
