@@ -450,3 +450,17 @@ def test_trainer_bf16_autocast_with_fastvis_convnext(tmp_path):
             assert s["steps"] == 2 and math.isfinite(s["val_loss"])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_plot_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from fastvis.train.report import plot_metrics
+
+    recs = [{"kind": "train", "step": 1, "loss": 2.0}, {"kind": "val", "step": 1, "val_loss": 1.5, "val_top1": 50.0,
+                                                         "val_top5": 90.0}]
+    assert plot_metrics(recs, str(tmp_path / "p.png")) is None
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib -> ImportError
+    msg = plot_metrics(recs, str(tmp_path / "q.png"))
+    assert "matplotlib is not installed" in msg and not (tmp_path / "q.png").exists()

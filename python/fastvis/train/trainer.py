@@ -275,6 +275,10 @@ class Trainer:
 
         from ..nn.convnext import drop_path_source
 
+        if self.config.compile:
+            # seeded generators are not traceable: under torch.compile each draw is a graph
+            # break (the blocks themselves are opaque custom ops anyway)
+            source = torch.compiler.disable(source)
         return drop_path_source(source)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
