@@ -374,3 +374,16 @@ def test_compile_matches_eager(tmp_path):
     assert len(c) == 3
     for a, b in zip(c, e):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_bench_train_quick(tmp_path):
+    """`fastvis bench train --quick`: both models train, the logits agree, a table is printed
+    (timings are not checked: benchmarks are commands, not timed tests)."""
+    out = tmp_path / "b.json"
+    r = run_cli("bench", "train", "--quick", "--threads", "1", "--num-classes", "10", "--format", "text",
+                "--json", str(out), "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "timm/fastvis" in r.stdout and "convnext_atto" in r.stdout
+    res = json.loads(out.read_text())["results"][0]
+    assert res["rel_err"] < 1e-4
+    assert res["fastvis_ms"] > 0 and res["timm_ms"] > 0 and res["ratio"] == pytest.approx(res["timm_ms"] / res["fastvis_ms"])

@@ -182,8 +182,9 @@ def train_run(args: argparse.Namespace) -> int:
             if not isinstance(st, dict) or "config" not in st:
                 raise CheckpointError(f"{found[0]} is not a fastvis training checkpoint")
             cfgd = dict(st["config"])
-            if str(cfgd.get("model", "")).startswith("custom:"):
-                raise CheckpointError(f"{found[0]} holds a user model ({cfgd['model']}); resume it with the Python API")
+            if str(cfgd.get("model", "")).startswith("custom:") or cfgd.get("dataset") == "custom":
+                raise CheckpointError(f"{found[0]} was trained on a user model or datasets given to the Python "
+                                      "API; resume it with the Python API")
             cfgd.update(over)
             if "output" not in over and resume != "auto":
                 cfgd["output"] = os.path.dirname(os.path.dirname(os.path.abspath(found[0])))

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """An invalid or inconsistent training setting (one line, no traceback in the CLI)."""
 
 
-_DATASETS = ("digits", "folder", "synthetic")
+_DATASETS = ("digits", "folder", "synthetic", "custom")  # custom: datasets given to the Trainer
 _OPTIMIZERS = ("adamw", "sgd")
 _AMP = ("none", "bf16", "fp16")
 
@@ -38,7 +38,7 @@ class TrainConfig:
     pretrained: bool = False
 
     # ---- data
-    dataset: str = "digits"          # digits | folder | synthetic
+    dataset: str = "digits"          # digits | folder | synthetic (| custom: datasets given to Trainer)
     data_dir: Optional[str] = None   # folder: root with train/ and val/ class folders
     img_size: Optional[int] = None   # None: the dataset's (digits: 32)
     num_classes: Optional[int] = None  # None: the dataset's
@@ -237,6 +237,9 @@ def _check(c: TrainConfig, world_size: int) -> None:
         raise ConfigError(f"ema_decay must be in (0, 1), got {c.ema_decay!r}")
     if c.sam_rho is not None and c.amp == "fp16":
         raise ConfigError("SAM with fp16 AMP (a dynamic loss scale between its two passes) is not supported; use amp bf16 or none")
+    for n in ("scale", "ratio", "betas"):
+        if len(getattr(c, n)) != 2:
+            raise ConfigError(f"{n} needs two values, got {getattr(c, n)}")
     for n in ("scale", "ratio"):
         lo, hi = getattr(c, n)
         if not (0 < lo <= hi) or (n == "scale" and hi > 1):

@@ -220,6 +220,9 @@ def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
     if cfg.dataset == "synthetic":
         return (SyntheticDataset(cfg.synthetic_size, cfg.num_classes, cfg.img_size, cfg.seed),
                 SyntheticDataset(max(1, cfg.synthetic_size // 4), cfg.num_classes, cfg.img_size, cfg.seed + 1))
+    if cfg.dataset == "custom":
+        raise DataError("this run trained on datasets given to the Python API (dataset 'custom'); "
+                        "name the data with --data DIR or --dataset")
     train = ImageFolderDataset(cfg.data_dir, "train")
     val = ImageFolderDataset(cfg.data_dir, "val", classes=train.classes)
     return train, val

@@ -195,7 +195,7 @@ class Trainer:
                 len(train_dataset.classes) if hasattr(train_dataset, "classes") else None)
             if nc is not None:
                 dd["num_classes"] = int(nc)
-            self.config = cfg0.replace(dataset=cfg0.dataset if cfg0.dataset != "folder" else "synthetic").resolved(world, dd)
+            self.config = cfg0.replace(dataset="custom", data_dir=None).resolved(world, dd)
             self.train_base, self.val_base = train_dataset, val_dataset
         cfg = self.config
         self.is_main = self.dist.is_main
