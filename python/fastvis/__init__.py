@@ -33,6 +33,7 @@ from . import ops  # noqa: E402
 from . import nn  # noqa: E402
 from . import models  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
+from . import train  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -47,6 +48,7 @@ __all__ = [
     "ops",
     "nn",
     "models",
+    "train",
     "create_model",
     "list_models",
 ]

@@ -2,10 +2,12 @@
 
     fastvis info                 what this build contains (fastvis.build_info()) and the runtime
     fastvis bench <benchmark>    benchmarks against PyTorch, e.g. ``fastvis bench dwconv``
+    fastvis train                train a model (fastvis.train.Trainer), default: the built-in digits
+    fastvis validate             top-1 / top-5 / loss of a checkpoint
 
 Commands are entries of ``COMMANDS``: a help line, a function that adds the command's
 arguments to its sub-parser and a function that runs it and returns the exit code. A new
-command (``fastvis train``, ``fastvis validate``) is one more entry. Benchmarks are
+command is one more entry. Benchmarks are
 registered in :mod:`fastvis.bench` and become ``fastvis bench <name>`` automatically.
 
 Errors in the command line print one line on stderr and exit with code 2; errors while
@@ -179,12 +181,43 @@ def _bench_run(args: argparse.Namespace) -> int:
     return args._run_benchmark(args)
 
 
+# ------------------------------------------------------------------ fastvis train / validate
+# (the options and the runs live in fastvis.train.commands, imported when used)
+
+
+def _train_add_arguments(p: argparse.ArgumentParser) -> None:
+    from .train.commands import train_add_arguments
+
+    train_add_arguments(p)
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from .train.commands import train_run
+
+    return train_run(args)
+
+
+def _validate_add_arguments(p: argparse.ArgumentParser) -> None:
+    from .train.commands import validate_add_arguments
+
+    validate_add_arguments(p)
+
+
+def _validate_run(args: argparse.Namespace) -> int:
+    from .train.commands import validate_run
+
+    return validate_run(args)
+
+
 # ------------------------------------------------------------------------------ the parser
 
 COMMANDS: Dict[str, Command] = {
     "info": Command("show what this build of fastvis contains", _info_add_arguments, _info_run),
     "bench": Command("benchmark fastvis against PyTorch (same run, ratios)",
                      _bench_add_arguments, _bench_run),
+    "train": Command("train a model (default: a small ConvNeXt on the built-in digits)",
+                     _train_add_arguments, _train_run),
+    "validate": Command("evaluate a checkpoint: top-1, top-5 and loss", _validate_add_arguments, _validate_run),
 }
 
 

@@ -28,6 +28,7 @@ BENCHMARKS: Dict[str, str] = {
     "dwconv": ".dwconv",
     "block": ".block",
     "model": ".model",
+    "train": ".train",
 }
 
 __all__ = ["BENCHMARKS", "names", "load", "print_table", "table_format_choices"]

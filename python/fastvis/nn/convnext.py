@@ -22,9 +22,11 @@ only the stored shapes differ.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from typing import Optional
+import threading
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -35,7 +37,7 @@ from .layer_norm import LayerNorm2d
 
 from .grn import GlobalResponseNorm  # the GRN module; the block passes its parameters to the fused op
 
-__all__ = ["ConvNeXtBlock", "ConvNeXtMlp", "drop_path_scale", "trunc_normal_02_"]
+__all__ = ["ConvNeXtBlock", "ConvNeXtMlp", "drop_path_scale", "drop_path_source", "trunc_normal_02_"]
 
 
 @torch.no_grad()
@@ -45,6 +47,23 @@ def trunc_normal_02_(t: torch.Tensor) -> torch.Tensor:
     the two distributions are the same, and this is several times faster than the
     inverse-CDF sampling of ``nn.init.trunc_normal_`` (seconds for the large models)."""
     return t.normal_(0.0, 0.02).clamp_(-2.0, 2.0)
+
+
+_drop_path_local = threading.local()
+
+
+@contextlib.contextmanager
+def drop_path_source(source: Optional[Callable[[int, float], torch.Tensor]]):
+    """Within the context (in this thread), :func:`drop_path_scale` takes its keep/drop
+    decisions from ``source(n, keep)``, an (n,) tensor of 0s and 1s, instead of drawing them
+    from the global torch RNG. The trainer uses it to key each image's draws to its place
+    in the global batch, so a distributed run drops the same paths as a single process."""
+    prev = getattr(_drop_path_local, "source", None)
+    _drop_path_local.source = source
+    try:
+        yield
+    finally:
+        _drop_path_local.source = prev
 
 
 def drop_path_scale(x: torch.Tensor, drop_prob: float, training: bool) -> Optional[torch.Tensor]:
@@ -58,7 +77,11 @@ def drop_path_scale(x: torch.Tensor, drop_prob: float, training: bool) -> Option
     if not training or drop_prob == 0.0:
         return None
     keep = 1.0 - drop_prob
-    scale = x.new_empty(x.shape[0]).bernoulli_(keep)
+    source = getattr(_drop_path_local, "source", None)
+    if source is not None:
+        scale = source(x.shape[0], keep).to(device=x.device, dtype=x.dtype)
+    else:
+        scale = x.new_empty(x.shape[0]).bernoulli_(keep)
     if keep > 0.0:
         scale.div_(keep)
     return scale
