@@ -250,7 +250,6 @@ void residual_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, cons
 // GRN on the tile: h[p][j] = h[p][j] * f[n][j] + b[j] (n the pixel's image).
 template <class A>
 void grn_apply(const Shape& s, int64_t p0, int64_t np, A* h, const A* f, const A* b) {
-  using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   const int64_t Hd = s.hidden, hw = s.h * s.w;
   for (int64_t p = 0; p < np; ++p) {
@@ -267,7 +266,6 @@ void grn_apply(const Shape& s, int64_t p0, int64_t np, A* h, const A* f, const A
 template <class A>
 void grn_backward_apply(const Shape& s, int64_t p0, int64_t np, const A* dz, const A* f,
                         const A* u, A* g) {
-  using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   const int64_t Hd = s.hidden, hw = s.h * s.w;
   for (int64_t p = 0; p < np; ++p) {
@@ -371,6 +369,7 @@ void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const
 template <class T, class A>
 void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
                       const T* gy, T* D, A* partials, A* bufs, int nbufs, bool need_gamma) {
+  (void)need_gamma;  // the layer-scale gradient always comes from the fc2 partials
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   const int64_t C = s.c, Hd = s.hidden, rows = s.n * s.h, hw = s.h * s.w;
@@ -378,7 +377,6 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
   const A* w1 = static_cast<const A*>(pk.w1);
   const A* w2 = static_cast<const A*>(pk.w2);
   const A* b1 = static_cast<const A*>(pk.b1);
-  const A* b2 = static_cast<const A*>(pk.b2);
   const A* nw = static_cast<const A*>(pk.nw);
   const A* nb = static_cast<const A*>(pk.nb);
   const A* gamma = static_cast<const A*>(pk.gamma);
@@ -426,12 +424,12 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
           grn_apply<A>(s, p0, np, zb, grn_f, static_cast<const A*>(pk.grn_b));
           zin = zb;
         }
-        if (need_gamma) {  // o = z W2^T, for dgamma
-          prof::Scope ps(prof::kFc2);
-          mm(pl, Op::N, Op::T, np, C, Hd, A(1), zin, Hd, w2, Hd, A(0), dt2, C);
-        }
-        A* db2 = part + lay.b2;
-        A* dgam = part + lay.gamma;
+        // e = dy * ds (dob: do = e * gamma). The fc2 weight-gradient GEMM takes e, not do:
+        // its partial is M = sum_p e_p z_p^T, and the reduction forms dW2 = gamma * M and
+        // dgamma_c = sum_j W2_cj M_cj + b2_c sum_p e_pc, so fc2's output never has to be
+        // recomputed here (one GEMM fewer per tile). The b2 slot sums e.
+        A* e = dt2;
+        A* esum = part + lay.b2;
         {  // ps_out
         prof::Scope ps_out(prof::kGradOut);
         for (int64_t p = 0; p < np; ++p) {
@@ -439,28 +437,25 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
           const V scv = V{} + sc;
           const T* gp = gy + (p0 + p) * C;
           A* dp = dob + p * C;
-          const A* op = dt2 + p * C;
+          A* ep = e + p * C;
           int64_t c = 0;
           for (; c + L <= C; c += L) {
             const V g = vload<T, A>(gp + c) * scv;
-            const V d = g * vload<A, A>(gamma + c);
-            vstore<A, A>(dp + c, d);
-            vstore<A, A>(db2 + c, vload<A, A>(db2 + c) + d);
-            if (need_gamma)
-              vstore<A, A>(dgam + c, vload<A, A>(dgam + c) +
-                                         g * (vload<A, A>(op + c) + vload<A, A>(b2 + c)));
+            vstore<A, A>(ep + c, g);
+            vstore<A, A>(dp + c, g * vload<A, A>(gamma + c));
+            vstore<A, A>(esum + c, vload<A, A>(esum + c) + g);
           }
           for (; c < C; ++c) {
             const A g = sload<T, A>(gp + c) * sc;
+            ep[c] = g;
             dp[c] = g * gamma[c];
-            db2[c] += dp[c];
-            if (need_gamma) dgam[c] += g * (op[c] + b2[c]);
+            esum[c] += g;
           }
         }
         }  // ps_out
         {
           prof::Scope ps(prof::kWgrad);
-          mm(pl, Op::T, Op::N, C, Hd, np, A(1), dob, C, zin, Hd, A(1), part + lay.w2, Hd);
+          mm(pl, Op::T, Op::N, C, Hd, np, A(1), e, C, zin, Hd, A(1), part + lay.w2, Hd);
         }
         if (grn_f) {  // dz, then dg = dz * f + u * g
           {
