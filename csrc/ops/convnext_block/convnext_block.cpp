@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/checks.h"
+#include "core/scratch.h"
 #include "core/cpu_features.h"
 #include "core/dtype_convert.h"
 #include "core/profile.h"
@@ -71,26 +72,9 @@ using cnblock::Packed;
 using cnblock::Plan;
 using cnblock::Shape;
 
-inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
-size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
-
-class ScratchCarver {
- public:
-  ScratchCarver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
-  void* take(size_t b) {
-    void* p = base_ + used_;
-    used_ += align64(b);
-    FV_CHECK_VALUE(used_ <= bytes_ || base_ == nullptr, "scratch buffer too small: need at least ",
-                   used_, " bytes, got ", bytes_);
-    return p;
-  }
-  size_t used() const { return used_; }
-
- private:
-  char* base_;
-  size_t bytes_;
-  size_t used_ = 0;
-};
+using core::acc_size;
+using core::align64;
+using core::ScratchCarver;
 
 struct Kernels {
   void (*forward)(DType, const Shape&, const Plan&, const Packed&, const void*, void*, void*, int);

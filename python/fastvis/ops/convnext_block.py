@@ -13,8 +13,6 @@ activations after GELU.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional
 
 import torch
@@ -23,10 +21,9 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
+from ._checks import check_activation, check_eps
 from ._bridge import autocast_cast, autocast_dtype, dl, scratch, stream_of
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GELU = ("none", "tanh")
 
 
@@ -229,34 +226,12 @@ def _core_serves(x: torch.Tensor) -> bool:
     return False
 
 
-def _check_eps(eps, name: str) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{name}: expected a positive float, got {type(eps).__name__}")
-    e = float(eps)
-    if not (math.isfinite(e) and e > 0.0):
-        raise ValueError(f"{name}: expected a positive finite number, got {eps!r}")
-    return e
-
-
 def _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
               fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate) -> None:
     """Argument rules of the op, checked in Python so the fused path, the reference and the
     fallback devices accept and refuse the same inputs with the same exceptions."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"convnext_block: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-    allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
-    if x.dtype not in allowed and x.device.type != "meta":
-        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
-        hint = " (float16 is CUDA-only)" if x.dtype == torch.float16 else ""
-        raise TypeError(
-            f"x: the {x.device.type.upper()} backend supports {names}, got "
-            f"{str(x.dtype).replace('torch.', '')}{hint}"
-        )
-    n, c, h, w = x.shape
-    if c < 1:
-        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    c = check_activation("convnext_block", x, dims_msg="x:")
+    n, _, h, w = x.shape
     if approximate not in _GELU:
         raise ValueError(f"approximate: expected 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
 
@@ -353,8 +328,8 @@ def convnext_block(
              fc2_bias, gamma, grn_weight, grn_bias])
     _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
               fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate)
-    e = _check_eps(eps, "eps")
-    ge = _check_eps(grn_eps, "grn_eps")
+    e = check_eps(eps, "eps")
+    ge = check_eps(grn_eps, "grn_eps")
     if drop_scale is not None:
         drop_scale = drop_scale.detach()
     if not reference_enabled() and _core_serves(x):
