@@ -513,6 +513,50 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
       py::arg("grads"), py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6,
       py::arg("stream") = 0);
+  // ------------------------------------------------------------ metanext_block (inference)
+  // weights: (hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1_bias,
+  // fc2_weight, fc2_bias, gamma, drop_scale), None where absent.
+  struct MetaNeXtArgs {
+    Borrowed b;
+    TensorView x, wv[12];
+    MetaNeXtBlockWeights w;
+    MetaNeXtBlockParams p;
+    MetaNeXtArgs(const py::object& xo, const py::sequence& ws, int64_t dilation, bool tanh_gelu) {
+      static const char* names[12] = {"hw_weight",  "hw_bias",  "w_weight",   "w_bias",
+                                      "h_weight",   "h_bias",   "fc1_weight", "fc1_bias",
+                                      "fc2_weight", "fc2_bias", "gamma",      "drop_scale"};
+      FV_CHECK_VALUE(py::len(ws) == 12, "weights: expected 12 entries, got ", py::len(ws));
+      x = b.view(xo, "x");
+      const TensorView* ptr[12];
+      for (int i = 0; i < 12; ++i) {
+        py::object o = ws[i];
+        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
+      }
+      w = MetaNeXtBlockWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],  ptr[5],
+                               ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11]};
+      p.dilation = dilation;
+      p.gelu_tanh = tanh_gelu;
+    }
+  };
+  m.def("metanext_block_forward_scratch_bytes",
+        [](py::object x, py::sequence ws, int64_t dilation, bool tanh_gelu) {
+          MetaNeXtArgs a(x, ws, dilation, tanh_gelu);
+          return metanext_block_forward_scratch_bytes(a.x, a.w, a.p);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("dilation"), py::arg("tanh_gelu"));
+  m.def(
+      "metanext_block_forward",
+      [](py::object x, py::sequence ws, int64_t dilation, bool tanh_gelu, py::object y,
+         py::object scratch) {
+        MetaNeXtArgs a(x, ws, dilation, tanh_gelu);
+        TensorView yv = a.b.view(y, "y");
+        const size_t need = metanext_block_forward_scratch_bytes(a.x, a.w, a.p);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        metanext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("weights"), py::arg("dilation"), py::arg("tanh_gelu"), py::arg("y"),
+      py::arg("scratch") = py::none());
   // ------------------------------------------------------------ global_response_norm
   // weight and bias are required; norm is (N, C) in the statistics dtype.
   m.def("global_response_norm_forward_scratch_bytes",

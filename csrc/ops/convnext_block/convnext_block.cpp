@@ -14,6 +14,7 @@
 #include "core/dtype_convert.h"
 #include "core/profile.h"
 #include "fastvis/depthwise_conv.h"
+#include "fastvis/metanext_block.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
 #include "ops/convnext_block/cpu_kernels.h"
@@ -41,14 +42,34 @@ Plan plan(const Shape& s, int64_t acc) {
   p.P = rt * s.w;
   // The depthwise tile kernel's buffer for any tile: every row count a tile can have in
   // one image, at every position (the input window shrinks at the image borders).
-  p.dw_elems = 0;
-  const int64_t pad = s.k / 2;
-  for (int64_t r = 1; r <= std::min(rt, s.h); ++r)
-    for (int64_t hs = r; hs <= std::min(s.h, r + 2 * pad); ++hs) {
-      const dwconv::Geom g{1, s.c, hs, s.w, s.k, s.k, r, s.w, 1, 1, 0, pad, 1, 1, s.cp};
-      p.dw_elems = std::max(p.dw_elems, dwconv::fwd_plan(g, acc, false).buf_elems);
-    }
   auto up = [](int64_t e) { return (e + 15) / 16 * 16; };
+  // The depthwise tile kernel's buffer for a kh x kw kernel at dilation dil over c
+  // channels, for every tile height and input window a tile can have.
+  auto dw_buf = [&](int64_t c, int64_t kh, int64_t kw, int64_t dil, int64_t cp) {
+    int64_t e = 0;
+    const int64_t ph = (kh - 1) * dil / 2, pw = (kw - 1) * dil / 2;
+    for (int64_t r = 1; r <= std::min(rt, s.h); ++r)
+      for (int64_t hs = r; hs <= std::min(s.h, r + 2 * ph); ++hs) {
+        const dwconv::Geom g{1, c, hs, s.w, kh, kw, r, s.w, 1, 1, 0, pw, dil, dil, cp};
+        e = std::max(e, dwconv::fwd_plan(g, acc, false).buf_elems);
+      }
+    return e;
+  };
+  if (s.mix.kind == Mixer::Inception) {
+    const Mixer& m = s.mix;
+    int64_t rows_in = 0, dwb = 0;
+    for (int b = 0; b < 3; ++b) {
+      int64_t kh, kw, off;
+      inception_branch(m, b, kh, kw, off);
+      rows_in = std::max(rows_in, std::min(s.h, rt + (kh - 1) * m.dil));
+      dwb = std::max(dwb, dw_buf(m.g, kh, kw, m.dil, m.cpg));
+    }
+    p.inc_slice_elems = up(rows_in * s.w * m.g);  // storage type T fits in an accumulator slot
+    p.inc_out_elems = up(rt * s.w * m.g);
+    p.dw_elems = p.inc_slice_elems + p.inc_out_elems + dwb;
+  } else {
+    p.dw_elems = dw_buf(s.c, s.k, s.k, 1, s.cp);
+  }
   p.fwd_elems = up(p.P * s.c) + up(p.P * s.hidden) + up(p.dw_elems);
   p.bwd_elems = 4 * up(p.P * s.c) + 2 * up(p.P) + 3 * up(p.P * s.hidden) + up(p.dw_elems);
   // Backward partial sums: at most 16 runs of tiles and 128 MiB of partials, but at least
@@ -137,6 +158,17 @@ template <class A> void pack_matrix(const TensorView& t, int64_t rows, int64_t c
       out[r * cols + c] = static_cast<A>(load_as_double(t.dtype, t.data, r * sr + c * sc));
 }
 
+// A depthwise weight (c, 1, kh, kw), any strides, as [kh][kw][cp] in A (padding zero).
+template <class A>
+void pack_dw(const TensorView& t, int64_t kh, int64_t kw, int64_t c, int64_t cp, A* out) {
+  std::fill(out, out + kh * kw * cp, A(0));
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t ch = 0; ch < c; ++ch)
+        out[(i * kw + j) * cp + ch] = static_cast<A>(load_as_double(
+            t.dtype, t.data, ch * t.strides[0] + i * t.strides[2] + j * t.strides[3]));
+}
+
 template <class A> void pack_vector(const TensorView* t, int64_t n, int64_t len, A fill, A* out) {
   for (int64_t i = 0; i < len; ++i)
     out[i] = (t && i < n) ? static_cast<A>(load_as_double(t->dtype, t->data, i * t->strides[0]))
@@ -180,13 +212,7 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
     w2 = m;
   }
   if (!dry) {
-    const TensorView& dwt = *w.dw_weight;
-    std::fill(dw, dw + s.k * s.k * s.cp, A(0));
-    for (int64_t i = 0; i < s.k; ++i)
-      for (int64_t j = 0; j < s.k; ++j)
-        for (int64_t c = 0; c < s.c; ++c)
-          dw[(i * s.k + j) * s.cp + c] = static_cast<A>(load_as_double(
-              dwt.dtype, dwt.data, c * dwt.strides[0] + i * dwt.strides[2] + j * dwt.strides[3]));
+    if (w.dw_weight) pack_dw<A>(*w.dw_weight, s.k, s.k, s.c, s.cp, dw);
     pack_vector<A>(w.dw_bias, s.c, s.cp, A(0), dwb);
     pack_vector<A>(w.norm_weight, s.c, s.c, A(1), nw);
     pack_vector<A>(w.norm_bias, s.c, s.c, A(0), nb);
@@ -211,6 +237,7 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
   pk.ds = ds;
   pk.eps = p.eps;
   pk.tanh = p.gelu_tanh;
+  pk.norm = true;
   return pk;
 }
 
@@ -684,6 +711,164 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
     depthwise_conv2d_backward_input(dv, *w.dw_weight, *g.x, dp, bs.dw_scratch, bs.dw_bytes);
     add_residual(x.dtype, grad_y.data, g.x->data, s.n * s.h * s.w * C);
   }
+}
+
+
+// ------------------------------------------------------------------ MetaNeXt (inference)
+
+namespace {
+
+int64_t padded(int64_t c, DType dt) {
+  const int64_t cb = 64 / static_cast<int64_t>(acc_size(dt));
+  return (c + cb - 1) / cb * cb;
+}
+
+// The MLP part as ConvNeXt-block weights without a depthwise conv or a norm.
+ConvNeXtBlockWeights mlp_weights(const MetaNeXtBlockWeights& w) {
+  ConvNeXtBlockWeights c;
+  c.fc1_weight = w.fc1_weight;
+  c.fc1_bias = w.fc1_bias;
+  c.fc2_weight = w.fc2_weight;
+  c.fc2_bias = w.fc2_bias;
+  c.gamma = w.gamma;
+  c.drop_scale = w.drop_scale;
+  return c;
+}
+
+Shape metanext_shape(const MetaNeXtBlockShape& m, const MetaNeXtBlockParams& p, DType dt) {
+  Shape s{m.n, m.c, m.h, m.w, 1, m.hidden, padded(m.c, dt)};
+  s.mix.kind = cnblock::Mixer::Inception;
+  s.mix.cid = m.identity;
+  s.mix.g = m.g;
+  s.mix.ks = m.ks;
+  s.mix.kb = m.kb;
+  s.mix.dil = p.dilation;
+  s.mix.cpg = padded(m.g, dt);
+  return s;
+}
+
+template <class A>
+void pack_branches(const MetaNeXtBlockWeights& w, const Shape& s, ScratchCarver& sc, bool dry,
+                   Packed& pk) {
+  const TensorView* ws[3] = {w.hw_weight, w.w_weight, w.h_weight};
+  const TensorView* bs[3] = {w.hw_bias, w.w_bias, w.h_bias};
+  for (int b = 0; b < 3; ++b) {
+    int64_t kh, kw, off;
+    cnblock::inception_branch(s.mix, b, kh, kw, off);
+    A* wp = static_cast<A*>(sc.take(static_cast<size_t>(kh * kw * s.mix.cpg) * sizeof(A)));
+    A* bp = static_cast<A*>(sc.take(static_cast<size_t>(s.mix.cpg) * sizeof(A)));
+    if (!dry) {
+      pack_dw<A>(*ws[b], kh, kw, s.mix.g, s.mix.cpg, wp);
+      pack_vector<A>(bs[b], s.mix.g, s.mix.cpg, A(0), bp);
+    }
+    pk.mw[b] = wp;
+    pk.mb[b] = bp;
+  }
+}
+
+size_t metanext_layout(const TensorView& x, const MetaNeXtBlockWeights& w,
+                       const MetaNeXtBlockParams& p, const Shape& s, void* base, size_t bytes,
+                       Packed* pk, void** bufs) {
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+  ScratchCarver sc(base, bytes);
+  const bool dry = base == nullptr;
+  ConvNeXtBlockParams cp;
+  cp.gelu_tanh = p.gelu_tanh;
+  Packed packed = pack(x, s, mlp_weights(w), cp, sc, dry);
+  if (x.dtype == DType::Float64)
+    pack_branches<double>(w, s, sc, dry, packed);
+  else
+    pack_branches<float>(w, s, sc, dry, packed);
+  packed.norm = false;
+  void* b = sc.take(static_cast<size_t>(pl.fwd_elems) * acc_size(x.dtype) *
+                    static_cast<size_t>(get_num_threads()));
+  if (pk) *pk = packed;
+  if (bufs) *bufs = b;
+  return sc.used();
+}
+
+void check_branch(const TensorView* t, const TensorView& x, int64_t g, int64_t kh, int64_t kw,
+                  const char* name) {
+  check_param(t, x, {g, 1, kh, kw}, name, true);
+}
+
+}  // namespace
+
+MetaNeXtBlockShape metanext_block_shape(const TensorView& x, const MetaNeXtBlockWeights& w,
+                                        const MetaNeXtBlockParams& p) {
+  const core::NchwDims d = core::activation_dims(x, "x");
+  FV_CHECK_VALUE(x.device.type == DeviceType::CPU,
+                 "metanext_block: CPU only (no CUDA kernels for the fused MetaNeXt block yet), "
+                 "got ", x.describe());
+  core::check_cpu(x, "x");
+  FV_CHECK_VALUE(is_nhwc(x), "x: the fused MetaNeXt block needs a channels-last (NHWC) dense "
+                 "tensor, got ", x.describe(), " with other strides");
+  FV_CHECK_TYPE(w.hw_weight && w.w_weight && w.h_weight,
+                "hw_weight, w_weight and h_weight: the three mixer branches are required");
+  for (const TensorView* t : {w.hw_weight, w.w_weight, w.h_weight})
+    FV_CHECK_VALUE(t->ndim == 4 && t->shape[1] == 1, "mixer weights: expected (g, 1, kh, kw) "
+                   "depthwise weights, got ", t->describe());
+  const int64_t g = w.hw_weight->shape[0], ks = w.hw_weight->shape[2], kb = w.w_weight->shape[3];
+  FV_CHECK_VALUE(g >= 1 && 3 * g <= d.c, "hw_weight: g = ", g, " branch channels need 1 <= 3g <= C = ",
+                 d.c);
+  FV_CHECK_VALUE(ks == w.hw_weight->shape[3] && ks % 2 == 1,
+                 "hw_weight: expected a square odd kernel, got ", w.hw_weight->describe());
+  FV_CHECK_VALUE(kb % 2 == 1, "w_weight: expected an odd band length, got ", w.w_weight->describe());
+  check_branch(w.hw_weight, x, g, ks, ks, "hw_weight");
+  check_branch(w.w_weight, x, g, 1, kb, "w_weight");
+  check_branch(w.h_weight, x, g, kb, 1, "h_weight");
+  check_param(w.hw_bias, x, {g}, "hw_bias", false);
+  check_param(w.w_bias, x, {g}, "w_bias", false);
+  check_param(w.h_bias, x, {g}, "h_bias", false);
+  FV_CHECK_VALUE(p.dilation >= 1 && (std::max(ks, kb) - 1) * p.dilation < 4096,
+                 "dilation: expected an integer >= 1 (with a kernel extent below 4096), got ",
+                 p.dilation);
+  FV_CHECK_TYPE(w.fc1_weight != nullptr, "fc1_weight: required, got none");
+  FV_CHECK_VALUE(w.fc1_weight->ndim == 2 && w.fc1_weight->shape[1] == d.c &&
+                     w.fc1_weight->shape[0] >= 1,
+                 "fc1_weight: expected shape [hidden, ", d.c, "], got ", w.fc1_weight->describe());
+  const int64_t hidden = w.fc1_weight->shape[0];
+  FV_CHECK_VALUE(hidden * d.c < (int64_t(1) << 31), "fc1_weight: hidden x C = ", hidden * d.c,
+                 " is too large for the 32-bit BLAS interface");
+  check_param(w.fc1_weight, x, {hidden, d.c}, "fc1_weight", true);
+  check_param(w.fc2_weight, x, {d.c, hidden}, "fc2_weight", true);
+  check_param(w.fc1_bias, x, {hidden}, "fc1_bias", false);
+  check_param(w.fc2_bias, x, {d.c}, "fc2_bias", false);
+  check_param(w.gamma, x, {d.c}, "gamma", false);
+  if (w.drop_scale) {
+    core::check_cpu(*w.drop_scale, "drop_scale");
+    FV_CHECK_VALUE(w.drop_scale->ndim == 1 && w.drop_scale->shape[0] == d.n,
+                   "drop_scale: expected shape [", d.n, "] (one factor per sample), got ",
+                   w.drop_scale->describe());
+  }
+  return MetaNeXtBlockShape{d.n, d.c, d.h, d.w, d.c - 3 * g, g, ks, kb, hidden};
+}
+
+size_t metanext_block_forward_scratch_bytes(const TensorView& x, const MetaNeXtBlockWeights& w,
+                                            const MetaNeXtBlockParams& p) {
+  const MetaNeXtBlockShape m = metanext_block_shape(x, w, p);
+  if (m.n * m.h * m.w == 0) return 0;
+  return metanext_layout(x, w, p, metanext_shape(m, p, x.dtype), nullptr, 0, nullptr, nullptr);
+}
+
+void metanext_block_forward(const TensorView& x, const MetaNeXtBlockWeights& w,
+                            const MetaNeXtBlockParams& p, const TensorView& y, void* scratch,
+                            size_t scratch_bytes, void* stream) {
+  (void)stream;  // CPU only: metanext_block_shape refuses other devices
+  const MetaNeXtBlockShape m = metanext_block_shape(x, w, p);
+  core::check_cpu(y, "y");
+  FV_CHECK_VALUE(y.ndim == 4 && y.shape[0] == m.n && y.shape[1] == m.c && y.shape[2] == m.h &&
+                     y.shape[3] == m.w && y.dtype == x.dtype && is_nhwc(y),
+                 "y: expected a channels-last ", dtype_name(x.dtype), " tensor of x's shape, got ",
+                 y.describe());
+  if (m.n * m.h * m.w == 0) return;
+  FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
+  const Shape s = metanext_shape(m, p, x.dtype);
+  Packed pk;
+  void* bufs;
+  metanext_layout(x, w, p, s, scratch, scratch_bytes, &pk, &bufs);
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+  kernels().forward(x.dtype, s, pl, pk, x.data, y.data, bufs, get_num_threads());
 }
 
 }  // namespace fastvis

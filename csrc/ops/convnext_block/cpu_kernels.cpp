@@ -208,10 +208,51 @@ void gelu_backward(int64_t np, int64_t n, double* h, const double* dg, bool tanh
 
 // ------------------------------------------------------------------ tile pieces
 
-// Depthwise output of image rows [g0, g1) (global rows n*H + r) into out [pixels][C].
+// Inception mixer output of image rows [g0, g1) into out [pixels][C]: the identity
+// channels are copied, and each branch's g channels are gathered from the input rows it
+// reads into a dense slice (buf), convolved by the depthwise tile kernel into a dense
+// [pixels][g] block and scattered into their channels of out. The copies stay in L2.
+// buf: inception_buf_elems(...) accumulators (see plan()).
 template <class T, class A>
-void dw_tile(DType dt, const Shape& s, const Packed& pk, const T* x, int64_t g0, int64_t g1,
-             A* out, A* dwbuf) {
+void inception_tile(DType dt, const Shape& s, const Packed& pk, const T* x, int64_t g0,
+                    int64_t g1, A* out, A* buf, int64_t slice_elems, int64_t os_elems) {
+  const Mixer& m = s.mix;
+  const int64_t C = s.c, W = s.w, G = m.g;
+  T* xs = reinterpret_cast<T*>(buf);
+  A* os = buf + slice_elems;
+  A* dwb = os + os_elems;
+  for (int64_t gr = g0; gr < g1;) {
+    const int64_t n = gr / s.h, r0 = gr % s.h, r1 = std::min(s.h, r0 + (g1 - gr));
+    const int64_t np = (r1 - r0) * W;
+    A* o = out + (gr - g0) * W * C;
+    const T* xr = x + ((n * s.h + r0) * W) * C;
+    for (int64_t p = 0; p < np; ++p)
+      for (int64_t c = 0; c < m.cid; ++c) o[p * C + c] = sload<T, A>(xr + p * C + c);
+    for (int b = 0; b < 3; ++b) {
+      int64_t kh, kw, off, s0;
+      inception_branch(m, b, kh, kw, off);
+      const dwconv::Geom geo = same_tile_geom(G, s.h, W, kh, kw, m.dil, m.cpg, r0, r1, s0);
+      const T* src = x + ((n * s.h + s0) * W) * C + off;
+      const int64_t npx = geo.h * W;
+      for (int64_t p = 0; p < npx; ++p)
+        std::memcpy(xs + p * G, src + p * C, static_cast<size_t>(G) * sizeof(T));
+      ::fastvis::dwconv::FV_ISA::forward_tile_acc(dt, geo, xs, pk.mw[b], pk.mb[b], os, dwb);
+      for (int64_t p = 0; p < np; ++p)
+        std::memcpy(o + p * C + off, os + p * G, static_cast<size_t>(G) * sizeof(A));
+    }
+    gr += r1 - r0;
+  }
+}
+
+// Mixer output (depthwise k x k over all channels, or the inception mixer) of image rows
+// [g0, g1) (global rows n*H + r) into out [pixels][C].
+template <class T, class A>
+void dw_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x, int64_t g0,
+             int64_t g1, A* out, A* dwbuf) {
+  if (s.mix.kind == Mixer::Inception) {
+    inception_tile<T, A>(dt, s, pk, x, g0, g1, out, dwbuf, pl.inc_slice_elems, pl.inc_out_elems);
+    return;
+  }
   for (int64_t gr = g0; gr < g1;) {
     const int64_t n = gr / s.h, r0 = gr % s.h, r1 = std::min(s.h, r0 + (g1 - gr));
     int64_t s0;
@@ -309,9 +350,9 @@ void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, con
   const int64_t np = (g1 - g0) * s.w;
   {
     prof::Scope ps(prof::kDwconv);
-    dw_tile<T, A>(dt, s, pk, x, g0, g1, t, dwb);
+    dw_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, dwb);
   }
-  {
+  if (pk.norm) {
     prof::Scope ps(prof::kLayerNorm);
     ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, s.c, t, static_cast<const A*>(pk.nw),
                                                  static_cast<const A*>(pk.nb),
@@ -402,7 +443,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         const int64_t p0 = g0 * s.w;
         {
           prof::Scope ps(prof::kDwconv);
-          dw_tile<T, A>(dt, s, pk, x, g0, g1, t1, dwb);
+          dw_tile<T, A>(dt, s, pl, pk, x, g0, g1, t1, dwb);
         }
         {
           prof::Scope ps(prof::kLayerNorm);

@@ -3,6 +3,7 @@ from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normal
 from .convnext_block import convnext_block, convnext_block_reference
 from .grn import global_response_norm, global_response_norm_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
+from .metanext_block import fold_affine_into_fc1, metanext_block, metanext_block_reference
 
 __all__ = [
     "convnext_block",
@@ -14,4 +15,7 @@ __all__ = [
     "layer_norm_channels_reference",
     "global_response_norm",
     "global_response_norm_reference",
+    "fold_affine_into_fc1",
+    "metanext_block",
+    "metanext_block_reference",
 ]
