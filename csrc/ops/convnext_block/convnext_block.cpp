@@ -105,6 +105,8 @@ struct Kernels {
                             void*, int);
   void (*grn_backward_stats)(DType, const Shape&, const Plan&, const Packed&, const void*,
                              const void*, void*, void*, void*, int);
+  void (*se_stats)(DType, const Shape&, const Plan&, const Packed&, const void*, void*, void*,
+                   int);
 };
 
 const Kernels& kernels() {
@@ -112,10 +114,12 @@ const Kernels& kernels() {
 #if defined(FV_HAVE_ISA_AVX2)
     if (cpu::selected_isa() == cpu::Isa::Avx2)
       return Kernels{&cnblock::avx2::forward, &cnblock::avx2::backward_tiles,
-                     &cnblock::avx2::grn_forward_stats, &cnblock::avx2::grn_backward_stats};
+                     &cnblock::avx2::grn_forward_stats, &cnblock::avx2::grn_backward_stats,
+                     &cnblock::avx2::se_stats};
 #endif
     return Kernels{&cnblock::generic::forward, &cnblock::generic::backward_tiles,
-                   &cnblock::generic::grn_forward_stats, &cnblock::generic::grn_backward_stats};
+                   &cnblock::generic::grn_forward_stats, &cnblock::generic::grn_backward_stats,
+                   &cnblock::generic::se_stats};
   }();
   return k;
 }
@@ -237,7 +241,8 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
   pk.ds = ds;
   pk.eps = p.eps;
   pk.tanh = p.gelu_tanh;
-  pk.norm = true;
+  pk.norm = p.layer_norm;
+  pk.se_scale = w.se_down_weight ? take(std::max<int64_t>(s.n * s.c, 1)) : nullptr;  // se_scales()
   return pk;
 }
 
@@ -250,7 +255,7 @@ Packed pack(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
 // Forward scratch: packed parameters, then one tile buffer set per thread.
 size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
                       const ConvNeXtBlockParams& p, void* base, size_t bytes, Packed* pk,
-                      void** bufs, void** rowsq = nullptr) {
+                      void** bufs, void** rowsq = nullptr, void** serows = nullptr) {
   const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   ScratchCarver sc(base, bytes);
@@ -259,9 +264,13 @@ size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
                     static_cast<size_t>(get_num_threads()));
   void* rsq = w.grn_weight ? sc.take(static_cast<size_t>(s.n * s.h * s.hidden) * acc_size(x.dtype))
                            : nullptr;
+  void* ser = w.se_down_weight
+                  ? sc.take(static_cast<size_t>(s.n * s.h * s.c) * acc_size(x.dtype))
+                  : nullptr;
   if (pk) *pk = packed;
   if (bufs) *bufs = b;
   if (rowsq) *rowsq = rsq;
+  if (serows) *serows = ser;
   return sc.used();
 }
 
@@ -290,6 +299,48 @@ void grn_norms(const Shape& s, const A* rowsq, const TensorView& gw, double eps,
       f[n * Hd + j] = static_cast<A>(
           1.0 + load_as_double(gw.dtype, gw.data, j * gw.strides[0]) * g[j] / den[n]);
   }
+}
+
+}  // namespace
+
+namespace {
+
+// The SE scales from the per-row sums of the mixer output, per image (in double, rows
+// added in order): m = sums / (H*W), s = sigmoid(up(relu(down(m)))).
+template <class A>
+void se_scales(const Shape& s, const A* rowsum, const ConvNeXtBlockWeights& w, A* out) {
+  const TensorView& dw = *w.se_down_weight;
+  const TensorView& uw = *w.se_up_weight;
+  const int64_t C = s.c, cr = dw.shape[0];
+  std::vector<double> m(C), hid(cr);
+  for (int64_t n = 0; n < s.n; ++n) {
+    std::fill(m.begin(), m.end(), 0.0);
+    for (int64_t r = 0; r < s.h; ++r)
+      for (int64_t c = 0; c < C; ++c) m[c] += rowsum[(n * s.h + r) * C + c];
+    for (int64_t c = 0; c < C; ++c) m[c] /= static_cast<double>(s.h * s.w);
+    for (int64_t j = 0; j < cr; ++j) {
+      double a = w.se_down_bias ? load_as_double(w.se_down_bias->dtype, w.se_down_bias->data,
+                                                 j * w.se_down_bias->strides[0])
+                                : 0.0;
+      for (int64_t c = 0; c < C; ++c)
+        a += load_as_double(dw.dtype, dw.data, j * dw.strides[0] + c * dw.strides[1]) * m[c];
+      hid[j] = a > 0 ? a : 0;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      double a = w.se_up_bias ? load_as_double(w.se_up_bias->dtype, w.se_up_bias->data,
+                                               c * w.se_up_bias->strides[0])
+                              : 0.0;
+      for (int64_t j = 0; j < cr; ++j)
+        a += load_as_double(uw.dtype, uw.data, c * uw.strides[0] + j * uw.strides[1]) * hid[j];
+      out[n * C + c] = static_cast<A>(1.0 / (1.0 + std::exp(-a)));
+    }
+  }
+}
+
+// Blocks only the forward path serves (no LayerNorm, SE): refused by the backward and
+// by the CUDA kernels.
+bool forward_only(const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p) {
+  return !p.layer_norm || w.se_down_weight || w.se_up_weight || w.se_down_bias || w.se_up_bias;
 }
 
 }  // namespace
@@ -339,6 +390,21 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
                  "grn_weight and grn_bias: give both (ConvNeXt-V2 GRN) or neither");
   FV_CHECK_VALUE(std::isfinite(p.grn_eps) && p.grn_eps > 0,
                  "grn_eps: expected a positive finite number, got ", p.grn_eps);
+  FV_CHECK_VALUE(p.layer_norm || (w.norm_weight == nullptr && w.norm_bias == nullptr),
+                 "norm_weight / norm_bias given with layer_norm = false (no LayerNorm)");
+  if (w.se_down_weight || w.se_up_weight || w.se_down_bias || w.se_up_bias) {
+    FV_CHECK_TYPE(w.se_down_weight && w.se_up_weight,
+                  "se_down_weight and se_up_weight: both are required for the SE step");
+    FV_CHECK_VALUE(w.se_down_weight->ndim == 2 && w.se_down_weight->shape[1] == d.c &&
+                       w.se_down_weight->shape[0] >= 1,
+                   "se_down_weight: expected shape [Cr, ", d.c, "], got ",
+                   w.se_down_weight->describe());
+    const int64_t cr = w.se_down_weight->shape[0];
+    check_param(w.se_down_weight, x, {cr, d.c}, "se_down_weight", true);
+    check_param(w.se_up_weight, x, {d.c, cr}, "se_up_weight", true);
+    check_param(w.se_down_bias, x, {cr}, "se_down_bias", false);
+    check_param(w.se_up_bias, x, {d.c}, "se_up_bias", false);
+  }
   if (w.drop_scale) {
     core::check_cpu(*w.drop_scale, "drop_scale");
     FV_CHECK_VALUE(w.drop_scale->ndim == 1 && w.drop_scale->shape[0] == d.n,
@@ -350,6 +416,8 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
 
 size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                             const ConvNeXtBlockParams& p) {
+  FV_CHECK_VALUE(x.device.type != DeviceType::CUDA || !forward_only(w, p),
+                 "convnext_block: the CUDA kernels have no SE step and always a LayerNorm");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::forward_scratch_bytes(x, w, p);
@@ -365,6 +433,8 @@ size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtB
 void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                             const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
                             size_t scratch_bytes, void* stream) {
+  FV_CHECK_VALUE(x.device.type != DeviceType::CUDA || !forward_only(w, p),
+                 "convnext_block: the CUDA kernels have no SE step and always a LayerNorm");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::forward(x, w, p, y, scratch, scratch_bytes, stream);
@@ -383,11 +453,24 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
   Packed pk;
   void* bufs;
   void* rowsq = nullptr;
+  void* serows = nullptr;
   // Carving checks the size as it goes (before anything is written).
-  forward_layout(x, w, p, scratch, scratch_bytes, &pk, &bufs, &rowsq);
+  forward_layout(x, w, p, scratch, scratch_bytes, &pk, &bufs, &rowsq, &serows);
   const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   const int nt = get_num_threads();
+  if (pk.se_scale) {  // channel means of the mixer output, then the SE scales
+    const void* scale = pk.se_scale;
+    pk.se_scale = nullptr;  // the statistics pass sees the unscaled mixer output
+    kernels().se_stats(x.dtype, s, pl, pk, x.data, serows, bufs, nt);
+    if (x.dtype == DType::Float64)
+      se_scales<double>(s, static_cast<const double*>(serows), w,
+                        static_cast<double*>(const_cast<void*>(scale)));
+    else
+      se_scales<float>(s, static_cast<const float*>(serows), w,
+                       static_cast<float*>(const_cast<void*>(scale)));
+    pk.se_scale = scale;
+  }
   if (w.grn_weight) {  // statistics pass, then the output pass
     prof::Scope ps(prof::kGrnStats);
     kernels().grn_forward_stats(x.dtype, s, pl, pk, x.data, rowsq, bufs, nt);
@@ -608,6 +691,9 @@ void grn_backward_prepare(const Shape& s, const Plan& pl, const BwdScratch& bs,
 
 size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                              const ConvNeXtBlockParams& p) {
+  FV_CHECK_VALUE(!forward_only(w, p), "convnext_block: no backward for blocks without a "
+                 "LayerNorm or with an SE step (inference-only forms); compute gradients "
+                 "through the separate ops");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::backward_scratch_bytes(x, w, p);
@@ -624,6 +710,9 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
                              const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
                              const ConvNeXtBlockGrads& g, void* scratch, size_t scratch_bytes,
                              void* stream) {
+  FV_CHECK_VALUE(!forward_only(w, p), "convnext_block: no backward for blocks without a "
+                 "LayerNorm or with an SE step (inference-only forms); compute gradients "
+                 "through the separate ops");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::backward(grad_y, x, w, p, g, scratch, scratch_bytes, stream);

@@ -342,11 +342,11 @@ void scaled_grad(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const
   }
 }
 
-// t -> hidden activations g = GELU(fc1(LN(dwconv(x)))) of rows [g0, g1) into hb; with
-// `pre`, the biased pre-activation stays in hb and g goes to pre... (see callers).
+// The mixer output of rows [g0, g1), normalised when the block has a LayerNorm, into t
+// [pixels][C].
 template <class T, class A>
-void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
-                 int64_t g0, int64_t g1, A* t, A* hb, A* dwb) {
+void mixer_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                int64_t g0, int64_t g1, A* t, A* dwb) {
   const int64_t np = (g1 - g0) * s.w;
   {
     prof::Scope ps(prof::kDwconv);
@@ -358,6 +358,29 @@ void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, con
                                                  static_cast<const A*>(pk.nb),
                                                  static_cast<A>(pk.eps), t, nullptr, nullptr);
   }
+}
+
+// t[p][c] *= se[n][c] for np pixels from global pixel p0 (n the pixel's image).
+template <class A>
+void se_apply(const Shape& s, int64_t p0, int64_t np, A* t, const A* se) {
+  constexpr int L = VT<A>::L;
+  const int64_t C = s.c, hw = s.h * s.w;
+  for (int64_t p = 0; p < np; ++p) {
+    const A* sn = se + ((p0 + p) / hw) * C;
+    A* tp = t + p * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) vstore<A, A>(tp + c, vload<A, A>(tp + c) * vload<A, A>(sn + c));
+    for (; c < C; ++c) tp[c] *= sn[c];
+  }
+}
+
+// t -> hidden activations g = GELU(fc1(SE?(LN?(mixer(x))))) of rows [g0, g1) into hb.
+template <class T, class A>
+void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                 int64_t g0, int64_t g1, A* t, A* hb, A* dwb) {
+  const int64_t np = (g1 - g0) * s.w;
+  mixer_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, dwb);
+  if (pk.se_scale) se_apply<A>(s, g0 * s.w, np, t, static_cast<const A*>(pk.se_scale));
   {
     prof::Scope ps(prof::kFc1);
     mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
@@ -365,6 +388,29 @@ void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, con
   }
   prof::Scope ps(prof::kGelu);
   bias_gelu(np, s.hidden, hb, static_cast<const A*>(pk.b1), pk.tanh, static_cast<A*>(nullptr));
+}
+
+// Per image row: rowsum[r][c] = sum over the row's pixels of the mixer(+norm) output.
+template <class T, class A>
+void se_stats_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                A* rowsum, A* bufs, int nbufs) {
+  const int64_t C = s.c, rows = s.n * s.h;
+  parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t begin, int64_t end) {
+    A* t = bufs + std::min(slot, nbufs - 1) * pl.fwd_elems;
+    A* dwb = t + pl.P * C + pl.P * s.hidden;  // forward_t's layout
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt);
+      mixer_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, dwb);
+      for (int64_t gr = g0; gr < g1; ++gr) {
+        A* o = rowsum + gr * C;
+        std::fill(o, o + C, A(0));
+        for (int64_t w = 0; w < s.w; ++w) {
+          const A* tp = t + ((gr - g0) * s.w + w) * C;
+          for (int64_t c = 0; c < C; ++c) o[c] += tp[c];
+        }
+      }
+    }
+  });
 }
 
 // ------------------------------------------------------------------ forward
@@ -648,6 +694,19 @@ void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk, 
     case DType::BFloat16: CALL_BF16; break;           \
     default: break;                                   \
   }
+
+void se_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,
+              void* rowsum, void* bufs, int nbufs) {
+  FV_CNB_DISPATCH(
+      (se_stats_t<float, float>(dt, s, pl, pk, static_cast<const float*>(x),
+                                static_cast<float*>(rowsum), static_cast<float*>(bufs), nbufs)),
+      (se_stats_t<double, double>(dt, s, pl, pk, static_cast<const double*>(x),
+                                  static_cast<double*>(rowsum), static_cast<double*>(bufs),
+                                  nbufs)),
+      (se_stats_t<bfloat16, float>(dt, s, pl, pk, static_cast<const bfloat16*>(x),
+                                   static_cast<float*>(rowsum), static_cast<float*>(bufs),
+                                   nbufs)))
+}
 
 void grn_forward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,
                        void* rowsq, void* bufs, int nbufs) {

@@ -83,6 +83,10 @@ struct Packed {
   double eps;
   bool tanh;
   bool norm;  // LayerNorm between the mixer and fc1 (false: none; any affine is in fc1)
+  // Squeeze-and-excitation (UniRepLKNet): the mixer(+norm) output is scaled per image and
+  // channel, z *= se_scale[n][c], before fc1 (null: no SE). Filled by the caller from the
+  // se_stats pass.
+  const void* se_scale;  // [N][C]
 };
 
 // Backward outputs of phase A (the tiles): D = d(loss)/d(dwconv output), NHWC in the
@@ -101,7 +105,11 @@ struct Packed {
   /* gradient at GRN's output (pk.grn_f must be set). */                                     \
   void grn_backward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk,        \
                           const void* x, const void* gy, void* rowt, void* rowdb,            \
-                          void* bufs, int nbufs);
+                          void* bufs, int nbufs);                                            \
+  /* SE statistics, per image row r: rowsum[r][c] = sum over the row's pixels of the */     \
+  /* mixer(+norm) output. */                                                                 \
+  void se_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,   \
+                void* rowsum, void* bufs, int nbufs);
 
 namespace generic {
 FV_CNBLOCK_KERNEL_DECLS

@@ -1,6 +1,7 @@
 """fastvis ops: torch custom ops over the core, each with a pure-PyTorch reference."""
 from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normalize_conv_args
-from .convnext_block import convnext_block, convnext_block_reference
+from .convnext_block import (convnext_block, convnext_block_reference, dwconv_mlp_block,
+                             dwconv_mlp_block_reference)
 from .grn import global_response_norm, global_response_norm_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
 from .metanext_block import fold_affine_into_fc1, metanext_block, metanext_block_reference
@@ -8,6 +9,8 @@ from .metanext_block import fold_affine_into_fc1, metanext_block, metanext_block
 __all__ = [
     "convnext_block",
     "convnext_block_reference",
+    "dwconv_mlp_block",
+    "dwconv_mlp_block_reference",
     "depthwise_conv2d",
     "depthwise_conv2d_reference",
     "normalize_conv_args",
