@@ -516,11 +516,11 @@ def test_channels_last_input_reference_and_head_split():
 
 
 def test_features_only():
-    m = fastvis.create_model("unireplknet_a", features_only=True, out_indices=(1, 3))
+    m = fastvis.create_model("unireplknet_a", features_only=True, out_indices=(1, 3)).eval()
     outs = m(_x(1, 3, 32, "x-feat"))
     assert [tuple(o.shape) for o in outs] == [(1, 80, 4, 4), (1, 320, 1, 1)]
     assert m.feature_info.channels() == [80, 320] and m.feature_info.reduction() == [8, 32]
-    r = fastvis.models.RepLKNet(features_only=True, out_indices=(0, 1), **REP_SMALL)
+    r = fastvis.models.RepLKNet(features_only=True, out_indices=(0, 1), **REP_SMALL).eval()
     outs = r(_x(1, 3, 64, "x-feat"))
     assert [tuple(o.shape) for o in outs] == [(1, 8, 16, 16), (1, 16, 8, 8)]
     assert len(r.stages) == 2 and len(r.transitions) == 1
