@@ -597,3 +597,28 @@ def test_create_model_overrides():
                                       if not k.startswith("head.")}
     m = fastvis.create_model("replknet_31b", num_classes=21841, deploy=True, device="meta")
     assert m.head.weight.shape == (21841, 1024) and m.deploy
+
+
+def test_bench_model_uses_the_reference_when_timm_lacks_the_model(tmp_path, capsys):
+    """`fastvis bench model --model unireplknet_a`: timm has no such model, so fastvis is
+    compared with itself under fastvis.use_reference(True), training and deploy forms,
+    inference and the training step (timings not checked)."""
+    import json
+
+    from fastvis import cli
+    from fastvis.bench import model as bench_model
+
+    out = tmp_path / "b.json"
+    args = cli.build_parser().parse_args([
+        "bench", "model", "--model", "unireplknet_a", "--batch", "1", "--size", "64", "--repeat", "1",
+        "--warmup", "0", "--max-time", "0.01", "--threads", "1", "--no-compile", "--no-onnx", "--format", "text", "-q",
+        "--json", str(out)])
+    assert bench_model.run(args) == 0
+    text = capsys.readouterr().out
+    assert "fastvis.use_reference(True)" in text and "Training step vs the PyTorch reference" in text
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["baseline"] == "reference"
+    assert set(res["median_s"]) == {"fastvis", "reference", "fastvis deploy", "reference deploy"}
+    assert set(res["train_median_s"]) == {"fastvis", "reference"}
+    assert 0 <= res["max_logit_diff"] < 1e-3
+    assert not fastvis.reference_enabled()
