@@ -394,6 +394,7 @@ def test_replk_block_small_kernel_is_centred():
         m.small_conv.conv.weight.copy_(torch.arange(36.0).view(4, 1, 3, 3))
         m.small_conv.bn.bias.fill_(0.5)
         w, b = m.get_equivalent_kernel_bias()
+    assert [c for c, _ in m.branch_modules()] == [m.lkb_origin.conv, m.small_conv.conv]
     assert torch.allclose(w[:, :, 2:5, 2:5], m.small_conv.conv.weight)
     assert w.abs().sum() == w[:, :, 2:5, 2:5].abs().sum()
     assert torch.allclose(b, torch.full((4,), 0.5))

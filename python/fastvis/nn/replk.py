@@ -105,6 +105,13 @@ class ReparamLargeKernelConv(Reparameterizable, nn.Module):
             if small_kernel is not None:
                 self.small_conv = ConvBN(self.channels, self.channels, small_kernel, groups=self.channels, **factory)
 
+    def branch_modules(self):
+        """[(conv, bn), ...]: the large kernel's pair, then the small kernel's (if any)."""
+        pairs = [(self.lkb_origin.conv, self.lkb_origin.bn)]
+        if self.small_kernel is not None:
+            pairs.append((self.small_conv.conv, self.small_conv.bn))
+        return pairs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return self.lkb_reparam(x)
