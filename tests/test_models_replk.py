@@ -368,6 +368,66 @@ def test_dilated_block_against_explicit_formula(k):
         assert_close_scaled(merged, ref, f"k={k} merged kernel")
 
 
+def _bn_eval(y, bn):
+    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _grn_formula(x, gamma, beta):  # the official GRN on (N, H, W, C)
+    gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+    return (gamma * nx + 1) * x + (0 if beta is None else beta)
+
+
+@pytest.mark.parametrize("k", [13, 3])
+def test_unireplknet_block_against_the_official_formula(k):
+    """The block's training form (eval mode) against its formula written with plain torch
+    ops: dwconv (branches) -> BN -> SE -> Linear -> GELU -> GRN -> Linear -> BN -> gamma,
+    plus the input; and the GRN against the official one directly."""
+    c = 8
+    blk = randomize_(fastvis.nn.UniRepLKNetBlock(c, k), f"blk{k}").eval()
+    x = _x(2, c, 11, f"x-blk{k}")
+    with torch.no_grad():
+        if k >= 7:
+            y = _bn_eval(F.conv2d(x, blk.dwconv.lk_origin.weight, None, 1, k // 2, 1, c), blk.dwconv.origin_bn)
+            for kk, r in zip(*DIL_TABLE[k]):
+                conv = getattr(blk.dwconv, f"dil_conv_k{kk}_{r}")
+                y = y + _bn_eval(F.conv2d(x, conv.weight, None, 1, r * (kk - 1) // 2, r, c),
+                                 getattr(blk.dwconv, f"dil_bn_k{kk}_{r}"))
+        else:
+            y = F.conv2d(x, blk.dwconv.weight, None, 1, k // 2, 1, c)
+        y = _bn_eval(y, blk.norm)
+        s = F.adaptive_avg_pool2d(y, 1)
+        s = torch.sigmoid(F.conv2d(F.relu(F.conv2d(s, blk.se.down.weight, blk.se.down.bias)),
+                                   blk.se.up.weight, blk.se.up.bias))
+        y = (y * s).permute(0, 2, 3, 1)
+        y = F.linear(y, blk.pwconv1[1].weight, blk.pwconv1[1].bias)
+        y = _grn_formula(F.gelu(y), blk.act[1].gamma, blk.act[1].beta)
+        y = F.linear(y, blk.pwconv2[0].weight).permute(0, 3, 1, 2)
+        ref = x + _bn_eval(y, blk.pwconv2[2]) * blk.gamma.view(1, -1, 1, 1)
+        assert_close_scaled(blk(x), ref, f"UniRepLKNetBlock k={k}")
+        h = torch.randn(2, 5, 6, 32, generator=_gen("grn"))
+        grn = randomize_(fastvis.nn.UniRepLKNetGRN(32), "grn")
+        assert_close_scaled(grn(h), _grn_formula(h, grn.gamma, grn.beta), "GRN")
+
+
+def test_replknet_blocks_against_the_official_formula():
+    c, d = 8, 12
+    blk = randomize_(fastvis.nn.RepLKBlock(c, d, 13, 5), "rlk").eval()
+    ffn = randomize_(fastvis.nn.ConvFFN(c, 4 * c, c), "ffn").eval()
+    x = _x(2, c, 15, "x-rlk")
+
+    def convbn(t, m, stride=1, pad=0, groups=1):
+        return _bn_eval(F.conv2d(t, m.conv.weight, None, stride, pad, 1, groups), m.bn)
+
+    with torch.no_grad():
+        y = F.relu(convbn(_bn_eval(x, blk.prelkb_bn), blk.pw1))
+        lk = blk.large_kernel
+        y = F.relu(convbn(y, lk.lkb_origin, pad=6, groups=d) + convbn(y, lk.small_conv, pad=2, groups=d))
+        assert_close_scaled(blk(x), x + convbn(y, blk.pw2), "RepLKBlock")
+        y = convbn(F.gelu(convbn(_bn_eval(x, ffn.preffn_bn), ffn.pw1)), ffn.pw2)
+        assert_close_scaled(ffn(x), x + y, "ConvFFN")
+
+
 def test_kernel_expansion_helpers():
     w = torch.arange(1.0, 10.0).view(1, 1, 3, 3)
     d = dilate_kernel(w, 2)
@@ -474,7 +534,10 @@ def test_gradients_flow_and_match_the_reference():
     (BN with running statistics: no parameter has a structurally zero gradient, and batch
     statistics of a 2-image batch at 1x1 resolution do not make the comparison
     ill-conditioned) every gradient is non-zero and equals the one through the PyTorch
-    references of the fastvis ops."""
+    references of the fastvis ops, to 1e-4 of each parameter's largest gradient entry (the
+    two paths sum a depthwise weight gradient over up to N*H*W = 2048 products in
+    different orders, ~sqrt(2048) * 6e-8 ~ 3e-6 relative, compounded through the layers
+    below; a wrong gradient is off by O(1))."""
     for cls, cfg in ((fastvis.models.UniRepLKNet, UNI_SMALL), (fastvis.models.RepLKNet, REP_SMALL)):
         m = randomize_(cls(num_classes=10, **cfg), f"grad-{cls.__name__}")
         with torch.no_grad():  # no dead SE ReLU (2 hidden units at 8 channels), else a zero gradient is right
