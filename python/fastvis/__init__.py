@@ -33,6 +33,7 @@ from . import ops  # noqa: E402
 from . import nn  # noqa: E402
 from . import models  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
+from .nn.reparam import reparameterize  # noqa: E402
 from . import train  # noqa: E402
 
 __all__ = [
@@ -51,4 +52,5 @@ __all__ = [
     "train",
     "create_model",
     "list_models",
+    "reparameterize",
 ]

@@ -18,6 +18,15 @@ eager: images per second, and the activation memory the step keeps for its backw
 (the bytes of the tensors autograd saves, parameters excluded).
 timm, onnxruntime and onnxscript are optional (``pip install "fastvis[bench]"``); missing
 ones are skipped with a note. Training throughput: ``fastvis bench train``.
+
+Models timm does not have (UniRepLKNet, RepLKNet), or every model when timm is not
+installed, are compared with **the same fastvis model under** ``fastvis.use_reference(True)``
+instead ("reference": every fastvis op replaced by its PyTorch reference, i.e. plain
+``F.conv2d`` depthwise convolutions, separate branch convolutions and BatchNorms, as the
+official implementations compute), in their own tables. Models with a deploy form are also
+timed re-parameterised (``fastvis.reparameterize`` of a copy: "fastvis deploy" and
+"reference deploy"). The training step compares fastvis with the reference (train mode,
+training form).
 """
 from __future__ import annotations
 
@@ -35,7 +44,8 @@ from typing import Callable, Dict, List
 from . import print_table, table_format_choices
 from .timing import measure_interleaved
 
-HELP = "whole-model inference and training step: fastvis vs timm eager, torch.compile and ONNX Runtime"
+HELP = ("whole-model inference and training step: fastvis vs timm eager, torch.compile and ONNX Runtime "
+        "(models timm lacks: vs their own PyTorch reference)")
 
 DEFAULT_MODELS = ["convnext_atto", "convnext_tiny"]
 DEFAULT_BATCH = [1, 8]
@@ -99,6 +109,9 @@ class Result:
     notes: Dict[str, str] = field(default_factory=dict)
     train_median_s: Dict[str, float] = field(default_factory=dict)
     saved_mb: Dict[str, float] = field(default_factory=dict)
+    # "timm": timm's model of the same name; "reference": the same fastvis model under
+    # fastvis.use_reference(True) (timm lacks the model, or is not installed).
+    baseline: str = "timm"
 
 
 def _one_line(e: BaseException) -> str:
@@ -124,34 +137,89 @@ def _onnx_session(model, x, threads: int):
 
 
 def _train_step(res: Result, fv, tm, x, xcl, warmup, repeat, max_time, say) -> None:
-    """Times forward + backward + SGD step of fastvis' and timm's models (train mode, copies
-    of the models so the inference ones stay untouched) and records their saved activations."""
+    """Times forward + backward + SGD step of fastvis' model and the baseline (timm's model,
+    or without one the same fastvis model under ``fastvis.use_reference(True)``) in train
+    mode, on copies of the models so the inference ones stay untouched, and records their
+    saved activations."""
     import torch
+
+    import fastvis
 
     from .block import _saved_bytes
 
     fns, saved = {}, {}
-    cands = [("fastvis", fv, xcl)] + ([("timm eager", tm, x)] if tm is not None else [])
+    cands = [("fastvis", fv, xcl, False)]
+    if tm is not None:
+        cands.append(("timm eager", tm, x, False))
+    elif res.baseline == "reference":
+        cands.append(("reference", fv, xcl, True))
     target = torch.randint(0, 1000, (x.shape[0],))
-    for name, model, inp in cands:
+    for name, model, inp, use_ref in cands:
         m = copy.deepcopy(model).train()
         opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
         nc = m.num_classes if hasattr(m, "num_classes") else 1000
         tgt = target % nc
 
-        def step(m=m, opt=opt, inp=inp, tgt=tgt):
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(m(inp), tgt)
-            loss.backward()
-            opt.step()
+        def step(m=m, opt=opt, inp=inp, tgt=tgt, use_ref=use_ref):
+            with fastvis.use_reference(use_ref):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(m(inp), tgt)
+                loss.backward()
+                opt.step()
 
         fns[name] = step
-        saved[name] = _saved_bytes(lambda m=m, inp=inp: m(inp), list(m.parameters()))
+        with fastvis.use_reference(use_ref):
+            saved[name] = _saved_bytes(lambda m=m, inp=inp: m(inp), list(m.parameters()))
     say(f"  {res.model} N={res.batch}: timing the training step of {', '.join(fns)}")
     st = measure_interleaved(fns, warmup=warmup, repeat=repeat, max_time=max_time)
     for k, s_ in st.items():
         res.train_median_s[k] = s_.median
     res.saved_mb = saved
+
+
+def _rate(r: Result, times: Dict[str, float], c: str) -> str:
+    t = times.get(c, math.nan)
+    return "-" if math.isnan(t) else f"{r.batch / t:.1f}"
+
+
+def _ratio(times: Dict[str, float], num: str, den: str) -> str:
+    a, b = times.get(num, math.nan), times.get(den, math.nan)
+    return "-" if math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
+
+
+def _print_reference_tables(results: List[Result], fmt: str) -> None:
+    """The tables of the models compared with their own PyTorch reference."""
+    cands = ["fastvis", "reference", "fastvis deploy", "reference deploy"]
+    rows = []
+    for r in results:
+        rows.append([r.model, str(r.batch), f"{r.size}"] + [_rate(r, r.median_s, c) for c in cands] +
+                    [_ratio(r.median_s, "reference", "fastvis"),
+                     _ratio(r.median_s, "reference deploy", "fastvis deploy"),
+                     _ratio(r.median_s, "fastvis", "fastvis deploy"),
+                     "-" if math.isnan(r.max_logit_diff) else f"{r.max_logit_diff:.1e}"])
+    print()
+    print_table("Model inference vs the same fastvis model under fastvis.use_reference(True) "
+                "(PyTorch ops; no timm model of this name). deploy = after fastvis.reparameterize",
+                ["model", "N", "size"] + [f"{c} img/s" for c in cands] +
+                ["reference / fastvis", "reference deploy / fastvis deploy", "fastvis / fastvis deploy",
+                 "max |logit diff| (fastvis vs reference)"], rows, fmt=fmt, n_left=3)
+    trows = []
+    for r in results:
+        if not r.train_median_s:
+            continue
+        t, mb = r.train_median_s, r.saved_mb
+        fm, em = mb.get("fastvis", math.nan), mb.get("reference", math.nan)
+        trows.append([r.model, str(r.batch), f"{r.size}", _rate(r, t, "fastvis"), _rate(r, t, "reference"),
+                      _ratio(t, "reference", "fastvis"), f"{fm:.1f}",
+                      "-" if math.isnan(em) else f"{em:.1f}",
+                      "-" if math.isnan(em) else f"{fm / em:.2f}"])
+    if trows:
+        print()
+        print_table("Training step vs the PyTorch reference: forward + backward + SGD step, training form "
+                    "(median of interleaved blocks)",
+                    ["model", "N", "size", "fastvis img/s", "reference img/s", "reference / fastvis",
+                     "activations MB fastvis", "activations MB reference", "memory ratio"],
+                    trows, fmt=fmt, n_left=3)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,10 +273,16 @@ def run(args: argparse.Namespace) -> int:
                     tm.load_state_dict(fv.state_dict(), strict=True)
                 except Exception as e:
                     tm, note = None, f"timm model unavailable: {_one_line(e)}"
+            fv_deploy = None
+            if tm is None and any(isinstance(m, fastvis.nn.Reparameterizable) for m in fv.modules()):
+                fv_deploy = fastvis.reparameterize(copy.deepcopy(fv))
             for n in batches:
-                res = Result(name, n, size)
+                res = Result(name, n, size, baseline="timm" if tm is not None else "reference")
                 if note:
                     res.notes["timm"] = note
+                if res.baseline == "reference":
+                    res.notes["baseline"] = ("compared with the same fastvis model under "
+                                             "fastvis.use_reference(True) (PyTorch ops)")
                 x = torch.randn(n, 3, size, size)
                 xcl = x.contiguous(memory_format=torch.channels_last)
                 fns: Dict[str, Callable] = {}
@@ -219,8 +293,21 @@ def run(args: argparse.Namespace) -> int:
                             return f()
                     return call
 
+                def reference(f):
+                    def call():
+                        with torch.no_grad(), fastvis.use_reference(True):
+                            return f()
+                    return call
+
                 fns["fastvis"] = nograd(lambda: fv(xcl))
-                if tm is not None:
+                if tm is None:
+                    fns["reference"] = reference(lambda: fv(xcl))
+                    with torch.no_grad():
+                        res.max_logit_diff = float((fv(xcl) - fns["reference"]()).abs().max())
+                    if fv_deploy is not None:
+                        fns["fastvis deploy"] = nograd(lambda: fv_deploy(xcl))
+                        fns["reference deploy"] = reference(lambda: fv_deploy(xcl))
+                else:
                     fns["timm eager"] = nograd(lambda: tm(x))
                     tcl = copy.deepcopy(tm).to(memory_format=torch.channels_last)
                     fns["timm channels_last"] = nograd(lambda: tcl(xcl))
@@ -252,7 +339,11 @@ def run(args: argparse.Namespace) -> int:
                     res.median_s[k] = s.median
                     res.min_s[k] = s.min
                 if not args.no_train:
-                    _train_step(res, fv, tm, x, xcl, warmup, repeat, max_time, say)
+                    try:
+                        _train_step(res, fv, tm, x, xcl, warmup, repeat, max_time, say)
+                    except (RuntimeError, ValueError) as e:  # e.g. train-mode BatchNorm on 1 value per channel
+                        res.train_median_s.clear()
+                        res.notes["training step"] = _one_line(e)
                 results.append(res)
     except KeyboardInterrupt:
         interrupted = True
@@ -266,8 +357,10 @@ def run(args: argparse.Namespace) -> int:
           f"{getattr(timm, '__version__', 'missing')}, {threads} thread(s), float32, inference")
     header = ["model", "N", "size"] + [f"{c} img/s" for c in cands] + \
              [f"{c} / fastvis" for c in cands[1:]] + ["max |logit diff|"]
+    timm_results = [r for r in results if r.baseline == "timm"]
+    ref_results = [r for r in results if r.baseline == "reference"]
     rows = []
-    for r in results:
+    for r in timm_results:
         f = r.median_s.get("fastvis", math.nan)
         row = [r.model, str(r.batch), f"{r.size}"]
         for c in cands:
@@ -278,11 +371,14 @@ def run(args: argparse.Namespace) -> int:
             row.append("-" if math.isnan(t) else f"{t / f:.2f}x")
         row.append("-" if math.isnan(r.max_logit_diff) else f"{r.max_logit_diff:.1e}")
         rows.append(row)
-    print()
-    print_table("Model inference (median of interleaved blocks; ratios: time / fastvis time)",
-                header, rows, fmt=args.format, n_left=3)
+    if rows:
+        print()
+        print_table("Model inference (median of interleaved blocks; ratios: time / fastvis time)",
+                    header, rows, fmt=args.format, n_left=3)
+    if ref_results:
+        _print_reference_tables(ref_results, args.format)
     trows = []
-    for r in results:
+    for r in timm_results:
         if not r.train_median_s:
             continue
         f = r.train_median_s.get("fastvis", math.nan)

@@ -1,14 +1,29 @@
 """fastvis modules, with the parameter names of their PyTorch/timm counterparts."""
 from .convnext import ConvNeXtBlock, ConvNeXtMlp, drop_path_scale
 from .depthwise_conv import DepthwiseConv2d
+from .dilated_reparam import DILATED_BRANCHES, DilatedReparamBlock
 from .grn import GlobalResponseNorm
 from .layer_norm import LayerNorm2d
+from .reparam import Reparameterizable, reparameterize
+from .replk import ConvBN, ConvFFN, RepLKBlock, ReparamLargeKernelConv
+from .unireplknet import SEBlock, UniRepLKNetBlock, UniRepLKNetGRN
 
 __all__ = [
+    "ConvBN",
+    "ConvFFN",
     "ConvNeXtBlock",
     "ConvNeXtMlp",
+    "DILATED_BRANCHES",
     "DepthwiseConv2d",
+    "DilatedReparamBlock",
     "GlobalResponseNorm",
     "LayerNorm2d",
+    "RepLKBlock",
+    "ReparamLargeKernelConv",
+    "Reparameterizable",
+    "SEBlock",
+    "UniRepLKNetBlock",
+    "UniRepLKNetGRN",
     "drop_path_scale",
+    "reparameterize",
 ]

@@ -1,0 +1,99 @@
+"""Structural re-parameterisation helpers shared by the re-parameterisable modules.
+
+* :func:`fuse_conv_bn`: a convolution (weight, optional bias) followed by an eval-mode
+  ``BatchNorm2d`` as one convolution with bias: ``w' = w * g / s``,
+  ``b' = beta + (b - mean) * g / s`` with ``s = sqrt(running_var + eps)``, ``g`` the BN
+  weight (per output channel).
+* :func:`dilate_kernel`: a kernel of size k applied at dilation r as the equivalent
+  undilated kernel of size ``r * (k - 1) + 1`` (the taps r apart, zeros between).
+* :func:`pad_kernel_to`: a smaller odd kernel zero-padded, centred, to a larger odd size
+  (a "same"-padded convolution with the small kernel equals one with the padded kernel).
+* :class:`Reparameterizable`: the marker of modules that :func:`fastvis.reparameterize`
+  switches to their deploy form (each implements an idempotent ``reparameterize()``).
+
+All arithmetic is done in float64 and cast back to the parameter's dtype, so a merged
+float32 model differs from the training form by float32 rounding of the result only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["Reparameterizable", "reparameterize", "fuse_conv_bn", "bn_scale_shift", "dilate_kernel", "pad_kernel_to"]
+
+
+class Reparameterizable:
+    """Mixin marking a module with a training form (branches, BatchNorms) and a deploy
+    form. ``reparameterize()`` converts the module in place (a no-op when it is already in
+    its deploy form) and ``deploy`` says which form it is in."""
+
+    deploy: bool
+
+    def reparameterize(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@torch.no_grad()
+def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), float64, with ``bn(x) == x * scale + shift`` per channel in eval mode."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fuse: the BatchNorm has no running statistics (track_running_stats=False)")
+    std = (bn.running_var.double() + bn.eps).sqrt()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(std)
+    scale = gamma / std
+    return scale, beta - bn.running_mean.double() * scale
+
+
+@torch.no_grad()
+def fuse_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the convolution equal to ``bn(conv(x))`` in eval mode, in float64.
+    ``weight`` has the output channels first (any trailing shape, e.g. a Linear's)."""
+    scale, shift = bn_scale_shift(bn)
+    w = weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))
+    b = shift if bias is None else shift + bias.double() * scale
+    return w, b
+
+
+def dilate_kernel(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
+    """(..., k, k) kernel at dilation r -> the equivalent (..., r(k-1)+1, r(k-1)+1) kernel."""
+    if dilation == 1:
+        return kernel
+    kh, kw = kernel.shape[-2:]
+    out = kernel.new_zeros(*kernel.shape[:-2], dilation * (kh - 1) + 1, dilation * (kw - 1) + 1)
+    out[..., ::dilation, ::dilation] = kernel
+    return out
+
+
+def pad_kernel_to(kernel: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pads an odd (..., k, k) kernel to (..., size, size), centred."""
+    k = kernel.shape[-1]
+    if kernel.shape[-2] != k or k % 2 == 0 or size % 2 == 0 or k > size:
+        raise ValueError(f"pad_kernel_to: expected an odd square kernel of size <= {size}, "
+                         f"got {tuple(kernel.shape[-2:])}")
+    p = (size - k) // 2
+    return nn.functional.pad(kernel, [p, p, p, p])
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """Switches every re-parameterisable part of ``model`` to its deploy form, in place, and
+    returns ``model``.
+
+    Walks the module tree and calls ``reparameterize()`` on each
+    :class:`Reparameterizable` module (fastvis' UniRepLKNet / RepLKNet models, blocks,
+    Dilated Reparam Blocks, large-kernel convolutions): dilated and small-kernel branches
+    are merged into the large kernel, BatchNorms fused into the adjacent convolution /
+    linear layer as the official deploy forms do. The result equals the training form in
+    **eval mode** (the BatchNorms' running statistics are fused; a model in training mode
+    would have used batch statistics). The model's train/eval mode is left as it was.
+    Models without such parts (ConvNeXt, any plain ``nn.Module``) are returned unchanged.
+    Calling it again is a no-op."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"reparameterize: expected an nn.Module, got {type(model).__name__}")
+    for m in list(model.modules()):
+        if isinstance(m, Reparameterizable):
+            m.reparameterize()
+    return model
