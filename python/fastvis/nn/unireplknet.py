@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._reference import reference_enabled
+from ..ops.convnext_block import dwconv_mlp_block
 from ..ops.grn import global_response_norm
 from .depthwise_conv import DepthwiseConv2d
 from .dilated_reparam import DILATED_BRANCHES, DilatedReparamBlock
@@ -153,11 +155,80 @@ class UniRepLKNetBlock(Reparameterizable, nn.Module):
             self.gamma = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_inference(x):
+            return self._forward_fused(x)
         y = self.se(self.norm(self.dwconv(x)))
         y = self.pwconv2(self.act(self.pwconv1(y)))
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)
         return apply_drop_path(x, y, self.drop_path, self.training)
+
+    # ------------------------------------------------------------ fused inference
+    #
+    # In eval mode every BatchNorm is an affine map, so the whole block is one
+    # fastvis.ops.dwconv_mlp_block call (the fused tile loop: dwconv, SE, fc1, GELU, GRN,
+    # fc2, residual, with only y written): BN1 folds into the depthwise conv, BN2 and the
+    # layer scale into fc2, exactly what reparameterize() does, computed here without
+    # touching the module (cached until a parameter or buffer changes). Used when nothing
+    # needs gradients; training and autograd run the module's own ops above.
+
+    def _fused_inference(self, x: torch.Tensor) -> bool:
+        if self.training or reference_enabled() or not isinstance(x, torch.Tensor):
+            return False
+        if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != self.dim:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return True
+
+    def _eval_params(self, dtype: torch.dtype):
+        key = (dtype,) + tuple((t.data_ptr(), t._version) for t in
+                               list(self.parameters()) + list(self.buffers()))
+        cached = getattr(self, "_fused_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            if self.kernel_size == 0:
+                ref = self.pwconv1[1].weight
+                w = torch.ones(self.dim, 1, 1, 1, dtype=torch.float64, device=ref.device)
+                b = None
+            elif isinstance(self.dwconv, DilatedReparamBlock):
+                w, b = (t.double() for t in self.dwconv.get_equivalent_kernel_bias())
+            else:
+                w = self.dwconv.weight.double()
+                b = None if self.dwconv.bias is None else self.dwconv.bias.double()
+            if isinstance(self.norm, nn.BatchNorm2d):
+                w, b = fuse_conv_bn(w, b, self.norm)
+            lin, grn = self.pwconv2[0], self.act[1]
+            w2 = lin.weight.double()
+            b2 = None if lin.bias is None else lin.bias.double()
+            if len(self.pwconv2) > 2:
+                w2, b2 = fuse_conv_bn(w2, b2, self.pwconv2[2])
+            if self.gamma is not None:
+                g = self.gamma.double()
+                w2 = w2 * g.view(-1, 1)
+                b2 = None if b2 is None else b2 * g
+            cast = (lambda t: None if t is None else t.detach().to(dtype).contiguous())
+            params = dict(
+                dw_weight=cast(w), dw_bias=cast(b),
+                fc1_weight=cast(self.pwconv1[1].weight), fc1_bias=cast(self.pwconv1[1].bias),
+                fc2_weight=cast(w2), fc2_bias=cast(b2),
+                se_down_weight=cast(self.se.down.weight.flatten(1)), se_down_bias=cast(self.se.down.bias),
+                se_up_weight=cast(self.se.up.weight.flatten(1)), se_up_bias=cast(self.se.up.bias),
+                grn_weight=cast(grn.gamma.view(-1)),
+                grn_bias=cast(grn.beta.view(-1)) if grn.use_bias else None,
+            )
+        self._fused_cache = (key, params)
+        return params
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._eval_params(x.dtype)
+        return dwconv_mlp_block(
+            x, p["dw_weight"], p["dw_bias"], p["fc1_weight"], p["fc1_bias"], p["fc2_weight"],
+            p["fc2_bias"], layer_norm=False, se_down_weight=p["se_down_weight"],
+            se_down_bias=p["se_down_bias"], se_up_weight=p["se_up_weight"],
+            se_up_bias=p["se_up_bias"], grn_weight=p["grn_weight"], grn_bias=p["grn_bias"],
+            grn_eps=self.act[1].eps)
 
     @torch.no_grad()
     def reparameterize(self) -> None:

@@ -388,7 +388,8 @@ def dwconv_mlp_block_reference(
 def _dmb_fwd(x: torch.Tensor, ws: List[Optional[torch.Tensor]], eps: float, tanh_gelu: bool,
              grn_eps: float, layer_norm: bool) -> torch.Tensor:
     _sync_threads()
-    x = _nhwc(x)
+    x = _nhwc(x.detach())
+    ws = [None if t is None else t.detach() for t in ws]
     y = torch.empty_like(x, memory_format=torch.channels_last)
     key_ws = list(ws)
     nbytes = _scratch_bytes(("dwconv_mlp_block", layer_norm),

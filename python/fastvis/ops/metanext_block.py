@@ -87,9 +87,10 @@ def _mn_fwd(
     drop_scale: Optional[torch.Tensor], dilation: int, tanh_gelu: bool,
 ) -> torch.Tensor:
     _sync_threads()
-    x = x.contiguous(memory_format=torch.channels_last)
-    ws = [hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1_bias,
-          fc2_weight, fc2_bias, gamma, drop_scale]
+    x = x.detach().contiguous(memory_format=torch.channels_last)
+    ws = [None if t is None else t.detach() for t in (
+        hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1_bias,
+        fc2_weight, fc2_bias, gamma, drop_scale)]
     key = (_C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype, dilation,
            tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in ws))
     nbytes = _scratch_sizes.get(key)

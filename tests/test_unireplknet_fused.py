@@ -1,0 +1,95 @@
+"""UniRepLKNet blocks in eval mode run as one fused fastvis.ops.dwconv_mlp_block call
+(BatchNorms folded into the depthwise conv and fc2, layer scale into fc2): same outputs as
+the module's own ops, for the training form and the deploy form, and the folded
+parameters follow parameter updates."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvis
+import fastvis.nn.unireplknet as unimod
+
+
+def _randomise(m: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.2)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.weight.copy_(1 + 0.2 * torch.randn(mod.num_features, generator=g))
+                mod.bias.copy_(0.2 * torch.randn(mod.num_features, generator=g))
+        for name, p in m.named_parameters():
+            if name.endswith("gamma") or name.endswith("beta"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    real = unimod.dwconv_mlp_block
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(unimod, "dwconv_mlp_block", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kernel_size", [0, 3, 5, 13])
+def test_block_fused_equals_modules(kernel_size, counted):
+    torch.manual_seed(1)
+    blk = unimod.UniRepLKNetBlock(16, kernel_size).eval()
+    _randomise(blk)
+    x = torch.randn(2, 16, 11, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = blk(x)
+        assert len(counted) == 1
+        with fastvis.use_reference(True):
+            ref = blk(x)
+        assert len(counted) == 1  # the reference path is the module's own ops
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # Deploy form: the same fused call, nothing to fold but the same numbers.
+    fastvis.reparameterize(blk)
+    with torch.no_grad():
+        yd = blk(x)
+    assert len(counted) == 2
+    torch.testing.assert_close(yd, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_parameter_updates_invalidate_the_folded_cache():
+    blk = unimod.UniRepLKNetBlock(16, 13).eval()
+    _randomise(blk)
+    x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y0 = blk(x)
+        blk.norm.running_var.mul_(2.0)       # a buffer
+        blk.pwconv2[0].weight.mul_(-1.0)     # a parameter
+        y1 = blk(x)
+        with fastvis.use_reference(True):
+            ref = blk(x)
+    assert not torch.allclose(y0, y1)
+    torch.testing.assert_close(y1, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_gradients_and_training_use_the_modules(counted):
+    blk = unimod.UniRepLKNetBlock(16, 5).eval()
+    x = torch.randn(1, 16, 6, 6, requires_grad=True)
+    blk(x).sum().backward()  # eval with grad: the module's ops (gradients reach every parameter)
+    assert blk.pwconv1[1].weight.grad is not None and x.grad is not None
+    blk.train()
+    with torch.no_grad():
+        blk(torch.randn(2, 16, 6, 6))
+    assert counted == []
+
+
+def test_model_fused_matches_reference():
+    m = fastvis.create_model("unireplknet_a").eval()
+    _randomise(m)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+        with fastvis.use_reference(True):
+            ref = m(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
