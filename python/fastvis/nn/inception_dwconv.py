@@ -54,12 +54,13 @@ def inception_dwconv_unfused(
            else torch.contiguous_format)
     x_id, x_hw, x_w, x_h = torch.split(x, (c - 3 * gc, gc, gc, gc), dim=1)
     d = dilation
-    return torch.cat((
-        x_id,
+    parts = [x_id] if c > 3 * gc else []  # an empty identity group would decide cat's layout
+    parts += [
         depthwise_conv2d(x_hw.contiguous(memory_format=fmt), hw_weight, hw_bias, 1, "same", (d, d)),
         depthwise_conv2d(x_w.contiguous(memory_format=fmt), w_weight, w_bias, 1, "same", (1, d)),
         depthwise_conv2d(x_h.contiguous(memory_format=fmt), h_weight, h_bias, 1, "same", (d, 1)),
-    ), dim=1)
+    ]
+    return torch.cat(parts, dim=1)
 
 
 def _kernel(name: str, v) -> int:
