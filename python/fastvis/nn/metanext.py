@@ -16,13 +16,14 @@ What fastvis does differently (same results):
 * the token mixer runs on fastvis' depthwise kernels;
 * the MLP runs as ``F.linear`` on the NHWC view of a channels_last activation (the 1x1
   convolutions are matrix products over channels; no layout change);
-* the layer scale is folded into fc2 (``(gamma W2) h + gamma b2``), computed from the
-  current parameters on every call;
-* in eval mode the BatchNorm is folded into fc1: with ``s = w / sqrt(running_var + eps)``
-  and ``t = b - running_mean * s``, ``fc1(BN(z)) = (W1 diag(s)) z + (b1 + W1 t)``. The
-  folded weights are recomputed from the current parameters and statistics on every call
-  (no cache that could go stale), and autograd reaches the BatchNorm parameters through
-  them. Training mode runs the BatchNorm itself (batch statistics, running-stat updates);
+* in eval mode (running statistics) the BatchNorm is folded into fc1 and the layer scale
+  into fc2: with ``s = w / sqrt(running_var + eps)`` and ``t = b - running_mean * s``,
+  ``fc1(BN(z)) = (W1 diag(s)) z + (b1 + W1 t)``, and ``gamma * fc2(h) = (gamma W2) h +
+  gamma b2``. The folded weights are recomputed from the current parameters and
+  statistics on every call (no cache that could go stale; the cost, O(C * hidden), is
+  1 / (N H W) of the fc1 product), and autograd reaches the BatchNorm parameters and gamma
+  through them. Training mode runs the BatchNorm itself (batch statistics, running-stat
+  updates) and multiplies by gamma, as timm does;
 * stochastic depth draws its per-sample factors with
   :func:`fastvis.nn.convnext.drop_path_scale` (timm's draws, and the trainer's hook).
 """
@@ -156,22 +157,30 @@ class MetaNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.token_mixer(x)
-        fc1 = None
         if self.fold_bn and _bn_foldable(self.norm):
+            # Eval: BatchNorm folded into fc1 and the layer scale into fc2, so the rest of
+            # the block is GEMM, GELU, GEMM, residual.
             w1, b1 = self.mlp.fc1_matrix()
-            fc1 = fold_bn_into_linear(self.norm, w1, b1)
+            y = self.mlp(x, fc1=fold_bn_into_linear(self.norm, w1, b1), fc2=self._fc2_scaled())
         else:
-            x = self.norm(x)
-        fc2 = None
-        if self.gamma is not None:
-            w2, b2 = self.mlp.fc2_matrix()
-            g = self.gamma.to(w2.dtype)
-            fc2 = (w2 * g[:, None], None if b2 is None else b2 * g)
-        y = self.mlp(x, fc1=fc1, fc2=fc2)
+            # Training: the BatchNorm itself (batch statistics, running-stat updates); the
+            # layer scale multiplies the output, as in timm (folding it into fc2 would make
+            # autograd keep a scaled copy of every fc2 weight for the backward).
+            y = self.mlp(self.norm(x))
+            if self.gamma is not None:
+                y = y * self.gamma.view(1, -1, 1, 1)
         scale = drop_path_scale(y, self.drop_path, self.training)
         if scale is not None:
             y = y * scale.view(-1, 1, 1, 1)
         return shortcut + y
+
+    def _fc2_scaled(self) -> Optional[_Linear]:
+        """fc2 with the layer scale folded in, ``(gamma W2, gamma b2)``; None without gamma."""
+        if self.gamma is None:
+            return None
+        w2, b2 = self.mlp.fc2_matrix()
+        g = self.gamma.to(w2.dtype)
+        return w2 * g[:, None], None if b2 is None else b2 * g
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, layer_scale={self.gamma is not None}, "
