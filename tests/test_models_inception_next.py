@@ -606,3 +606,25 @@ def test_metanext_block_defaults_and_errors():
         fastvis.nn.InceptionDWConv2d(32, square_kernel_size=4)
     with pytest.raises(ValueError, match="dilation"):
         fastvis.nn.InceptionDWConv2d(32, dilation=0)
+
+
+def test_block_drop_path_follows_the_trainer_hook():
+    """MetaNeXtBlock takes its stochastic-depth draws through drop_path_scale, so the
+    trainer's drop_path_source decides them (rank-invariant distributed runs)."""
+    from fastvis.nn.convnext import drop_path_source
+
+    blk = randomize_(fastvis.nn.MetaNeXtBlock(16, drop_path=0.5, ls_init_value=0.5), "blk/dp")
+    evaluated = copy.deepcopy(blk).eval()
+    nodrop = copy.deepcopy(blk).train()
+    nodrop.drop_path = 0.0
+    x = _randn(4, 16, 9, 9, tag="x/blkdp")
+    with torch.no_grad():
+        branch = evaluated(x) - x
+        ref = nodrop(x) - x  # training mode (batch statistics), nothing dropped
+        with drop_path_source(lambda n, keep: torch.tensor([0.0, 1.0, 0.0, 1.0])):
+            r = blk.train()(x) - x
+            assert torch.equal(evaluated(x) - x, branch)  # eval mode ignores the source
+    assert torch.equal(r[0], torch.zeros_like(r[0])) and torch.equal(r[2], torch.zeros_like(r[2]))
+    # kept samples are scaled by 1 / keep = 2
+    assert ref[1::2].abs().max() > 0
+    torch.testing.assert_close(r[1::2], 2 * ref[1::2], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
