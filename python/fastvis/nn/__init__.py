@@ -3,7 +3,9 @@ from .convnext import ConvNeXtBlock, ConvNeXtMlp, drop_path_scale
 from .depthwise_conv import DepthwiseConv2d
 from .dilated_reparam import DILATED_BRANCHES, DilatedReparamBlock
 from .grn import GlobalResponseNorm
+from .inception_dwconv import InceptionDWConv2d
 from .layer_norm import LayerNorm2d
+from .metanext import ConvMlp, MetaNeXtBlock
 from .reparam import Reparameterizable, reparameterize
 from .replk import ConvBN, ConvFFN, RepLKBlock, ReparamLargeKernelConv
 from .unireplknet import SEBlock, UniRepLKNetBlock, UniRepLKNetGRN
@@ -11,13 +13,16 @@ from .unireplknet import SEBlock, UniRepLKNetBlock, UniRepLKNetGRN
 __all__ = [
     "ConvBN",
     "ConvFFN",
+    "ConvMlp",
     "ConvNeXtBlock",
     "ConvNeXtMlp",
     "DILATED_BRANCHES",
     "DepthwiseConv2d",
     "DilatedReparamBlock",
     "GlobalResponseNorm",
+    "InceptionDWConv2d",
     "LayerNorm2d",
+    "MetaNeXtBlock",
     "RepLKBlock",
     "ReparamLargeKernelConv",
     "Reparameterizable",

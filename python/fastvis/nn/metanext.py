@@ -1,0 +1,187 @@
+"""MetaNeXt (InceptionNeXt) block pieces with timm's names: ``ConvMlp``, ``MetaNeXtBlock``.
+
+timm's ``MetaNeXtBlock`` computes
+
+    x + drop_path(gamma * fc2(GELU(fc1(BatchNorm(token_mixer(x))))))
+
+with 1x1-convolution ``fc1`` / ``fc2`` (``ConvMlp``; its ``norm`` is an Identity and its
+dropout 0 in MetaNeXt) and the Inception depthwise token mixer
+(:class:`fastvis.nn.InceptionDWConv2d`). The keys are timm's: ``token_mixer.*``,
+``norm.{weight,bias,running_mean,running_var,num_batches_tracked}``,
+``mlp.fc1.{weight,bias}`` (hidden, C, 1, 1), ``mlp.fc2.{weight,bias}`` (C, hidden, 1, 1),
+``gamma`` (C,) unless ``ls_init_value`` is None / 0.
+
+What fastvis does differently (same results):
+
+* the token mixer runs on fastvis' depthwise kernels;
+* the MLP runs as ``F.linear`` on the NHWC view of a channels_last activation (the 1x1
+  convolutions are matrix products over channels; no layout change);
+* in eval mode (running statistics) the BatchNorm is folded into fc1 and the layer scale
+  into fc2: with ``s = w / sqrt(running_var + eps)`` and ``t = b - running_mean * s``,
+  ``fc1(BN(z)) = (W1 diag(s)) z + (b1 + W1 t)``, and ``gamma * fc2(h) = (gamma W2) h +
+  gamma b2``. The folded weights are recomputed from the current parameters and
+  statistics on every call (no cache that could go stale; the cost, O(C * hidden), is
+  1 / (N H W) of the fc1 product), and autograd reaches the BatchNorm parameters and gamma
+  through them. Training mode runs the BatchNorm itself (batch statistics, running-stat
+  updates) and multiplies by gamma, as timm does;
+* stochastic depth draws its per-sample factors with
+  :func:`fastvis.nn.convnext.drop_path_scale` (timm's draws, and the trainer's hook).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .convnext import drop_path_scale
+from .inception_dwconv import InceptionDWConv2d
+
+__all__ = ["ConvMlp", "MetaNeXtBlock"]
+
+_Linear = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+class ConvMlp(nn.Module):
+    """timm's ``ConvMlp`` as MetaNeXt builds it: ``fc1`` (1x1 ``nn.Conv2d``) -> GELU (exact)
+    -> dropout -> ``fc2`` (1x1 ``nn.Conv2d``); ``norm`` is an Identity (timm's
+    ``norm_layer=None``).
+
+    ``forward(x, fc1=None, fc2=None)`` optionally takes replacement ``(weight, bias)`` pairs
+    for fc1 / fc2 as (out, in) matrices (the block passes its folded ones)."""
+
+    def __init__(self, in_features: int, hidden_features: Optional[int] = None,
+                 out_features: Optional[int] = None, bias: bool = True, drop: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.fc1 = nn.Conv2d(in_features, hidden_features, kernel_size=1, bias=bias, **factory)
+        self.norm = nn.Identity()
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Conv2d(hidden_features, out_features, kernel_size=1, bias=bias, **factory)
+
+    def fc1_matrix(self) -> _Linear:
+        return self.fc1.weight.reshape(self.hidden_features, self.in_features), self.fc1.bias
+
+    def fc2_matrix(self) -> _Linear:
+        return self.fc2.weight.reshape(self.out_features, self.hidden_features), self.fc2.bias
+
+    def forward(self, x: torch.Tensor, fc1: Optional[_Linear] = None, fc2: Optional[_Linear] = None) -> torch.Tensor:
+        w1, b1 = self.fc1_matrix() if fc1 is None else fc1
+        w2, b2 = self.fc2_matrix() if fc2 is None else fc2
+        h = x.permute(0, 2, 3, 1)  # (N, H, W, C): a dense view when x is channels_last
+        h = F.linear(h, w1, b1)
+        h = self.drop(self.act(h))
+        h = F.linear(h, w2, b2)
+        return h.permute(0, 3, 1, 2)  # logically NCHW, channels_last in memory
+
+
+def _bn_foldable(bn: nn.BatchNorm2d) -> bool:
+    """Eval mode with running statistics: the BatchNorm is a per-channel affine map."""
+    return (not bn.training) and bn.running_mean is not None and bn.running_var is not None
+
+
+def fold_bn_into_linear(bn: nn.BatchNorm2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> _Linear:
+    """``(W', b')`` with ``W' z + b' = W BN(z) + b`` for an eval-mode BatchNorm (running
+    statistics) before a linear map ``W`` (out, C)."""
+    s = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        s = bn.weight * s
+    t = -bn.running_mean * s
+    if bn.bias is not None:
+        t = t + bn.bias
+    w = weight * s.to(weight.dtype)
+    b = torch.mv(weight, t.to(weight.dtype))
+    if bias is not None:
+        b = b + bias
+    return w, b
+
+
+def _check_positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"MetaNeXtBlock: {name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+class MetaNeXtBlock(nn.Module):
+    """timm's ``MetaNeXtBlock`` (InceptionNeXt), same keys.
+
+    Args:
+        dim: channels C.
+        dilation: passed to the token mixer.
+        token_mixer: a module factory called as ``token_mixer(dim, dilation=..., device=...,
+            dtype=...)`` (default :class:`fastvis.nn.InceptionDWConv2d`; a
+            ``functools.partial`` of it sets kernel sizes / branch ratio, as in timm).
+        mlp_ratio: hidden = int(mlp_ratio * dim).
+        ls_init_value: initial layer scale; None or 0 for no ``gamma`` (timm's rule).
+        drop_path: stochastic-depth probability in [0, 1] (training mode only).
+        fold_bn: fold the eval-mode BatchNorm into fc1 (default True; the attribute can be
+            switched off for comparisons).
+
+    Parameters keep the constructors' defaults (as timm's block does on its own); the
+    model applies timm's initialisation.
+    """
+
+    def __init__(self, dim: int, dilation: int = 1, token_mixer: Callable[..., nn.Module] = InceptionDWConv2d,
+                 mlp_ratio: float = 4, ls_init_value: Optional[float] = 1e-6, drop_path: float = 0.0,
+                 fold_bn: bool = True, device=None, dtype=None):
+        super().__init__()
+        dim = _check_positive_int("dim", dim)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
+            raise ValueError(f"MetaNeXtBlock: mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        hidden = int(mlp_ratio * dim)
+        if hidden < 1:
+            raise ValueError(f"MetaNeXtBlock: int(mlp_ratio * dim) must be at least 1, got {mlp_ratio} * {dim}")
+        if isinstance(drop_path, bool) or not isinstance(drop_path, numbers.Real) or not 0.0 <= drop_path <= 1.0:
+            raise ValueError(f"MetaNeXtBlock: drop_path must be a probability in [0, 1], got {drop_path!r}")
+        if ls_init_value is not None and (isinstance(ls_init_value, bool) or not isinstance(ls_init_value, numbers.Real)):
+            raise TypeError(f"MetaNeXtBlock: ls_init_value must be a number or None, got {ls_init_value!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.hidden = dim, hidden
+        self.drop_path = float(drop_path)
+        self.fold_bn = bool(fold_bn)
+        self.token_mixer = token_mixer(dim, dilation=dilation, **factory)
+        self.norm = nn.BatchNorm2d(dim, **factory)
+        self.mlp = ConvMlp(dim, hidden, **factory)
+        if ls_init_value:
+            self.gamma = nn.Parameter(torch.full((dim,), float(ls_init_value), **factory))
+        else:
+            self.gamma = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.token_mixer(x)
+        if self.fold_bn and _bn_foldable(self.norm):
+            # Eval: BatchNorm folded into fc1 and the layer scale into fc2, so the rest of
+            # the block is GEMM, GELU, GEMM, residual.
+            w1, b1 = self.mlp.fc1_matrix()
+            y = self.mlp(x, fc1=fold_bn_into_linear(self.norm, w1, b1), fc2=self._fc2_scaled())
+        else:
+            # Training: the BatchNorm itself (batch statistics, running-stat updates); the
+            # layer scale multiplies the output, as in timm (folding it into fc2 would make
+            # autograd keep a scaled copy of every fc2 weight for the backward).
+            y = self.mlp(self.norm(x))
+            if self.gamma is not None:
+                y = y * self.gamma.view(1, -1, 1, 1)
+        scale = drop_path_scale(y, self.drop_path, self.training)
+        if scale is not None:
+            y = y * scale.view(-1, 1, 1, 1)
+        return shortcut + y
+
+    def _fc2_scaled(self) -> Optional[_Linear]:
+        """fc2 with the layer scale folded in, ``(gamma W2, gamma b2)``; None without gamma."""
+        if self.gamma is None:
+            return None
+        w2, b2 = self.mlp.fc2_matrix()
+        g = self.gamma.to(w2.dtype)
+        return w2 * g[:, None], None if b2 is None else b2 * g
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden={self.hidden}, layer_scale={self.gamma is not None}, "
+                f"drop_path={self.drop_path:g}, fold_bn={self.fold_bn}")
