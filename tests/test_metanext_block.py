@@ -239,3 +239,30 @@ def test_bad_input():
         fastvis._C.metanext_block_forward_scratch_bytes(
             x, [torch.randn(5, 1, 3, 3), None, torch.randn(5, 1, 1, 5), None, torch.randn(5, 1, 5, 1),
                 None, p["fc1_weight"], None, p["fc2_weight"], None, None, None], 1, False)
+
+
+def test_metanext_module_uses_the_fused_op_in_inference(monkeypatch):
+    """fastvis.nn.MetaNeXtBlock in eval mode with nothing needing gradients is one fused
+    call; its output equals the block's own modules (BatchNorm folded or not)."""
+    import fastvis.nn.metanext as mn
+    calls = []
+    real = mn.metanext_block
+    monkeypatch.setattr(mn, "metanext_block", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    torch.manual_seed(5)
+    blk = mn.MetaNeXtBlock(32, ls_init_value=0.5).eval()
+    with torch.no_grad():
+        blk.norm.running_mean.normal_()
+        blk.norm.running_var.uniform_(0.5, 2.0)
+        blk.norm.weight.normal_()
+        blk.norm.bias.normal_()
+    x = torch.randn(2, 32, 10, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = blk(x)
+        assert calls == [1]
+        blk.fold_bn = False  # the modules: BatchNorm, the MLP, gamma
+        ref = blk(x)
+        assert calls == [1]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    blk.fold_bn = True
+    blk(x).sum().backward()  # gradients needed: the modules run, gradients reach the BatchNorm
+    assert calls == [1] and blk.norm.weight.grad is not None

@@ -366,7 +366,9 @@ def test_channels_last_end_to_end():
     finally:
         for h in hooks:
             h.remove()
-    assert len(seen) == 3 * 2 * sum(fm.depths)
+    # Every block is seen (3 forwards); the token mixers only when the block runs its
+    # modules (in eval inference the block is one fused metanext_block call).
+    assert 3 * sum(fm.depths) <= len(seen) <= 3 * 2 * sum(fm.depths)
     assert all(a and b for a, b in seen), "every block and token mixer must take and give channels_last"
     assert feat.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, y_cl)

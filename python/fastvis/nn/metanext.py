@@ -24,6 +24,9 @@ What fastvis does differently (same results):
   1 / (N H W) of the fc1 product), and autograd reaches the BatchNorm parameters and gamma
   through them. Training mode runs the BatchNorm itself (batch statistics, running-stat
   updates) and multiplies by gamma, as timm does;
+* in eval mode with nothing needing gradients (inference), on the CPU, the whole block
+  is one :func:`fastvis.ops.metanext_block` call: the fused tile loop (mixer, fc1 with the
+  folded BatchNorm, GELU, fc2, layer scale, residual; only the block output is written);
 * stochastic depth draws its per-sample factors with
   :func:`fastvis.nn.convnext.drop_path_scale` (timm's draws, and the trainer's hook).
 """
@@ -36,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._reference import reference_enabled
+from ..ops.metanext_block import metanext_block
 from .convnext import drop_path_scale
 from .inception_dwconv import InceptionDWConv2d
 
@@ -154,7 +159,25 @@ class MetaNeXtBlock(nn.Module):
         else:
             self.gamma = None
 
+    def _fused_inference(self, x: torch.Tensor) -> bool:
+        """Eval mode, the Inception mixer, CPU, nothing needing gradients: the whole block
+        is one fastvis.ops.metanext_block call (the fused tile loop)."""
+        if not (self.fold_bn and _bn_foldable(self.norm)) or reference_enabled():
+            return False
+        if type(self.token_mixer) is not InceptionDWConv2d or x.device.type != "cpu":
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_inference(x):
+            tm = self.token_mixer
+            w1, b1 = fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix())
+            w2, b2 = self.mlp.fc2_matrix()
+            return metanext_block(x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight,
+                                  tm.dwconv_w.bias, tm.dwconv_h.weight, tm.dwconv_h.bias,
+                                  w1, b1, w2, b2, self.gamma, None, tm.dilation)
         shortcut = x
         x = self.token_mixer(x)
         if self.fold_bn and _bn_foldable(self.norm):
