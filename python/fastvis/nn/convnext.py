@@ -23,7 +23,6 @@ only the stored shapes differ.
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 import threading
 from typing import Callable, Optional

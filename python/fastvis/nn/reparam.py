@@ -97,3 +97,28 @@ def reparameterize(model: nn.Module) -> nn.Module:
         if isinstance(m, Reparameterizable):
             m.reparameterize()
     return model
+
+
+def cached_fold(module: nn.Module, dtype: torch.dtype, compute):
+    """``compute()`` (folded eval-form parameters of ``module``, any object), cached on the
+    module until one of its parameters or buffers changes (storage or in-place version) or
+    another dtype is asked for. For the fused inference paths, which fold BatchNorms into
+    neighbouring weights on the fly instead of mutating the module."""
+    key = (dtype,) + tuple((t.data_ptr(), t._version) for t in
+                           list(module.parameters()) + list(module.buffers()))
+    cached = module.__dict__.get("_fastvis_fold_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        value = compute()
+    module.__dict__["_fastvis_fold_cache"] = (key, value)
+    return value
+
+
+def inference_only(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when ``module`` runs in eval mode on a CPU tensor with nothing needing gradients
+    and the reference mode off: the condition for the fused inference paths."""
+    from .._reference import reference_enabled
+    if module.training or reference_enabled() or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))

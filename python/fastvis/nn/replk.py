@@ -25,7 +25,9 @@ from torch import nn
 
 from .convnext import drop_path_scale
 from .depthwise_conv import DepthwiseConv2d
-from .reparam import Reparameterizable, fuse_conv_bn, pad_kernel_to
+from ..ops.convnext_block import dwconv_mlp_block
+from .reparam import (Reparameterizable, bn_scale_shift, cached_fold, fuse_conv_bn, inference_only,
+                      pad_kernel_to)
 
 __all__ = ["ConvBN", "ReparamLargeKernelConv", "RepLKBlock", "ConvFFN", "apply_drop_path"]
 
@@ -198,8 +200,25 @@ class ConvFFN(nn.Module):
         self.drop_path = float(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inference_only(self, x) and x.dim() == 4 and self.pw2.bn.num_features == x.shape[1]:
+            # Eval inference: preffn_bn and pw1's BN fold into fc1, pw2's BN into fc2, and
+            # the block is one fused call (identity 1x1 "depthwise" mixer, no norm).
+            p = cached_fold(self, x.dtype, lambda: self._fold(x.dtype))
+            return dwconv_mlp_block(x, p[0], None, p[1], p[2], p[3], p[4], layer_norm=False)
         out = self.pw2(nn.functional.gelu(self.pw1(self.preffn_bn(x))))
         return apply_drop_path(x, out, self.drop_path, self.training)
+
+    def _fold(self, dtype: torch.dtype):
+        s0, t0 = bn_scale_shift(self.preffn_bn)
+        s1, t1 = bn_scale_shift(self.pw1.bn)
+        s2, t2 = bn_scale_shift(self.pw2.bn)
+        w1 = self.pw1.conv.weight.double().flatten(1)
+        w2 = self.pw2.conv.weight.double().flatten(1)
+        fc1_w = s1[:, None] * w1 * s0[None, :]
+        fc1_b = s1 * (w1 @ t0) + t1
+        fc2_w = s2[:, None] * w2
+        ones = torch.ones(w1.shape[1], 1, 1, 1, dtype=torch.float64, device=w1.device)
+        return tuple(t.to(dtype).contiguous() for t in (ones, fc1_w, fc1_b, fc2_w, t2))
 
     def extra_repr(self) -> str:
         return f"drop_path={self.drop_path}"

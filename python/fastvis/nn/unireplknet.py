@@ -28,12 +28,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._reference import reference_enabled
 from ..ops.convnext_block import dwconv_mlp_block
 from ..ops.grn import global_response_norm
 from .depthwise_conv import DepthwiseConv2d
 from .dilated_reparam import DILATED_BRANCHES, DilatedReparamBlock
-from .reparam import Reparameterizable, fuse_conv_bn
+from .reparam import Reparameterizable, cached_fold, fuse_conv_bn, inference_only
 from .replk import apply_drop_path
 
 __all__ = ["UniRepLKNetBlock", "UniRepLKNetGRN", "SEBlock", "NCHWtoNHWC", "NHWCtoNCHW"]
@@ -173,53 +172,42 @@ class UniRepLKNetBlock(Reparameterizable, nn.Module):
     # needs gradients; training and autograd run the module's own ops above.
 
     def _fused_inference(self, x: torch.Tensor) -> bool:
-        if self.training or reference_enabled() or not isinstance(x, torch.Tensor):
-            return False
-        if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != self.dim:
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        return True
+        return inference_only(self, x) and x.dim() == 4 and x.shape[1] == self.dim
 
     def _eval_params(self, dtype: torch.dtype):
-        key = (dtype,) + tuple((t.data_ptr(), t._version) for t in
-                               list(self.parameters()) + list(self.buffers()))
-        cached = getattr(self, "_fused_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
-            if self.kernel_size == 0:
-                ref = self.pwconv1[1].weight
-                w = torch.ones(self.dim, 1, 1, 1, dtype=torch.float64, device=ref.device)
-                b = None
-            elif isinstance(self.dwconv, DilatedReparamBlock):
-                w, b = (t.double() for t in self.dwconv.get_equivalent_kernel_bias())
-            else:
-                w = self.dwconv.weight.double()
-                b = None if self.dwconv.bias is None else self.dwconv.bias.double()
-            if isinstance(self.norm, nn.BatchNorm2d):
-                w, b = fuse_conv_bn(w, b, self.norm)
-            lin, grn = self.pwconv2[0], self.act[1]
-            w2 = lin.weight.double()
-            b2 = None if lin.bias is None else lin.bias.double()
-            if len(self.pwconv2) > 2:
-                w2, b2 = fuse_conv_bn(w2, b2, self.pwconv2[2])
-            if self.gamma is not None:
-                g = self.gamma.double()
-                w2 = w2 * g.view(-1, 1)
-                b2 = None if b2 is None else b2 * g
-            cast = (lambda t: None if t is None else t.detach().to(dtype).contiguous())
-            params = dict(
-                dw_weight=cast(w), dw_bias=cast(b),
-                fc1_weight=cast(self.pwconv1[1].weight), fc1_bias=cast(self.pwconv1[1].bias),
-                fc2_weight=cast(w2), fc2_bias=cast(b2),
-                se_down_weight=cast(self.se.down.weight.flatten(1)), se_down_bias=cast(self.se.down.bias),
-                se_up_weight=cast(self.se.up.weight.flatten(1)), se_up_bias=cast(self.se.up.bias),
-                grn_weight=cast(grn.gamma.view(-1)),
-                grn_bias=cast(grn.beta.view(-1)) if grn.use_bias else None,
-            )
-        self._fused_cache = (key, params)
-        return params
+        return cached_fold(self, dtype, lambda: self._fold(dtype))
+
+    def _fold(self, dtype: torch.dtype):
+        if self.kernel_size == 0:
+            ref = self.pwconv1[1].weight
+            w = torch.ones(self.dim, 1, 1, 1, dtype=torch.float64, device=ref.device)
+            b = None
+        elif isinstance(self.dwconv, DilatedReparamBlock):
+            w, b = (t.double() for t in self.dwconv.get_equivalent_kernel_bias())
+        else:
+            w = self.dwconv.weight.double()
+            b = None if self.dwconv.bias is None else self.dwconv.bias.double()
+        if isinstance(self.norm, nn.BatchNorm2d):
+            w, b = fuse_conv_bn(w, b, self.norm)
+        lin, grn = self.pwconv2[0], self.act[1]
+        w2 = lin.weight.double()
+        b2 = None if lin.bias is None else lin.bias.double()
+        if len(self.pwconv2) > 2:
+            w2, b2 = fuse_conv_bn(w2, b2, self.pwconv2[2])
+        if self.gamma is not None:
+            g = self.gamma.double()
+            w2 = w2 * g.view(-1, 1)
+            b2 = None if b2 is None else b2 * g
+        cast = (lambda t: None if t is None else t.detach().to(dtype).contiguous())
+        return dict(
+            dw_weight=cast(w), dw_bias=cast(b),
+            fc1_weight=cast(self.pwconv1[1].weight), fc1_bias=cast(self.pwconv1[1].bias),
+            fc2_weight=cast(w2), fc2_bias=cast(b2),
+            se_down_weight=cast(self.se.down.weight.flatten(1)), se_down_bias=cast(self.se.down.bias),
+            se_up_weight=cast(self.se.up.weight.flatten(1)), se_up_bias=cast(self.se.up.bias),
+            grn_weight=cast(grn.gamma.view(-1)),
+            grn_bias=cast(grn.beta.view(-1)) if grn.use_bias else None,
+        )
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         p = self._eval_params(x.dtype)

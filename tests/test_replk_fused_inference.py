@@ -1,4 +1,5 @@
-"""UniRepLKNet blocks in eval mode run as one fused fastvis.ops.dwconv_mlp_block call
+"""UniRepLKNet blocks and RepLKNet ConvFFNs in eval mode run as one fused
+fastvis.ops.dwconv_mlp_block call
 (BatchNorms folded into the depthwise conv and fc2, layer scale into fc2): same outputs as
 the module's own ops, for the training form and the deploy form, and the folded
 parameters follow parameter updates."""
@@ -86,6 +87,33 @@ def test_gradients_and_training_use_the_modules(counted):
 
 def test_model_fused_matches_reference():
     m = fastvis.create_model("unireplknet_a").eval()
+    _randomise(m)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = m(x)
+        with fastvis.use_reference(True):
+            ref = m(x)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_replknet_convffn_fused_equals_modules(monkeypatch):
+    import fastvis.nn.replk as replk
+    calls = []
+    real = replk.dwconv_mlp_block
+    monkeypatch.setattr(replk, "dwconv_mlp_block", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    ffn = replk.ConvFFN(24, 96, 24).eval()
+    _randomise(ffn)
+    x = torch.randn(2, 24, 7, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = ffn(x)
+        with fastvis.use_reference(True):
+            ref = ffn(x)
+    assert calls == [1]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_replknet_model_fused_matches_reference():
+    m = fastvis.create_model("replknet_31b", num_classes=10).eval()
     _randomise(m)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
