@@ -182,7 +182,8 @@ def merge_branches(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The exact re-parameterisation: (kernel (C, 1, E, E), bias (C,)) with
     ``conv(x, kernel, bias, padding=(E-1)//2) == sum_b BN_b(conv_b(x))`` for the given
-    statistics (E = the first branch's extent). Differentiable; in the weights' dtype."""
+    statistics (E = the first branch's extent). Differentiable; computed in float32
+    (float64 for float64 weights) and returned in that precision."""
     c = weights[0].shape[0]
     e = dilations[0] * (weights[0].shape[-1] - 1) + 1
     dt = weights[0].dtype
@@ -197,7 +198,7 @@ def merge_branches(
         kernel = kernel.clone()
         kernel[:, :, o:o + ext:d, o:o + ext:d] += s.view(c, 1, 1, 1) * w.to(acc)
         bias = bias + b.to(acc) - s * m.to(acc)
-    return kernel.to(dt), bias.to(dt)
+    return kernel, bias
 
 
 # ---------------------------------------------------------------- public API
@@ -372,7 +373,13 @@ def dilated_reparam_conv(
         return dilated_reparam_conv_reference(x, ws, ds, gs, bs, rms, rvs, training, momentum, eps)
     if not training:
         kernel, bias = merge_branches(ws, ds, gs, bs, rms, rvs, eps)
-        return depthwise_conv2d(x, kernel, bias, 1, (kernel.shape[-1] - 1) // 2)
+        pad = (kernel.shape[-1] - 1) // 2
+        if x.dtype == torch.bfloat16:
+            # The merged kernel and bias are not bfloat16-exact: convolve in float32 and
+            # round the output once (rounding the kernel to bfloat16 would add an error of
+            # 2^-9 of every tap).
+            return depthwise_conv2d(x.float(), kernel.float(), bias.float(), 1, pad).to(torch.bfloat16)
+        return depthwise_conv2d(x, kernel, bias, 1, pad)
     y, mean, var = _train_fwd(x, ws, ds, gs, bs, eps)
     m = x.shape[0] * x.shape[2] * x.shape[3]
     with torch.no_grad():
