@@ -458,3 +458,21 @@ def test_core_rejects_bad_input_directly():
                                                   [g.bfloat16() for g in gs], [b.bfloat16() for b in bs])
     with pytest.raises(ValueError, match="mean: expected shape"):
         _C.dilated_reparam_forward(x, ws, [1, 2], gs, bs, EPS, y, torch.empty(3, 4), st_)
+
+
+# --------------------------------------------------------------------------- benchmark smoke
+
+
+def test_bench_dwconv_dilated_reparam_runs():
+    """`fastvis bench dwconv --dilated-reparam` runs (tiny: one shape, one repeat, no compile)
+    and checks fastvis against eager PyTorch; timings are not looked at."""
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(fastvis.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p))
+    r = subprocess.run([sys.executable, "-m", "fastvis", "bench", "dwconv", "--dilated-reparam", "--quick",
+                        "--no-compile", "--repeat", "1", "--warmup", "0", "--format", "text"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for text in ("train fwd", "train fwd+bwd", "eval fwd", "fastvis (CL)", "eager NCHW", "max rel err",
+                 "640", "7x7"):
+        assert text in r.stdout, r.stdout
+    assert " !" not in r.stdout
