@@ -460,6 +460,51 @@ def test_core_rejects_bad_input_directly():
         _C.dilated_reparam_forward(x, ws, [1, 2], gs, bs, EPS, y, torch.empty(3, 4), st_)
 
 
+@pytest.mark.parametrize("which", ["x", "weights", "bn", "weights+bn"])
+def test_partial_gradients_equal_full(which):
+    """Asking for a subset of the gradients (others not requiring grad) gives exactly the
+    values of the full backward (the core skips the unneeded passes)."""
+    cfg = Cfg(n=2, c=7, h=8, w=9, ks=(7, 3, 3), ds=(1, 2, 3), layout="nchw")
+    torch.manual_seed(11)
+    full, (x, ws, gs, bs, rms, rvs), gy = run(cfg, True)
+    nb = len(ws)
+    args = [t.detach().clone() for t in [x, *ws, *gs, *bs]]
+    idx = {"x": [0], "weights": list(range(1, 1 + nb)), "bn": list(range(1 + nb, 1 + 3 * nb)),
+           "weights+bn": list(range(1, 1 + 3 * nb))}[which]
+    for i in idx:
+        args[i].requires_grad_(True)
+    y = op(args[0], args[1:1 + nb], list(cfg.ds), args[1 + nb:1 + 2 * nb], args[1 + 2 * nb:], rms, rvs, True)
+    grads = torch.autograd.grad(y, [args[i] for i in idx], gy)
+    names = ["x"] + [f"weight{i}" for i in range(nb)] + [f"gamma{i}" for i in range(nb)] + \
+        [f"beta{i}" for i in range(nb)]
+    for i, g in zip(idx, grads):
+        assert torch.equal(g, full[names[i]]), names[i]
+
+
+def test_autocast_bfloat16_is_the_bfloat16_op():
+    """Under CPU autocast (bfloat16) the op runs on bfloat16 casts of x and every parameter:
+    bit-identical to calling it on those casts, with gradients reaching the float32 leaves."""
+    cfg = Cfg(n=2, c=6, h=7, w=6, ks=(5, 3), ds=(1, 2))
+    x, ws, gs, bs, rms, rvs = make_inputs(cfg, requires_grad=True)
+    rms2, rvs2 = [r.clone() for r in rms], [r.clone() for r in rvs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = op(x, ws, list(cfg.ds), gs, bs, rms, rvs, True)
+    assert y.dtype == torch.bfloat16
+    leaves = [x, *ws, *gs, *bs]
+    casts = [t.detach().bfloat16().requires_grad_(True) for t in leaves]
+    nb = len(ws)
+    y2 = op(casts[0], casts[1:1 + nb], list(cfg.ds), casts[1 + nb:1 + 2 * nb], casts[1 + 2 * nb:], rms2, rvs2, True)
+    assert torch.equal(y, y2)
+    for a, b in zip(rms + rvs, rms2 + rvs2):
+        assert torch.equal(a, b)
+    gy = torch.randn(y.shape).bfloat16()
+    g1 = torch.autograd.grad(y, leaves, gy)
+    g2 = torch.autograd.grad(y2, casts, gy)
+    for a, b in zip(g1, g2):
+        assert a.dtype == torch.float32
+        assert torch.equal(a, b.float())
+
+
 # --------------------------------------------------------------------------- benchmark smoke
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
-from ._bridge import dense_for_core, empty_like_layout, is_channels_last, like_layout, scratch, scratch_bytes
+from ._bridge import autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, is_channels_last, like_layout, scratch, scratch_bytes
 from .depthwise_conv import depthwise_conv2d
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -155,12 +155,13 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
     need_x, need_w, need_bn = ctx.needs
     gx, gws, ggs, gbs = _train_bwd(grad_y, x, weights, ctx.dilations, bn_weights, bn_biases, mean, var,
                                    ctx.eps, need_x, need_w, need_bn)
+    # List inputs take a list of gradients (None entries where not needed).
     return (
         gx if need_x else None,
-        list(gws) if need_w else None,
+        list(gws) if need_w else [None] * nb,
         None,
-        list(ggs) if need_bn else None,
-        list(gbs) if need_bn else None,
+        list(ggs) if need_bn else [None] * nb,
+        list(gbs) if need_bn else [None] * nb,
         None,
     )
 
@@ -364,8 +365,19 @@ def dilated_reparam_conv(
 
     Returns:
         (N, C, H, W) in x's memory format. CPU: float32, float64, bfloat16 (float32
-        statistics). CUDA tensors run the PyTorch reference (warned once).
+        statistics). CUDA tensors run the PyTorch reference (warned once). Under autocast
+        x, the weights, gammas and betas are cast to the autocast dtype (as F.conv2d's
+        inputs are); running statistics keep their dtype.
     """
+    ac = autocast_dtype(x)
+    if ac is not None and isinstance(weights, (list, tuple)) and isinstance(bn_weights, (list, tuple)) \
+            and isinstance(bn_biases, (list, tuple)):
+        # As F.conv2d under autocast: input and convolution weights in the autocast dtype;
+        # the BatchNorm parameters follow (the op takes them in x's dtype). The casts are
+        # differentiable, so gradients reach the float32 parameters.
+        x, *rest = autocast_cast(ac, [x, *weights, *bn_weights, *bn_biases])
+        nb = len(weights)
+        weights, bn_weights, bn_biases = rest[:nb], rest[nb:nb + len(bn_weights)], rest[nb + len(bn_weights):]
     ws, ds, gs, bs, rms, rvs = _validate(x, weights, dilations, bn_weights, bn_biases, running_means,
                                          running_vars, training, momentum, eps)
     eps = float(eps)
