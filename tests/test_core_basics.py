@@ -44,6 +44,8 @@ def test_build_info_keys_and_values():
     else:
         assert archs == [], f"CUDA not compiled but cuda_archs={info['cuda_archs']!r}"
     assert info["num_threads"] == fastvis.get_num_threads()
+    # The fused blocks call OpenBLAS (scipy-openblas32); build_info names the library loaded.
+    assert "OpenBLAS" in info["blas"], info["blas"]
     # A snapshot: mutating it does not change the library.
     info["version"] = "x"
     assert fastvis.build_info()["version"] == fastvis.__version__

@@ -433,27 +433,34 @@ PYBIND11_MODULE(_C, m) {
   // gamma, grn_weight, grn_bias), None where not wanted.
   struct BlockArgs {
     Borrowed b;
-    TensorView x, wv[12], gv[12];
+    TensorView x, wv[16], gv[12];
     ConvNeXtBlockWeights w;
     ConvNeXtBlockGrads g;
     ConvNeXtBlockParams p;
+    // weights: the 12 above, optionally followed by (se_down_weight, se_down_bias,
+    // se_up_weight, se_up_bias).
     BlockArgs(const py::object& xo, const py::sequence& ws, double eps, bool tanh_gelu,
-              double grn_eps) {
-      static const char* names[12] = {"dw_weight", "dw_bias", "norm_weight", "norm_bias",
+              double grn_eps, bool layer_norm = true) {
+      static const char* names[16] = {"dw_weight", "dw_bias", "norm_weight", "norm_bias",
                                       "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
-                                      "gamma", "drop_scale", "grn_weight", "grn_bias"};
-      FV_CHECK_VALUE(py::len(ws) == 12, "weights: expected 12 entries, got ", py::len(ws));
+                                      "gamma", "drop_scale", "grn_weight", "grn_bias",
+                                      "se_down_weight", "se_down_bias", "se_up_weight",
+                                      "se_up_bias"};
+      const int nw = static_cast<int>(py::len(ws));
+      FV_CHECK_VALUE(nw == 12 || nw == 16, "weights: expected 12 or 16 entries, got ", nw);
       x = b.view(xo, "x");
-      const TensorView* ptr[12];
-      for (int i = 0; i < 12; ++i) {
+      const TensorView* ptr[16] = {};
+      for (int i = 0; i < nw; ++i) {
         py::object o = ws[i];
         ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
       }
-      w = ConvNeXtBlockWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],  ptr[5],
-                               ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11]};
+      w = ConvNeXtBlockWeights{ptr[0], ptr[1], ptr[2],  ptr[3],  ptr[4],  ptr[5],
+                               ptr[6], ptr[7], ptr[8],  ptr[9],  ptr[10], ptr[11],
+                               ptr[12], ptr[13], ptr[14], ptr[15]};
       p.eps = eps;
       p.gelu_tanh = tanh_gelu;
       p.grn_eps = grn_eps;
+      p.layer_norm = layer_norm;
     }
     void grads(const py::sequence& gs) {
       static const char* names[12] = {"grad_x", "grad_dw_weight", "grad_dw_bias",
@@ -472,17 +479,18 @@ PYBIND11_MODULE(_C, m) {
   };
 
   m.def("convnext_block_forward_scratch_bytes",
-        [](py::object x, py::sequence ws, double eps, bool tanh_gelu, double grn_eps) {
-          BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
+        [](py::object x, py::sequence ws, double eps, bool tanh_gelu, double grn_eps,
+           bool layer_norm) {
+          BlockArgs a(x, ws, eps, tanh_gelu, grn_eps, layer_norm);
           return convnext_block_forward_scratch_bytes(a.x, a.w, a.p);
         },
         py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
-        py::arg("grn_eps") = 1e-6);
+        py::arg("grn_eps") = 1e-6, py::arg("layer_norm") = true);
   m.def(
       "convnext_block_forward",
       [](py::object x, py::sequence ws, double eps, bool tanh_gelu, py::object y,
-         py::object scratch, double grn_eps, uintptr_t stream) {
-        BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
+         py::object scratch, double grn_eps, uintptr_t stream, bool layer_norm) {
+        BlockArgs a(x, ws, eps, tanh_gelu, grn_eps, layer_norm);
         TensorView yv = a.b.view(y, "y");
         const size_t need = convnext_block_forward_scratch_bytes(a.x, a.w, a.p);
         Scratch sc(a.b, scratch, need, a.x);
@@ -490,7 +498,8 @@ PYBIND11_MODULE(_C, m) {
         convnext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes, as_stream(stream));
       },
       py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"), py::arg("y"),
-      py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6, py::arg("stream") = 0);
+      py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6, py::arg("stream") = 0,
+      py::arg("layer_norm") = true);
   m.def("convnext_block_backward_scratch_bytes",
         [](py::object x, py::sequence ws, double eps, bool tanh_gelu, double grn_eps) {
           BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
@@ -513,6 +522,50 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
       py::arg("grads"), py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6,
       py::arg("stream") = 0);
+  // ------------------------------------------------------------ metanext_block (inference)
+  // weights: (hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1_bias,
+  // fc2_weight, fc2_bias, gamma, drop_scale), None where absent.
+  struct MetaNeXtArgs {
+    Borrowed b;
+    TensorView x, wv[12];
+    MetaNeXtBlockWeights w;
+    MetaNeXtBlockParams p;
+    MetaNeXtArgs(const py::object& xo, const py::sequence& ws, int64_t dilation, bool tanh_gelu) {
+      static const char* names[12] = {"hw_weight",  "hw_bias",  "w_weight",   "w_bias",
+                                      "h_weight",   "h_bias",   "fc1_weight", "fc1_bias",
+                                      "fc2_weight", "fc2_bias", "gamma",      "drop_scale"};
+      FV_CHECK_VALUE(py::len(ws) == 12, "weights: expected 12 entries, got ", py::len(ws));
+      x = b.view(xo, "x");
+      const TensorView* ptr[12];
+      for (int i = 0; i < 12; ++i) {
+        py::object o = ws[i];
+        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
+      }
+      w = MetaNeXtBlockWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],  ptr[5],
+                               ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11]};
+      p.dilation = dilation;
+      p.gelu_tanh = tanh_gelu;
+    }
+  };
+  m.def("metanext_block_forward_scratch_bytes",
+        [](py::object x, py::sequence ws, int64_t dilation, bool tanh_gelu) {
+          MetaNeXtArgs a(x, ws, dilation, tanh_gelu);
+          return metanext_block_forward_scratch_bytes(a.x, a.w, a.p);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("dilation"), py::arg("tanh_gelu"));
+  m.def(
+      "metanext_block_forward",
+      [](py::object x, py::sequence ws, int64_t dilation, bool tanh_gelu, py::object y,
+         py::object scratch) {
+        MetaNeXtArgs a(x, ws, dilation, tanh_gelu);
+        TensorView yv = a.b.view(y, "y");
+        const size_t need = metanext_block_forward_scratch_bytes(a.x, a.w, a.p);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        metanext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("weights"), py::arg("dilation"), py::arg("tanh_gelu"), py::arg("y"),
+      py::arg("scratch") = py::none());
   // ------------------------------------------------------------ global_response_norm
   // weight and bias are required; norm is (N, C) in the statistics dtype.
   m.def("global_response_norm_forward_scratch_bytes",

@@ -1,6 +1,9 @@
 // Argument checks shared by every op family.
 #include "core/checks.h"
 
+#include <algorithm>
+#include <sstream>
+
 #include "fastvis/error.h"
 
 namespace fastvis {
@@ -40,6 +43,46 @@ NchwDims activation_dims(const TensorView& x, const char* name) {
   FV_CHECK_VALUE(d.n < kMax && d.c < kMax && d.h < kMax && d.w < kMax, name,
                  ": sizes beyond 2^31 per dimension are not supported, got ", x.describe());
   return d;
+}
+
+Layout common_dense_layout(const TensorView* const* ts, int count, const char* op) {
+  int common = 3;
+  int64_t numel = 0;
+  for (int i = 0; i < count; ++i) {
+    common &= dense_layouts(*ts[i]);
+    numel = std::max(numel, ts[i]->numel());
+  }
+  if (numel == 0) return Layout::NHWC;  // nothing is read or written
+  FV_CHECK_VALUE(common != 0, op,
+                 ": x and the other activations (y, grad_y, grad_x) must all be dense in one "
+                 "memory layout, channels_last (NHWC) or contiguous NCHW");
+  return (common & 2) ? Layout::NHWC : Layout::NCHW;
+}
+
+void check_row_major(const TensorView& t, const TensorView& x, const int64_t* want, int ndim,
+                     DType dtype, const char* name, const char* what) {
+  bool shape_ok = t.ndim == ndim;
+  for (int d = 0; shape_ok && d < ndim; ++d) shape_ok = t.shape[d] == want[d];
+  if (!shape_ok) {
+    std::ostringstream os;
+    for (int d = 0; d < ndim; ++d) os << (d ? ", " : "") << want[d];
+    FV_CHECK_VALUE(false, name, ": expected shape [", os.str(), "] (", what, "), got ",
+                   t.describe());
+  }
+  FV_CHECK_TYPE(t.dtype == dtype, name, ": expected dtype ", dtype_name(dtype), " for ",
+                dtype_name(x.dtype), " activations, got ", dtype_name(t.dtype));
+  FV_CHECK_VALUE(t.device == x.device, name, ": expected a tensor on ", device_name(x.device),
+                 ", got one on ", device_name(t.device));
+  int64_t stride = 1;
+  for (int d = ndim - 1; d >= 0 && t.numel() > 0; --d) {
+    if (t.shape[d] > 1 && t.strides[d] != stride) {
+      std::ostringstream os;
+      for (int e = 0; e < ndim; ++e) os << (e ? ", " : "") << t.strides[e];
+      FV_CHECK_VALUE(false, name, ": must be contiguous (row-major), got strides (", os.str(), ")");
+    }
+    stride *= t.shape[d];
+  }
+  FV_CHECK_VALUE(t.data != nullptr || t.numel() == 0, name, ": null data pointer");
 }
 
 }  // namespace core

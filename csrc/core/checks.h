@@ -20,5 +20,14 @@ struct NchwDims {
 };
 NchwDims activation_dims(const TensorView& x, const char* name);
 
+// The layout all `count` activations are dense in, NHWC preferred (NHWC when all are
+// empty: nothing is read or written); throws naming `op` when they share none.
+Layout common_dense_layout(const TensorView* const* ts, int count, const char* op);
+
+// t must be a dense row-major tensor of shape want[0..ndim), dtype `dtype`, on x's device,
+// with data. `what` says what it holds, for the message (e.g. "one value per pixel").
+void check_row_major(const TensorView& t, const TensorView& x, const int64_t* want, int ndim,
+                     DType dtype, const char* name, const char* what);
+
 }  // namespace core
 }  // namespace fastvis

@@ -55,7 +55,7 @@ def build_info() -> Dict[str, Any]:
     info["cuda_device_count"] = _C.cuda_device_count()
     info["num_threads"] = get_num_threads()
     info["torch"] = torch.__version__
-    info["blas"] = "none (no op of this release calls a BLAS)"
+    info["blas"] = _C.blas_config()  # OpenBLAS (scipy-openblas32), single-threaded in the pool
     info["cuda_status"] = (
         "compiled, never run on a GPU (unverified on hardware)" if info["cuda"] else "not built"
     )

@@ -11,6 +11,11 @@
 // activations h (per image): G_j = ||h_:j||_2 over the pixels, Nx_j = G_j / (mean_k G_k +
 // grn_eps), GRN(h) = h + grn_bias + grn_weight * h * Nx.
 //
+// Inference-only variants (forward; the backward refuses them, and so does CUDA): without
+// the LayerNorm (params.layer_norm = false) and with a squeeze-and-excitation step before
+// fc1 (se_* weights; an extra statistics pass over the tiles for the channel means). With
+// these the op also runs UniRepLKNet's block in its eval/deploy form (BatchNorms folded).
+//
 // GRN needs a reduction over the whole image between fc1 and fc2, so those blocks take
 // more passes over the tiles, each recomputing the block from x (nothing is stored):
 // forward = statistics pass + output pass; backward = statistics pass, a pass for the
@@ -53,12 +58,22 @@ struct ConvNeXtBlockWeights {
   const TensorView* drop_scale = nullptr;   // (N) per-sample stochastic-depth factor
   const TensorView* grn_weight = nullptr;   // (hidden) ConvNeXt-V2 GRN, with grn_bias
   const TensorView* grn_bias = nullptr;     // (hidden)
+  // Squeeze-and-excitation between the norm and fc1 (UniRepLKNet): with m the per-image
+  // channel means of z = LayerNorm?(dwconv(x)), z *= sigmoid(up(relu(down(m)))). down:
+  // (Cr, C) + bias (Cr), up: (C, Cr) + bias (C); biases optional. Forward only.
+  const TensorView* se_down_weight = nullptr;
+  const TensorView* se_down_bias = nullptr;
+  const TensorView* se_up_weight = nullptr;
+  const TensorView* se_up_bias = nullptr;
 };
 
 struct ConvNeXtBlockParams {
   double eps = 1e-6;       // LayerNorm epsilon
   bool gelu_tanh = false;  // the tanh approximation of GELU instead of erf
   double grn_eps = 1e-6;   // GRN epsilon (added to the mean of the norms)
+  // false: no LayerNorm (blocks whose norm is an eval-mode BatchNorm fold it into the
+  // depthwise conv instead; norm_weight / norm_bias must then be absent). Forward only.
+  bool layer_norm = true;
 };
 
 // Gradients to compute; null = not wanted. Each has the shape of its parameter (grad_x:

@@ -7,5 +7,6 @@
 #include "fastvis/error.h"
 #include "fastvis/grn.h"
 #include "fastvis/layer_norm.h"
+#include "fastvis/metanext_block.h"
 #include "fastvis/tensor.h"
 #include "fastvis/threading.h"

@@ -9,10 +9,12 @@
 #include <vector>
 
 #include "core/checks.h"
+#include "core/scratch.h"
 #include "core/cpu_features.h"
 #include "core/dtype_convert.h"
 #include "core/profile.h"
 #include "fastvis/depthwise_conv.h"
+#include "fastvis/metanext_block.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
 #include "ops/convnext_block/cpu_kernels.h"
@@ -40,14 +42,34 @@ Plan plan(const Shape& s, int64_t acc) {
   p.P = rt * s.w;
   // The depthwise tile kernel's buffer for any tile: every row count a tile can have in
   // one image, at every position (the input window shrinks at the image borders).
-  p.dw_elems = 0;
-  const int64_t pad = s.k / 2;
-  for (int64_t r = 1; r <= std::min(rt, s.h); ++r)
-    for (int64_t hs = r; hs <= std::min(s.h, r + 2 * pad); ++hs) {
-      const dwconv::Geom g{1, s.c, hs, s.w, s.k, s.k, r, s.w, 1, 1, 0, pad, 1, 1, s.cp};
-      p.dw_elems = std::max(p.dw_elems, dwconv::fwd_plan(g, acc, false).buf_elems);
-    }
   auto up = [](int64_t e) { return (e + 15) / 16 * 16; };
+  // The depthwise tile kernel's buffer for a kh x kw kernel at dilation dil over c
+  // channels, for every tile height and input window a tile can have.
+  auto dw_buf = [&](int64_t c, int64_t kh, int64_t kw, int64_t dil, int64_t cp) {
+    int64_t e = 0;
+    const int64_t ph = (kh - 1) * dil / 2, pw = (kw - 1) * dil / 2;
+    for (int64_t r = 1; r <= std::min(rt, s.h); ++r)
+      for (int64_t hs = r; hs <= std::min(s.h, r + 2 * ph); ++hs) {
+        const dwconv::Geom g{1, c, hs, s.w, kh, kw, r, s.w, 1, 1, 0, pw, dil, dil, cp};
+        e = std::max(e, dwconv::fwd_plan(g, acc, false).buf_elems);
+      }
+    return e;
+  };
+  if (s.mix.kind == Mixer::Inception) {
+    const Mixer& m = s.mix;
+    int64_t rows_in = 0, dwb = 0;
+    for (int b = 0; b < 3; ++b) {
+      int64_t kh, kw, off;
+      inception_branch(m, b, kh, kw, off);
+      rows_in = std::max(rows_in, std::min(s.h, rt + (kh - 1) * m.dil));
+      dwb = std::max(dwb, dw_buf(m.g, kh, kw, m.dil, m.cpg));
+    }
+    p.inc_slice_elems = up(rows_in * s.w * m.g);  // storage type T fits in an accumulator slot
+    p.inc_out_elems = up(rt * s.w * m.g);
+    p.dw_elems = p.inc_slice_elems + p.inc_out_elems + dwb;
+  } else {
+    p.dw_elems = dw_buf(s.c, s.k, s.k, 1, s.cp);
+  }
   p.fwd_elems = up(p.P * s.c) + up(p.P * s.hidden) + up(p.dw_elems);
   p.bwd_elems = 4 * up(p.P * s.c) + 2 * up(p.P) + 3 * up(p.P * s.hidden) + up(p.dw_elems);
   // Backward partial sums: at most 16 runs of tiles and 128 MiB of partials, but at least
@@ -71,26 +93,9 @@ using cnblock::Packed;
 using cnblock::Plan;
 using cnblock::Shape;
 
-inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
-size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
-
-class ScratchCarver {
- public:
-  ScratchCarver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
-  void* take(size_t b) {
-    void* p = base_ + used_;
-    used_ += align64(b);
-    FV_CHECK_VALUE(used_ <= bytes_ || base_ == nullptr, "scratch buffer too small: need at least ",
-                   used_, " bytes, got ", bytes_);
-    return p;
-  }
-  size_t used() const { return used_; }
-
- private:
-  char* base_;
-  size_t bytes_;
-  size_t used_ = 0;
-};
+using core::acc_size;
+using core::align64;
+using core::ScratchCarver;
 
 struct Kernels {
   void (*forward)(DType, const Shape&, const Plan&, const Packed&, const void*, void*, void*, int);
@@ -100,6 +105,8 @@ struct Kernels {
                             void*, int);
   void (*grn_backward_stats)(DType, const Shape&, const Plan&, const Packed&, const void*,
                              const void*, void*, void*, void*, int);
+  void (*se_stats)(DType, const Shape&, const Plan&, const Packed&, const void*, void*, void*,
+                   int);
 };
 
 const Kernels& kernels() {
@@ -107,10 +114,12 @@ const Kernels& kernels() {
 #if defined(FV_HAVE_ISA_AVX2)
     if (cpu::selected_isa() == cpu::Isa::Avx2)
       return Kernels{&cnblock::avx2::forward, &cnblock::avx2::backward_tiles,
-                     &cnblock::avx2::grn_forward_stats, &cnblock::avx2::grn_backward_stats};
+                     &cnblock::avx2::grn_forward_stats, &cnblock::avx2::grn_backward_stats,
+                     &cnblock::avx2::se_stats};
 #endif
     return Kernels{&cnblock::generic::forward, &cnblock::generic::backward_tiles,
-                   &cnblock::generic::grn_forward_stats, &cnblock::generic::grn_backward_stats};
+                   &cnblock::generic::grn_forward_stats, &cnblock::generic::grn_backward_stats,
+                   &cnblock::generic::se_stats};
   }();
   return k;
 }
@@ -151,6 +160,17 @@ template <class A> void pack_matrix(const TensorView& t, int64_t rows, int64_t c
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c)
       out[r * cols + c] = static_cast<A>(load_as_double(t.dtype, t.data, r * sr + c * sc));
+}
+
+// A depthwise weight (c, 1, kh, kw), any strides, as [kh][kw][cp] in A (padding zero).
+template <class A>
+void pack_dw(const TensorView& t, int64_t kh, int64_t kw, int64_t c, int64_t cp, A* out) {
+  std::fill(out, out + kh * kw * cp, A(0));
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t ch = 0; ch < c; ++ch)
+        out[(i * kw + j) * cp + ch] = static_cast<A>(load_as_double(
+            t.dtype, t.data, ch * t.strides[0] + i * t.strides[2] + j * t.strides[3]));
 }
 
 template <class A> void pack_vector(const TensorView* t, int64_t n, int64_t len, A fill, A* out) {
@@ -196,13 +216,7 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
     w2 = m;
   }
   if (!dry) {
-    const TensorView& dwt = *w.dw_weight;
-    std::fill(dw, dw + s.k * s.k * s.cp, A(0));
-    for (int64_t i = 0; i < s.k; ++i)
-      for (int64_t j = 0; j < s.k; ++j)
-        for (int64_t c = 0; c < s.c; ++c)
-          dw[(i * s.k + j) * s.cp + c] = static_cast<A>(load_as_double(
-              dwt.dtype, dwt.data, c * dwt.strides[0] + i * dwt.strides[2] + j * dwt.strides[3]));
+    if (w.dw_weight) pack_dw<A>(*w.dw_weight, s.k, s.k, s.c, s.cp, dw);
     pack_vector<A>(w.dw_bias, s.c, s.cp, A(0), dwb);
     pack_vector<A>(w.norm_weight, s.c, s.c, A(1), nw);
     pack_vector<A>(w.norm_bias, s.c, s.c, A(0), nb);
@@ -227,6 +241,8 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
   pk.ds = ds;
   pk.eps = p.eps;
   pk.tanh = p.gelu_tanh;
+  pk.norm = p.layer_norm;
+  pk.se_scale = w.se_down_weight ? take(std::max<int64_t>(s.n * s.c, 1)) : nullptr;  // se_scales()
   return pk;
 }
 
@@ -239,7 +255,7 @@ Packed pack(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
 // Forward scratch: packed parameters, then one tile buffer set per thread.
 size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
                       const ConvNeXtBlockParams& p, void* base, size_t bytes, Packed* pk,
-                      void** bufs, void** rowsq = nullptr) {
+                      void** bufs, void** rowsq = nullptr, void** serows = nullptr) {
   const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   ScratchCarver sc(base, bytes);
@@ -248,9 +264,13 @@ size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
                     static_cast<size_t>(get_num_threads()));
   void* rsq = w.grn_weight ? sc.take(static_cast<size_t>(s.n * s.h * s.hidden) * acc_size(x.dtype))
                            : nullptr;
+  void* ser = w.se_down_weight
+                  ? sc.take(static_cast<size_t>(s.n * s.h * s.c) * acc_size(x.dtype))
+                  : nullptr;
   if (pk) *pk = packed;
   if (bufs) *bufs = b;
   if (rowsq) *rowsq = rsq;
+  if (serows) *serows = ser;
   return sc.used();
 }
 
@@ -279,6 +299,48 @@ void grn_norms(const Shape& s, const A* rowsq, const TensorView& gw, double eps,
       f[n * Hd + j] = static_cast<A>(
           1.0 + load_as_double(gw.dtype, gw.data, j * gw.strides[0]) * g[j] / den[n]);
   }
+}
+
+}  // namespace
+
+namespace {
+
+// The SE scales from the per-row sums of the mixer output, per image (in double, rows
+// added in order): m = sums / (H*W), s = sigmoid(up(relu(down(m)))).
+template <class A>
+void se_scales(const Shape& s, const A* rowsum, const ConvNeXtBlockWeights& w, A* out) {
+  const TensorView& dw = *w.se_down_weight;
+  const TensorView& uw = *w.se_up_weight;
+  const int64_t C = s.c, cr = dw.shape[0];
+  std::vector<double> m(C), hid(cr);
+  for (int64_t n = 0; n < s.n; ++n) {
+    std::fill(m.begin(), m.end(), 0.0);
+    for (int64_t r = 0; r < s.h; ++r)
+      for (int64_t c = 0; c < C; ++c) m[c] += rowsum[(n * s.h + r) * C + c];
+    for (int64_t c = 0; c < C; ++c) m[c] /= static_cast<double>(s.h * s.w);
+    for (int64_t j = 0; j < cr; ++j) {
+      double a = w.se_down_bias ? load_as_double(w.se_down_bias->dtype, w.se_down_bias->data,
+                                                 j * w.se_down_bias->strides[0])
+                                : 0.0;
+      for (int64_t c = 0; c < C; ++c)
+        a += load_as_double(dw.dtype, dw.data, j * dw.strides[0] + c * dw.strides[1]) * m[c];
+      hid[j] = a > 0 ? a : 0;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      double a = w.se_up_bias ? load_as_double(w.se_up_bias->dtype, w.se_up_bias->data,
+                                               c * w.se_up_bias->strides[0])
+                              : 0.0;
+      for (int64_t j = 0; j < cr; ++j)
+        a += load_as_double(uw.dtype, uw.data, c * uw.strides[0] + j * uw.strides[1]) * hid[j];
+      out[n * C + c] = static_cast<A>(1.0 / (1.0 + std::exp(-a)));
+    }
+  }
+}
+
+// Blocks only the forward path serves (no LayerNorm, SE): refused by the backward and
+// by the CUDA kernels.
+bool forward_only(const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p) {
+  return !p.layer_norm || w.se_down_weight || w.se_up_weight || w.se_down_bias || w.se_up_bias;
 }
 
 }  // namespace
@@ -328,6 +390,21 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
                  "grn_weight and grn_bias: give both (ConvNeXt-V2 GRN) or neither");
   FV_CHECK_VALUE(std::isfinite(p.grn_eps) && p.grn_eps > 0,
                  "grn_eps: expected a positive finite number, got ", p.grn_eps);
+  FV_CHECK_VALUE(p.layer_norm || (w.norm_weight == nullptr && w.norm_bias == nullptr),
+                 "norm_weight / norm_bias given with layer_norm = false (no LayerNorm)");
+  if (w.se_down_weight || w.se_up_weight || w.se_down_bias || w.se_up_bias) {
+    FV_CHECK_TYPE(w.se_down_weight && w.se_up_weight,
+                  "se_down_weight and se_up_weight: both are required for the SE step");
+    FV_CHECK_VALUE(w.se_down_weight->ndim == 2 && w.se_down_weight->shape[1] == d.c &&
+                       w.se_down_weight->shape[0] >= 1,
+                   "se_down_weight: expected shape [Cr, ", d.c, "], got ",
+                   w.se_down_weight->describe());
+    const int64_t cr = w.se_down_weight->shape[0];
+    check_param(w.se_down_weight, x, {cr, d.c}, "se_down_weight", true);
+    check_param(w.se_up_weight, x, {d.c, cr}, "se_up_weight", true);
+    check_param(w.se_down_bias, x, {cr}, "se_down_bias", false);
+    check_param(w.se_up_bias, x, {d.c}, "se_up_bias", false);
+  }
   if (w.drop_scale) {
     core::check_cpu(*w.drop_scale, "drop_scale");
     FV_CHECK_VALUE(w.drop_scale->ndim == 1 && w.drop_scale->shape[0] == d.n,
@@ -339,6 +416,8 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
 
 size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                             const ConvNeXtBlockParams& p) {
+  FV_CHECK_VALUE(x.device.type != DeviceType::CUDA || !forward_only(w, p),
+                 "convnext_block: the CUDA kernels have no SE step and always a LayerNorm");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::forward_scratch_bytes(x, w, p);
@@ -354,6 +433,8 @@ size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtB
 void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                             const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
                             size_t scratch_bytes, void* stream) {
+  FV_CHECK_VALUE(x.device.type != DeviceType::CUDA || !forward_only(w, p),
+                 "convnext_block: the CUDA kernels have no SE step and always a LayerNorm");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::forward(x, w, p, y, scratch, scratch_bytes, stream);
@@ -372,11 +453,24 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
   Packed pk;
   void* bufs;
   void* rowsq = nullptr;
+  void* serows = nullptr;
   // Carving checks the size as it goes (before anything is written).
-  forward_layout(x, w, p, scratch, scratch_bytes, &pk, &bufs, &rowsq);
+  forward_layout(x, w, p, scratch, scratch_bytes, &pk, &bufs, &rowsq, &serows);
   const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   const int nt = get_num_threads();
+  if (pk.se_scale) {  // channel means of the mixer output, then the SE scales
+    const void* scale = pk.se_scale;
+    pk.se_scale = nullptr;  // the statistics pass sees the unscaled mixer output
+    kernels().se_stats(x.dtype, s, pl, pk, x.data, serows, bufs, nt);
+    if (x.dtype == DType::Float64)
+      se_scales<double>(s, static_cast<const double*>(serows), w,
+                        static_cast<double*>(const_cast<void*>(scale)));
+    else
+      se_scales<float>(s, static_cast<const float*>(serows), w,
+                       static_cast<float*>(const_cast<void*>(scale)));
+    pk.se_scale = scale;
+  }
   if (w.grn_weight) {  // statistics pass, then the output pass
     prof::Scope ps(prof::kGrnStats);
     kernels().grn_forward_stats(x.dtype, s, pl, pk, x.data, rowsq, bufs, nt);
@@ -597,6 +691,9 @@ void grn_backward_prepare(const Shape& s, const Plan& pl, const BwdScratch& bs,
 
 size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                              const ConvNeXtBlockParams& p) {
+  FV_CHECK_VALUE(!forward_only(w, p), "convnext_block: no backward for blocks without a "
+                 "LayerNorm or with an SE step (inference-only forms); compute gradients "
+                 "through the separate ops");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::backward_scratch_bytes(x, w, p);
@@ -613,6 +710,9 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
                              const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
                              const ConvNeXtBlockGrads& g, void* scratch, size_t scratch_bytes,
                              void* stream) {
+  FV_CHECK_VALUE(!forward_only(w, p), "convnext_block: no backward for blocks without a "
+                 "LayerNorm or with an SE step (inference-only forms); compute gradients "
+                 "through the separate ops");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::backward(grad_y, x, w, p, g, scratch, scratch_bytes, stream);
@@ -700,6 +800,164 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
     depthwise_conv2d_backward_input(dv, *w.dw_weight, *g.x, dp, bs.dw_scratch, bs.dw_bytes);
     add_residual(x.dtype, grad_y.data, g.x->data, s.n * s.h * s.w * C);
   }
+}
+
+
+// ------------------------------------------------------------------ MetaNeXt (inference)
+
+namespace {
+
+int64_t padded(int64_t c, DType dt) {
+  const int64_t cb = 64 / static_cast<int64_t>(acc_size(dt));
+  return (c + cb - 1) / cb * cb;
+}
+
+// The MLP part as ConvNeXt-block weights without a depthwise conv or a norm.
+ConvNeXtBlockWeights mlp_weights(const MetaNeXtBlockWeights& w) {
+  ConvNeXtBlockWeights c;
+  c.fc1_weight = w.fc1_weight;
+  c.fc1_bias = w.fc1_bias;
+  c.fc2_weight = w.fc2_weight;
+  c.fc2_bias = w.fc2_bias;
+  c.gamma = w.gamma;
+  c.drop_scale = w.drop_scale;
+  return c;
+}
+
+Shape metanext_shape(const MetaNeXtBlockShape& m, const MetaNeXtBlockParams& p, DType dt) {
+  Shape s{m.n, m.c, m.h, m.w, 1, m.hidden, padded(m.c, dt)};
+  s.mix.kind = cnblock::Mixer::Inception;
+  s.mix.cid = m.identity;
+  s.mix.g = m.g;
+  s.mix.ks = m.ks;
+  s.mix.kb = m.kb;
+  s.mix.dil = p.dilation;
+  s.mix.cpg = padded(m.g, dt);
+  return s;
+}
+
+template <class A>
+void pack_branches(const MetaNeXtBlockWeights& w, const Shape& s, ScratchCarver& sc, bool dry,
+                   Packed& pk) {
+  const TensorView* ws[3] = {w.hw_weight, w.w_weight, w.h_weight};
+  const TensorView* bs[3] = {w.hw_bias, w.w_bias, w.h_bias};
+  for (int b = 0; b < 3; ++b) {
+    int64_t kh, kw, off;
+    cnblock::inception_branch(s.mix, b, kh, kw, off);
+    A* wp = static_cast<A*>(sc.take(static_cast<size_t>(kh * kw * s.mix.cpg) * sizeof(A)));
+    A* bp = static_cast<A*>(sc.take(static_cast<size_t>(s.mix.cpg) * sizeof(A)));
+    if (!dry) {
+      pack_dw<A>(*ws[b], kh, kw, s.mix.g, s.mix.cpg, wp);
+      pack_vector<A>(bs[b], s.mix.g, s.mix.cpg, A(0), bp);
+    }
+    pk.mw[b] = wp;
+    pk.mb[b] = bp;
+  }
+}
+
+size_t metanext_layout(const TensorView& x, const MetaNeXtBlockWeights& w,
+                       const MetaNeXtBlockParams& p, const Shape& s, void* base, size_t bytes,
+                       Packed* pk, void** bufs) {
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+  ScratchCarver sc(base, bytes);
+  const bool dry = base == nullptr;
+  ConvNeXtBlockParams cp;
+  cp.gelu_tanh = p.gelu_tanh;
+  Packed packed = pack(x, s, mlp_weights(w), cp, sc, dry);
+  if (x.dtype == DType::Float64)
+    pack_branches<double>(w, s, sc, dry, packed);
+  else
+    pack_branches<float>(w, s, sc, dry, packed);
+  packed.norm = false;
+  void* b = sc.take(static_cast<size_t>(pl.fwd_elems) * acc_size(x.dtype) *
+                    static_cast<size_t>(get_num_threads()));
+  if (pk) *pk = packed;
+  if (bufs) *bufs = b;
+  return sc.used();
+}
+
+void check_branch(const TensorView* t, const TensorView& x, int64_t g, int64_t kh, int64_t kw,
+                  const char* name) {
+  check_param(t, x, {g, 1, kh, kw}, name, true);
+}
+
+}  // namespace
+
+MetaNeXtBlockShape metanext_block_shape(const TensorView& x, const MetaNeXtBlockWeights& w,
+                                        const MetaNeXtBlockParams& p) {
+  const core::NchwDims d = core::activation_dims(x, "x");
+  FV_CHECK_VALUE(x.device.type == DeviceType::CPU,
+                 "metanext_block: CPU only (no CUDA kernels for the fused MetaNeXt block yet), "
+                 "got ", x.describe());
+  core::check_cpu(x, "x");
+  FV_CHECK_VALUE(is_nhwc(x), "x: the fused MetaNeXt block needs a channels-last (NHWC) dense "
+                 "tensor, got ", x.describe(), " with other strides");
+  FV_CHECK_TYPE(w.hw_weight && w.w_weight && w.h_weight,
+                "hw_weight, w_weight and h_weight: the three mixer branches are required");
+  for (const TensorView* t : {w.hw_weight, w.w_weight, w.h_weight})
+    FV_CHECK_VALUE(t->ndim == 4 && t->shape[1] == 1, "mixer weights: expected (g, 1, kh, kw) "
+                   "depthwise weights, got ", t->describe());
+  const int64_t g = w.hw_weight->shape[0], ks = w.hw_weight->shape[2], kb = w.w_weight->shape[3];
+  FV_CHECK_VALUE(g >= 1 && 3 * g <= d.c, "hw_weight: g = ", g, " branch channels need 1 <= 3g <= C = ",
+                 d.c);
+  FV_CHECK_VALUE(ks == w.hw_weight->shape[3] && ks % 2 == 1,
+                 "hw_weight: expected a square odd kernel, got ", w.hw_weight->describe());
+  FV_CHECK_VALUE(kb % 2 == 1, "w_weight: expected an odd band length, got ", w.w_weight->describe());
+  check_branch(w.hw_weight, x, g, ks, ks, "hw_weight");
+  check_branch(w.w_weight, x, g, 1, kb, "w_weight");
+  check_branch(w.h_weight, x, g, kb, 1, "h_weight");
+  check_param(w.hw_bias, x, {g}, "hw_bias", false);
+  check_param(w.w_bias, x, {g}, "w_bias", false);
+  check_param(w.h_bias, x, {g}, "h_bias", false);
+  FV_CHECK_VALUE(p.dilation >= 1 && (std::max(ks, kb) - 1) * p.dilation < 4096,
+                 "dilation: expected an integer >= 1 (with a kernel extent below 4096), got ",
+                 p.dilation);
+  FV_CHECK_TYPE(w.fc1_weight != nullptr, "fc1_weight: required, got none");
+  FV_CHECK_VALUE(w.fc1_weight->ndim == 2 && w.fc1_weight->shape[1] == d.c &&
+                     w.fc1_weight->shape[0] >= 1,
+                 "fc1_weight: expected shape [hidden, ", d.c, "], got ", w.fc1_weight->describe());
+  const int64_t hidden = w.fc1_weight->shape[0];
+  FV_CHECK_VALUE(hidden * d.c < (int64_t(1) << 31), "fc1_weight: hidden x C = ", hidden * d.c,
+                 " is too large for the 32-bit BLAS interface");
+  check_param(w.fc1_weight, x, {hidden, d.c}, "fc1_weight", true);
+  check_param(w.fc2_weight, x, {d.c, hidden}, "fc2_weight", true);
+  check_param(w.fc1_bias, x, {hidden}, "fc1_bias", false);
+  check_param(w.fc2_bias, x, {d.c}, "fc2_bias", false);
+  check_param(w.gamma, x, {d.c}, "gamma", false);
+  if (w.drop_scale) {
+    core::check_cpu(*w.drop_scale, "drop_scale");
+    FV_CHECK_VALUE(w.drop_scale->ndim == 1 && w.drop_scale->shape[0] == d.n,
+                   "drop_scale: expected shape [", d.n, "] (one factor per sample), got ",
+                   w.drop_scale->describe());
+  }
+  return MetaNeXtBlockShape{d.n, d.c, d.h, d.w, d.c - 3 * g, g, ks, kb, hidden};
+}
+
+size_t metanext_block_forward_scratch_bytes(const TensorView& x, const MetaNeXtBlockWeights& w,
+                                            const MetaNeXtBlockParams& p) {
+  const MetaNeXtBlockShape m = metanext_block_shape(x, w, p);
+  if (m.n * m.h * m.w == 0) return 0;
+  return metanext_layout(x, w, p, metanext_shape(m, p, x.dtype), nullptr, 0, nullptr, nullptr);
+}
+
+void metanext_block_forward(const TensorView& x, const MetaNeXtBlockWeights& w,
+                            const MetaNeXtBlockParams& p, const TensorView& y, void* scratch,
+                            size_t scratch_bytes, void* stream) {
+  (void)stream;  // CPU only: metanext_block_shape refuses other devices
+  const MetaNeXtBlockShape m = metanext_block_shape(x, w, p);
+  core::check_cpu(y, "y");
+  FV_CHECK_VALUE(y.ndim == 4 && y.shape[0] == m.n && y.shape[1] == m.c && y.shape[2] == m.h &&
+                     y.shape[3] == m.w && y.dtype == x.dtype && is_nhwc(y),
+                 "y: expected a channels-last ", dtype_name(x.dtype), " tensor of x's shape, got ",
+                 y.describe());
+  if (m.n * m.h * m.w == 0) return;
+  FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
+  const Shape s = metanext_shape(m, p, x.dtype);
+  Packed pk;
+  void* bufs;
+  metanext_layout(x, w, p, s, scratch, scratch_bytes, &pk, &bufs);
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+  kernels().forward(x.dtype, s, pl, pk, x.data, y.data, bufs, get_num_threads());
 }
 
 }  // namespace fastvis

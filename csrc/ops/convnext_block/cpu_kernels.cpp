@@ -208,10 +208,51 @@ void gelu_backward(int64_t np, int64_t n, double* h, const double* dg, bool tanh
 
 // ------------------------------------------------------------------ tile pieces
 
-// Depthwise output of image rows [g0, g1) (global rows n*H + r) into out [pixels][C].
+// Inception mixer output of image rows [g0, g1) into out [pixels][C]: the identity
+// channels are copied, and each branch's g channels are gathered from the input rows it
+// reads into a dense slice (buf), convolved by the depthwise tile kernel into a dense
+// [pixels][g] block and scattered into their channels of out. The copies stay in L2.
+// buf: inception_buf_elems(...) accumulators (see plan()).
 template <class T, class A>
-void dw_tile(DType dt, const Shape& s, const Packed& pk, const T* x, int64_t g0, int64_t g1,
-             A* out, A* dwbuf) {
+void inception_tile(DType dt, const Shape& s, const Packed& pk, const T* x, int64_t g0,
+                    int64_t g1, A* out, A* buf, int64_t slice_elems, int64_t os_elems) {
+  const Mixer& m = s.mix;
+  const int64_t C = s.c, W = s.w, G = m.g;
+  T* xs = reinterpret_cast<T*>(buf);
+  A* os = buf + slice_elems;
+  A* dwb = os + os_elems;
+  for (int64_t gr = g0; gr < g1;) {
+    const int64_t n = gr / s.h, r0 = gr % s.h, r1 = std::min(s.h, r0 + (g1 - gr));
+    const int64_t np = (r1 - r0) * W;
+    A* o = out + (gr - g0) * W * C;
+    const T* xr = x + ((n * s.h + r0) * W) * C;
+    for (int64_t p = 0; p < np; ++p)
+      for (int64_t c = 0; c < m.cid; ++c) o[p * C + c] = sload<T, A>(xr + p * C + c);
+    for (int b = 0; b < 3; ++b) {
+      int64_t kh, kw, off, s0;
+      inception_branch(m, b, kh, kw, off);
+      const dwconv::Geom geo = same_tile_geom(G, s.h, W, kh, kw, m.dil, m.cpg, r0, r1, s0);
+      const T* src = x + ((n * s.h + s0) * W) * C + off;
+      const int64_t npx = geo.h * W;
+      for (int64_t p = 0; p < npx; ++p)
+        std::memcpy(xs + p * G, src + p * C, static_cast<size_t>(G) * sizeof(T));
+      ::fastvis::dwconv::FV_ISA::forward_tile_acc(dt, geo, xs, pk.mw[b], pk.mb[b], os, dwb);
+      for (int64_t p = 0; p < np; ++p)
+        std::memcpy(o + p * C + off, os + p * G, static_cast<size_t>(G) * sizeof(A));
+    }
+    gr += r1 - r0;
+  }
+}
+
+// Mixer output (depthwise k x k over all channels, or the inception mixer) of image rows
+// [g0, g1) (global rows n*H + r) into out [pixels][C].
+template <class T, class A>
+void dw_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x, int64_t g0,
+             int64_t g1, A* out, A* dwbuf) {
+  if (s.mix.kind == Mixer::Inception) {
+    inception_tile<T, A>(dt, s, pk, x, g0, g1, out, dwbuf, pl.inc_slice_elems, pl.inc_out_elems);
+    return;
+  }
   for (int64_t gr = g0; gr < g1;) {
     const int64_t n = gr / s.h, r0 = gr % s.h, r1 = std::min(s.h, r0 + (g1 - gr));
     int64_t s0;
@@ -301,22 +342,45 @@ void scaled_grad(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const
   }
 }
 
-// t -> hidden activations g = GELU(fc1(LN(dwconv(x)))) of rows [g0, g1) into hb; with
-// `pre`, the biased pre-activation stays in hb and g goes to pre... (see callers).
+// The mixer output of rows [g0, g1), normalised when the block has a LayerNorm, into t
+// [pixels][C].
 template <class T, class A>
-void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
-                 int64_t g0, int64_t g1, A* t, A* hb, A* dwb) {
+void mixer_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                int64_t g0, int64_t g1, A* t, A* dwb) {
   const int64_t np = (g1 - g0) * s.w;
   {
     prof::Scope ps(prof::kDwconv);
-    dw_tile<T, A>(dt, s, pk, x, g0, g1, t, dwb);
+    dw_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, dwb);
   }
-  {
+  if (pk.norm) {
     prof::Scope ps(prof::kLayerNorm);
     ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, s.c, t, static_cast<const A*>(pk.nw),
                                                  static_cast<const A*>(pk.nb),
                                                  static_cast<A>(pk.eps), t, nullptr, nullptr);
   }
+}
+
+// t[p][c] *= se[n][c] for np pixels from global pixel p0 (n the pixel's image).
+template <class A>
+void se_apply(const Shape& s, int64_t p0, int64_t np, A* t, const A* se) {
+  constexpr int L = VT<A>::L;
+  const int64_t C = s.c, hw = s.h * s.w;
+  for (int64_t p = 0; p < np; ++p) {
+    const A* sn = se + ((p0 + p) / hw) * C;
+    A* tp = t + p * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) vstore<A, A>(tp + c, vload<A, A>(tp + c) * vload<A, A>(sn + c));
+    for (; c < C; ++c) tp[c] *= sn[c];
+  }
+}
+
+// t -> hidden activations g = GELU(fc1(SE?(LN?(mixer(x))))) of rows [g0, g1) into hb.
+template <class T, class A>
+void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                 int64_t g0, int64_t g1, A* t, A* hb, A* dwb) {
+  const int64_t np = (g1 - g0) * s.w;
+  mixer_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, dwb);
+  if (pk.se_scale) se_apply<A>(s, g0 * s.w, np, t, static_cast<const A*>(pk.se_scale));
   {
     prof::Scope ps(prof::kFc1);
     mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
@@ -324,6 +388,29 @@ void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, con
   }
   prof::Scope ps(prof::kGelu);
   bias_gelu(np, s.hidden, hb, static_cast<const A*>(pk.b1), pk.tanh, static_cast<A*>(nullptr));
+}
+
+// Per image row: rowsum[r][c] = sum over the row's pixels of the mixer(+norm) output.
+template <class T, class A>
+void se_stats_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
+                A* rowsum, A* bufs, int nbufs) {
+  const int64_t C = s.c, rows = s.n * s.h;
+  parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t begin, int64_t end) {
+    A* t = bufs + std::min(slot, nbufs - 1) * pl.fwd_elems;
+    A* dwb = t + pl.P * C + pl.P * s.hidden;  // forward_t's layout
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt);
+      mixer_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, dwb);
+      for (int64_t gr = g0; gr < g1; ++gr) {
+        A* o = rowsum + gr * C;
+        std::fill(o, o + C, A(0));
+        for (int64_t w = 0; w < s.w; ++w) {
+          const A* tp = t + ((gr - g0) * s.w + w) * C;
+          for (int64_t c = 0; c < C; ++c) o[c] += tp[c];
+        }
+      }
+    }
+  });
 }
 
 // ------------------------------------------------------------------ forward
@@ -402,7 +489,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         const int64_t p0 = g0 * s.w;
         {
           prof::Scope ps(prof::kDwconv);
-          dw_tile<T, A>(dt, s, pk, x, g0, g1, t1, dwb);
+          dw_tile<T, A>(dt, s, pl, pk, x, g0, g1, t1, dwb);
         }
         {
           prof::Scope ps(prof::kLayerNorm);
@@ -607,6 +694,19 @@ void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk, 
     case DType::BFloat16: CALL_BF16; break;           \
     default: break;                                   \
   }
+
+void se_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,
+              void* rowsum, void* bufs, int nbufs) {
+  FV_CNB_DISPATCH(
+      (se_stats_t<float, float>(dt, s, pl, pk, static_cast<const float*>(x),
+                                static_cast<float*>(rowsum), static_cast<float*>(bufs), nbufs)),
+      (se_stats_t<double, double>(dt, s, pl, pk, static_cast<const double*>(x),
+                                  static_cast<double*>(rowsum), static_cast<double*>(bufs),
+                                  nbufs)),
+      (se_stats_t<bfloat16, float>(dt, s, pl, pk, static_cast<const bfloat16*>(x),
+                                   static_cast<float*>(rowsum), static_cast<float*>(bufs),
+                                   nbufs)))
+}
 
 void grn_forward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,
                        void* rowsq, void* bufs, int nbufs) {

@@ -16,10 +16,29 @@
 namespace fastvis {
 namespace cnblock {
 
+// The token mixer in front of the MLP. Dwconv: one depthwise k x k conv over all C
+// channels (ConvNeXt). Inception (InceptionNeXt's MetaNeXt block, forward only): channels
+// [0, cid) pass through, then three depthwise branches of g channels each: ks x ks,
+// 1 x kb and kb x 1, all at dilation `dil` with "same" padding.
+struct Mixer {
+  enum Kind { Dwconv = 0, Inception = 1 } kind = Dwconv;
+  int64_t cid = 0, g = 0, ks = 0, kb = 0, dil = 1;
+  int64_t cpg = 0;  // channel stride of a branch's packed weights (g rounded up to a block)
+};
+
 struct Shape {
   int64_t n, c, h, w, k, hidden;
   int64_t cp;  // channel stride of the packed depthwise weights
+  Mixer mix{};
 };
+
+// An inception branch b (0: ks x ks, 1: 1 x kb, 2: kb x 1): kernel rows/cols and the
+// channel offset of its g channels.
+inline void inception_branch(const Mixer& m, int b, int64_t& kh, int64_t& kw, int64_t& off) {
+  kh = b == 1 ? 1 : (b == 0 ? m.ks : m.kb);
+  kw = b == 2 ? 1 : (b == 0 ? m.ks : m.kb);
+  off = m.cid + b * m.g;
+}
 
 struct Plan {
   int64_t rt;           // image rows per tile
@@ -31,6 +50,9 @@ struct Plan {
   int64_t chunks;       // backward: partial-sum chunks (contiguous runs of tiles)
   bool split_gemm;      // few tiles: each GEMM is split over the pool (core::gemm_split)
   int64_t partial_elems;  // stride between chunks' partials (partial_layout().total rounded up)
+  // Inception mixer: the per-thread buffer (dw_elems) holds a dense input slice of one
+  // branch's g channels, the branch's dense output, then the depthwise tile buffer.
+  int64_t inc_slice_elems = 0, inc_out_elems = 0;
 };
 
 // The plan depends on the shape only (not on the thread count), so tiling, GEMM sizes
@@ -55,8 +77,16 @@ struct Packed {
   const void* grn_f;  // [N][hidden]
   const void* grn_b;  // [hidden]
   const void* grn_u;  // [N][hidden]
+  // Inception mixer (Shape::mix.kind == Inception): per branch [kh][kw][cpg] and [cpg].
+  const void* mw[3];
+  const void* mb[3];
   double eps;
   bool tanh;
+  bool norm;  // LayerNorm between the mixer and fc1 (false: none; any affine is in fc1)
+  // Squeeze-and-excitation (UniRepLKNet): the mixer(+norm) output is scaled per image and
+  // channel, z *= se_scale[n][c], before fc1 (null: no SE). Filled by the caller from the
+  // se_stats pass.
+  const void* se_scale;  // [N][C]
 };
 
 // Backward outputs of phase A (the tiles): D = d(loss)/d(dwconv output), NHWC in the
@@ -75,7 +105,11 @@ struct Packed {
   /* gradient at GRN's output (pk.grn_f must be set). */                                     \
   void grn_backward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk,        \
                           const void* x, const void* gy, void* rowt, void* rowdb,            \
-                          void* bufs, int nbufs);
+                          void* bufs, int nbufs);                                            \
+  /* SE statistics, per image row r: rowsum[r][c] = sum over the row's pixels of the */     \
+  /* mixer(+norm) output. */                                                                 \
+  void se_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,   \
+                void* rowsum, void* bufs, int nbufs);
 
 namespace generic {
 FV_CNBLOCK_KERNEL_DECLS
@@ -102,15 +136,20 @@ inline PartialLayout partial_layout(const Shape& s) {
   return l;
 }
 
-// The depthwise problem of output rows [r0, r1) of one image: input rows [s0, s1) with
-// the top padding that lines them up. x of that image starts at row s0.
+// The depthwise problem of output rows [r0, r1) of one image for a "same"-padded kernel
+// kh x kw at dilation dil over c channels: input rows [s0, s1) with the top padding that
+// lines them up. x of that image starts at row s0.
+inline dwconv::Geom same_tile_geom(int64_t c, int64_t h, int64_t w, int64_t kh, int64_t kw,
+                                   int64_t dil, int64_t cp, int64_t r0, int64_t r1,
+                                   int64_t& s0) {
+  const int64_t ph = (kh - 1) * dil / 2, pw = (kw - 1) * dil / 2;
+  s0 = std::max<int64_t>(0, r0 - ph);
+  const int64_t s1 = std::min<int64_t>(h, r1 + ph);
+  return dwconv::Geom{1, c, s1 - s0, w, kh, kw, r1 - r0, w, 1, 1, ph - (r0 - s0), pw, dil, dil,
+                      cp};
+}
 inline dwconv::Geom tile_geom(const Shape& s, int64_t r0, int64_t r1, int64_t& s0) {
-  const int64_t p = s.k / 2;
-  s0 = std::max<int64_t>(0, r0 - p);
-  const int64_t s1 = std::min<int64_t>(s.h, r1 + p);
-  dwconv::Geom g{1, s.c, s1 - s0, s.w, s.k, s.k, r1 - r0, s.w, 1, 1, p - (r0 - s0), p, 1, 1,
-                 s.cp};
-  return g;
+  return same_tile_geom(s.c, s.h, s.w, s.k, s.k, 1, s.cp, r0, r1, s0);
 }
 
 }  // namespace cnblock

@@ -9,6 +9,7 @@
 #include "core/cpu_features.h"
 #include "core/dtype_convert.h"
 #include "core/checks.h"
+#include "core/scratch.h"
 #include "core/layout.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
@@ -70,27 +71,9 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes) {
 
 namespace {
 
-inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
-
-// Carves aligned regions out of the caller's scratch buffer.
-class ScratchCarver {
- public:
-  ScratchCarver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
-  void* take(size_t b) {
-    void* p = base_ + used_;
-    used_ += align64(b);
-    FV_CHECK_VALUE(used_ <= bytes_ || base_ == nullptr, "scratch buffer too small: need at least ",
-                   used_, " bytes, got ", bytes_);
-    return p;
-  }
-
- private:
-  char* base_;
-  size_t bytes_;
-  size_t used_ = 0;
-};
-
-size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
+using core::acc_size;
+using core::align64;
+using core::ScratchCarver;
 
 Geom forward_geom(const DepthwiseConv2dShape& s, const DepthwiseConv2dParams& p, DType dt) {
   return Geom{s.n,          s.c,        s.h,           s.w,          s.kh,

@@ -12,6 +12,7 @@
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
 #include "core/checks.h"
+#include "core/scratch.h"
 #include "ops/layer_norm/checks.h"
 #include "ops/layer_norm/cpu_kernels.h"
 
@@ -44,57 +45,20 @@ void check_channel_vector(const TensorView& t, const TensorView& x, const LayerN
 
 void check_stats(const TensorView& t, const TensorView& x, const LayerNormShape& s,
                  const char* name) {
-  FV_CHECK_VALUE(t.ndim == 3 && t.shape[0] == s.n && t.shape[1] == s.h && t.shape[2] == s.w,
-                 name, ": expected shape [", s.n, ", ", s.h, ", ", s.w, "] (one value per pixel), got ",
-                 t.describe());
-  const DType want = layer_norm_stats_dtype(x.dtype);
-  FV_CHECK_TYPE(t.dtype == want, name, ": expected dtype ", dtype_name(want), " for ",
-                dtype_name(x.dtype), " activations, got ", dtype_name(t.dtype));
-  FV_CHECK_VALUE(t.device == x.device, name, ": expected a tensor on ", device_name(x.device),
-                 ", got one on ", device_name(t.device));
-  const int64_t want_strides[3] = {s.h * s.w, s.w, 1};
-  for (int d = 0; d < 3 && t.numel() > 0; ++d)
-    FV_CHECK_VALUE(t.shape[d] <= 1 || t.strides[d] == want_strides[d], name,
-                   ": must be contiguous (row-major), got strides (", t.strides[0], ", ",
-                   t.strides[1], ", ", t.strides[2], ")");
-  FV_CHECK_VALUE(t.data != nullptr || t.numel() == 0, name, ": null data pointer");
+  const int64_t want[3] = {s.n, s.h, s.w};
+  core::check_row_major(t, x, want, 3, layer_norm_stats_dtype(x.dtype), name,
+                        "one value per pixel");
 }
 
 Layout common_layout(const TensorView* const* ts, int count) {
-  int common = 3;
-  int64_t numel = 0;
-  for (int i = 0; i < count; ++i) {
-    common &= core::dense_layouts(*ts[i]);
-    numel = std::max(numel, ts[i]->numel());
-  }
-  if (numel == 0) return Layout::NHWC;  // nothing is read or written
-  FV_CHECK_VALUE(common != 0,
-                 "layer_norm_channels: x and the other activations (y, grad_y, grad_x) must all "
-                 "be dense in one memory layout, channels_last (NHWC) or contiguous NCHW");
-  return (common & 2) ? Layout::NHWC : Layout::NCHW;
+  return core::common_dense_layout(ts, count, "layer_norm_channels");
 }
 
 namespace {
 
-inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
-inline size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
-
-class ScratchCarver {
- public:
-  ScratchCarver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
-  void* take(size_t b) {
-    void* p = base_ + used_;
-    used_ += align64(b);
-    FV_CHECK_VALUE(used_ <= bytes_, "scratch buffer too small: need at least ", used_,
-                   " bytes, got ", bytes_);
-    return p;
-  }
-
- private:
-  char* base_;
-  size_t bytes_;
-  size_t used_ = 0;
-};
+using core::acc_size;
+using core::align64;
+using core::ScratchCarver;
 
 Geom geom_of(const LayerNormShape& s, Layout layout) {
   return Geom{s.n, s.c, s.h * s.w, layout == Layout::NHWC};

@@ -1,13 +1,17 @@
 """fastvis ops: torch custom ops over the core, each with a pure-PyTorch reference."""
 from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normalize_conv_args
 from .dilated_reparam import dilated_reparam_conv, dilated_reparam_conv_reference, merge_branches
-from .convnext_block import convnext_block, convnext_block_reference
+from .convnext_block import (convnext_block, convnext_block_reference, dwconv_mlp_block,
+                             dwconv_mlp_block_reference)
 from .grn import global_response_norm, global_response_norm_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
+from .metanext_block import fold_affine_into_fc1, metanext_block, metanext_block_reference
 
 __all__ = [
     "convnext_block",
     "convnext_block_reference",
+    "dwconv_mlp_block",
+    "dwconv_mlp_block_reference",
     "depthwise_conv2d",
     "depthwise_conv2d_reference",
     "dilated_reparam_conv",
@@ -18,4 +22,7 @@ __all__ = [
     "layer_norm_channels_reference",
     "global_response_norm",
     "global_response_norm_reference",
+    "fold_affine_into_fc1",
+    "metanext_block",
+    "metanext_block_reference",
 ]

@@ -13,8 +13,6 @@ activations after GELU.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional
 
 import torch
@@ -23,10 +21,9 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
+from ._checks import check_activation, check_eps
 from ._bridge import autocast_cast, autocast_dtype, dl, scratch, stream_of
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GELU = ("none", "tanh")
 
 
@@ -229,34 +226,12 @@ def _core_serves(x: torch.Tensor) -> bool:
     return False
 
 
-def _check_eps(eps, name: str) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{name}: expected a positive float, got {type(eps).__name__}")
-    e = float(eps)
-    if not (math.isfinite(e) and e > 0.0):
-        raise ValueError(f"{name}: expected a positive finite number, got {eps!r}")
-    return e
-
-
 def _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
               fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate) -> None:
     """Argument rules of the op, checked in Python so the fused path, the reference and the
     fallback devices accept and refuse the same inputs with the same exceptions."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"convnext_block: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-    allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
-    if x.dtype not in allowed and x.device.type != "meta":
-        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
-        hint = " (float16 is CUDA-only)" if x.dtype == torch.float16 else ""
-        raise TypeError(
-            f"x: the {x.device.type.upper()} backend supports {names}, got "
-            f"{str(x.dtype).replace('torch.', '')}{hint}"
-        )
-    n, c, h, w = x.shape
-    if c < 1:
-        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    c = check_activation("convnext_block", x, dims_msg="x:")
+    n, _, h, w = x.shape
     if approximate not in _GELU:
         raise ValueError(f"approximate: expected 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
 
@@ -353,8 +328,8 @@ def convnext_block(
              fc2_bias, gamma, grn_weight, grn_bias])
     _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
               fc2_bias, gamma, drop_scale, grn_weight, grn_bias, approximate)
-    e = _check_eps(eps, "eps")
-    ge = _check_eps(grn_eps, "grn_eps")
+    e = check_eps(eps, "eps")
+    ge = check_eps(grn_eps, "grn_eps")
     if drop_scale is not None:
         drop_scale = drop_scale.detach()
     if not reference_enabled() and _core_serves(x):
@@ -371,3 +346,142 @@ def convnext_block(
         gamma, drop_scale, e, grn_weight=grn_weight, grn_bias=grn_bias, grn_eps=ge,
         approximate=approximate,
     )
+
+
+# ---------------------------------------------------------------- inference-only forms
+
+def dwconv_mlp_block_reference(
+    x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+    fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], *,
+    layer_norm: bool = True, norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None, eps: float = 1e-6,
+    se_down_weight: Optional[torch.Tensor] = None, se_down_bias: Optional[torch.Tensor] = None,
+    se_up_weight: Optional[torch.Tensor] = None, se_up_bias: Optional[torch.Tensor] = None,
+    grn_weight: Optional[torch.Tensor] = None, grn_bias: Optional[torch.Tensor] = None,
+    grn_eps: float = 1e-6, gamma: Optional[torch.Tensor] = None,
+    drop_scale: Optional[torch.Tensor] = None, approximate: str = "none",
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`dwconv_mlp_block` (differentiable); the output
+    keeps x's memory format."""
+    c, k = x.shape[1], dw_weight.shape[-1]
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    t = F.conv2d(x, dw_weight, dw_bias, padding=k // 2, groups=c).permute(0, 2, 3, 1)
+    if layer_norm:
+        t = F.layer_norm(t, (c,), norm_weight, norm_bias, eps)
+    if se_down_weight is not None:
+        m = t.mean(dim=(1, 2))
+        s = torch.sigmoid(F.linear(F.relu(F.linear(m, se_down_weight, se_down_bias)), se_up_weight, se_up_bias))
+        t = t * s[:, None, None, :]
+    h = F.gelu(F.linear(t, fc1_weight, fc1_bias), approximate=approximate)
+    if grn_weight is not None:
+        h = grn_channels_last_reference(h, grn_weight, grn_bias if grn_bias is not None else torch.zeros_like(grn_weight), grn_eps)
+    o = F.linear(h, fc2_weight, fc2_bias)
+    if gamma is not None:
+        o = o * gamma
+    if drop_scale is not None:
+        o = o * drop_scale.reshape(-1, 1, 1, 1).to(o.dtype)
+    return (x + o.permute(0, 3, 1, 2)).contiguous(memory_format=fmt)
+
+
+@torch.library.custom_op("fastvis::dwconv_mlp_block", mutates_args=())
+def _dmb_fwd(x: torch.Tensor, ws: List[Optional[torch.Tensor]], eps: float, tanh_gelu: bool,
+             grn_eps: float, layer_norm: bool) -> torch.Tensor:
+    _sync_threads()
+    x = _nhwc(x)
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    key_ws = list(ws)
+    nbytes = _scratch_bytes(("dwconv_mlp_block", layer_norm),
+                            lambda x_, w_, e_, t_, g_: _C.convnext_block_forward_scratch_bytes(x_, w_, e_, t_, g_, layer_norm),
+                            x, key_ws, eps, tanh_gelu, grn_eps)
+    _C.convnext_block_forward(dl(x), [None if t is None else dl(t) for t in ws], eps, tanh_gelu,
+                              dl(y), dl(scratch(nbytes, x.device)), grn_eps, 0, layer_norm)
+    return y
+
+
+@_dmb_fwd.register_fake
+def _(x, ws, eps, tanh_gelu, grn_eps, layer_norm):
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+def dwconv_mlp_block(
+    x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+    fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], *,
+    layer_norm: bool = True, norm_weight: Optional[torch.Tensor] = None,
+    norm_bias: Optional[torch.Tensor] = None, eps: float = 1e-6,
+    se_down_weight: Optional[torch.Tensor] = None, se_down_bias: Optional[torch.Tensor] = None,
+    se_up_weight: Optional[torch.Tensor] = None, se_up_bias: Optional[torch.Tensor] = None,
+    grn_weight: Optional[torch.Tensor] = None, grn_bias: Optional[torch.Tensor] = None,
+    grn_eps: float = 1e-6, gamma: Optional[torch.Tensor] = None,
+    drop_scale: Optional[torch.Tensor] = None, approximate: str = "none",
+) -> torch.Tensor:
+    """A depthwise-conv + MLP residual block in its inference forms, fused:
+
+        y = x + drop_scale[n] * gamma * fc2(GRN?(GELU(fc1(SE?(LayerNorm?(dwconv(x)))))))
+
+    The ConvNeXt block (:func:`convnext_block`) plus two forms it cannot train: no
+    LayerNorm (``layer_norm=False``: blocks whose norm is an eval-mode BatchNorm fold it
+    into ``dw_weight``/``dw_bias``) and a squeeze-and-excitation step before fc1 (``se_*``:
+    per image, ``z *= sigmoid(up(relu(down(mean over pixels of z))))``, down (Cr, C), up
+    (C, Cr)), as UniRepLKNet's block in eval/deploy form. ``grn_bias`` may be None here.
+
+    The fused CPU kernel is forward-only: when autograd needs gradients through the call
+    (grad mode on and an input requiring grad) the differentiable reference runs instead;
+    other devices run the reference too.
+    """
+    if approximate not in _GELU:
+        raise ValueError(f"approximate: expected 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
+    c = check_activation("dwconv_mlp_block", x)
+    e = check_eps(eps, "eps")
+    ge = check_eps(grn_eps, "grn_eps")
+    if not layer_norm and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight / norm_bias given with layer_norm=False")
+    if (se_down_weight is None) != (se_up_weight is None):
+        raise ValueError("se_down_weight and se_up_weight: give both (the SE step) or neither")
+    if grn_weight is not None and grn_bias is None:
+        grn_bias = torch.zeros_like(grn_weight)
+    named = dict(dw_weight=dw_weight, dw_bias=dw_bias, norm_weight=norm_weight, norm_bias=norm_bias,
+                 fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias,
+                 gamma=gamma, grn_weight=grn_weight, grn_bias=grn_bias,
+                 se_down_weight=se_down_weight, se_down_bias=se_down_bias,
+                 se_up_weight=se_up_weight, se_up_bias=se_up_bias)
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"dwconv_mlp_block: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+    for name in ("dw_weight", "fc1_weight", "fc2_weight"):
+        if named[name] is None:
+            raise TypeError(f"{name}: a tensor is required, got None")
+    k = dw_weight.shape[-1]
+    if dw_weight.dim() != 4 or tuple(dw_weight.shape[:2]) != (c, 1) or dw_weight.shape[2] != k or k % 2 == 0 or k > 31:
+        raise ValueError(f"dw_weight: expected ({c}, 1, k, k) with k odd, 1..31, got {tuple(dw_weight.shape)}")
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        t is not None and t.requires_grad for t in named.values()))
+    ref_args = dict(layer_norm=layer_norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=e,
+                    se_down_weight=se_down_weight, se_down_bias=se_down_bias,
+                    se_up_weight=se_up_weight, se_up_bias=se_up_bias, grn_weight=grn_weight,
+                    grn_bias=grn_bias, grn_eps=ge, gamma=gamma,
+                    drop_scale=None if drop_scale is None else drop_scale.detach(),
+                    approximate=approximate)
+    if grad or reference_enabled() or x.device.type != "cpu":
+        if x.device.type not in ("cpu", "meta") and not reference_enabled():
+            warn_fallback_once(f"dwconv_mlp_block-{x.device.type}",
+                               "fastvis.ops.dwconv_mlp_block: no fused kernel for device "
+                               f"'{x.device.type}'; running the PyTorch reference")
+        return dwconv_mlp_block_reference(x, dw_weight, dw_bias, fc1_weight, fc1_bias, fc2_weight,
+                                          fc2_bias, **ref_args)
+    ds = None
+    if drop_scale is not None:
+        ds = drop_scale.detach().reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    ws = [dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+          gamma, ds, grn_weight, grn_bias, se_down_weight, se_down_bias, se_up_weight, se_up_bias]
+    y = _dmb_fwd(x, ws, e, approximate == "tanh", ge, bool(layer_norm))
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous()
+    return y

@@ -22,13 +22,11 @@ from typing import Tuple
 import torch
 
 from .. import _C
-from .._reference import reference_enabled, warn_fallback_once
+from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._bridge import autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, like_layout, scratch
-from .layer_norm import _check_eps
+from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -134,54 +132,12 @@ def global_response_norm_reference(
 def _validate(x, weight, bias) -> None:
     """The core's argument rules, checked in Python so every path (fast, reference,
     fallback device) accepts and refuses the same inputs with the same exceptions."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"global_response_norm: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(
-            f"global_response_norm: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-    allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
-    if x.dtype not in allowed and x.device.type != "meta":
-        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
-        hint = " (float16 is CUDA-only)" if x.dtype == torch.float16 else ""
-        raise TypeError(
-            f"x: the {x.device.type.upper()} backend supports {names}, got "
-            f"{str(x.dtype).replace('torch.', '')}{hint}"
-        )
-    c = x.shape[1]
-    if c < 1:
-        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor of shape ({c},), got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(
-                f"global_response_norm: {name} is on {t.device} but x is on {x.device}; "
-                "all tensors must be on the same device"
-            )
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
-        if tuple(t.shape) != (c,):
-            raise ValueError(f"{name}: expected shape ({c},) (one value per channel), got {tuple(t.shape)}")
+    check_activation("global_response_norm", x)
+    check_channel_params("global_response_norm", x, (("weight", weight), ("bias", bias)), optional=False)
 
 
 def _core_serves(x: torch.Tensor) -> bool:
-    if x.device.type == "cpu":
-        return True
-    if x.device.type == "cuda":
-        # No CUDA kernels for this op yet (CUDA builds included).
-        warn_fallback_once(
-            "grn-cuda",
-            "fastvis.ops.global_response_norm: no fastvis CUDA kernels for this op yet; "
-            "running the PyTorch reference on CUDA tensors",
-        )
-        return False
-    if x.device.type != "meta":
-        warn_fallback_once(
-            f"grn-{x.device.type}",
-            f"fastvis.ops.global_response_norm: no fastvis kernels for device '{x.device.type}'; "
-            "running the PyTorch reference",
-        )
-    return False
+    return cpu_core_serves("global_response_norm", x)
 
 
 def global_response_norm(
@@ -207,7 +163,7 @@ def global_response_norm(
         # Under autocast GRN runs in the input's precision (its parameters follow it).
         weight, bias = autocast_cast(x.dtype, [weight, bias])
     _validate(x, weight, bias)
-    e = _check_eps(eps)
+    e = check_eps(eps)
     if reference_enabled() or not _core_serves(x):
         return global_response_norm_reference(x, weight, bias, e)
     y, _ = _grn_fwd(x, weight, bias, e)

@@ -12,21 +12,18 @@ float64 inputs), which autograd saves so the backward pass does not recompute th
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _C
-from .._reference import reference_enabled, warn_fallback_once
+from .._reference import reference_enabled
 from .._runtime import _sync_threads
+from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 from ._bridge import (autocast_cast, autocast_dtype, dense_for_core, dl, empty_like_layout,
                       like_layout, scratch)
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,67 +134,15 @@ def layer_norm_channels_reference(
     return y.contiguous(memory_format=fmt)
 
 
-def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
-    e = float(eps)
-    if not (math.isfinite(e) and e > 0.0):
-        raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
-    return e
-
-
 def _validate(x, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> None:
     """The core's argument rules, checked in Python so every path (fast, reference,
     fallback device) accepts and refuses the same inputs with the same exceptions."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"layer_norm_channels: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"layer_norm_channels: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-    allowed = _CUDA_DTYPES if x.device.type == "cuda" else _CPU_DTYPES
-    if x.dtype not in allowed and x.device.type != "meta":
-        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
-        hint = " (float16 is CUDA-only)" if x.dtype == torch.float16 else ""
-        raise TypeError(
-            f"x: the {x.device.type.upper()} backend supports {names}, got "
-            f"{str(x.dtype).replace('torch.', '')}{hint}"
-        )
-    c = x.shape[1]
-    if c < 1:
-        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(
-                f"layer_norm_channels: {name} is on {t.device} but x is on {x.device}; "
-                "all tensors must be on the same device"
-            )
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
-        if tuple(t.shape) != (c,):
-            raise ValueError(f"{name}: expected shape ({c},) (one value per channel), got {tuple(t.shape)}")
+    check_activation("layer_norm_channels", x)
+    check_channel_params("layer_norm_channels", x, (("weight", weight), ("bias", bias)), optional=True)
 
 
 def _core_serves(x: torch.Tensor) -> bool:
-    if x.device.type == "cpu":
-        return True
-    if x.device.type == "cuda":
-        # No CUDA kernels for this op yet (CUDA builds included).
-        warn_fallback_once(
-            "layer_norm-cuda",
-            "fastvis.ops.layer_norm_channels: no fastvis CUDA kernels for this op yet; "
-            "running the PyTorch reference on CUDA tensors",
-        )
-        return False
-    if x.device.type != "meta":
-        warn_fallback_once(
-            f"layer_norm-{x.device.type}",
-            f"fastvis.ops.layer_norm_channels: no fastvis kernels for device '{x.device.type}'; "
-            "running the PyTorch reference",
-        )
-    return False
+    return cpu_core_serves("layer_norm_channels", x)
 
 
 def layer_norm_channels(
@@ -222,7 +167,7 @@ def layer_norm_channels(
         # Under autocast the norm runs in the input's precision (the affine follows it).
         weight, bias = autocast_cast(x.dtype, [weight, bias])
     _validate(x, weight, bias)
-    e = _check_eps(eps)
+    e = check_eps(eps)
     if reference_enabled() or not _core_serves(x):
         return layer_norm_channels_reference(x, weight, bias, e)
     y, _, _ = _ln_fwd(x, weight, bias, e)
