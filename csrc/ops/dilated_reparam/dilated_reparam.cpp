@@ -54,6 +54,7 @@
 #include "core/cpu_features.h"
 #include "core/dtype_convert.h"
 #include "core/layout.h"
+#include "core/scratch.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
 #include "ops/depthwise_conv/cpu_kernels.h"
@@ -65,28 +66,9 @@ namespace {
 
 constexpr int64_t kMaxExtent = 63;
 
-inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
-inline size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
-
-// Carves aligned regions out of the caller's scratch; with a null base it only counts
-// (the scratch queries run the same carving code as the entry points).
-class Carver {
- public:
-  Carver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
-  void* take(size_t b) {
-    void* p = base_ ? base_ + used_ : nullptr;
-    used_ += align64(b);
-    FV_CHECK_VALUE(base_ == nullptr || used_ <= bytes_, "scratch buffer too small: need at least ",
-                   used_, " bytes, got ", bytes_);
-    return p;
-  }
-  size_t used() const { return used_; }
-
- private:
-  char* base_;
-  size_t bytes_;
-  size_t used_ = 0;
-};
+using core::acc_size;
+using core::align64;
+using Carver = core::ScratchCarver;  // a null base measures (the scratch queries)
 
 struct Kernels {
   void (*stats)(DType, const Shape&, const StatsPlan&, const void*, const void* const*, double*,
@@ -136,26 +118,13 @@ void check_activation(const TensorView& t, const TensorView& x, const DilatedRep
 
 void check_stats(const TensorView& t, const TensorView& x, const DilatedReparamShape& s,
                  const char* name) {
-  FV_CHECK_VALUE(t.ndim == 2 && t.shape[0] == s.branches && t.shape[1] == s.c, name,
-                 ": expected shape [", s.branches, ", ", s.c, "] (branches x channels), got ",
-                 t.describe());
-  const DType want = dilated_reparam_stats_dtype(x.dtype);
-  FV_CHECK_TYPE(t.dtype == want, name, ": expected dtype ", dtype_name(want), " for ",
-                dtype_name(x.dtype), " activations, got ", dtype_name(t.dtype));
-  FV_CHECK_VALUE(t.device == x.device, name, ": expected a tensor on ", device_name(x.device),
-                 ", got one on ", device_name(t.device));
-  FV_CHECK_VALUE(t.is_contiguous(), name, ": must be contiguous (row-major)");
-  FV_CHECK_VALUE(t.data != nullptr, name, ": null data pointer");
+  const int64_t want[2] = {s.branches, s.c};
+  core::check_row_major(t, x, want, 2, dilated_reparam_stats_dtype(x.dtype), name,
+                        "one value per branch and channel");
 }
 
-// The layout every given activation is dense in, NHWC preferred.
 Layout common_layout(std::initializer_list<const TensorView*> ts) {
-  int common = 3;
-  for (const TensorView* t : ts) common &= core::dense_layouts(*t);
-  FV_CHECK_VALUE(common != 0,
-                 "dilated_reparam: x and the other activations (y, grad_y, grad_x) must all be "
-                 "dense in one memory layout, channels_last (NHWC) or contiguous NCHW");
-  return (common & 2) ? Layout::NHWC : Layout::NCHW;
+  return core::common_dense_layout(ts.begin(), static_cast<int>(ts.size()), "dilated_reparam");
 }
 
 Shape make_shape(const DilatedReparamShape& sh, const DilatedReparamBranches& br, DType dt) {

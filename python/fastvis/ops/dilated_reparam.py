@@ -23,19 +23,18 @@ including the in-place running-statistics updates in training mode (unbiased var
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _C
-from .._reference import reference_enabled, warn_fallback_once
+from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._bridge import autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, is_channels_last, like_layout, scratch, scratch_bytes
+from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 from .depthwise_conv import depthwise_conv2d
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _MAX_BRANCHES = 16
 _MAX_EXTENT = 63
 
@@ -223,22 +222,12 @@ def dilated_reparam_conv_reference(
 
 
 def _validate(x, weights, dilations, bn_weights, bn_biases, running_means, running_vars, training,
-              momentum, eps) -> Tuple[list, list, list, list, list, list]:
+              momentum, eps) -> Tuple[list, list, list, list, list, list, float]:
     """The core's argument rules, checked in Python so every path (fast, reference,
     fallback device, eval) accepts and refuses the same inputs with the same exceptions."""
     name = "dilated_reparam_conv"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and x.device.type != "meta" and x.dtype not in _CPU_DTYPES:
-        raise TypeError(f"x: the CPU backend supports float32, float64, bfloat16, got "
-                        f"{str(x.dtype).replace('torch.', '')}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    check_activation(name, x)
     n, c, h, w_ = x.shape
-    if c < 1:
-        raise ValueError(f"x: expected at least one channel, got shape {tuple(x.shape)}")
     if h < 1 or w_ < 1:
         raise ValueError(f"x: spatial size must be positive, got shape {tuple(x.shape)}")
     seqs = {}
@@ -284,7 +273,9 @@ def _validate(x, weights, dilations, bn_weights, bn_biases, running_means, runni
         elif ext > ext0:
             raise ValueError(f"{name}: branch {i} has extent dilation*(k-1)+1 = {d}*({k}-1)+1 = {ext}, "
                              f"larger than the first branch's {ext0} (the first branch must be the largest)")
-    for key in ("bn_weights", "bn_biases", "running_means", "running_vars"):
+    check_channel_params(name, x, [(f"{key}[{i}]", t) for key in ("bn_weights", "bn_biases")
+                                   for i, t in enumerate(seqs[key])], optional=False)
+    for key in ("running_means", "running_vars"):
         for i, t in enumerate(seqs[key]):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{key}[{i}]: expected a torch.Tensor of shape ({c},), got {type(t).__name__}")
@@ -293,12 +284,9 @@ def _validate(x, weights, dilations, bn_weights, bn_biases, running_means, runni
                                  "all tensors must be on the same device")
             if tuple(t.shape) != (c,):
                 raise ValueError(f"{key}[{i}]: expected shape ({c},) (one value per channel), got {tuple(t.shape)}")
-            if key in ("bn_weights", "bn_biases") and t.dtype != x.dtype:
-                raise TypeError(f"{key}[{i}]: expected dtype {x.dtype} (the input's), got {t.dtype}")
-            if key in ("running_means", "running_vars") and not t.dtype.is_floating_point:
+            if not t.dtype.is_floating_point:
                 raise TypeError(f"{key}[{i}]: expected a floating-point tensor, got {t.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
+    eps = check_eps(eps)
     if training:
         if momentum is None:
             raise ValueError(
@@ -313,26 +301,7 @@ def _validate(x, weights, dilations, bn_weights, bn_biases, running_means, runni
                 f"{name}: expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)} (BatchNorm's batch statistics need N*H*W > 1)")
     return (seqs["weights"], [int(d) for d in seqs["dilations"]], seqs["bn_weights"], seqs["bn_biases"],
-            seqs["running_means"], seqs["running_vars"])
-
-
-def _core_serves(x: torch.Tensor) -> bool:
-    if x.device.type == "cpu":
-        return True
-    if x.device.type == "cuda":
-        warn_fallback_once(
-            "dilrep-cuda",
-            "fastvis.ops.dilated_reparam_conv: no fastvis CUDA kernels for this op yet; running "
-            "the PyTorch reference (convolutions + batch norms) on CUDA tensors",
-        )
-        return False
-    if x.device.type != "meta":
-        warn_fallback_once(
-            f"dilrep-{x.device.type}",
-            f"fastvis.ops.dilated_reparam_conv: no fastvis kernels for device '{x.device.type}'; "
-            "running the PyTorch reference",
-        )
-    return False
+            seqs["running_means"], seqs["running_vars"], eps)
 
 
 def dilated_reparam_conv(
@@ -378,10 +347,9 @@ def dilated_reparam_conv(
         x, *rest = autocast_cast(ac, [x, *weights, *bn_weights, *bn_biases])
         nb = len(weights)
         weights, bn_weights, bn_biases = rest[:nb], rest[nb:nb + len(bn_weights)], rest[nb + len(bn_weights):]
-    ws, ds, gs, bs, rms, rvs = _validate(x, weights, dilations, bn_weights, bn_biases, running_means,
-                                         running_vars, training, momentum, eps)
-    eps = float(eps)
-    if reference_enabled() or not _core_serves(x):
+    ws, ds, gs, bs, rms, rvs, eps = _validate(x, weights, dilations, bn_weights, bn_biases, running_means,
+                                              running_vars, training, momentum, eps)
+    if reference_enabled() or not cpu_core_serves("dilated_reparam_conv", x):
         return dilated_reparam_conv_reference(x, ws, ds, gs, bs, rms, rvs, training, momentum, eps)
     if not training:
         kernel, bias = merge_branches(ws, ds, gs, bs, rms, rvs, eps)
