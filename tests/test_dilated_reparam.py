@@ -497,6 +497,11 @@ def test_autocast_bfloat16_is_the_bfloat16_op():
     assert torch.equal(y, y2)
     for a, b in zip(rms + rvs, rms2 + rvs2):
         assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # eval: the same merge as for bf16 inputs
+        ye = op(x, ws, list(cfg.ds), gs, bs, rms, rvs, False)
+    ye2 = op(casts[0], casts[1:1 + nb], list(cfg.ds), casts[1 + nb:1 + 2 * nb], casts[1 + 2 * nb:], rms2, rvs2,
+             False)
+    assert ye.dtype == torch.bfloat16 and torch.equal(ye, ye2)
     gy = torch.randn(y.shape).bfloat16()
     g1 = torch.autograd.grad(y, leaves, gy)
     g2 = torch.autograd.grad(y2, casts, gy)

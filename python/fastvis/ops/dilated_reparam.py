@@ -358,7 +358,9 @@ def dilated_reparam_conv(
             # The merged kernel and bias are not bfloat16-exact: convolve in float32 and
             # round the output once (rounding the kernel to bfloat16 would add an error of
             # 2^-9 of every tap).
-            return depthwise_conv2d(x.float(), kernel.float(), bias.float(), 1, pad).to(torch.bfloat16)
+            # (autocast off for that call, or it would cast back to bfloat16 first).
+            with torch.autocast(x.device.type, enabled=False):
+                return depthwise_conv2d(x.float(), kernel.float(), bias.float(), 1, pad).to(torch.bfloat16)
         return depthwise_conv2d(x, kernel, bias, 1, pad)
     y, mean, var = _train_fwd(x, ws, ds, gs, bs, eps)
     m = x.shape[0] * x.shape[2] * x.shape[3]
