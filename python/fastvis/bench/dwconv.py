@@ -845,6 +845,8 @@ def run_reparam(args: argparse.Namespace, s: Settings) -> int:
 
     if s.dtype != "float32":
         raise CommandError("--dilated-reparam measures float32 only")
+    if args.json:
+        raise CommandError("--json is not supported with --dilated-reparam (the table is the output)")
     if getattr(fastvis, "reference_enabled", lambda: False)():
         raise CommandError("fastvis.use_reference() is on: the benchmark would time the "
                            "pure-PyTorch reference instead of fastvis's kernels")
