@@ -648,4 +648,98 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("grad_x"),
       py::arg("grad_weight"), py::arg("grad_bias"));
+
+  // ------------------------------------------------------------ dilated_reparam
+  // Branches as parallel sequences: weights, dilations (ints), bn_weights, bn_biases;
+  // mean / var are (B, C) in the statistics dtype; gradient sequences may be None.
+  struct DilrepArgs {
+    Borrowed b;
+    TensorView x;
+    std::vector<TensorView> w, gamma, beta, gw, gg, gb;
+    std::vector<int64_t> dil;
+    DilatedReparamBranches br;
+    DilrepArgs(const py::object& xo, const py::sequence& ws, const std::vector<int64_t>& ds,
+               const py::sequence& gs, const py::sequence& bs) {
+      x = b.view(xo, "x");
+      const size_t n = py::len(ws);
+      FV_CHECK_VALUE(ds.size() == n && py::len(gs) == n && py::len(bs) == n,
+                     "dilated_reparam: weights, dilations, bn_weights and bn_biases must have one "
+                     "entry per branch; got ", n, ", ", ds.size(), ", ", py::len(gs), ", ",
+                     py::len(bs));
+      for (size_t i = 0; i < n; ++i) {
+        w.push_back(b.view(ws[i], "weights"));
+        gamma.push_back(b.view(gs[i], "bn_weights"));
+        beta.push_back(b.view(bs[i], "bn_biases"));
+      }
+      dil = ds;
+      br.count = static_cast<int64_t>(n);
+      br.weight = w.data();
+      br.dilation = dil.data();
+      br.bn_weight = gamma.data();
+      br.bn_bias = beta.data();
+    }
+    const TensorView* grads(const py::object& seq, std::vector<TensorView>& out,
+                            const char* name) {
+      if (seq.is_none()) return nullptr;
+      py::sequence s = seq;
+      FV_CHECK_VALUE(static_cast<int64_t>(py::len(s)) == br.count, name, ": expected ", br.count,
+                     " entries, got ", py::len(s));
+      for (size_t i = 0; i < py::len(s); ++i) out.push_back(b.view(s[i], name));
+      return out.data();
+    }
+  };
+
+  m.def("dilated_reparam_forward_scratch_bytes",
+        [](py::object x, py::sequence ws, std::vector<int64_t> ds, py::sequence gs,
+           py::sequence bs) {
+          DilrepArgs a(x, ws, ds, gs, bs);
+          return dilated_reparam_forward_scratch_bytes(a.x, a.br);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("dilations"), py::arg("bn_weights"),
+        py::arg("bn_biases"));
+  m.def(
+      "dilated_reparam_forward",
+      [](py::object x, py::sequence ws, std::vector<int64_t> ds, py::sequence gs, py::sequence bs,
+         double eps, py::object y, py::object mean, py::object var, py::object scratch) {
+        DilrepArgs a(x, ws, ds, gs, bs);
+        TensorView yv = a.b.view(y, "y"), mv = a.b.view(mean, "mean"), vv = a.b.view(var, "var");
+        const size_t need = dilated_reparam_forward_scratch_bytes(a.x, a.br);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        dilated_reparam_forward(a.x, a.br, eps, yv, mv, vv, sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("weights"), py::arg("dilations"), py::arg("bn_weights"),
+      py::arg("bn_biases"), py::arg("eps"), py::arg("y"), py::arg("mean"), py::arg("var"),
+      py::arg("scratch") = py::none());
+  m.def("dilated_reparam_backward_scratch_bytes",
+        [](py::object x, py::sequence ws, std::vector<int64_t> ds, py::sequence gs,
+           py::sequence bs) {
+          DilrepArgs a(x, ws, ds, gs, bs);
+          return dilated_reparam_backward_scratch_bytes(a.x, a.br);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("dilations"), py::arg("bn_weights"),
+        py::arg("bn_biases"));
+  m.def(
+      "dilated_reparam_backward",
+      [opt_view](py::object gy, py::object x, py::sequence ws, std::vector<int64_t> ds,
+                 py::sequence gs, py::sequence bs, py::object mean, py::object var, double eps,
+                 py::object gx, py::object gws, py::object ggs, py::object gbs,
+                 py::object scratch) {
+        DilrepArgs a(x, ws, ds, gs, bs);
+        TensorView gyv = a.b.view(gy, "grad_y"), mv = a.b.view(mean, "mean"),
+                   vv = a.b.view(var, "var"), gxv;
+        const TensorView* gxp = opt_view(a.b, gx, gxv, "grad_x");
+        const TensorView* gwp = a.grads(gws, a.gw, "grad_weights");
+        const TensorView* ggp = a.grads(ggs, a.gg, "grad_bn_weights");
+        const TensorView* gbp = a.grads(gbs, a.gb, "grad_bn_biases");
+        const size_t need = dilated_reparam_backward_scratch_bytes(a.x, a.br);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        dilated_reparam_backward(gyv, a.x, a.br, mv, vv, eps, gxp, gwp, ggp, gbp, sc.ptr,
+                                 sc.bytes);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("dilations"),
+      py::arg("bn_weights"), py::arg("bn_biases"), py::arg("mean"), py::arg("var"),
+      py::arg("eps"), py::arg("grad_x"), py::arg("grad_weights"), py::arg("grad_bn_weights"),
+      py::arg("grad_bn_biases"), py::arg("scratch") = py::none());
 }

@@ -3,6 +3,7 @@
 #include "fastvis/build_info.h"
 #include "fastvis/convnext_block.h"
 #include "fastvis/depthwise_conv.h"
+#include "fastvis/dilated_reparam.h"
 #include "fastvis/error.h"
 #include "fastvis/grn.h"
 #include "fastvis/layer_norm.h"

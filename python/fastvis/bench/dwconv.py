@@ -19,6 +19,12 @@ layout. Absolute CPU times on a shared machine are noise; the ratios are the res
 GFLOP/s counts 2*N*C*OH*OW*kh*kw flops for the forward and three times that for
 forward+backward. fastvis's outputs and gradients are checked against eager PyTorch once
 per case; a mismatch is flagged in the table and fails the command.
+
+``--dilated-reparam`` measures instead the fused multi-branch depthwise conv + BatchNorm
+(fastvis.ops.dilated_reparam_conv: UniRepLKNet's dilated re-param block, k=13 branch table)
+at unireplknet_t's stage shapes, against the separate F.conv2d + F.batch_norm per branch
+(eager NCHW / channels_last, and torch.compile of that), in training mode (forward, and
+forward + backward of x, the weights, gammas and betas) and eval mode (forward).
 """
 
 from __future__ import annotations
@@ -200,6 +206,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default="both", help="input layouts to torch.compile (default: both)")
     g.add_argument("--no-backward", action="store_true",
                    help="measure the forward pass only")
+    g.add_argument("--dilated-reparam", action="store_true",
+                   help="measure the fused multi-branch conv + BatchNorm op (UniRepLKNet k=13 "
+                        "branches at unireplknet_t stage shapes) instead of the plain "
+                        "convolution; --batch, --dtype float32, --no-compile, --no-backward "
+                        "and the timing options apply")
 
     g = p.add_argument_group("how to measure")
     g.add_argument("--threads", type=_pos_int, default=None, metavar="N",
@@ -745,6 +756,8 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import CommandError
 
     s = Settings.from_args(args)
+    if getattr(args, "dilated_reparam", False):
+        return run_reparam(args, s)
     if args.format == "rich":
         try:
             import rich  # noqa: F401
@@ -797,5 +810,136 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"fastvis bench dwconv: fastvis failed or gave wrong results in {bad} "
               f"measurement(s), see the table", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------ --dilated-reparam
+
+
+# UniRepLKNet's k=13 dilated re-param branches, and unireplknet_t's stages that use them
+# (dims 80/160/320/640 at 224x224 input: stage 1 at 28x28, stage 2 at 14x14, stage 3 at 7x7).
+REPARAM_KERNELS = (13, 5, 7, 3, 3, 3)
+REPARAM_DILATIONS = (1, 1, 2, 3, 4, 5)
+REPARAM_SHAPES = ((160, 28, 28), (320, 14, 14), (640, 7, 7))
+REPARAM_PASSES = ("train fwd", "train fwd+bwd", "eval fwd")
+REPARAM_LABELS = {FASTVIS: "fastvis (CL)", "eager_nchw": "eager NCHW", "eager_cl": "eager CL",
+                  "compile_cl": "compile CL"}
+
+
+def _separate(x, ws, ds, gs, bs, rms, rvs, training):
+    """The unfused composition: per branch F.conv2d then F.batch_norm, summed."""
+    y = None
+    for w, d, g, b, rm, rv in zip(ws, ds, gs, bs, rms, rvs):
+        k = w.shape[-1]
+        t = F.batch_norm(F.conv2d(x, w, None, 1, d * (k - 1) // 2, d, groups=x.shape[1]),
+                         rm, rv, g, b, training, 0.1, 1e-5)
+        y = t if y is None else y + t
+    return y
+
+
+def run_reparam(args: argparse.Namespace, s: Settings) -> int:
+    from ..cli import CommandError
+    import fastvis
+    from ..ops import dilated_reparam_conv
+
+    if s.dtype != "float32":
+        raise CommandError("--dilated-reparam measures float32 only")
+    if args.json:
+        raise CommandError("--json is not supported with --dilated-reparam (the table is the output)")
+    if getattr(fastvis, "reference_enabled", lambda: False)():
+        raise CommandError("fastvis.use_reference() is on: the benchmark would time the "
+                           "pure-PyTorch reference instead of fastvis's kernels")
+    progress = _Progress(args.quiet)
+    restore = _set_threads(s.threads, progress)
+    batches = s.batch if args.batch else ([1] if args.quick else [8])
+    shapes = REPARAM_SHAPES[-1:] if args.quick else REPARAM_SHAPES
+    passes = ("train fwd", "eval fwd") if args.no_backward else REPARAM_PASSES
+    rows, bad = [], 0
+    ks, ds = list(REPARAM_KERNELS), list(REPARAM_DILATIONS)
+    try:
+        for n in batches:
+            for (c, h, w) in shapes:
+                gen = torch.Generator().manual_seed(s.seed)
+                x = torch.randn(n, c, h, w, generator=gen)
+                ws = [torch.randn(c, 1, k, k, generator=gen) / k for k in ks]
+                gs = [torch.rand(c, generator=gen) + 0.5 for _ in ks]
+                bs = [torch.randn(c, generator=gen) for _ in ks]
+                gy = torch.randn(n, c, h, w, generator=gen)
+                stats = [(torch.zeros(c), torch.ones(c)) for _ in ks]
+                rms, rvs = [a for a, _ in stats], [b for _, b in stats]
+                xs = {"nchw": x.contiguous(), "channels_last": x.contiguous(memory_format=torch.channels_last)}
+                cands = {FASTVIS: (dilated_reparam_conv, "channels_last"),
+                         "eager_nchw": (_separate, "nchw"), "eager_cl": (_separate, "channels_last")}
+                if s.compile_layouts:
+                    torch._dynamo.reset()
+                    cands["compile_cl"] = (torch.compile(_separate, fullgraph=True, dynamic=False),
+                                           "channels_last")
+                for pass_ in passes:
+                    training, backward = pass_.startswith("train"), pass_.endswith("bwd")
+                    tag = f"N={n} C={c} {h}x{w} {pass_}"
+                    calls, outs, errors = {}, {}, {}
+                    params = [t.detach().requires_grad_(backward) for t in ws + gs + bs]
+                    pw, pg, pb = params[:len(ks)], params[len(ks):2 * len(ks)], params[2 * len(ks):]
+                    for key, (fn, layout) in cands.items():
+                        x_ = xs[layout].detach().requires_grad_(backward)
+                        gy_ = gy.contiguous(memory_format=torch.channels_last if layout == "channels_last"
+                                            else torch.contiguous_format)
+
+                        def call(fn=fn, x_=x_, gy_=gy_):
+                            with torch.set_grad_enabled(backward):
+                                y = fn(x_, pw, ds, pg, pb, rms, rvs, training)
+                                if not backward:
+                                    return (y,)
+                                return (y,) + torch.autograd.grad(y, [x_] + params, gy_)
+                        if key == "compile_cl":
+                            progress(f"{tag}: compiling")
+                        try:
+                            outs[key] = call()
+                        except Exception as e:
+                            errors[key] = _one_line(e)
+                            progress(f"{tag}: {REPARAM_LABELS[key]} failed: {errors[key]}")
+                            continue
+                        calls[key] = call
+                    err = None
+                    if FASTVIS in outs and "eager_nchw" in outs:
+                        err = max(_rel_err(a, b) for a, b in zip(outs[FASTVIS], outs["eager_nchw"]))
+                    ok = err is not None and err <= CHECK_TOLERANCE["float32"]
+                    bad += (not ok)
+                    progress(f"{tag}: timing {', '.join(REPARAM_LABELS[k] for k in calls)}")
+                    st = measure_interleaved(calls, warmup=s.warmup, repeat=s.repeat,
+                                             min_block_time=s.min_block_time, max_time=s.max_time)
+                    med = {k: v.median for k, v in st.items()}
+                    f = med.get(FASTVIS, math.nan)
+                    eager = min((med.get(k, math.nan) for k in ("eager_nchw", "eager_cl")), default=math.nan)
+                    comp = med.get("compile_cl", math.nan)
+                    row = [str(n), str(c), f"{h}x{w}", pass_]
+                    row += [("error" if k in errors else _fmt_ms(med.get(k, math.nan))) + (" !" if k == FASTVIS and not ok else "")
+                            for k in REPARAM_LABELS if k in cands]
+                    row += [_fmt_ratio(eager / f if f > 0 else math.nan)]
+                    if s.compile_layouts:
+                        row += [_fmt_ratio(comp / f if f > 0 else math.nan)]
+                    row += ["-" if err is None else f"{err:.2g}"]
+                    rows.append(row)
+    except KeyboardInterrupt:
+        progress("interrupted")
+    finally:
+        restore()
+    header = ["N", "C", "HxW", "pass"] + [REPARAM_LABELS[k] for k in REPARAM_LABELS
+                                          if k != "compile_cl" or s.compile_layouts]
+    header += ["vs eager"] + (["vs compile"] if s.compile_layouts else []) + ["max rel err"]
+    print(f"Fused multi-branch depthwise conv + BatchNorm (UniRepLKNet k=13 branches "
+          f"{ks} at dilations {ds}), float32, {s.threads} thread(s); times in ms "
+          f"(median of interleaved blocks).")
+    print()
+    print_table("dilated re-param: fastvis fused op vs separate convs + BNs", header, rows,
+                fmt=args.format, n_left=4)
+    print()
+    print("vs eager / vs compile: PyTorch median / fastvis median (> 1: fastvis is faster); "
+          "compile: torch.compile(fullgraph=True) of the separate convs + BNs on channels_last. "
+          "max rel err: fastvis vs eager NCHW (outputs and every gradient).")
+    if bad:
+        print(f"fastvis bench dwconv --dilated-reparam: wrong results in {bad} measurement(s)",
+              file=sys.stderr)
         return 1
     return 0

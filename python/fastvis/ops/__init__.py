@@ -1,5 +1,6 @@
 """fastvis ops: torch custom ops over the core, each with a pure-PyTorch reference."""
 from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normalize_conv_args
+from .dilated_reparam import dilated_reparam_conv, dilated_reparam_conv_reference, merge_branches
 from .convnext_block import (convnext_block, convnext_block_reference, dwconv_mlp_block,
                              dwconv_mlp_block_reference)
 from .grn import global_response_norm, global_response_norm_reference
@@ -13,6 +14,9 @@ __all__ = [
     "dwconv_mlp_block_reference",
     "depthwise_conv2d",
     "depthwise_conv2d_reference",
+    "dilated_reparam_conv",
+    "dilated_reparam_conv_reference",
+    "merge_branches",
     "normalize_conv_args",
     "layer_norm_channels",
     "layer_norm_channels_reference",
