@@ -121,3 +121,40 @@ def test_replknet_model_fused_matches_reference():
         with fastvis.use_reference(True):
             ref = m(x)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fastvis.nn.DilatedReparamBlock(12, 13),
+    lambda: fastvis.nn.DilatedReparamBlock(12, 7),
+    lambda: fastvis.nn.ReparamLargeKernelConv(12, 13, 5),
+])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_branches_run_the_fused_op(make, momentum, monkeypatch):
+    """The training-form multi-branch conv + BN goes through fastvis.ops.dilated_reparam_conv
+    and equals the modules composed by hand: output, gradients, running statistics and
+    num_batches_tracked (momentum None = cumulative average, as nn.BatchNorm2d)."""
+    import copy
+    import fastvis.ops.dilated_reparam as dr
+    calls = []
+    real = dr.dilated_reparam_conv
+    monkeypatch.setattr(dr, "dilated_reparam_conv", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    torch.manual_seed(2)
+    m = make().train()
+    for _, bn in m.branch_modules():
+        bn.momentum = momentum
+    ref = copy.deepcopy(m)
+    for step in range(2):
+        x = torch.randn(2, 12, 10, 9).contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y = m(xa)
+        yr = sum(bn(conv(xb)) for conv, bn in ref.branch_modules())
+        torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5 * float(yr.detach().abs().max()))
+        g = torch.randn_like(y)
+        y.backward(g)
+        yr.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5 * float(xb.grad.detach().abs().max()))
+    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * float(q.grad.abs().max()) + 1e-6, msg=n)
+    for (n, b), (_, c) in zip(m.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=n)
+    assert len(calls) == 2

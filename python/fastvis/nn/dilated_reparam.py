@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .depthwise_conv import DepthwiseConv2d
-from .reparam import Reparameterizable, dilate_kernel, fuse_conv_bn, pad_kernel_to
+from .reparam import Reparameterizable, branches_forward, dilate_kernel, fuse_conv_bn, pad_kernel_to
 
 __all__ = ["DilatedReparamBlock", "DILATED_BRANCHES"]
 
@@ -88,10 +88,7 @@ class DilatedReparamBlock(Reparameterizable, nn.Module):
     def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
         """The training form: every branch is conv then BN, and the branches are summed
         (the one place to swap in a fused multi-branch op)."""
-        out = self.origin_bn(self.lk_origin(x))
-        for k, r in self.branches:
-            out = out + getattr(self, f"dil_bn_k{k}_{r}")(getattr(self, f"dil_conv_k{k}_{r}")(x))
-        return out
+        return branches_forward(x, self.branch_modules())
 
     @torch.no_grad()
     def get_equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:

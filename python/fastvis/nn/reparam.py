@@ -122,3 +122,43 @@ def inference_only(module: nn.Module, x: torch.Tensor) -> bool:
     if module.training or reference_enabled() or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+
+
+def branches_forward(x: torch.Tensor, pairs) -> torch.Tensor:
+    """``sum_b bn_b(conv_b(x))`` over (depthwise conv, BatchNorm2d) pairs: the training form
+    of UniRepLKNet's dilated re-param block and RepLKNet's large kernel. Runs as one
+    :func:`fastvis.ops.dilated_reparam_conv` (statistics pass + one merged-kernel conv in
+    training, one merged conv in eval) when the modules allow it: square odd depthwise
+    kernels without bias at stride 1 with "same" padding, affine BatchNorms tracking running
+    statistics with one eps, one momentum and one batch count (nn.BatchNorm2d's bookkeeping,
+    ``num_batches_tracked`` and a None momentum, is reproduced). Otherwise the modules run."""
+    from ..ops.dilated_reparam import dilated_reparam_conv
+    from .depthwise_conv import DepthwiseConv2d
+    convs = [c for c, _ in pairs]
+    bns = [b for _, b in pairs]
+    ok = all(isinstance(c, DepthwiseConv2d) and c.bias is None and c.stride == (1, 1)
+             and c.kernel_size[0] == c.kernel_size[1] and c.kernel_size[0] % 2 == 1
+             and c.dilation[0] == c.dilation[1]
+             and tuple(c._pads) == (c.dilation[0] * (c.kernel_size[0] - 1) // 2,) * 4
+             for c in convs)
+    ok = ok and all(type(b) is nn.BatchNorm2d and b.affine and b.track_running_stats
+                    and b.running_mean is not None for b in bns)
+    ok = ok and len({b.eps for b in bns}) == 1 and len({b.momentum for b in bns}) == 1
+    ok = ok and len({b.training for b in bns}) == 1 and len({int(b.num_batches_tracked) for b in bns}) == 1
+    if not ok:
+        out = bns[0](convs[0](x))
+        for c, b in pairs[1:]:
+            out = out + b(c(x))
+        return out
+    bn0 = bns[0]
+    training = bn0.training
+    momentum = bn0.momentum
+    if training:
+        for b in bns:
+            b.num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(bn0.num_batches_tracked)
+    return dilated_reparam_conv(
+        x, [c.weight for c in convs], [c.dilation[0] for c in convs], [b.weight for b in bns],
+        [b.bias for b in bns], [b.running_mean for b in bns], [b.running_var for b in bns],
+        training, momentum if momentum is not None else 0.0, bn0.eps)

@@ -26,8 +26,8 @@ from torch import nn
 from .convnext import drop_path_scale
 from .depthwise_conv import DepthwiseConv2d
 from ..ops.convnext_block import dwconv_mlp_block
-from .reparam import (Reparameterizable, bn_scale_shift, cached_fold, fuse_conv_bn, inference_only,
-                      pad_kernel_to)
+from .reparam import (Reparameterizable, bn_scale_shift, branches_forward, cached_fold, fuse_conv_bn,
+                      inference_only, pad_kernel_to)
 
 __all__ = ["ConvBN", "ReparamLargeKernelConv", "RepLKBlock", "ConvFFN", "apply_drop_path"]
 
@@ -122,10 +122,7 @@ class ReparamLargeKernelConv(Reparameterizable, nn.Module):
     def forward_branches(self, x: torch.Tensor) -> torch.Tensor:
         """The training form: every branch is conv then BN, and the branches are summed
         (the one place to swap in a fused multi-branch op)."""
-        out = self.lkb_origin.bn(self.lkb_origin.conv(x))
-        if self.small_kernel is not None:
-            out = out + self.small_conv.bn(self.small_conv.conv(x))
-        return out
+        return branches_forward(x, self.branch_modules())
 
     @torch.no_grad()
     def get_equivalent_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
