@@ -5,6 +5,7 @@
 #include "fastvis/depthwise_conv.h"
 #include "fastvis/error.h"
 #include "fastvis/grn.h"
+#include "fastvis/inception_dwconv.h"
 #include "fastvis/layer_norm.h"
 #include "fastvis/tensor.h"
 #include "fastvis/threading.h"
