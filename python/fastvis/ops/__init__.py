@@ -2,6 +2,7 @@
 from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normalize_conv_args
 from .convnext_block import convnext_block, convnext_block_reference
 from .grn import global_response_norm, global_response_norm_reference
+from .inception_dwconv import inception_depthwise_conv2d, inception_depthwise_conv2d_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "layer_norm_channels_reference",
     "global_response_norm",
     "global_response_norm_reference",
+    "inception_depthwise_conv2d",
+    "inception_depthwise_conv2d_reference",
 ]
