@@ -654,3 +654,28 @@ def test_checks_catch_small_errors():
     swapped = torch.cat([y[:, :8], y[:, 12:16], y[:, 8:12], y[:, 16:]], 1)
     with pytest.raises(AssertionError):
         check_forward(swapped, x, params, cfg)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_bench_dwconv_op_inception_runs(tmp_path, capsys):
+    """`fastvis bench dwconv --op inception` runs a tiny case end to end and checks fastvis
+    against eager PyTorch (timings are not looked at)."""
+    import json
+
+    from fastvis import cli
+
+    out = tmp_path / "inc.json"
+    code = cli.main(["bench", "dwconv", "--op", "inception", "--quick", "--no-compile", "--batch", "1",
+                     "--channels", "24", "--size", "9", "--repeat", "1", "--warmup", "0", "--format", "text",
+                     "-q", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "Inception depthwise conv" in text and "3x3+1x11+11x1 g=3" in text
+    assert "match PyTorch" in text
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["op"] == "inception"
+    assert [r["pass"] for r in doc["results"]] == ["fwd", "fwd+bwd"]
+    assert all(r["check"]["ok"] for r in doc["results"])
+    assert set(doc["results"][0]["times"]) == {"fastvis", "eager_nchw", "eager_cl"}
