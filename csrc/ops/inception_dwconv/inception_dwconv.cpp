@@ -57,18 +57,6 @@ const TensorView* grad_bias_of(const InceptionDWConv2dGrads& g, int b) {
   return b == kSquare ? g.hw_bias : b == kBandW ? g.w_bias : g.h_bias;
 }
 
-// Kernel extent (kh, kw) and dilation (dh, dw) of branch b.
-void branch_kernel(const InceptionDWConv2dShape& s, int64_t d, int b, int64_t* kh, int64_t* kw,
-                   int64_t* dh, int64_t* dw) {
-  if (b == kSquare) {
-    *kh = s.kh, *kw = s.kw, *dh = d, *dw = d;
-  } else if (b == kBandW) {
-    *kh = 1, *kw = s.kbw, *dh = 1, *dw = d;
-  } else {
-    *kh = s.kbh, *kw = 1, *dh = d, *dw = 1;
-  }
-}
-
 void check_weight(const TensorView& w, const TensorView& x, const char* name) {
   FV_CHECK_VALUE(w.ndim == 4, name, ": expected a 4-D (g, 1, kh, kw) depthwise weight, got ",
                  w.describe());
@@ -92,10 +80,13 @@ void check_kernel_extent(int64_t k, int64_t d, const char* name, const char* dim
 }
 
 Geom branch_geom(const InceptionDWConv2dShape& s, int64_t d, int b, DType dt, int64_t pitch) {
-  int64_t kh, kw, dh, dw;
-  branch_kernel(s, d, b, &kh, &kw, &dh, &dw);
-  Geom g{s.n, s.g, s.h, s.w, kh, kw, s.h, s.w, 1, 1, dh * (kh - 1) / 2, dw * (kw - 1) / 2, dh, dw,
-         dwconv::padded_channels(s.g, static_cast<int64_t>(acc_size(dt)))};
+  DepthwiseConv2dShape bs;
+  DepthwiseConv2dParams bp;
+  branch_problem(s, d, b, &bs, &bp);
+  Geom g{bs.n,       bs.c,        bs.h,          bs.w,          bs.kh,
+         bs.kw,      bs.oh,       bs.ow,         bp.stride_h,   bp.stride_w,
+         bp.pad_top, bp.pad_left, bp.dilation_h, bp.dilation_w,
+         dwconv::padded_channels(bs.c, static_cast<int64_t>(acc_size(dt)))};
   g.xpitch = pitch;
   g.ypitch = pitch;
   return g;
@@ -214,16 +205,20 @@ void stage_out(const void* src, const InceptionDWConv2dShape& s, const TensorVie
     nhwc_to_nchw(static_cast<const char*>(src) + n * hw * cb * e,
                  static_cast<char*>(t.data) + (n * s.c + s.c - cb) * hw * e, 1, cb, hw, e);
 }
-// NCHW: the identity channel planes of every image, src -> dst.
+// NCHW: the identity channel planes of every image, src -> dst (rows of identity_rect cut
+// into chunks of at most 256 KB for the threads).
 void copy_identity_nchw(const TensorView& src, const TensorView& dst,
                         const InceptionDWConv2dShape& s) {
-  const int64_t e = static_cast<int64_t>(src.itemsize()), hw = s.h * s.w, cid = s.c - 3 * s.g;
-  if (cid == 0) return;
-  parallel_for(s.n * cid, 1, [&](int64_t begin, int64_t end) {
+  const CopyRect r = identity_rect(s, static_cast<int64_t>(src.itemsize()));
+  if (r.width_bytes == 0) return;
+  constexpr int64_t kChunk = 256 * 1024;
+  const int64_t per_row = (r.width_bytes + kChunk - 1) / kChunk;
+  parallel_for(r.height * per_row, 1, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t n = it / cid, c = it % cid, off = (n * s.c + c) * hw * e;
+      const int64_t row = it / per_row, b0 = (it % per_row) * kChunk;
+      const int64_t off = row * r.pitch_bytes + b0;
       std::memcpy(static_cast<char*>(dst.data) + off, static_cast<const char*>(src.data) + off,
-                  static_cast<size_t>(hw * e));
+                  static_cast<size_t>(std::min(kChunk, r.width_bytes - b0)));
     }
   });
 }

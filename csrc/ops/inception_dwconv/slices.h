@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "fastvis/depthwise_conv.h"
+#include "fastvis/inception_dwconv.h"
 #include "fastvis/tensor.h"
 
 namespace fastvis {
@@ -22,6 +24,38 @@ inline TensorView channel_slice(const TensorView& t, int64_t c0, int64_t cn) {
   s.data = static_cast<char*>(t.data) + c0 * t.strides[1] * static_cast<int64_t>(t.itemsize());
   s.shape[1] = cn;
   return s;
+}
+
+// Branch b as a depthwise problem on its g channels: kernel extent, dilation d along it,
+// stride 1, symmetric "same" padding d*(k-1)/2 (the shape check guarantees d*(k-1) even).
+inline void branch_problem(const InceptionDWConv2dShape& s, int64_t d, int b,
+                           DepthwiseConv2dShape* bs, DepthwiseConv2dParams* bp) {
+  bs->n = s.n, bs->c = s.g, bs->h = s.h, bs->w = s.w, bs->oh = s.h, bs->ow = s.w;
+  bs->layout = s.layout;
+  int64_t dh = d, dw = d;
+  if (b == kSquare) {
+    bs->kh = s.kh, bs->kw = s.kw;
+  } else if (b == kBandW) {
+    bs->kh = 1, bs->kw = s.kbw, dh = 1;
+  } else {
+    bs->kh = s.kbh, bs->kw = 1, dw = 1;
+  }
+  *bp = DepthwiseConv2dParams{};
+  bp->dilation_h = dh, bp->dilation_w = dw;
+  bp->pad_top = bp->pad_bottom = dh * (bs->kh - 1) / 2;
+  bp->pad_left = bp->pad_right = dw * (bs->kw - 1) / 2;
+}
+
+// The identity channels of every image as a 2-D copy: `height` rows of `width_bytes`,
+// `pitch_bytes` apart, at the same offsets in source and destination. NHWC: one row per
+// pixel; NCHW: one row per image (its identity planes are contiguous).
+struct CopyRect {
+  int64_t width_bytes, height, pitch_bytes;
+};
+inline CopyRect identity_rect(const InceptionDWConv2dShape& s, int64_t itemsize) {
+  const int64_t cid = s.c - 3 * s.g;
+  if (s.layout == Layout::NHWC) return CopyRect{cid * itemsize, s.n * s.h * s.w, s.c * itemsize};
+  return CopyRect{cid * s.h * s.w * itemsize, s.n, s.c * s.h * s.w * itemsize};
 }
 
 // Rows of the fused forward loop: work items are (image, band of `rows` image rows); a band
