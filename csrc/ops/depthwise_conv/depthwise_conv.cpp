@@ -70,7 +70,7 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes) {
 }
 
 void* ScratchCarver::take(size_t b) {
-  void* p = base_ + used_;
+  void* p = base_ ? base_ + used_ : nullptr;  // null base: counting only
   used_ += align64(b);
   FV_CHECK_VALUE(used_ <= bytes_ || base_ == nullptr, "scratch buffer too small: need at least ",
                  used_, " bytes, got ", bytes_);
