@@ -67,7 +67,7 @@ inline int64_t band_rows(int64_t n, int64_t h, int64_t w, int64_t pitch, int64_t
   int64_t rb = std::max<int64_t>(1, kBandBytes / row_bytes);
   const int64_t bands_wanted = std::min<int64_t>(h, (16 + std::max<int64_t>(n, 1) - 1) /
                                                         std::max<int64_t>(n, 1));
-  rb = std::min(rb, (h + bands_wanted - 1) / std::max<int64_t>(bands_wanted, 1));
+  rb = std::min(rb, std::max<int64_t>(1, h / std::max<int64_t>(bands_wanted, 1)));
   return std::max<int64_t>(1, std::min(rb, h));
 }
 
