@@ -679,3 +679,19 @@ def test_bench_dwconv_op_inception_runs(tmp_path, capsys):
     assert [r["pass"] for r in doc["results"]] == ["fwd", "fwd+bwd"]
     assert all(r["check"]["ok"] for r in doc["results"])
     assert set(doc["results"][0]["times"]) == {"fastvis", "eager_nchw", "eager_cl"}
+
+
+def test_channels_last_needs_no_activation_sized_scratch():
+    """NHWC runs in place: the scratch (packed weights, per-thread tile buffers bounded by
+    cache budgets, weight-gradient partials) stops growing with the batch and stays far
+    below the activation."""
+    ws = [torch.empty(12, 1, 3, 3), torch.empty(12), torch.empty(12, 1, 1, 11), torch.empty(12),
+          torch.empty(12, 1, 11, 1), torch.empty(12)]
+    sizes = {}
+    for n in (8, 32):
+        x = torch.empty(n, 96, 56, 56).contiguous(memory_format=torch.channels_last)
+        sizes[n] = (_C.inception_dwconv_forward_scratch_bytes(x, ws, 1),
+                    _C.inception_dwconv_backward_scratch_bytes(x, ws, 1))
+    assert sizes[8] == sizes[32]
+    act = 8 * 96 * 56 * 56 * 4
+    assert max(sizes[8]) < act / 8, (sizes, act)
