@@ -383,18 +383,19 @@ def test_channels_last_end_to_end():
 def test_use_reference_gives_the_same_result(monkeypatch):
     _, fm = pair("inception_next_atto")
     x = _randn(2, 3, 64, 64, tag="x/ref")
-    import fastvis.ops.depthwise_conv as dw
+    import fastvis.ops.inception_dwconv as idw
 
     calls = []
-    real = dw.depthwise_conv2d_reference
-    monkeypatch.setattr(dw, "depthwise_conv2d_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = idw.inception_depthwise_conv2d_reference
+    monkeypatch.setattr(idw, "inception_depthwise_conv2d_reference",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         y = fm(x)
         assert not calls
         with fastvis.use_reference():
             y_ref = fm(x)
     assert not fastvis.reference_enabled()
-    assert len(calls) == 3 * sum(fm.depths)  # every branch convolution ran the reference
+    assert len(calls) == sum(fm.depths)  # every token mixer ran the reference
     assert_close_scaled(y, y_ref, "kernels vs use_reference()")
 
 

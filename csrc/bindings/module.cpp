@@ -742,4 +742,87 @@ PYBIND11_MODULE(_C, m) {
       py::arg("bn_weights"), py::arg("bn_biases"), py::arg("mean"), py::arg("var"),
       py::arg("eps"), py::arg("grad_x"), py::arg("grad_weights"), py::arg("grad_bn_weights"),
       py::arg("grad_bn_biases"), py::arg("scratch") = py::none());
+
+  // ------------------------------------------------------------ inception_dwconv
+  // weights: (hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias), biases None when
+  // absent; grads: (x, hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias), None where
+  // not wanted.
+  struct IncArgs {
+    Borrowed b;
+    TensorView x, wv[6], gv[7];
+    InceptionDWConv2dWeights w;
+    InceptionDWConv2dGrads g;
+    InceptionDWConv2dParams p;
+    IncArgs(const py::object& xo, const py::sequence& ws, int64_t dilation) {
+      static const char* names[6] = {"hw_weight", "hw_bias", "w_weight", "w_bias", "h_weight",
+                                     "h_bias"};
+      FV_CHECK_VALUE(py::len(ws) == 6, "weights: expected 6 entries, got ", py::len(ws));
+      x = b.view(xo, "x");
+      const TensorView* ptr[6];
+      for (int i = 0; i < 6; ++i) {
+        py::object o = ws[i];
+        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
+      }
+      w = InceptionDWConv2dWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5]};
+      p.dilation = dilation;
+    }
+    void grads(const py::sequence& gs) {
+      static const char* names[7] = {"grad_x", "grad_hw_weight", "grad_hw_bias", "grad_w_weight",
+                                     "grad_w_bias", "grad_h_weight", "grad_h_bias"};
+      FV_CHECK_VALUE(py::len(gs) == 7, "grads: expected 7 entries, got ", py::len(gs));
+      const TensorView* ptr[7];
+      for (int i = 0; i < 7; ++i) {
+        py::object o = gs[i];
+        ptr[i] = o.is_none() ? nullptr : (gv[i] = b.view(o, names[i]), &gv[i]);
+      }
+      g = InceptionDWConv2dGrads{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6]};
+    }
+  };
+
+  m.def("inception_dwconv_output_shape",
+        [](py::object x, py::sequence ws, int64_t dilation) {
+          IncArgs a(x, ws, dilation);
+          const auto s = inception_dwconv2d_shape(a.x, a.w, a.p);
+          return py::make_tuple(s.n, s.c, s.h, s.w, s.g);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("dilation"));
+  m.def("inception_dwconv_forward_scratch_bytes",
+        [](py::object x, py::sequence ws, int64_t dilation) {
+          IncArgs a(x, ws, dilation);
+          return inception_dwconv2d_forward_scratch_bytes(a.x, a.w, a.p);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("dilation"));
+  m.def(
+      "inception_dwconv_forward",
+      [](py::object x, py::sequence ws, int64_t dilation, py::object y, py::object scratch,
+         uintptr_t stream) {
+        IncArgs a(x, ws, dilation);
+        TensorView yv = a.b.view(y, "y");
+        const size_t need = inception_dwconv2d_forward_scratch_bytes(a.x, a.w, a.p);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        inception_dwconv2d_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes, as_stream(stream));
+      },
+      py::arg("x"), py::arg("weights"), py::arg("dilation"), py::arg("y"),
+      py::arg("scratch") = py::none(), py::arg("stream") = 0);
+  m.def("inception_dwconv_backward_scratch_bytes",
+        [](py::object x, py::sequence ws, int64_t dilation) {
+          IncArgs a(x, ws, dilation);
+          return inception_dwconv2d_backward_scratch_bytes(a.x, a.w, a.p);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("dilation"));
+  m.def(
+      "inception_dwconv_backward",
+      [](py::object gy, py::object x, py::sequence ws, int64_t dilation, py::sequence grads,
+         py::object scratch, uintptr_t stream) {
+        IncArgs a(x, ws, dilation);
+        a.grads(grads);
+        TensorView gyv = a.b.view(gy, "grad_y");
+        const size_t need = inception_dwconv2d_backward_scratch_bytes(a.x, a.w, a.p);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        inception_dwconv2d_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes, as_stream(stream));
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("dilation"), py::arg("grads"),
+      py::arg("scratch") = py::none(), py::arg("stream") = 0);
 }

@@ -13,14 +13,13 @@ inline size_t align64(size_t b) { return (b + 63) & ~size_t(63); }
 inline size_t acc_size(DType dt) { return dt == DType::Float64 ? 8 : 4; }
 
 // Hands out consecutive 64-byte-aligned regions of [base, base + bytes). A carver over a
-// null base is a dry run that only measures (take() returns offsets from null, never
-// dereferenced): scratch queries run the same carving code as the entry points, so the
+// null base is a dry run that only measures (take() returns null): scratch queries run the same carving code as the entry points, so the
 // two cannot disagree. Entry points check `scratch != nullptr` before carving.
 class ScratchCarver {
  public:
   ScratchCarver(void* base, size_t bytes) : base_(static_cast<char*>(base)), bytes_(bytes) {}
   void* take(size_t b) {
-    void* p = base_ + used_;
+    void* p = base_ ? base_ + used_ : nullptr;  // a dry run hands out nulls (no arithmetic on null)
     used_ += align64(b);
     FV_CHECK_VALUE(used_ <= bytes_ || base_ == nullptr, "scratch buffer too small: need at least ",
                    used_, " bytes, got ", bytes_);

@@ -6,6 +6,7 @@
 #include "fastvis/dilated_reparam.h"
 #include "fastvis/error.h"
 #include "fastvis/grn.h"
+#include "fastvis/inception_dwconv.h"
 #include "fastvis/layer_norm.h"
 #include "fastvis/metanext_block.h"
 #include "fastvis/tensor.h"

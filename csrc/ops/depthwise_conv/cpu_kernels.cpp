@@ -62,21 +62,21 @@ template <class T, class A>
 void pack_rows(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t c0, int64_t cw,
                A* buf) {
   constexpr int L = VT<A>::L, CB = 2 * L;
-  const int64_t wp = packed_width(g);
+  const int64_t wp = packed_width(g), xp = in_pitch(g);
   const int64_t q_lo = std::min(wp, g.pl), q_hi = std::max(q_lo, std::min(wp, g.pl + g.w));
   for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
     A* row = buf + (ih - ih_lo) * wp * CB;
     std::fill(row, row + q_lo * CB, A(0));
     std::fill(row + q_hi * CB, row + wp * CB, A(0));
-    const T* s = xn + (ih * g.w + (q_lo - g.pl)) * g.c + c0;
+    const T* s = xn + (ih * g.w + (q_lo - g.pl)) * xp + c0;
     A* d = row + q_lo * CB;
     if (cw == CB) {
-      for (int64_t q = q_lo; q < q_hi; ++q, s += g.c, d += CB) {
+      for (int64_t q = q_lo; q < q_hi; ++q, s += xp, d += CB) {
         vstore<A, A>(d, vload<T, A>(s));
         vstore<A, A>(d + L, vload<T, A>(s + L));
       }
     } else {
-      for (int64_t q = q_lo; q < q_hi; ++q, s += g.c, d += CB) {
+      for (int64_t q = q_lo; q < q_hi; ++q, s += xp, d += CB) {
         int64_t c = 0;
         for (; c < cw; ++c) d[c] = sload<T, A>(s + c);
         for (; c < CB; ++c) d[c] = A(0);
@@ -109,16 +109,17 @@ inline void fwd_pixels(const Geom& g, const A* xb, const A* wb, const int32_t* x
       acc[o][1] += vload<A, A>(xp + o * sps + L) * w1;
     }
   }
+  const int64_t P = out_pitch(g);
   if (cw == CB) {
     for (int o = 0; o < OWB; ++o) {
-      vstore<Y, A>(yp + o * g.c, acc[o][0]);
-      vstore<Y, A>(yp + o * g.c + L, acc[o][1]);
+      vstore<Y, A>(yp + o * P, acc[o][0]);
+      vstore<Y, A>(yp + o * P + L, acc[o][1]);
     }
   } else {
     for (int o = 0; o < OWB; ++o) {
       A tmp[CB];
       std::memcpy(tmp, acc[o], sizeof tmp);
-      for (int64_t c = 0; c < cw; ++c) sstore<Y, A>(yp + o * g.c + c, tmp[c]);
+      for (int64_t c = 0; c < cw; ++c) sstore<Y, A>(yp + o * P + c, tmp[c]);
     }
   }
 }
@@ -139,17 +140,18 @@ void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, cons
       wo[nt] = static_cast<int32_t>((i * g.kw + j) * g.cp);
     }
   const A* wb = wpk + c0;
+  const int64_t P = out_pitch(g);
   int64_t ow = 0;
   for (; ow + OWB <= g.ow; ow += OWB)
     fwd_pixels<Y, A, OWB, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias,
-                              yrow + ow * g.c + c0, cw, c0);
+                              yrow + ow * P + c0, cw, c0);
   if (ow + 3 <= g.ow) {
-    fwd_pixels<Y, A, 3, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * g.c + c0,
+    fwd_pixels<Y, A, 3, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * P + c0,
                             cw, c0);
     ow += 3;
   }
   for (; ow < g.ow; ++ow)
-    fwd_pixels<Y, A, 1, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * g.c + c0,
+    fwd_pixels<Y, A, 1, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias, yrow + ow * P + c0,
                             cw, c0);
 }
 
@@ -173,7 +175,7 @@ void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, 
     pack_rows<T, A>(g, xn, ih_lo, ih_hi, c0, std::min<int64_t>(CB, g.c - c0), buf);
     return;
   }
-  const int64_t wp = packed_width(g);
+  const int64_t wp = packed_width(g), xp = in_pitch(g);
   const int64_t q_lo = std::min(wp, g.pl), q_hi = std::max(q_lo, std::min(wp, g.pl + g.w));
   for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
     const int64_t r = ih - ih_lo;
@@ -182,8 +184,8 @@ void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, 
       std::fill(row, row + q_lo * CB, A(0));
       std::fill(row + q_hi * CB, row + wp * CB, A(0));
     }
-    const T* s = xn + (ih * g.w + (q_lo - g.pl)) * g.c;
-    for (int64_t q = q_lo; q < q_hi; ++q, s += g.c) {
+    const T* s = xn + (ih * g.w + (q_lo - g.pl)) * xp;
+    for (int64_t q = q_lo; q < q_hi; ++q, s += xp) {
       A* d = buf + (r * wp + q) * CB;
       for (int64_t b = b0; b < b1; ++b, d += block_elems) {
         const int64_t c0 = b * CB, cw = std::min<int64_t>(CB, g.c - c0);
@@ -200,10 +202,28 @@ void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, 
   }
 }
 
+// One work item of the forward pass: output rows [oh0, oh1) of image n, channel blocks
+// [b0, b1) (a tile of the plan), packed into buf and convolved.
+template <class T, class A, class Y>
+void fwd_item(const Geom& g, const FwdPlan& pl, const T* x, const A* wpk, const A* bias, Y* y,
+              A* buf, int64_t n, int64_t oh0, int64_t oh1, int64_t b0, int64_t b1) {
+  constexpr int64_t CB = 2 * VT<A>::L;
+  const int64_t xp = in_pitch(g), yp = out_pitch(g);
+  const int64_t ih_lo = std::max<int64_t>(0, oh0 * g.sh - g.pt);
+  const int64_t ih_hi = std::min<int64_t>(g.h, (oh1 - 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
+  const T* xn = x + n * g.h * g.w * xp;
+  if (ih_hi > ih_lo) pack_rows_blocks<T, A>(g, xn, ih_lo, ih_hi, b0, b1, pl.block_elems, buf);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t c0 = b * CB, cw = std::min<int64_t>(CB, g.c - c0);
+    const A* tile_buf = buf + (b - b0) * pl.block_elems;
+    for (int64_t oh = oh0; oh < oh1; ++oh)
+      fwd_row<Y, A>(g, tile_buf, ih_lo, wpk, bias, y + (n * g.oh + oh) * g.ow * yp, oh, c0, cw);
+  }
+}
+
 template <class T, class A, class Y = T>
 void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* bufs, int nbufs,
                bool balance = true) {
-  constexpr int64_t CB = 2 * VT<A>::L;
   const FwdPlan pl = fwd_plan(g, sizeof(A), balance);
   const int64_t items = g.n * pl.ntiles * pl.ngroups;
   auto body = [&](int slot, int64_t begin, int64_t end) {
@@ -213,24 +233,25 @@ void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* 
                     n = t / pl.ntiles;
       const int64_t b0 = grp * pl.gb, b1 = std::min(pl.nb, b0 + pl.gb);
       const int64_t oh0 = tile * pl.rt, oh1 = std::min(g.oh, oh0 + pl.rt);
-      const int64_t ih_lo = std::max<int64_t>(0, oh0 * g.sh - g.pt);
-      const int64_t ih_hi =
-          std::min<int64_t>(g.h, (oh1 - 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
-      const T* xn = x + n * g.h * g.w * g.c;
-      if (ih_hi > ih_lo) pack_rows_blocks<T, A>(g, xn, ih_lo, ih_hi, b0, b1, pl.block_elems, buf);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t c0 = b * CB, cw = std::min<int64_t>(CB, g.c - c0);
-        const A* tile_buf = buf + (b - b0) * pl.block_elems;
-        for (int64_t oh = oh0; oh < oh1; ++oh)
-          fwd_row<Y, A>(g, tile_buf, ih_lo, wpk, bias, y + (n * g.oh + oh) * g.ow * g.c, oh, c0,
-                        cw);
-      }
+      fwd_item<T, A, Y>(g, pl, x, wpk, bias, y, buf, n, oh0, oh1, b0, b1);
     }
   };
   if (balance)
     parallel_for_indexed(items, 1, body);
   else
     body(0, 0, items);  // serial: the caller owns the one buffer
+}
+
+// Serial: output rows [r0, r1) of image n, every channel block, in tiles of the serial plan.
+template <class T, class A>
+void forward_rows_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y, A* buf,
+                    int64_t n, int64_t r0, int64_t r1) {
+  const FwdPlan pl = fwd_plan(g, sizeof(A), false);
+  for (int64_t oh0 = r0; oh0 < r1; oh0 += pl.rt)
+    for (int64_t grp = 0; grp < pl.ngroups; ++grp) {
+      const int64_t b0 = grp * pl.gb, b1 = std::min(pl.nb, b0 + pl.gb);
+      fwd_item<T, A, T>(g, pl, x, wpk, bias, y, buf, n, oh0, std::min(r1, oh0 + pl.rt), b0, b1);
+    }
 }
 
 // ------------------------------------------------------------------ backward input (gather)
@@ -240,7 +261,7 @@ void bwdin_row(const Geom& g, const T* gyn, const A* wpk, T* gxrow, int64_t ih, 
                const int64_t* ti, const int64_t* to, int nt) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
-  const int64_t C = g.c;
+  const int64_t YP = out_pitch(g), XP = in_pitch(g);
   for (int64_t iw = 0; iw < g.w; ++iw) {
     V acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V{};
@@ -251,18 +272,18 @@ void bwdin_row(const Geom& g, const T* gyn, const A* wpk, T* gxrow, int64_t ih, 
       if (ow >= g.ow) continue;
       for (int p = 0; p < nt; ++p) {
         const A* wp = wpk + (ti[p] * g.kw + j) * g.cp + c0;
-        const T* gp = gyn + (to[p] * g.ow + ow) * C + c0;
+        const T* gp = gyn + (to[p] * g.ow + ow) * YP + c0;
         for (int v = 0; v < NV; ++v) acc[v] += vload<T, A>(gp + v * L) * vload<A, A>(wp + v * L);
       }
     }
-    for (int v = 0; v < NV; ++v) vstore<T, A>(gxrow + iw * C + c0 + v * L, acc[v]);
+    for (int v = 0; v < NV; ++v) vstore<T, A>(gxrow + iw * XP + c0 + v * L, acc[v]);
   }
 }
 
 template <class T, class A>
 void bwdin_row_scalar(const Geom& g, const T* gyn, const A* wpk, T* gxrow, int64_t c0, int64_t cn,
                       const int64_t* ti, const int64_t* to, int nt) {
-  const int64_t C = g.c;
+  const int64_t YP = out_pitch(g), XP = in_pitch(g);
   for (int64_t iw = 0; iw < g.w; ++iw) {
     for (int64_t c = c0; c < c0 + cn; ++c) {
       A acc = 0;
@@ -272,9 +293,9 @@ void bwdin_row_scalar(const Geom& g, const T* gyn, const A* wpk, T* gxrow, int64
         const int64_t ow = u / g.sw;
         if (ow >= g.ow) continue;
         for (int p = 0; p < nt; ++p)
-          acc += sload<T, A>(gyn + (to[p] * g.ow + ow) * C + c) * wpk[(ti[p] * g.kw + j) * g.cp + c];
+          acc += sload<T, A>(gyn + (to[p] * g.ow + ow) * YP + c) * wpk[(ti[p] * g.kw + j) * g.cp + c];
       }
-      sstore<T, A>(gxrow + iw * C + c, acc);
+      sstore<T, A>(gxrow + iw * XP + c, acc);
     }
   }
 }
@@ -295,8 +316,8 @@ void backward_input_t(const Geom& g, const T* gy, const A* wpk, T* gx) {
         to[nt] = u / g.sh;
         ++nt;
       }
-      const T* gyn = gy + n * g.oh * g.ow * g.c;
-      T* gxrow = gx + (n * g.h + ih) * g.w * g.c;
+      const T* gyn = gy + n * g.oh * g.ow * out_pitch(g);
+      T* gxrow = gx + (n * g.h + ih) * g.w * in_pitch(g);
       const auto& b = blocks[bi];
       if (b.second == 2)
         bwdin_row<T, A, 2>(g, gyn, wpk, gxrow, ih, b.first, ti, to, nt);
@@ -386,6 +407,7 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
   gg.w = g.ow;
   gg.kh = gg.kw = gg.sh = gg.sw = gg.dh = gg.dw = 1;
   gg.pt = gg.pl = 0;
+  gg.xpitch = out_pitch(g);
   parallel_for_indexed(nb * RC, 1, [&](int slot, int64_t begin, int64_t end) {
     A* xbuf = bufs + std::min(slot, nbufs - 1) * (plan.x_elems + plan.gy_elems);
     A* gbuf = xbuf + plan.x_elems;
@@ -403,8 +425,9 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
         const int64_t ih_lo = std::max<int64_t>(0, oh0 * g.sh - g.pt);
         const int64_t ih_hi =
             std::min<int64_t>(g.h, (oh1 - 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
-        if (ih_hi > ih_lo) pack_rows<T, A>(g, x + n * g.h * g.w * g.c, ih_lo, ih_hi, c0, cw, xbuf);
-        pack_rows<T, A>(gg, gy + n * g.oh * g.ow * g.c, oh0, oh1, c0, cw, gbuf);
+        if (ih_hi > ih_lo)
+          pack_rows<T, A>(g, x + n * g.h * g.w * in_pitch(g), ih_lo, ih_hi, c0, cw, xbuf);
+        pack_rows<T, A>(gg, gy + n * g.oh * g.ow * out_pitch(g), oh0, oh1, c0, cw, gbuf);
         for (int64_t oh = oh0; oh < oh1; ++oh) {
           const A* gyrow = gbuf + (oh - oh0) * g.ow * CB;
           wg_row<A>(g, gyrow, xbuf, ih_lo, part, oh, c0);
@@ -466,6 +489,30 @@ void forward_tile_acc(DType dt, const Geom& g, const void* x, const void* wpk, c
                                         static_cast<const float*>(wpk),
                                         static_cast<const float*>(bias), static_cast<float*>(y),
                                         static_cast<float*>(buf), 1, false);
+      break;
+    default: break;
+  }
+}
+
+void forward_rows(DType dt, const Geom& g, const void* x, const void* wpk, const void* bias,
+                  void* y, void* buf, int64_t n, int64_t oh0, int64_t oh1) {
+  switch (dt) {
+    case DType::Float32:
+      forward_rows_t<float, float>(g, static_cast<const float*>(x), static_cast<const float*>(wpk),
+                                   static_cast<const float*>(bias), static_cast<float*>(y),
+                                   static_cast<float*>(buf), n, oh0, oh1);
+      break;
+    case DType::Float64:
+      forward_rows_t<double, double>(g, static_cast<const double*>(x),
+                                     static_cast<const double*>(wpk),
+                                     static_cast<const double*>(bias), static_cast<double*>(y),
+                                     static_cast<double*>(buf), n, oh0, oh1);
+      break;
+    case DType::BFloat16:
+      forward_rows_t<bfloat16, float>(g, static_cast<const bfloat16*>(x),
+                                      static_cast<const float*>(wpk),
+                                      static_cast<const float*>(bias), static_cast<bfloat16*>(y),
+                                      static_cast<float*>(buf), n, oh0, oh1);
       break;
     default: break;
   }

@@ -2,7 +2,9 @@
 // compiled once per instruction set (FV_ISA = generic, avx2, ...) into its own
 // namespace; depthwise_conv.cpp picks one at run time.
 //
-// Every kernel works on dense NHWC buffers. Weights arrive packed as
+// Every kernel works on NHWC buffers: pixels `pitch` elements apart (Geom::xpitch /
+// ypitch, default C: dense), so a channel slice of a wider NHWC tensor is served in
+// place (the Inception depthwise op runs its branches that way). Weights arrive packed as
 // [kh][kw][C] in the accumulation type A (float for float32/bfloat16, double for
 // float64). Storage type T: float, double or bfloat16 (uint16 bits).
 #pragma once
@@ -22,7 +24,15 @@ struct Geom {
   int64_t pt, pl;        // top/left padding (>= 0)
   int64_t dh, dw;        // dilation
   int64_t cp;            // channel stride of the packed weights (C rounded up to a block)
+  // Pixel pitch (elements between consecutive pixels; rows are w * pitch, images
+  // h * w * pitch apart) of the tensor on the input grid (h x w) and of the one on the
+  // output grid (oh x ow). 0 means c (dense NHWC). A pitch > c serves the channel slice
+  // [c0, c0 + c) of an NHWC tensor of `pitch` channels, given pointers offset by c0.
+  int64_t xpitch = 0, ypitch = 0;
 };
+
+inline int64_t in_pitch(const Geom& g) { return g.xpitch ? g.xpitch : g.c; }
+inline int64_t out_pitch(const Geom& g) { return g.ypitch ? g.ypitch : g.c; }
 
 // Forward tiling: work items are (image, tile of output rows, channel block). Each
 // item packs the input rows its tile reads, for its channel block only, into a
@@ -113,6 +123,11 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes);
   /* false).buf_elems accumulators. */                                                         \
   void forward_tile_acc(DType dt, const Geom& g, const void* x, const void* wpk,               \
                         const void* bias, void* y, void* buf);                                 \
+  /* As forward, serially in the calling thread: output rows [oh0, oh1) of image n, all */ \
+  /* channels, tiled with fwd_plan(g, sizeof(A), false); buf: that plan's buf_elems. */      \
+  void forward_rows(DType dt, const Geom& g, const void* x, const void* wpk,                 \
+                    const void* bias, void* y, void* buf, int64_t n, int64_t oh0,             \
+                    int64_t oh1);                                                             \
   /* Transposed correlation (any stride): gx from gy and the packed, unflipped weight. */      \
   /* g describes the forward problem (x of g.h x g.w, gy of g.oh x g.ow). */                  \
   void backward_input_gather(DType dt, const Geom& g, const void* gy, const void* wpk,         \

@@ -15,6 +15,7 @@
 #include "fastvis/threading.h"
 #include "ops/depthwise_conv/checks.h"
 #include "ops/depthwise_conv/cpu_kernels.h"
+#include "ops/depthwise_conv/internal.h"
 #if defined(FASTVIS_WITH_CUDA)
 #include "ops/depthwise_conv/dwconv_cuda.h"
 #endif
@@ -69,11 +70,83 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes) {
   return plan;
 }
 
-namespace {
+void pack_weight(const TensorView& w, int64_t C, int64_t kh, int64_t kw, int64_t cp, bool flip,
+                 void* out) {
+  const WeightIndex wi(w);
+  const bool dbl = w.dtype == DType::Float64;
+  std::memset(out, 0, kh * kw * cp * acc_size(w.dtype));
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) {
+      const int64_t si = flip ? kh - 1 - i : i, sj = flip ? kw - 1 - j : j;
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = load_as_double(w.dtype, w.data, wi(c, si, sj));
+        const int64_t o = (i * kw + j) * cp + c;
+        if (dbl)
+          static_cast<double*>(out)[o] = v;
+        else
+          static_cast<float*>(out)[o] = static_cast<float>(v);
+      }
+    }
+}
 
-using core::acc_size;
-using core::align64;
-using core::ScratchCarver;
+void pack_bias(const TensorView& b, int64_t C, int64_t cp, void* out) {
+  std::memset(out, 0, cp * acc_size(b.dtype));
+  for (int64_t c = 0; c < C; ++c) {
+    const double v = load_as_double(b.dtype, b.data, c * b.strides[0]);
+    if (b.dtype == DType::Float64)
+      static_cast<double*>(out)[c] = v;
+    else
+      static_cast<float*>(out)[c] = static_cast<float>(v);
+  }
+}
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX2)
+    if (cpu::selected_isa() == cpu::Isa::Avx2)
+      return Kernels{&avx2::forward, &avx2::forward_rows, &avx2::backward_input_gather,
+                     &avx2::backward_weight_partials};
+#endif
+    return Kernels{&generic::forward, &generic::forward_rows, &generic::backward_input_gather,
+                   &generic::backward_weight_partials};
+  }();
+  return k;
+}
+
+void reduce_weight_partials(DType dt, const Geom& g, const WgradPlan& plan, const void* partial,
+                            const TensorView* grad_weight, const TensorView* grad_bias) {
+  TensorView none;
+  none.ndim = 4;  // strides all zero: never used when grad_weight is null
+  const WeightIndex wi(grad_weight ? *grad_weight : none);
+  const int64_t KK = g.kh * g.kw, RC = plan.row_chunks, PE = plan.partial_elems;
+  const bool dbl = dt == DType::Float64;
+  auto sum_at = [&](int64_t e_idx) {
+    double acc = 0.0;
+    if (dbl) {
+      const double* pp = static_cast<const double*>(partial);
+      for (int64_t r = 0; r < RC; ++r) acc += pp[r * PE + e_idx];
+    } else {
+      const float* pp = static_cast<const float*>(partial);
+      float f = 0.f;
+      for (int64_t r = 0; r < RC; ++r) f += pp[r * PE + e_idx];
+      acc = f;
+    }
+    return acc;
+  };
+  parallel_for(g.c, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      if (grad_weight)
+        for (int64_t k = 0; k < KK; ++k)
+          store_from_double(grad_weight->dtype, grad_weight->data, wi(c, k / g.kw, k % g.kw),
+                            sum_at(k * g.cp + c));
+      if (grad_bias)
+        store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0],
+                          sum_at(KK * g.cp + c));
+    }
+  });
+}
+
+namespace {
 
 Geom forward_geom(const DepthwiseConv2dShape& s, const DepthwiseConv2dParams& p, DType dt) {
   return Geom{s.n,          s.c,        s.h,           s.w,          s.kh,
@@ -95,56 +168,6 @@ size_t fwd_buffer_bytes(const Geom& g, DType dt) {
   const int64_t a = static_cast<int64_t>(acc_size(dt));
   return align64(static_cast<size_t>(fwd_plan(g, a).buf_elems * a)) *
          static_cast<size_t>(get_num_threads());
-}
-
-// weight (any strides, storage dtype) -> [kh][kw][C] in the accumulation type.
-void pack_weight(const TensorView& w, const DepthwiseConv2dShape& s, int64_t cp, bool flip,
-                 void* out) {
-  const WeightIndex wi(w);
-  const bool dbl = w.dtype == DType::Float64;
-  std::memset(out, 0, s.kh * s.kw * cp * acc_size(w.dtype));
-  for (int64_t i = 0; i < s.kh; ++i)
-    for (int64_t j = 0; j < s.kw; ++j) {
-      const int64_t si = flip ? s.kh - 1 - i : i, sj = flip ? s.kw - 1 - j : j;
-      for (int64_t c = 0; c < s.c; ++c) {
-        const double v = load_as_double(w.dtype, w.data, wi(c, si, sj));
-        const int64_t o = (i * s.kw + j) * cp + c;
-        if (dbl)
-          static_cast<double*>(out)[o] = v;
-        else
-          static_cast<float*>(out)[o] = static_cast<float>(v);
-      }
-    }
-}
-
-void pack_bias(const TensorView& b, int64_t C, int64_t cp, void* out) {
-  std::memset(out, 0, cp * acc_size(b.dtype));
-  for (int64_t c = 0; c < C; ++c) {
-    const double v = load_as_double(b.dtype, b.data, c * b.strides[0]);
-    if (b.dtype == DType::Float64)
-      static_cast<double*>(out)[c] = v;
-    else
-      static_cast<float*>(out)[c] = static_cast<float>(v);
-  }
-}
-
-struct Kernels {
-  void (*forward)(DType, const Geom&, const void*, const void*, const void*, void*, void*, int);
-  void (*backward_input_gather)(DType, const Geom&, const void*, const void*, void*);
-  void (*backward_weight_partials)(DType, const Geom&, const WgradPlan&, const void*, const void*,
-                                   void*, void*, int);
-};
-
-const Kernels& kernels() {
-  static const Kernels k = [] {
-#if defined(FV_HAVE_ISA_AVX2)
-    if (cpu::selected_isa() == cpu::Isa::Avx2)
-      return Kernels{&avx2::forward, &avx2::backward_input_gather, &avx2::backward_weight_partials};
-#endif
-    return Kernels{&generic::forward, &generic::backward_input_gather,
-                   &generic::backward_weight_partials};
-  }();
-  return k;
 }
 
 #if !defined(FASTVIS_WITH_CUDA)
@@ -280,7 +303,7 @@ void depthwise_conv2d_forward(const TensorView& x, const TensorView& weight,
   void* wpk = sc.take(s.kh * s.kw * g.cp * a);
   void* bpk = sc.take(g.cp * a);
   void* bufs = sc.take(fwd_buffer_bytes(g, x.dtype));
-  pack_weight(weight, s, g.cp, false, wpk);
+  pack_weight(weight, s.c, s.kh, s.kw, g.cp, false, wpk);
   if (bias) pack_bias(*bias, s.c, g.cp, bpk);
   if (s.layout == Layout::NHWC) {
     kernels().forward(x.dtype, g, x.data, wpk, bias ? bpk : nullptr, y.data, bufs, nbufs);
@@ -347,10 +370,10 @@ void depthwise_conv2d_backward_input(const TensorView& grad_y, const TensorView&
   if (stride_one(p)) {
     const Geom g = backward_input_geom(s, p, grad_x.dtype);
     void* bufs = sc.take(fwd_buffer_bytes(g, grad_x.dtype));
-    pack_weight(weight, s, cp, true, wpk);
+    pack_weight(weight, s.c, s.kh, s.kw, cp, true, wpk);
     kernels().forward(grad_x.dtype, g, gy, wpk, nullptr, gx, bufs, get_num_threads());
   } else {
-    pack_weight(weight, s, cp, false, wpk);
+    pack_weight(weight, s.c, s.kh, s.kw, cp, false, wpk);
     kernels().backward_input_gather(grad_x.dtype, forward_geom(s, p, grad_x.dtype), gy, wpk, gx);
   }
   if (gxh) nhwc_to_nchw(gxh, grad_x.data, s.n, s.c, s.h * s.w, e);
@@ -418,32 +441,7 @@ void depthwise_conv2d_backward_weight(const TensorView& grad_y, const TensorView
     kernels().backward_weight_partials(x.dtype, g, plan, gyh, xh, partial, bufs, nbufs);
   }
   // Fixed-order reduction over the row chunks (deterministic, thread-count independent).
-  const WeightIndex wi(grad_weight);
-  const int64_t KK = s.kh * s.kw, RC = plan.row_chunks, PE = plan.partial_elems;
-  const bool dbl = x.dtype == DType::Float64;
-  auto sum_at = [&](int64_t e_idx) {
-    double acc = 0.0;
-    if (dbl) {
-      const double* pp = static_cast<const double*>(partial);
-      for (int64_t r = 0; r < RC; ++r) acc += pp[r * PE + e_idx];
-    } else {
-      const float* pp = static_cast<const float*>(partial);
-      float f = 0.f;
-      for (int64_t r = 0; r < RC; ++r) f += pp[r * PE + e_idx];
-      acc = f;
-    }
-    return acc;
-  };
-  parallel_for(s.c, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t k = 0; k < KK; ++k)
-        store_from_double(grad_weight.dtype, grad_weight.data, wi(c, k / s.kw, k % s.kw),
-                          sum_at(k * g.cp + c));
-      if (grad_bias)
-        store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0],
-                          sum_at(KK * g.cp + c));
-    }
-  });
+  reduce_weight_partials(x.dtype, g, plan, partial, &grad_weight, grad_bias);
 }
 
 }  // namespace fastvis

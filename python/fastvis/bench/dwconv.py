@@ -25,6 +25,12 @@ per case; a mismatch is flagged in the table and fails the command.
 at unireplknet_t's stage shapes, against the separate F.conv2d + F.batch_norm per branch
 (eager NCHW / channels_last, and torch.compile of that), in training mode (forward, and
 forward + backward of x, the weights, gammas and betas) and eval mode (forward).
+With ``--op inception``: InceptionNeXt's token mixer (timm's InceptionDWConv2d: identity |
+3x3 | 1x11 | 11x1 on channel groups of g = C/8), at InceptionNeXt-tiny's stage shapes
+(C = 96, 192, 384, 768 at 56, 28, 14, 7; batch 1 and 8) unless --channels / --size are
+given. Candidates: fastvis.ops.inception_depthwise_conv2d (one fused op, channels_last),
+eager PyTorch's split + three depthwise F.conv2d + cat (NCHW and channels_last) and
+torch.compile of that composition.
 """
 
 from __future__ import annotations
@@ -64,6 +70,11 @@ QUICK_WARMUP = 1
 QUICK_REPEAT = 3
 QUICK_MAX_TIME = 0.5
 QUICK_BLOCK_TIME = 0.001
+
+# --op inception: InceptionNeXt-tiny's stages (C x size) and its mixer's defaults.
+INCEPTION_STAGES = "96x56,192x28,384x14,768x7"
+INCEPTION_BATCH = "1,8"
+INCEPTION_SQUARE, INCEPTION_BAND, INCEPTION_RATIO = 3, 11, 1 / 8
 
 PASSES = ("fwd", "fwd+bwd")
 PASS_TITLES = {"fwd": "Forward", "fwd+bwd": "Forward + backward (grads of x, weight, bias)"}
@@ -189,6 +200,10 @@ def _pos_float(s: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to measure")
+    g.add_argument("--op", choices=("dwconv", "inception"), default="dwconv",
+                   help="dwconv: depthwise_conv2d per kernel size (default); inception: the "
+                        "fused Inception depthwise op (InceptionNeXt-tiny stage shapes, "
+                        f"{INCEPTION_STAGES}, batch {INCEPTION_BATCH}; --kernels is ignored)")
     g.add_argument("--kernels", nargs="+", type=_type(parse_kernels), metavar="K",
                    help=f"kernel sizes, K (square) or KHxKW, comma or space separated "
                         f"(default: {DEFAULT_KERNELS}; with --quick: {QUICK_KERNELS})")
@@ -256,6 +271,8 @@ class Settings:
     max_time: float = DEFAULT_MAX_TIME
     min_block_time: float = DEFAULT_BLOCK_TIME
     seed: int = 0
+    op: str = "dwconv"
+    stages: List[Tuple[int, int]] = field(default_factory=list)  # inception: (C, size) pairs
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -263,6 +280,17 @@ class Settings:
             return [x for group in v for x in group]
 
         q = args.quick
+        op = getattr(args, "op", "dwconv")
+        if op == "inception":
+            batch = [x for group in args.batch for x in group] if args.batch else parse_positive_ints(
+                INCEPTION_BATCH, "batch size")
+            if args.channels or args.size:
+                chans = [x for group in args.channels for x in group] if args.channels else [96]
+                sizes_ = [x for group in args.size for x in group] if args.size else [(56, 56)]
+                stages = [(c, hw) for hw in sizes_ for c in chans]
+            else:
+                stages = [(c, (hw, hw)) for c, hw in
+                          (tuple(int(v) for v in t.split("x")) for t in INCEPTION_STAGES.split(","))]
         kernels = flat(args.kernels) if args.kernels else parse_kernels(
             QUICK_KERNELS if q else DEFAULT_KERNELS)
         batch = flat(args.batch) if args.batch else parse_positive_ints(
@@ -280,6 +308,19 @@ class Settings:
         def pick(v, normal, quick):
             return v if v is not None else (quick if q else normal)
 
+        if op == "inception":
+            return cls(
+                kernels=[(INCEPTION_SQUARE, INCEPTION_BAND)], batch=batch,
+                channels=sorted({c for c, _ in stages}), sizes=sorted({hw for _, hw in stages}),
+                dtype=args.dtype, passes=("fwd",) if args.no_backward else PASSES,
+                compile_layouts=layouts,
+                threads=args.threads if args.threads is not None else torch.get_num_threads(),
+                warmup=pick(args.warmup, DEFAULT_WARMUP, QUICK_WARMUP),
+                repeat=pick(args.repeat, DEFAULT_REPEAT, QUICK_REPEAT),
+                max_time=pick(args.max_time, DEFAULT_MAX_TIME, QUICK_MAX_TIME),
+                min_block_time=QUICK_BLOCK_TIME if q else DEFAULT_BLOCK_TIME,
+                op=op, stages=[(c, hw) for c, hw in stages],
+            )
         return cls(
             kernels=kernels, batch=batch, channels=channels, sizes=sizes, dtype=args.dtype,
             passes=("fwd",) if args.no_backward else PASSES,
@@ -292,11 +333,24 @@ class Settings:
         )
 
     def cases(self) -> List["Case"]:
+        if self.op == "inception":
+            return [Case(n, c, h, w, INCEPTION_SQUARE, INCEPTION_BAND, op="inception",
+                         g=int(c * INCEPTION_RATIO))
+                    for (c, (h, w)) in self.stages for n in self.batch]
         return [Case(n, c, h, w, kh, kw)
                 for (h, w) in self.sizes for c in self.channels for n in self.batch
                 for (kh, kw) in self.kernels]
 
     def to_dict(self) -> dict:
+        if self.op == "inception":
+            return {
+                "op": "inception", "stages": [f"C={c} {h}x{w}" for c, (h, w) in self.stages],
+                "square": INCEPTION_SQUARE, "band": INCEPTION_BAND, "branch_ratio": INCEPTION_RATIO,
+                "batch": self.batch, "dtype": self.dtype, "passes": list(self.passes),
+                "fastvis_layout": "channels_last", "compile_layouts": list(self.compile_layouts),
+                "threads": self.threads, "warmup": self.warmup, "repeat": self.repeat,
+                "max_time": self.max_time, "min_block_time": self.min_block_time, "seed": self.seed,
+            }
         return {
             "kernels": [f"{kh}x{kw}" for kh, kw in self.kernels],
             "batch": self.batch, "channels": self.channels,
@@ -319,6 +373,8 @@ class Case:
     w: int
     kh: int
     kw: int
+    op: str = "dwconv"  # "inception": kh = square kernel, kw = band length
+    g: int = 0          # inception: channels per branch
 
     @property
     def shape(self) -> str:
@@ -326,9 +382,14 @@ class Case:
 
     @property
     def kernel(self) -> str:
+        if self.op == "inception":
+            return f"{self.kh}x{self.kh}+1x{self.kw}+{self.kw}x1 g={self.g}"
         return f"{self.kh}x{self.kw}"
 
     def flops(self, pass_: str) -> float:
+        if self.op == "inception":  # three depthwise branches of g channels
+            taps = self.kh * self.kh + 2 * self.kw
+            return 2.0 * self.n * self.g * self.h * self.w * taps * PASS_FLOP_FACTOR[pass_]
         # "same" padding, stride 1: the output is as large as the input.
         return 2.0 * self.n * self.c * self.h * self.w * self.kh * self.kw * PASS_FLOP_FACTOR[pass_]
 
@@ -542,6 +603,115 @@ def run_case(case: Case, s: Settings, dw: Callable, progress: Callable[[str], No
     return results
 
 
+def _eager_inception(x, hw_w, hw_b, w_w, w_b, h_w, h_b):
+    """timm's InceptionDWConv2d.forward: split, three depthwise F.conv2d, cat."""
+    g, c = hw_w.shape[0], x.shape[1]
+    kh, kb = hw_w.shape[-1], w_w.shape[-1]
+    x_id, x_hw, x_w, x_h = torch.split(x, (c - 3 * g, g, g, g), dim=1)
+    return torch.cat((x_id,
+                      F.conv2d(x_hw, hw_w, hw_b, padding=kh // 2, groups=g),
+                      F.conv2d(x_w, w_w, w_b, padding=(0, kb // 2), groups=g),
+                      F.conv2d(x_h, h_w, h_b, padding=(kb // 2, 0), groups=g)), dim=1)
+
+
+def run_inception_case(case: Case, s: Settings, op: Callable, progress: Callable[[str], None],
+                       label: str = "", results: Optional[List[Result]] = None) -> List[Result]:
+    """As run_case, for the Inception depthwise op (candidates take x and six parameters)."""
+    dtype = getattr(torch, s.dtype)
+    gen = torch.Generator().manual_seed(s.seed)
+    g, k, kb = case.g, case.kh, case.kw
+    x = torch.randn(case.n, case.c, case.h, case.w, generator=gen).to(dtype)
+    params = [(torch.randn(g, 1, k, k, generator=gen) / k).to(dtype),
+              torch.randn(g, generator=gen).to(dtype),
+              (torch.randn(g, 1, 1, kb, generator=gen) / math.sqrt(kb)).to(dtype),
+              torch.randn(g, generator=gen).to(dtype),
+              (torch.randn(g, 1, kb, 1, generator=gen) / math.sqrt(kb)).to(dtype),
+              torch.randn(g, generator=gen).to(dtype)]
+    gy = torch.randn(case.n, case.c, case.h, case.w, generator=gen).to(dtype)
+    cl = torch.channels_last
+    inputs = {"nchw": x.contiguous(), "channels_last": x.contiguous(memory_format=cl)}
+    grads_out = {"nchw": gy.contiguous(), "channels_last": gy.contiguous(memory_format=cl)}
+    cands: Dict[str, Tuple[Callable, str]] = {
+        FASTVIS: (op, "channels_last"),
+        EAGER["nchw"]: (_eager_inception, "nchw"),
+        EAGER["channels_last"]: (_eager_inception, "channels_last"),
+    }
+    if s.compile_layouts:
+        torch._dynamo.reset()
+        for layout in s.compile_layouts:
+            cands[COMPILED[layout]] = (
+                torch.compile(_eager_inception, fullgraph=True, dynamic=False), layout)
+
+    results = [] if results is None else results
+    for pass_ in s.passes:
+        res = Result(case, pass_)
+        tag = f"{label}{case.shape} {case.kernel} {pass_}"
+        backward = pass_ == "fwd+bwd"
+        calls: Dict[str, Callable[[], object]] = {}
+        outputs: Dict[str, object] = {}
+        ps = [p.detach().requires_grad_(backward) for p in params]
+        for key, (fn, layout) in cands.items():
+            x_ = inputs[layout].detach().requires_grad_(backward)
+            if backward:
+                gy_ = grads_out[layout]
+
+                def call(fn=fn, x_=x_, gy_=gy_):
+                    y = fn(x_, *ps)
+                    return (y,) + torch.autograd.grad(y, [x_] + ps, gy_)
+            else:
+                def call(fn=fn, x_=x_):
+                    return fn(x_, *ps)
+            if key in COMPILED.values():
+                progress(f"{tag}: compiling {LABELS[key]}")
+            try:
+                with torch.set_grad_enabled(backward), Timer() as t:
+                    out = call()
+            except Exception as e:
+                res.errors[key] = _one_line(e)
+                progress(f"{tag}: {LABELS[key]} failed: {res.errors[key]}")
+                continue
+            res.first_call_seconds[key] = t.elapsed
+            outputs[key] = out if isinstance(out, tuple) else (out,)
+            calls[key] = call
+
+        # Check fastvis against eager PyTorch in float32 (NCHW) on the same, rounded, data.
+        ref = outputs.get(EAGER["nchw"]) if dtype == torch.float32 else None
+        if FASTVIS in outputs and ref is None:
+            try:
+                xr = x.detach().float().requires_grad_(backward)
+                pr = [p.detach().float().requires_grad_(backward) for p in params]
+                with torch.set_grad_enabled(backward):
+                    y = _eager_inception(xr, *pr)
+                    ref = (y,) + (torch.autograd.grad(y, [xr] + pr, gy.float()) if backward else ())
+            except Exception as e:
+                progress(f"{tag}: no reference to check against: {_one_line(e)}")
+        if FASTVIS in outputs and ref is not None:
+            errs = [_rel_err(a, r) for a, r in zip(outputs[FASTVIS], ref)]
+            if len(outputs[FASTVIS]) != len(ref):
+                errs.append(math.inf)
+            res.max_rel_err = max(errs)
+            res.check_ok = res.max_rel_err <= CHECK_TOLERANCE[s.dtype]
+            if not res.check_ok:
+                progress(f"{tag}: WARNING fastvis differs from PyTorch "
+                         f"(max relative error {res.max_rel_err:.3g})")
+        outputs.clear()
+
+        progress(f"{tag}: timing {', '.join(LABELS[k] for k in calls)}")
+        with torch.set_grad_enabled(backward):
+            res.stats = measure_interleaved(
+                calls, warmup=s.warmup, repeat=s.repeat, min_block_time=s.min_block_time,
+                max_time=s.max_time)
+        results.append(res)
+        if FASTVIS in res.stats:
+            msg = f"fastvis {_fmt_ms(res.median(FASTVIS))} ms"
+            if not math.isnan(res.speedup_vs_eager):
+                msg += f", {_fmt_ratio(res.speedup_vs_eager)} vs eager"
+            if not math.isnan(res.speedup_vs_compile):
+                msg += f", {_fmt_ratio(res.speedup_vs_compile)} vs compile"
+            progress(f"{tag}: {msg}")
+    return results
+
+
 def benchmark(s: Settings, dw: Callable, progress: Callable[[str], None],
               results: Optional[List[Result]] = None) -> List[Result]:
     """Runs every case of ``s``; appends to ``results`` as it goes (kept on interrupt)."""
@@ -553,7 +723,8 @@ def benchmark(s: Settings, dw: Callable, progress: Callable[[str], None],
         import torch._inductor  # noqa: F401
     with _quiet_same_padding_warning():
         for i, case in enumerate(cases, 1):
-            run_case(case, s, dw, progress, label=f"[{i}/{len(cases)}] ", results=results)
+            runner = run_inception_case if case.op == "inception" else run_case
+            runner(case, s, dw, progress, label=f"[{i}/{len(cases)}] ", results=results)
     return results
 
 
@@ -626,6 +797,14 @@ def tables(results: List[Result], s: Settings) -> List[Tuple[str, List[str], Lis
 
 
 def preamble(s: Settings, env: dict) -> List[str]:
+    if s.op == "inception":
+        first = (f"Inception depthwise conv (InceptionNeXt token mixer: identity | "
+                 f"{INCEPTION_SQUARE}x{INCEPTION_SQUARE} | 1x{INCEPTION_BAND} | {INCEPTION_BAND}x1, "
+                 f"g = C/{round(1 / INCEPTION_RATIO)}), with biases, {s.dtype}; fastvis "
+                 f"(one fused op) on channels_last input vs split + 3 F.conv2d + cat; "
+                 f"{s.threads} thread(s) for fastvis and PyTorch.")
+    else:
+        first = None
     lines = [
         f"Depthwise conv2d, padding 'same', stride 1, with bias, {s.dtype}; "
         f"fastvis on channels_last input; {s.threads} thread(s) for fastvis and PyTorch.",
@@ -635,6 +814,8 @@ def preamble(s: Settings, env: dict) -> List[str]:
         f"(each >= {s.min_block_time * 1e3:g} ms of back-to-back calls) after {s.warmup} "
         f"warm-up call(s); 'fastvis min' is the fastest block.",
     ]
+    if first is not None:
+        lines[0] = first
     return lines
 
 
@@ -642,13 +823,18 @@ def footnotes(results: List[Result], s: Settings) -> List[str]:
     lines = [
         "vs eager / vs compile: PyTorch median / fastvis median against the faster eager "
         "layout / the faster compiled layout (> 1: fastvis is faster).",
-        "GFLOP/s: 2*N*C*OH*OW*kh*kw flops for the forward pass, 3x that for forward+backward.",
+        "GFLOP/s: 2*N*C*OH*OW*kh*kw flops for the forward pass, 3x that for forward+backward."
+        if s.op != "inception" else
+        "GFLOP/s: 2*N*g*H*W*(k*k + 2*kb) flops (the three branches) for the forward pass, "
+        "3x that for forward+backward.",
     ]
     if s.compile_layouts:
         lines.append(
             "compile: torch.compile(F.conv2d, fullgraph=True, dynamic=False). On CPU, "
             "inductor calls the same ATen convolution kernels as eager (extern kernels), so "
-            "it differs from eager only by overhead and any copies it adds around them.")
+            "it differs from eager only by overhead and any copies it adds around them."
+            + (" For --op inception it compiles the whole split + convs + cat composition."
+               if s.op == "inception" else ""))
     else:
         lines.append("torch.compile was not measured (--no-compile).")
     checked = [r for r in results if r.max_rel_err is not None]
@@ -699,7 +885,7 @@ def _json_safe(v):
 
 def save_json(path: str, s: Settings, env: dict, results: List[Result], complete: bool) -> None:
     doc = {
-        "benchmark": "dwconv",
+        "benchmark": "dwconv" if s.op == "dwconv" else "dwconv --op inception",
         "complete": complete,
         "settings": s.to_dict(),
         "environment": env,
@@ -739,16 +925,16 @@ def _set_threads(n: int, progress) -> Callable[[], None]:
     return restore
 
 
-def _load_op() -> Callable:
+def _load_op(name: str = "depthwise_conv2d") -> Callable:
     from ..cli import CommandError
 
     try:
         from .. import ops
     except Exception as e:
         raise CommandError(f"cannot import fastvis.ops: {_one_line(e)}") from e
-    dw = getattr(ops, "depthwise_conv2d", None)
+    dw = getattr(ops, name, None)
     if not callable(dw):
-        raise CommandError("fastvis.ops.depthwise_conv2d is not available in this build")
+        raise CommandError(f"fastvis.ops.{name} is not available in this build")
     return dw
 
 
@@ -768,7 +954,7 @@ def run(args: argparse.Namespace) -> int:
         d = os.path.dirname(os.path.abspath(args.json))
         if os.path.exists(d) and not os.path.isdir(d):
             raise CommandError(f"--json {args.json}: {d} is not a directory")
-    dw = _load_op()
+    dw = _load_op("inception_depthwise_conv2d" if s.op == "inception" else "depthwise_conv2d")
     import fastvis
 
     if getattr(fastvis, "reference_enabled", lambda: False)():
@@ -781,7 +967,7 @@ def run(args: argparse.Namespace) -> int:
     results: List[Result] = []
     interrupted = False
     n_cases = len(s.cases())
-    progress(f"dwconv: {n_cases} case(s) x {len(s.passes)} pass(es), {s.dtype}, "
+    progress(f"{'dwconv' if s.op == 'dwconv' else 'inception'}: {n_cases} case(s) x {len(s.passes)} pass(es), {s.dtype}, "
              f"{s.threads} thread(s)")
     try:
         benchmark(s, dw, progress, results)

@@ -9,9 +9,9 @@ and the four results are concatenated in that order (timm's ``InceptionDWConv2d`
 The three convolutions are :class:`fastvis.nn.DepthwiseConv2d` parameter holders
 (``weight`` (gc, 1, kh, kw), ``bias`` (gc,), as ``nn.Conv2d(gc, gc, k, groups=gc)``), so
 timm / official state dicts load unchanged. The forward is one call of
-:func:`inception_dwconv_unfused`, whose signature is the one of the fused
-``fastvis.ops.inception_depthwise_conv2d`` op: switching to the fused op is replacing
-that one name.
+the fused ``fastvis.ops.inception_depthwise_conv2d`` op (reads x once, writes the
+concatenated output in place); :func:`inception_dwconv_unfused` (split -> three
+depthwise convs -> cat) is kept as a composition of fastvis ops for comparisons.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..ops.depthwise_conv import depthwise_conv2d
+from ..ops.inception_dwconv import inception_depthwise_conv2d
 from .depthwise_conv import DepthwiseConv2d
 
 __all__ = ["InceptionDWConv2d", "inception_dwconv_unfused"]
@@ -115,7 +116,7 @@ class InceptionDWConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chs:
             raise ValueError(f"InceptionDWConv2d: expected input of shape (N, {self.in_chs}, H, W), "
                              f"got {tuple(x.shape)}")
-        return inception_dwconv_unfused(
+        return inception_depthwise_conv2d(
             x,
             self.dwconv_hw.weight, self.dwconv_hw.bias,
             self.dwconv_w.weight, self.dwconv_w.bias,

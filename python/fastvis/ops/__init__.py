@@ -4,6 +4,7 @@ from .dilated_reparam import dilated_reparam_conv, dilated_reparam_conv_referenc
 from .convnext_block import (convnext_block, convnext_block_reference, dwconv_mlp_block,
                              dwconv_mlp_block_reference)
 from .grn import global_response_norm, global_response_norm_reference
+from .inception_dwconv import inception_depthwise_conv2d, inception_depthwise_conv2d_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
 from .metanext_block import fold_affine_into_fc1, metanext_block, metanext_block_reference
 
@@ -25,4 +26,6 @@ __all__ = [
     "fold_affine_into_fc1",
     "metanext_block",
     "metanext_block_reference",
+    "inception_depthwise_conv2d",
+    "inception_depthwise_conv2d_reference",
 ]
