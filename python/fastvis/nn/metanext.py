@@ -43,6 +43,7 @@ from .._reference import reference_enabled
 from ..ops.metanext_block import metanext_block
 from .convnext import drop_path_scale
 from .inception_dwconv import InceptionDWConv2d
+from .reparam import cached_fold
 
 __all__ = ["ConvMlp", "MetaNeXtBlock"]
 
@@ -173,7 +174,10 @@ class MetaNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_inference(x):
             tm = self.token_mixer
-            w1, b1 = fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix())
+            # The folded fc1, cached until a parameter or buffer changes: no torch op runs
+            # between the fused blocks (a torch op wakes its OpenMP team, which then spins
+            # on the cores fastvis' pool is about to use).
+            w1, b1 = cached_fold(self, x.dtype, lambda: fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()))
             w2, b2 = self.mlp.fc2_matrix()
             return metanext_block(x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight,
                                   tm.dwconv_w.bias, tm.dwconv_h.weight, tm.dwconv_h.bias,
