@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numbers
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -29,7 +29,8 @@ from torch import nn
 from ..nn.convnext import ConvNeXtBlock, trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
 from ..nn.layer_norm import LayerNorm2d
-from ._features import FeatureInfo, normalize_out_indices
+from ._backbone import StagedBackbone, positive_int, probability
+from ._features import FeatureInfo
 from ._pretrained import (
     PretrainedWeightsNotFound,
     find_cached_weights,
@@ -42,6 +43,14 @@ __all__ = ["ConvNeXt", "ConvNeXtStage", "NormClassifierHead", "checkpoint_filter
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def _positive_int(name: str, v) -> int:
+    return positive_int("ConvNeXt", name, v)
+
+
+def _probability(name: str, v) -> float:
+    return probability("ConvNeXt", name, v)
 
 
 class ConvNeXtStage(nn.Module):
@@ -107,19 +116,9 @@ class NormClassifierHead(nn.Module):
         return self.fc(x)
 
 
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"ConvNeXt: {name} must be a positive int, got {v!r}")
-    return int(v)
+class ConvNeXt(StagedBackbone, nn.Module):
+    _family = "ConvNeXt"
 
-
-def _probability(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"ConvNeXt: {name} must be a number in [0, 1], got {v!r}")
-    return float(v)
-
-
-class ConvNeXt(nn.Module):
     """ConvNeXt (``use_grn=False``, layer scale) and ConvNeXt-V2 (``use_grn=True``,
     ``ls_init_value=None``) with timm's conventions.
 
@@ -304,43 +303,12 @@ class ConvNeXt(nn.Module):
         ``out_indices`` (ascending, negative counts from the end), later stages and the
         head are removed, ``feature_info.channels()`` / ``.reduction()`` describe the
         outputs. Returns the model."""
-        if self.features_only:
-            raise RuntimeError("as_features: the model is already a feature extractor")
-        idx = normalize_out_indices(out_indices, len(self.stages))
-        self.stages = self.stages[: max(idx) + 1]
+        idx, keep = self._features_plan(out_indices)
+        self.stages = self.stages[:keep]
         del self.head
         self.head = None
         self.norm_pre = nn.Identity()
-        self.num_classes = 0
-        self.features_only = True
-        self.out_indices = idx
-        self.feature_info = FeatureInfo(list(self.feature_info)[: max(idx) + 1], idx)
-        return self
-
-    def _forward_feature_list(self, x: torch.Tensor) -> List[torch.Tensor]:
-        self._check_input(x)
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        out = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                out.append(x)
-        return out
-
-    def _check_not_features(self, what: str) -> None:
-        if self.features_only:
-            raise RuntimeError(f"{what}: this ConvNeXt is a feature extractor (features_only=True) and has no head")
-
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ConvNeXt: expected a torch.Tensor input, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"ConvNeXt: expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        reduction = self.feature_info[len(self.stages) - 1]["reduction"]
-        h, w = x.shape[-2:]
-        if h < reduction or w < reduction:
-            raise ValueError(f"ConvNeXt: input {h}x{w} is smaller than the network's total stride {reduction}")
-
+        return self._become_features(idx, keep)
 
 # ---------------------------------------------------------------------- checkpoints
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import numbers
 import re
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ from ..nn.convnext import trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
 from ..nn.inception_dwconv import InceptionDWConv2d
 from ..nn.metanext import MetaNeXtBlock
-from ._features import FeatureInfo, normalize_out_indices
+from ._backbone import StagedBackbone, positive_int, probability
+from ._features import FeatureInfo
 from ._pretrained import (
     PretrainedWeightsNotFound,
     find_cached_weights,
@@ -44,6 +45,14 @@ __all__ = ["MetaNeXt", "MetaNeXtStage", "MlpClassifierHead", "checkpoint_filter_
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def _positive_int(name: str, v) -> int:
+    return positive_int("MetaNeXt", name, v)
+
+
+def _probability(name: str, v) -> float:
+    return probability("MetaNeXt", name, v)
 
 
 class _StaticSameConv2d(nn.Conv2d):
@@ -148,18 +157,6 @@ class MlpClassifierHead(nn.Module):
         return x if pre_logits else self.fc2(x)
 
 
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"MetaNeXt: {name} must be a positive int, got {v!r}")
-    return int(v)
-
-
-def _probability(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"MetaNeXt: {name} must be a number in [0, 1], got {v!r}")
-    return float(v)
-
-
 def _per_stage(name: str, v, n: int) -> list:
     items = list(v) if isinstance(v, (list, tuple)) else [v] * n
     if len(items) != n:
@@ -167,7 +164,9 @@ def _per_stage(name: str, v, n: int) -> list:
     return items
 
 
-class MetaNeXt(nn.Module):
+class MetaNeXt(StagedBackbone, nn.Module):
+    _family = "MetaNeXt"
+
     """InceptionNeXt (timm's ``MetaNeXt``) with timm's conventions.
 
     Args:
@@ -342,42 +341,11 @@ class MetaNeXt(nn.Module):
         ``out_indices`` (ascending, negative counts from the end), later stages and the
         head are removed, ``feature_info.channels()`` / ``.reduction()`` describe the
         outputs. Returns the model."""
-        if self.features_only:
-            raise RuntimeError("as_features: the model is already a feature extractor")
-        idx = normalize_out_indices(out_indices, len(self.stages))
-        self.stages = self.stages[: max(idx) + 1]
+        idx, keep = self._features_plan(out_indices)
+        self.stages = self.stages[:keep]
         del self.head
         self.head = None
-        self.num_classes = 0
-        self.features_only = True
-        self.out_indices = idx
-        self.feature_info = FeatureInfo(list(self.feature_info)[: max(idx) + 1], idx)
-        return self
-
-    def _forward_feature_list(self, x: torch.Tensor) -> List[torch.Tensor]:
-        self._check_input(x)
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        out = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                out.append(x)
-        return out
-
-    def _check_not_features(self, what: str) -> None:
-        if self.features_only:
-            raise RuntimeError(f"{what}: this MetaNeXt is a feature extractor (features_only=True) and has no head")
-
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"MetaNeXt: expected a torch.Tensor input, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"MetaNeXt: expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        reduction = self.feature_info[len(self.stages) - 1]["reduction"]
-        h, w = x.shape[-2:]
-        if h < reduction or w < reduction:
-            raise ValueError(f"MetaNeXt: input {h}x{w} is smaller than the network's total stride {reduction}")
-
+        return self._become_features(idx, keep)
 
 # ---------------------------------------------------------------------- checkpoints
 

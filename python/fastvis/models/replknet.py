@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..nn.replk import ConvBN, ConvFFN, RepLKBlock
-from ._features import FeatureInfo, normalize_out_indices
+from ._features import FeatureInfo
 from ._registry import register_model
 from .convnext import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, _unwrap
 from .unireplknet import _ReparamModelMixin, _positive_int, _probability, create_reparam_model, load_reparam_checkpoint
@@ -191,19 +191,12 @@ class RepLKNet(_ReparamModelMixin, nn.Module):
         """A feature extractor, in place (timm's ``features_only``): ``forward`` returns the
         outputs of the stages in ``out_indices``; later stages, transitions and the head are
         removed."""
-        if self.features_only:
-            raise RuntimeError("as_features: the model is already a feature extractor")
-        idx = normalize_out_indices(out_indices, len(self.stages))
-        keep = max(idx) + 1
+        idx, keep = self._features_plan(out_indices)
         self.stages = self.stages[:keep]
         self.transitions = self.transitions[:keep - 1]
         del self.norm, self.head
         self.norm = self.head = None
-        self.num_classes = 0
-        self.features_only = True
-        self.out_indices = idx
-        self.feature_info = FeatureInfo(list(self.feature_info)[:keep], idx)
-        return self
+        return self._become_features(idx, keep)
 
 
 # ---------------------------------------------------------------------- checkpoints

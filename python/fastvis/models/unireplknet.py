@@ -28,7 +28,8 @@ from ..nn.depthwise_conv import DepthwiseConv2d
 from ..nn.layer_norm import LayerNorm2d
 from ..nn.reparam import Reparameterizable
 from ..nn.unireplknet import UniRepLKNetBlock
-from ._features import FeatureInfo, normalize_out_indices
+from ._backbone import StagedBackbone, positive_int, probability
+from ._features import FeatureInfo
 from ._pretrained import PretrainedWeightsNotFound, find_cached_weights, load_pretrained, load_state_dict_file
 from ._registry import register_model
 from .convnext import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, _unwrap
@@ -46,18 +47,14 @@ DEFAULT_KERNEL_SIZES: Dict[Tuple[int, ...], Tuple[Tuple[int, ...], ...]] = {
 
 
 def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return int(v)
+    return positive_int("UniRepLKNet", name, v)
 
 
 def _probability(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
-    return float(v)
+    return probability("UniRepLKNet", name, v)
 
 
-class _ReparamModelMixin(Reparameterizable):
+class _ReparamModelMixin(StagedBackbone, Reparameterizable):
     """What UniRepLKNet and RepLKNet share: ``reparameterize``, feature extraction, input
     checks, ``pretrained_cfg``. Subclasses define ``_stage_modules()``, ``_stem_forward``,
     ``_stage_forward(i, x)`` and ``_family``."""
@@ -79,20 +76,6 @@ class _ReparamModelMixin(Reparameterizable):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
             raise NotImplementedError(f"fastvis {self._family}: gradient checkpointing is not implemented")
-
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{self._family}: expected a torch.Tensor input, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{self._family}: expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
-        reduction = self.feature_info[self._num_stages_kept() - 1]["reduction"]
-        h, w = x.shape[-2:]
-        if h < reduction or w < reduction:
-            raise ValueError(f"{self._family}: input {h}x{w} is smaller than the network's total stride {reduction}")
-
-    def _check_not_features(self, what: str) -> None:
-        if self.features_only:
-            raise RuntimeError(f"{what}: this {self._family} is a feature extractor (features_only=True) and has no head")
 
     def _forward_feature_list(self, x: torch.Tensor) -> List[torch.Tensor]:
         self._check_input(x)
@@ -256,19 +239,12 @@ class UniRepLKNet(_ReparamModelMixin, nn.Module):
     def as_features(self, out_indices: Sequence[int] = (0, 1, 2, 3)) -> "UniRepLKNet":
         """A feature extractor, in place (timm's ``features_only``): ``forward`` returns the
         outputs of the stages in ``out_indices``; later stages and the head are removed."""
-        if self.features_only:
-            raise RuntimeError("as_features: the model is already a feature extractor")
-        idx = normalize_out_indices(out_indices, len(self.stages))
-        keep = max(idx) + 1
+        idx, keep = self._features_plan(out_indices)
         self.stages = self.stages[:keep]
         self.downsample_layers = self.downsample_layers[:keep]
         del self.norm, self.head
         self.norm = self.head = None
-        self.num_classes = 0
-        self.features_only = True
-        self.out_indices = idx
-        self.feature_info = FeatureInfo(list(self.feature_info)[:keep], idx)
-        return self
+        return self._become_features(idx, keep)
 
 
 # ---------------------------------------------------------------------- checkpoints
