@@ -202,6 +202,13 @@ def test_bad_input():
         _run(x, p, dict(kw, se_up_bias=kw["se_up_bias"].double()))
     with pytest.raises(ValueError, match="approximate"):
         _run(x, p, kw, approximate="fast")
+    with pytest.raises(ValueError, match=r"fc2_weight: expected \(16, 32\)"):
+        _run(x, dict(p, fc2_weight=torch.randn(16, 31)), kw)
+    with pytest.raises(ValueError, match=r"fc1_bias: expected shape \(32,\)"):
+        _run(x, dict(p, fc1_bias=torch.randn(31)), kw)
+    # The reference path (gradients needed) refuses the same inputs the same way.
+    with pytest.raises(ValueError, match=r"fc2_weight: expected \(16, 32\)"):
+        op(x.clone().requires_grad_(True), *dict(p, fc2_weight=torch.randn(16, 31)).values(), **kw)
     # The core refuses the backward of these forms (native callers).
     with pytest.raises(ValueError, match="no backward"):
         fastvis._C.convnext_block_backward_scratch_bytes(

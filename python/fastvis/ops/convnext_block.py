@@ -462,6 +462,24 @@ def dwconv_mlp_block(
     k = dw_weight.shape[-1]
     if dw_weight.dim() != 4 or tuple(dw_weight.shape[:2]) != (c, 1) or dw_weight.shape[2] != k or k % 2 == 0 or k > 31:
         raise ValueError(f"dw_weight: expected ({c}, 1, k, k) with k odd, 1..31, got {tuple(dw_weight.shape)}")
+    # The shapes the core checks, here too, so the reference path (gradients, other devices)
+    # refuses the same inputs with the same exceptions.
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != c or fc1_weight.shape[0] < 1:
+        raise ValueError(f"fc1_weight: expected (hidden, {c}), got {tuple(fc1_weight.shape)}")
+    hidden = fc1_weight.shape[0]
+    if tuple(fc2_weight.shape) != (c, hidden):
+        raise ValueError(f"fc2_weight: expected ({c}, {hidden}), got {tuple(fc2_weight.shape)}")
+    cr = se_down_weight.shape[0] if se_down_weight is not None and se_down_weight.dim() == 2 else None
+    if se_down_weight is not None and (cr is None or tuple(se_down_weight.shape) != (cr, c)):
+        raise ValueError(f"se_down_weight: expected shape [Cr, {c}], got {tuple(se_down_weight.shape)}")
+    if se_up_weight is not None and tuple(se_up_weight.shape) != (c, cr):
+        raise ValueError(f"se_up_weight: expected shape [{c}, {cr}], got {tuple(se_up_weight.shape)}")
+    for name, n in (("dw_bias", c), ("norm_weight", c), ("norm_bias", c), ("fc1_bias", hidden),
+                    ("fc2_bias", c), ("gamma", c), ("grn_weight", hidden), ("grn_bias", hidden),
+                    ("se_down_bias", cr), ("se_up_bias", c)):
+        t = named[name]
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
     grad = torch.is_grad_enabled() and (x.requires_grad or any(
         t is not None and t.requires_grad for t in named.values()))
     ref_args = dict(layer_norm=layer_norm, norm_weight=norm_weight, norm_bias=norm_bias, eps=e,
