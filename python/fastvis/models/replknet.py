@@ -154,22 +154,6 @@ class RepLKNet(_ReparamModelMixin, nn.Module):
             x = self.transitions[i - 1](x)
         return self.stages[i](x.contiguous(memory_format=torch.channels_last))
 
-    def get_classifier(self) -> nn.Module:
-        self._check_not_features("get_classifier")
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self._check_not_features("reset_classifier")
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"reset_classifier: only global_pool='avg' is supported, got {global_pool!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
-            raise ValueError(f"reset_classifier: num_classes must be an int >= 0, got {num_classes!r}")
-        self.num_classes = int(num_classes)
-        w = self.norm.weight
-        self.head = (nn.Linear(self.num_features, self.num_classes, device=w.device, dtype=w.dtype)
-                     if self.num_classes > 0 else nn.Identity())
-        self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=self.num_classes)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stages and transitions: (N, in_chans, H, W) -> (N, C_last, H/32, W/32),
         channels_last (before the final BatchNorm, which belongs to the head)."""

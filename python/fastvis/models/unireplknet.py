@@ -92,6 +92,24 @@ class _ReparamModelMixin(StagedBackbone, Reparameterizable):
             return self._forward_feature_list(x)
         return self.forward_head(self.forward_features(x))
 
+    # ------------------------------------------------------------------ timm API
+
+    def get_classifier(self) -> nn.Module:
+        self._check_not_features("get_classifier")
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self._check_not_features("reset_classifier")
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"reset_classifier: only global_pool='avg' is supported, got {global_pool!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
+            raise ValueError(f"reset_classifier: num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+        w = self.norm.weight
+        self.head = (nn.Linear(self.num_features, self.num_classes, device=w.device, dtype=w.dtype)
+                     if self.num_classes > 0 else nn.Identity())
+        self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=self.num_classes)
+
 
 class UniRepLKNet(_ReparamModelMixin, nn.Module):
     """UniRepLKNet with the official names.
@@ -203,22 +221,6 @@ class UniRepLKNet(_ReparamModelMixin, nn.Module):
         return self.stages[i](x.contiguous(memory_format=torch.channels_last))
 
     # ------------------------------------------------------------------ timm API
-
-    def get_classifier(self) -> nn.Module:
-        self._check_not_features("get_classifier")
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self._check_not_features("reset_classifier")
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"reset_classifier: only global_pool='avg' is supported, got {global_pool!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
-            raise ValueError(f"reset_classifier: num_classes must be an int >= 0, got {num_classes!r}")
-        self.num_classes = int(num_classes)
-        w = self.norm.weight
-        self.head = (nn.Linear(self.num_features, self.num_classes, device=w.device, dtype=w.dtype)
-                     if self.num_classes > 0 else nn.Identity())
-        self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=self.num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages: (N, in_chans, H, W) -> (N, dims[-1], H/32, W/32), channels_last."""
