@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <new>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -29,6 +30,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
+      stop_flag_.store(true, std::memory_order_release);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -42,19 +44,43 @@ class Pool {
       std::lock_guard<std::mutex> lk(mu_);
       task_ = &task;
       nchunks_ = nchunks;
-      pending_ = nchunks - 1;
+      pending_.store(nchunks - 1, std::memory_order_relaxed);
       error_ = nullptr;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
-    cv_.notify_all();
+    if (sleeping_.load(std::memory_order_relaxed) > 0) cv_.notify_all();
     run_chunk(0);
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [this] { return pending_ == 0; });
+    // The other chunks usually finish within microseconds of this one: spin first, as a
+    // futex sleep and wake-up costs tens of microseconds on a virtual machine.
+    if (!spin_until([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(mu_);
+      done_cv_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
+    std::lock_guard<std::mutex> lk(mu_);
     task_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
+  // Polls pred for about kSpinMicros, pausing the core between polls and yielding it
+  // now and then (so a spinning worker does not starve a runnable thread on a small
+  // machine). True if pred came true.
+  template <class Pred> static bool spin_until(Pred pred) {
+    constexpr int64_t kSpinMicros = 200;
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 1;; ++i) {
+      if (pred()) return true;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+      if ((i & 255) == 0) {
+        if (std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinMicros))
+          return pred();
+        std::this_thread::yield();
+      }
+    }
+  }
+
   void run_chunk(int chunk) {
     t_in_parallel = true;
     try {
@@ -68,17 +94,28 @@ class Pool {
   void worker(int id) {
     uint64_t seen = 0;
     for (;;) {
-      {
+      // Spin for the next region (back-to-back kernels), then sleep on the condition.
+      if (!spin_until([&] {
+            return stop_flag_.load(std::memory_order_acquire) ||
+                   generation_.load(std::memory_order_acquire) != seen;
+          })) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-        if (id >= nchunks_) continue;
+        sleeping_.fetch_add(1, std::memory_order_relaxed);
+        cv_.wait(lk, [&] { return stop_ || generation_.load(std::memory_order_acquire) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_relaxed);
       }
-      run_chunk(id);
+      int nchunks;
       {
         std::lock_guard<std::mutex> lk(mu_);
-        if (--pending_ == 0) done_cv_.notify_one();
+        if (stop_) return;
+        seen = generation_.load(std::memory_order_acquire);
+        nchunks = nchunks_;
+      }
+      if (id >= nchunks) continue;
+      run_chunk(id);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(mu_);  // the caller may be between check and wait
+        done_cv_.notify_one();
       }
     }
   }
@@ -89,9 +126,11 @@ class Pool {
   std::condition_variable cv_, done_cv_;
   const std::function<void(int)>* task_ = nullptr;
   int nchunks_ = 0;
-  int pending_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleeping_{0};  // workers blocked on cv_ (0: the notify can be skipped)
+  bool stop_ = false;             // guarded by mu_
+  std::atomic<bool> stop_flag_{false};  // stop_, readable while spinning
   std::exception_ptr error_;
 };
 
@@ -99,9 +138,13 @@ std::mutex g_mu;
 Pool* g_pool = nullptr;
 int g_requested = 0;  // 0: hardware concurrency
 
+// Read once: std::thread::hardware_concurrency() reads /sys on Linux (~8 us a call).
 int default_threads() {
-  unsigned hc = std::thread::hardware_concurrency();
-  return hc == 0 ? 1 : static_cast<int>(hc);
+  static const int hc = [] {
+    unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : static_cast<int>(n);
+  }();
+  return hc;
 }
 
 void after_fork_in_child() {
