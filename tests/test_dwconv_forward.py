@@ -7,10 +7,12 @@ fastvis.use_reference). Tolerances are defined and justified in conftest.py.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastvis
@@ -81,6 +83,28 @@ def test_forward_float64(cfg):
 @sweep(40)
 @given(cfg=conv_configs(dtypes=(torch.bfloat16,)))
 def test_forward_bfloat16(cfg):
+    x, w, b = make_inputs(cfg)
+    y = run_op(x, w, b, cfg)
+    check_forward(y, x, w, b, cfg)
+    check_layout(y, x, cfg)
+
+
+@st.composite
+def direct_path_configs(draw):
+    """Problems the direct (unpacked) forward path serves: at most 15 taps and C a whole
+    number of 32-byte vectors (8 floats / 4 doubles); every stride, dilation and padding.
+    Its edge columns, interior pixel blocks of 6 / 3 / 1 and row ranges are all hit by
+    widths up to 20."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    cfg = draw(conv_configs(dtypes=(dtype,), max_k=15, max_c=1))
+    assume(cfg.kh * cfg.kw <= 15)
+    vec = 4 if dtype == torch.float64 else 8
+    return dataclasses.replace(cfg, c=vec * draw(st.integers(1, 6)))
+
+
+@sweep(60)
+@given(cfg=direct_path_configs())
+def test_forward_direct_path(cfg):
     x, w, b = make_inputs(cfg)
     y = run_op(x, w, b, cfg)
     check_forward(y, x, w, b, cfg)

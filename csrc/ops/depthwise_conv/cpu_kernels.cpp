@@ -27,6 +27,16 @@ namespace {
 
 using namespace ::fastvis::simd::FV_ISA;
 
+// A cache-line prefetch the optimiser keeps (GCC dropped __builtin_prefetch from the
+// direct forward path at -O1 and above).
+inline void prefetch_line(const char* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 
@@ -221,9 +231,158 @@ void fwd_item(const Geom& g, const FwdPlan& pl, const T* x, const A* wpk, const 
   }
 }
 
+// ------------------------------------------------------------------ forward, direct
+
+// Small kernels (see use_direct): no packing. For each output row, blocks of OWB
+// output pixels sweep all channel blocks of those pixels, reading the NHWC input rows in
+// place. The input a pixel block touches (kh rows x a few pixels x all channels) stays in
+// L1/L2 while every channel block is computed, and each input element is read from
+// memory once per output row instead of being copied into a packed tile first; for
+// 3x3 to 7x7 kernels the copy cost as much as the arithmetic.
+
+// OWB output pixels x NV vectors of channels [c0, ...) of one output row, every pixel's
+// taps inside the image horizontally. xb: input at (row 0 of the image, the block's
+// first input column, channel c0); xo[t]: offset of tap t's pixel from xb (rows outside
+// the image already dropped); wo[t]: its weight offset. TAIL: the last vector holds
+// only `tail` channels (masked loads and stores; reading past them could leave the
+// tensor).
+template <class T, class A, class Y, int NV, int OWB, bool TAIL>
+inline void direct_block(const T* xb, int64_t step, const A* wb, const int64_t* xo,
+                         const int64_t* wo, int nt, const A* bias, Y* yb, int64_t YP, int64_t tail) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  V acc[OWB][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V b = bias ? vload<A, A>(bias + v * L) : V{};
+    for (int o = 0; o < OWB; ++o) acc[o][v] = b;
+  }
+  for (int t = 0; t < nt; ++t) {
+    V w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = vload<A, A>(wb + wo[t] + v * L);
+    const T* xp = xb + xo[t];
+    for (int o = 0; o < OWB; ++o)
+      for (int v = 0; v < NV; ++v) {
+        const T* q = xp + o * step + v * L;
+        acc[o][v] += (TAIL && v == NV - 1 ? vload_n<T, A>(q, tail) : vload<T, A>(q)) * w[v];
+      }
+  }
+  for (int o = 0; o < OWB; ++o)
+    for (int v = 0; v < NV; ++v) {
+      Y* q = yb + o * YP + v * L;
+      if (TAIL && v == NV - 1)
+        vstore_n<Y, A>(q, acc[o][v], tail);
+      else
+        vstore<Y, A>(q, acc[o][v]);
+    }
+}
+
+// OWB pixels starting at output column ow, every channel.
+template <class T, class A, class Y, int OWB>
+inline void direct_pixels(const Geom& g, const T* xb, int64_t step, const A* wpk,
+                          const int64_t* xo, const int64_t* wo, int nt, const A* bias, Y* yb) {
+  constexpr int64_t L = VT<A>::L;
+  const int64_t YP = out_pitch(g);
+  int64_t c0 = 0;
+  for (; c0 + 2 * L <= g.c; c0 += 2 * L)
+    direct_block<T, A, Y, 2, OWB, false>(xb + c0, step, wpk + c0, xo, wo, nt,
+                                         bias ? bias + c0 : nullptr, yb + c0, YP, L);
+  for (; c0 + L <= g.c; c0 += L)
+    direct_block<T, A, Y, 1, OWB, false>(xb + c0, step, wpk + c0, xo, wo, nt,
+                                         bias ? bias + c0 : nullptr, yb + c0, YP, L);
+  if (c0 < g.c)
+    direct_block<T, A, Y, 1, OWB, true>(xb + c0, step, wpk + c0, xo, wo, nt,
+                                        bias ? bias + c0 : nullptr, yb + c0, YP, g.c - c0);
+}
+
+// Output row oh of image n (xn, yrow: that image's input, that output row).
+template <class T, class A, class Y>
+void direct_row(const Geom& g, const T* xn, const A* wpk, const A* bias, Y* yrow, int64_t oh) {
+  constexpr int OWB = 6;
+  const int64_t XP = in_pitch(g), YP = out_pitch(g), step = g.sw * XP;
+  const int64_t ih0 = oh * g.sh - g.pt;
+  int64_t i_lo, i_hi;
+  tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
+  // Interior columns: every tap inside the image, ow in [ow_lo, ow_hi).
+  const int64_t ow_lo = std::min(g.ow, ceil_div(g.pl, g.sw));
+  const int64_t ow_hi =
+      std::max(ow_lo, std::min(g.ow, floor_div(g.w - 1 + g.pl - (g.kw - 1) * g.dw, g.sw) + 1));
+  int64_t xo[kDirectMaxTaps], wo[kDirectMaxTaps];  // use_direct bounds the taps
+  auto taps = [&](int64_t iw0, int64_t j_lo, int64_t j_hi) {
+    int nt = 0;
+    for (int64_t i = i_lo; i < i_hi; ++i)
+      for (int64_t j = j_lo; j < j_hi; ++j, ++nt) {
+        xo[nt] = ((ih0 + i * g.dh) * g.w + iw0 + j * g.dw) * XP;
+        wo[nt] = (i * g.kw + j) * g.cp;
+      }
+    return nt;
+  };
+  // Edge pixels: their own horizontal tap range, one pixel at a time.
+  auto edge = [&](int64_t ow) {
+    int64_t j_lo, j_hi;
+    const int64_t iw0 = ow * g.sw - g.pl;
+    tap_range(iw0, g.dw, g.kw, g.w, j_lo, j_hi);
+    const int nt = taps(iw0, j_lo, j_hi);
+    direct_pixels<T, A, Y, 1>(g, xn, step, wpk, xo, wo, nt, bias, yrow + ow * YP);
+  };
+  // The input rows the next output row reads first (its last kernel row; with stride 2
+  // also the one before): fetched into cache ahead of use, a slice of them per pixel
+  // block. Without this a large batch ran at DRAM latency, not bandwidth: the rows
+  // are consumed too slowly, in too scattered an order, for the hardware prefetcher.
+  const int64_t pf_hi = std::min(g.h, (oh + 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
+  const int64_t pf_lo = std::max<int64_t>(0, std::max(pf_hi - g.sh, ih0 + (g.kh - 1) * g.dh + 1));
+  const int64_t row_bytes = g.w * XP * static_cast<int64_t>(sizeof(T));
+  auto prefetch = [&](int64_t ow0, int64_t ow1) {
+    if (pf_lo >= pf_hi) return;
+    const int64_t b0 = std::max<int64_t>(0, ow0 * g.sw - g.pl) * XP * static_cast<int64_t>(sizeof(T));
+    const int64_t b1 = std::min(row_bytes, std::max<int64_t>(0, ow1 * g.sw - g.pl) * XP * static_cast<int64_t>(sizeof(T)));
+    for (int64_t r = pf_lo; r < pf_hi; ++r) {
+      const char* base = reinterpret_cast<const char*>(xn) + r * row_bytes;
+      for (int64_t b = b0; b < b1; b += 64) prefetch_line(base + b);
+    }
+  };
+  prefetch(0, ow_lo);
+  for (int64_t ow = 0; ow < ow_lo; ++ow) edge(ow);
+  if (ow_hi > ow_lo) {
+    const int nt = taps(0, 0, g.kw);
+    int64_t ow = ow_lo;
+    for (; ow + OWB <= ow_hi; ow += OWB) {
+      prefetch(ow, ow + OWB);
+      direct_pixels<T, A, Y, OWB>(g, xn + (ow * g.sw - g.pl) * XP, step, wpk, xo, wo, nt, bias,
+                                  yrow + ow * YP);
+    }
+    prefetch(ow, g.ow + (g.kw - 1) * g.dw + 1);
+    for (; ow + 3 <= ow_hi; ow += 3)
+      direct_pixels<T, A, Y, 3>(g, xn + (ow * g.sw - g.pl) * XP, step, wpk, xo, wo, nt, bias,
+                                yrow + ow * YP);
+    for (; ow < ow_hi; ++ow)
+      direct_pixels<T, A, Y, 1>(g, xn + (ow * g.sw - g.pl) * XP, step, wpk, xo, wo, nt, bias,
+                                yrow + ow * YP);
+  }
+  for (int64_t ow = std::max(ow_lo, ow_hi); ow < g.ow; ++ow) edge(ow);
+}
+
+// Rows [r0, r1) of the flattened (image, output row) index.
+template <class T, class A, class Y>
+void direct_rows(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, int64_t r0,
+                 int64_t r1) {
+  const int64_t XP = in_pitch(g), YP = out_pitch(g);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / g.oh, oh = r % g.oh;
+    direct_row<T, A, Y>(g, x + n * g.h * g.w * XP, wpk, bias, y + r * g.ow * YP, oh);
+  }
+}
+
 template <class T, class A, class Y = T>
 void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* bufs, int nbufs,
                bool balance = true) {
+  if (use_direct(g, sizeof(A))) {
+    if (!balance) return direct_rows<T, A, Y>(g, x, wpk, bias, y, 0, g.n * g.oh);
+    // Rows per chunk: at least ~32K multiply-adds, so small problems stay on one thread.
+    const int64_t row_macs = std::max<int64_t>(1, g.ow * g.c * g.kh * g.kw);
+    parallel_for(g.n * g.oh, std::max<int64_t>(1, 32768 / row_macs),
+                 [&](int64_t r0, int64_t r1) { direct_rows<T, A, Y>(g, x, wpk, bias, y, r0, r1); });
+    return;
+  }
   const FwdPlan pl = fwd_plan(g, sizeof(A), balance);
   const int64_t items = g.n * pl.ntiles * pl.ngroups;
   auto body = [&](int slot, int64_t begin, int64_t end) {
@@ -246,6 +405,7 @@ void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* 
 template <class T, class A>
 void forward_rows_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y, A* buf,
                     int64_t n, int64_t r0, int64_t r1) {
+  if (use_direct(g, sizeof(A))) return direct_rows<T, A, T>(g, x, wpk, bias, y, n * g.oh + r0, n * g.oh + r1);
   const FwdPlan pl = fwd_plan(g, sizeof(A), false);
   for (int64_t oh0 = r0; oh0 < r1; oh0 += pl.rt)
     for (int64_t grp = 0; grp < pl.ngroups; ++grp) {

@@ -60,6 +60,17 @@ inline int64_t padded_channels(int64_t c, int64_t acc_bytes) {
   return (c + cb - 1) / cb * cb;
 }
 
+// Small kernels skip the packed tiles: the direct path (cpu_kernels.cpp) reads the NHWC
+// rows in place, all channel blocks of a few output pixels at a time, and needs no
+// buffer (fwd_plan's sizes are then unused but harmless). Measured on 2 cores (issue 2
+// notes): faster than packing for up to ~15 taps (3x3, 3x5, bands up to 1x11 / 11x1,
+// stride 2) when C is a whole number of 32-byte vectors; slower for 5x5 and up, for
+// long bands (1x31) and for channel tails (C = 12: masked loads dominate).
+constexpr int64_t kDirectMaxTaps = 15;
+inline bool use_direct(const Geom& g, int64_t acc_bytes) {
+  return g.kh * g.kw <= kDirectMaxTaps && g.c % (32 / acc_bytes) == 0;
+}
+
 // Two regimes. When a tile of input rows holding *all* channels fits the budget (small
 // kernels: few rows), an item packs every channel block of its tile at once, reading
 // the NHWC rows front to back; each channel block then runs from its own packed tile.
