@@ -96,6 +96,63 @@ def autocast_cast(dtype, tensors):
             else t for t in tensors]
 
 
+def _dispatch_intercepted() -> bool:
+    """True when something may intercept a dispatcher call: a torch dispatch or function
+    mode (FakeTensorMode, make_fx's proxy mode, FlopCounterMode, ...), a functorch
+    transform (vmap, grad), or the autograd profiler recording op events. Unknown (a
+    torch without these internal queries): assume intercepted."""
+    try:
+        return bool(torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                    or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled())
+    except AttributeError:  # pragma: no cover - depends on the torch release
+        return True
+
+
+def eager_direct_ok(*tensors) -> bool:
+    """True when calling an op's Python implementation directly is indistinguishable from
+    calling its torch.library custom op: eager mode, plain torch.Tensors (no subclass:
+    FakeTensor, DTensor, ...), no autograd graph to record (grad mode off or no input
+    requiring grad) and nothing intercepting dispatch. The custom-op dispatch itself costs
+    ~60-100 us a call on these machines, as much as a small kernel; inference skips it.
+    Anything else (training, torch.compile, tracing, modes) goes through the op."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return not _dispatch_intercepted()
+
+
+def forward_op(name: str):
+    """Decorator: fn as the torch.library custom op `name` (no mutated arguments), with fn
+    kept as ``op.fastvis_impl`` for :func:`call_op`."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.fastvis_impl = fn
+        return op
+    return wrap
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _tensors(a)
+        elif isinstance(a, torch.Tensor):
+            yield a
+
+
+def call_op(op, *args):
+    """op(*args), or its implementation directly when :func:`eager_direct_ok` says the
+    dispatcher has nothing to do (same code, same result, ~60-100 us less per call)."""
+    impl = getattr(op, "fastvis_impl", None)  # None: op was wrapped (e.g. a test's spy)
+    if impl is not None and eager_direct_ok(*_tensors(args)):
+        return impl(*args)
+    return op(*args)
+
+
 def dl(t):
     """t as a DLPack capsule for the core (None stays None): the bindings accept capsules,
     which torch makes ~20x faster than the protocol's __dlpack__/__dlpack_device__ calls.

@@ -22,7 +22,7 @@ from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_eps
-from ._bridge import autocast_cast, autocast_dtype, dl, scratch, stream_of
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, scratch, stream_of
 
 _GELU = ("none", "tanh")
 
@@ -106,7 +106,7 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("fastvis::convnext_block", mutates_args=())
+@forward_op("fastvis::convnext_block")
 def _cb_fwd(
     x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
@@ -336,7 +336,7 @@ def convnext_block(
         ds = None
         if drop_scale is not None:
             ds = drop_scale.reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        y = _cb_fwd(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
+        y = call_op(_cb_fwd, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
                     fc2_weight, fc2_bias, gamma, ds, grn_weight, grn_bias, e, approximate == "tanh", ge)
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()
@@ -384,7 +384,7 @@ def dwconv_mlp_block_reference(
     return (x + o.permute(0, 3, 1, 2)).contiguous(memory_format=fmt)
 
 
-@torch.library.custom_op("fastvis::dwconv_mlp_block", mutates_args=())
+@forward_op("fastvis::dwconv_mlp_block")
 def _dmb_fwd(x: torch.Tensor, ws: List[Optional[torch.Tensor]], eps: float, tanh_gelu: bool,
              grn_eps: float, layer_norm: bool) -> torch.Tensor:
     _sync_threads()
@@ -500,7 +500,7 @@ def dwconv_mlp_block(
         ds = drop_scale.detach().reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     ws = [dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
           gamma, ds, grn_weight, grn_bias, se_down_weight, se_down_bias, se_up_weight, se_up_bias]
-    y = _dmb_fwd(x, ws, e, approximate == "tanh", ge, bool(layer_norm))
+    y = call_op(_dmb_fwd, x, ws, e, approximate == "tanh", ge, bool(layer_norm))
     if not x.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous()
     return y

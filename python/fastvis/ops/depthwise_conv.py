@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
-from ._bridge import (autocast_cast, autocast_dtype, dense_for_core, dl, empty_like_layout, like_layout,
-                      scratch, scratch_bytes, stream_of)
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, dl, empty_like_layout,
+                      forward_op, like_layout, scratch, scratch_bytes, stream_of)
 
 IntOrPair = Union[int, Sequence[int]]
 Padding = Union[int, str, Sequence[int]]
@@ -90,7 +90,7 @@ def _out_size(size: int, k: int, s: int, d: int, p0: int, p1: int) -> int:
 # ---------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastvis::depthwise_conv2d", mutates_args=())
+@forward_op("fastvis::depthwise_conv2d")
 def _dwconv_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -313,4 +313,4 @@ def depthwise_conv2d(
     _validate(x, weight, bias, s, p, d)
     if reference_enabled() or not _core_serves(x):
         return depthwise_conv2d_reference(x, weight, bias, s, p, d)
-    return _dwconv_fwd(x, weight, bias, s, p, d)
+    return call_op(_dwconv_fwd, x, weight, bias, s, p, d)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, is_channels_last, like_layout, scratch, scratch_bytes
+from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, empty_like_layout, is_channels_last, like_layout, scratch, scratch_bytes
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 from .depthwise_conv import depthwise_conv2d
 
@@ -46,7 +46,7 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastvis::dilated_reparam_train", mutates_args=())
+@forward_op("fastvis::dilated_reparam_train")
 def _train_fwd(
     x: torch.Tensor,
     weights: List[torch.Tensor],
@@ -362,7 +362,7 @@ def dilated_reparam_conv(
             with torch.autocast(x.device.type, enabled=False):
                 return depthwise_conv2d(x.float(), kernel.float(), bias.float(), 1, pad).to(torch.bfloat16)
         return depthwise_conv2d(x, kernel, bias, 1, pad)
-    y, mean, var = _train_fwd(x, ws, ds, gs, bs, eps)
+    y, mean, var = call_op(_train_fwd, x, ws, ds, gs, bs, eps)
     m = x.shape[0] * x.shape[2] * x.shape[3]
     with torch.no_grad():
         for i in range(len(ws)):

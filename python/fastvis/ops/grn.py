@@ -24,7 +24,7 @@ import torch
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, like_layout, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, empty_like_layout, like_layout, scratch
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 
 
@@ -40,7 +40,7 @@ def _empty_norm(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastvis::global_response_norm", mutates_args=())
+@forward_op("fastvis::global_response_norm")
 def _grn_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -166,5 +166,5 @@ def global_response_norm(
     e = check_eps(eps)
     if reference_enabled() or not _core_serves(x):
         return global_response_norm_reference(x, weight, bias, e)
-    y, _ = _grn_fwd(x, weight, bias, e)
+    y, _ = call_op(_grn_fwd, x, weight, bias, e)
     return y

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
-from ._bridge import (autocast_cast, autocast_dtype, dense_for_core, empty_like_layout, like_layout,
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, empty_like_layout, like_layout,
                       scratch, stream_of)
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -36,7 +36,7 @@ def _fmt(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastvis::inception_depthwise_conv2d", mutates_args=())
+@forward_op("fastvis::inception_depthwise_conv2d")
 def _inc_fwd(
     x: torch.Tensor,
     hw_weight: torch.Tensor,
@@ -287,4 +287,4 @@ def inception_depthwise_conv2d(
     if reference_enabled() or not _core_serves(x):
         return inception_depthwise_conv2d_reference(x, hw_weight, hw_bias, w_weight, w_bias, h_weight,
                                                     h_bias, d)
-    return _inc_fwd(x, hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, d)
+    return call_op(_inc_fwd, x, hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, d)

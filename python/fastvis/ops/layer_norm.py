@@ -21,7 +21,7 @@ from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
-from ._bridge import (autocast_cast, autocast_dtype, dense_for_core, dl, empty_like_layout,
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, dl, empty_like_layout,
                       like_layout, scratch)
 
 
@@ -38,7 +38,7 @@ def _empty_stats(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastvis::layer_norm_channels", mutates_args=())
+@forward_op("fastvis::layer_norm_channels")
 def _ln_fwd(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,5 +170,5 @@ def layer_norm_channels(
     e = check_eps(eps)
     if reference_enabled() or not _core_serves(x):
         return layer_norm_channels_reference(x, weight, bias, e)
-    y, _, _ = _ln_fwd(x, weight, bias, e)
+    y, _, _ = call_op(_ln_fwd, x, weight, bias, e)
     return y

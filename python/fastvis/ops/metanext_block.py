@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, dl, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, scratch
 from ._checks import check_activation, cpu_core_serves
 
 _GELU = ("none", "tanh")
@@ -78,7 +78,7 @@ def fold_affine_into_fc1(scale: torch.Tensor, shift: torch.Tensor, fc1_weight: t
 _scratch_sizes: dict = {}
 
 
-@torch.library.custom_op("fastvis::metanext_block", mutates_args=())
+@forward_op("fastvis::metanext_block")
 def _mn_fwd(
     x: torch.Tensor, hw_weight: torch.Tensor, hw_bias: Optional[torch.Tensor],
     w_weight: torch.Tensor, w_bias: Optional[torch.Tensor], h_weight: torch.Tensor,
@@ -199,7 +199,7 @@ def metanext_block(
         ds = None
         if drop_scale is not None:
             ds = drop_scale.detach().reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        y = _mn_fwd(x, hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight,
+        y = call_op(_mn_fwd, x, hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight,
                     fc1_bias, fc2_weight, fc2_bias, gamma, ds, int(dilation), approximate == "tanh")
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()

@@ -1,0 +1,188 @@
+"""The eager fast path (ops/_bridge.py: call_op / eager_direct_ok).
+
+In eager inference a fastvis op calls its implementation directly instead of going
+through its torch.library custom op (the dispatch costs ~60-100 us a call). These tests
+check that it steps aside whenever the dispatcher has work to do: autograd, torch.compile,
+fake tensors, dispatch and function modes, the profiler."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastvis
+import fastvis.ops
+from fastvis.ops import _bridge
+
+
+def _inputs(requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 9, 9, generator=g).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 1, 3, 3, generator=g)
+    b = torch.randn(16, generator=g)
+    return [t.requires_grad_(requires_grad) for t in (x, w, b)]
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _count_impl_calls(monkeypatch, op):
+    calls = []
+    impl = op.fastvis_impl
+
+    def counting(*a):
+        calls.append(1)
+        return impl(*a)
+
+    monkeypatch.setattr(op, "fastvis_impl", counting)
+    return calls
+
+
+def test_no_grad_inference_skips_the_dispatcher(monkeypatch):
+    mod = importlib.import_module("fastvis.ops.depthwise_conv")
+    calls = _count_impl_calls(monkeypatch, mod._dwconv_fwd)
+    x, w, b = _inputs()
+    with torch.no_grad():
+        y = fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
+    assert calls == [1]
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=1, groups=16)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_autograd_goes_through_the_op(monkeypatch):
+    mod = importlib.import_module("fastvis.ops.depthwise_conv")
+    calls = _count_impl_calls(monkeypatch, mod._dwconv_fwd)
+    x, w, b = _inputs(requires_grad=True)
+    y = fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
+    assert calls == [] and y.grad_fn is not None
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+    # Grad mode off: nothing to record, so the fast path is fine even with such inputs.
+    with torch.no_grad():
+        fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
+    assert calls == [1]
+
+
+def test_dispatch_mode_sees_the_op_under_no_grad():
+    x, w, b = _inputs()
+    rec = _Recorder()
+    with torch.no_grad(), rec:
+        fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
+    assert any("fastvis.depthwise_conv2d" in o for o in rec.ops), rec.ops
+
+
+def test_function_mode_disables_the_fast_path(monkeypatch):
+    mod = importlib.import_module("fastvis.ops.depthwise_conv")
+    calls = _count_impl_calls(monkeypatch, mod._dwconv_fwd)
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = _inputs()
+    with torch.no_grad(), Passthrough():
+        assert not _bridge.eager_direct_ok(x)
+        fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
+    assert calls == []
+
+
+def test_fake_tensors_use_the_fake_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 9, 9).to(memory_format=torch.channels_last)
+        w = torch.empty(16, 1, 3, 3)
+        with torch.no_grad():
+            y = fastvis.ops.depthwise_conv2d(x, w, None, stride=2, padding=1)
+    assert tuple(y.shape) == (2, 16, 5, 5)
+
+
+def test_profiler_records_the_op():
+    x, w, b = _inputs()
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
+    names = [e.name for e in prof.events()]
+    assert any("fastvis::depthwise_conv2d" in n for n in names), sorted(set(names))[:20]
+
+
+def test_compile_fullgraph_under_no_grad():
+    x, w, b = _inputs()
+    f = torch.compile(lambda x: fastvis.ops.depthwise_conv2d(x, w, b, padding=1), fullgraph=True,
+                      backend="eager")
+    with torch.no_grad():
+        y = f(x)
+        torch.testing.assert_close(y, fastvis.ops.depthwise_conv2d(x, w, b, padding=1))
+
+
+def test_subclass_inputs_are_not_unwrapped():
+    class Sub(torch.Tensor):
+        pass
+
+    x, w, b = _inputs()
+    assert _bridge.eager_direct_ok(x, w, None)
+    assert not _bridge.eager_direct_ok(x.as_subclass(Sub), w)
+    with torch.no_grad():
+        assert _bridge.eager_direct_ok(x.requires_grad_(), w)
+    assert not _bridge.eager_direct_ok(x, w)  # grad mode on and x requires grad
+
+
+@pytest.mark.parametrize("op", ["convnext_block", "layer_norm", "grn", "inception", "metanext",
+                                "dwconv_mlp"])
+def test_every_forward_op_uses_the_fast_path_in_inference(monkeypatch, op):
+    """Each public wrapper routes through call_op: in no-grad eager mode its implementation
+    runs directly, and the result equals the PyTorch reference."""
+    mod = lambda name: importlib.import_module("fastvis.ops." + name)  # noqa: E731 (the package
+    cb, grn, inc, ln, mn = (mod(n) for n in  # re-exports functions under the module names)
+                            ("convnext_block", "grn", "inception_dwconv", "layer_norm", "metanext_block"))
+    g = torch.Generator().manual_seed(1)
+    c, hid = 16, 32
+    x = torch.randn(2, c, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    if op == "convnext_block":
+        target = cb._cb_fwd
+        args = (x, r(c, 1, 7, 7), r(c), 1 + r(c), r(c), r(hid, c), r(hid), r(c, hid), r(c))
+        run = lambda: fastvis.ops.convnext_block(*args)  # noqa: E731
+        ref = lambda: fastvis.ops.convnext_block_reference(*args)  # noqa: E731
+    elif op == "layer_norm":
+        target = ln._ln_fwd
+        args = (x, 1 + r(c), r(c))
+        run = lambda: fastvis.ops.layer_norm_channels(*args)  # noqa: E731
+        ref = lambda: fastvis.ops.layer_norm_channels_reference(*args)  # noqa: E731
+    elif op == "grn":
+        target = grn._grn_fwd
+        args = (x, r(c), r(c))
+        run = lambda: fastvis.ops.global_response_norm(*args)  # noqa: E731
+        ref = lambda: fastvis.ops.global_response_norm_reference(*args)  # noqa: E731
+    elif op == "inception":
+        target = inc._inc_fwd
+        args = (x, r(2, 1, 3, 3), r(2), r(2, 1, 1, 5), r(2), r(2, 1, 5, 1), r(2))
+        run = lambda: fastvis.ops.inception_depthwise_conv2d(*args)  # noqa: E731
+        ref = lambda: fastvis.ops.inception_depthwise_conv2d_reference(*args)  # noqa: E731
+    elif op == "metanext":
+        target = mn._mn_fwd
+        args = (x, r(2, 1, 3, 3), r(2), r(2, 1, 1, 5), r(2), r(2, 1, 5, 1), r(2),
+                r(hid, c), r(hid), r(c, hid), r(c))
+        run = lambda: fastvis.ops.metanext_block(*args)  # noqa: E731
+        ref = lambda: fastvis.ops.metanext_block_reference(*args)  # noqa: E731
+    else:
+        target = cb._dmb_fwd
+        args = (x, r(c, 1, 5, 5), r(c), r(hid, c), r(hid), r(c, hid), r(c))
+        run = lambda: fastvis.ops.dwconv_mlp_block(*args, layer_norm=False)  # noqa: E731
+        ref = lambda: fastvis.ops.dwconv_mlp_block_reference(*args, layer_norm=False)  # noqa: E731
+    calls = _count_impl_calls(monkeypatch, target)
+    with torch.no_grad():
+        y = run()
+        want = ref()
+    assert calls == [1], op
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
