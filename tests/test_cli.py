@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 
+import time
+
 import pytest
 
 import fastvis
@@ -181,11 +183,23 @@ def test_interleaved_timing():
         calls["b"] += 1
 
     st = timing.measure_interleaved({"a": fa, "b": fb}, warmup=2, repeat=4,
-                                    min_block_time=1e-4)
+                                    min_block_time=1e-4, settle=0)
     for name in ("a", "b"):
         assert st[name].repeats == 4 and st[name].warmup == 2
         assert 0 < st[name].min <= st[name].median
         assert calls[name] >= 2 + 4 * st[name].number
+    # settling: untimed calls for ~settle seconds before each block of a fast candidate,
+    # none before the blocks of a candidate slower than that
+    before = dict(calls)
+    st = timing.measure_interleaved({"a": fa}, warmup=0, repeat=3, min_block_time=1e-4,
+                                    settle=0.01)
+    extra = calls["a"] - before["a"] - 3 * st["a"].number
+    assert extra > 3 * st["a"].number, (extra, st["a"].number)
+    slow_calls = []
+    timing.measure_interleaved({"s": lambda: (slow_calls.append(1), time.sleep(0.004))},
+                               warmup=0, repeat=2, min_block_time=1e-3, settle=0.002)
+    # calibration (one 4 ms call already fills a 1 ms block) + 2 one-call blocks, no settling
+    assert len(slow_calls) == 3, len(slow_calls)
     # a time budget cuts the samples of a slow candidate down, but not below min_repeat
     slow = timing.measure(lambda: sum(range(20000)), warmup=0, repeat=50,
                           min_block_time=1e-4, max_time=1e-6, min_repeat=3)

@@ -116,6 +116,9 @@ def _calibrate(fn, min_block_time, sync, max_number=1_000_000):
         number = min(number, max_number)
 
 
+DEFAULT_SETTLE = 0.02  # seconds; see measure_interleaved
+
+
 def measure_interleaved(
     fns: Mapping[str, Callable[[], object]],
     *,
@@ -126,6 +129,7 @@ def measure_interleaved(
     min_repeat: int = 3,
     max_warmup_time: float = 1.0,
     sync: Optional[Callable[[], None]] = None,
+    settle: float = DEFAULT_SETTLE,
 ) -> Dict[str, Stats]:
     """Times several candidates against each other, interleaved round by round.
 
@@ -137,12 +141,20 @@ def measure_interleaved(
     max_time:        if set, a candidate whose blocks are slow gets fewer samples, so that its
                      timed blocks take about ``max_time`` seconds, but never fewer than
                      ``min_repeat`` (nor more than ``repeat``).
+    settle:          before each timed block, a candidate whose calls are shorter than this
+                     runs untimed for about this many seconds, so the block measures it in
+                     its own steady state rather than in the wake of the previous candidate.
+                     On 2 cores that wake matters: PyTorch's OpenMP workers keep spinning for
+                     ~10 ms after a parallel ATen op (libgomp's default wait policy) and slowed
+                     the next fastvis block by up to 2x; a candidate's sleeping thread pool
+                     costs its first call a wake-up. 0 turns settling off.
     """
     if repeat < 1:
         raise ValueError("repeat must be >= 1")
     names = list(fns)
     stats: Dict[str, Stats] = {}
     want: Dict[str, int] = {}
+    per_call: Dict[str, float] = {}
     for name in names:
         fn = fns[name]
         done = 0
@@ -154,6 +166,7 @@ def measure_interleaved(
             sync()
         number, block = _calibrate(fn, min_block_time, sync)
         stats[name] = Stats(number=number, warmup=done)
+        per_call[name] = block / number
         # Samples: `repeat`, cut down for slow candidates when a time budget is set.
         n = repeat
         if max_time is not None and block > 0:
@@ -166,6 +179,12 @@ def measure_interleaved(
         for name in names[k:] + names[:k]:  # rotate the order every round
             st = stats[name]
             if st.repeats < want[name]:
+                if settle > 0 and per_call[name] < settle:
+                    t_end = time.perf_counter() + settle
+                    while time.perf_counter() < t_end:
+                        fns[name]()
+                    if sync is not None:
+                        sync()
                 st.samples.append(time_block(fns[name], st.number, sync))
     return stats
 
