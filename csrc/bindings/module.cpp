@@ -340,6 +340,27 @@ PYBIND11_MODULE(_C, m) {
     return &v;
   };
 
+  // ---- patch convolution (stride == kernel), forward only
+  m.def("patch_conv2d_forward_scratch_bytes",
+        [](py::object x, py::object w) {
+          Borrowed b;
+          return patch_conv2d_forward_scratch_bytes(b.view(x, "x"), b.view(w, "weight"));
+        },
+        py::arg("x"), py::arg("weight"));
+  m.def(
+      "patch_conv2d_forward",
+      [opt_view](py::object x, py::object w, py::object bias, py::object y, py::object scratch) {
+        Borrowed b;
+        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), yv = b.view(y, "y"), bv;
+        const TensorView* bp = opt_view(b, bias, bv, "bias");
+        const size_t need = patch_conv2d_forward_scratch_bytes(xv, wv);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        patch_conv2d_forward(xv, wv, bp, yv, sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
+      py::arg("scratch") = py::none());
+
   m.def("layer_norm_channels_forward_scratch_bytes",
         [](py::object x) {
           Borrowed b;

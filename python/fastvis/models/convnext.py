@@ -29,6 +29,7 @@ from torch import nn
 from ..nn.convnext import ConvNeXtBlock, trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
 from ..nn.layer_norm import LayerNorm2d
+from ..nn.patch_conv import PatchConv2d
 from ._backbone import StagedBackbone, positive_int, probability
 from ._features import FeatureInfo
 from ._pretrained import (
@@ -64,7 +65,7 @@ class ConvNeXtStage(nn.Module):
         if downsample:
             self.downsample = nn.Sequential(
                 LayerNorm2d(in_chs, eps=norm_eps, **factory),
-                nn.Conv2d(in_chs, out_chs, kernel_size=2, stride=2, bias=conv_bias, **factory),
+                PatchConv2d(in_chs, out_chs, 2, bias=conv_bias, **factory),
             )
         else:
             if in_chs != out_chs:
@@ -206,7 +207,7 @@ class ConvNeXt(StagedBackbone, nn.Module):
         self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0], kernel_size=patch_size, stride=patch_size, bias=conv_bias, **factory),
+            PatchConv2d(in_chans, dims[0], patch_size, bias=conv_bias, **factory),
             LayerNorm2d(dims[0], eps=norm_eps, **factory),
         )
         total = sum(depths)
@@ -281,7 +282,7 @@ class ConvNeXt(StagedBackbone, nn.Module):
         """Stem and stages: (N, in_chans, H, W) -> (N, dims[-1], H/32, W/32) (patch_size 4),
         channels_last."""
         self._check_input(x)
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.stem(x)  # PatchConv2d reads any layout and returns channels_last
         x = self.stages(x)
         return self.norm_pre(x)
 

@@ -31,6 +31,7 @@ from ..nn.convnext import trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
 from ..nn.inception_dwconv import InceptionDWConv2d
 from ..nn.metanext import MetaNeXtBlock
+from ..nn.patch_conv import PatchConv2d
 from ._backbone import StagedBackbone, positive_int, probability
 from ._features import FeatureInfo
 from ._pretrained import (
@@ -74,6 +75,8 @@ def _downsample_conv(in_chs: int, out_chs: int, stride: int, dilation: int, same
     """timm's ``create_conv2d(in_chs, out_chs, 2, stride, dilation, padding='same' if the
     stage is dilated else 0)``."""
     if not same:
+        if stride == 2 and dilation == 1:  # non-overlapping 2x2 patches
+            return PatchConv2d(in_chs, out_chs, 2, **factory)
         return nn.Conv2d(in_chs, out_chs, 2, stride=stride, dilation=dilation, **factory)
     if stride != 1:  # timm never asks for this: a dilated stage has stride 1
         raise ValueError("MetaNeXt: 'same' padding of a strided downsampling convolution is not supported")
@@ -239,7 +242,7 @@ class MetaNeXt(StagedBackbone, nn.Module):
         self.grad_checkpointing = False
 
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4, **factory),
+            PatchConv2d(in_chans, dims[0], 4, **factory),
             nn.BatchNorm2d(dims[0], **factory),
         )
         total = sum(depths)
@@ -319,7 +322,7 @@ class MetaNeXt(StagedBackbone, nn.Module):
         """Stem and stages: (N, in_chans, H, W) -> (N, dims[-1], H/32, W/32) (output
         stride 32), channels_last."""
         self._check_input(x)
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.stem(x)  # PatchConv2d reads any layout and returns channels_last
         return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -6,6 +6,7 @@ from .grn import GlobalResponseNorm
 from .inception_dwconv import InceptionDWConv2d
 from .layer_norm import LayerNorm2d
 from .metanext import ConvMlp, MetaNeXtBlock
+from .patch_conv import PatchConv2d
 from .reparam import Reparameterizable, reparameterize
 from .replk import ConvBN, ConvFFN, RepLKBlock, ReparamLargeKernelConv
 from .unireplknet import SEBlock, UniRepLKNetBlock, UniRepLKNetGRN
@@ -23,6 +24,7 @@ __all__ = [
     "InceptionDWConv2d",
     "LayerNorm2d",
     "MetaNeXtBlock",
+    "PatchConv2d",
     "RepLKBlock",
     "ReparamLargeKernelConv",
     "Reparameterizable",

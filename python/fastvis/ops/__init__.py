@@ -7,6 +7,7 @@ from .grn import global_response_norm, global_response_norm_reference
 from .inception_dwconv import inception_depthwise_conv2d, inception_depthwise_conv2d_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
 from .metanext_block import fold_affine_into_fc1, metanext_block, metanext_block_reference
+from .patch_conv import patch_conv2d, patch_conv2d_reference
 
 __all__ = [
     "convnext_block",
@@ -28,4 +29,6 @@ __all__ = [
     "metanext_block_reference",
     "inception_depthwise_conv2d",
     "inception_depthwise_conv2d_reference",
+    "patch_conv2d",
+    "patch_conv2d_reference",
 ]

@@ -1,0 +1,183 @@
+// Patch convolution (stride == kernel): validation, tiling, the patch gather and the GEMMs.
+// See include/fastvis/patch_conv.h for the semantics.
+#include "fastvis/patch_conv.h"
+
+#include <algorithm>
+
+#include "core/blas.h"
+#include "core/checks.h"
+#include "core/scratch.h"
+#include "fastvis/error.h"
+#include "fastvis/threading.h"
+
+namespace fastvis {
+namespace patchconv {
+namespace {
+
+using core::align64;
+using core::acc_size;
+
+struct TilePlan {
+  int64_t pixels;   // N * OH * OW
+  int64_t kdim;     // Cin * kh * kw: the GEMM's inner dimension
+  int64_t rows;     // output pixels per tile
+  int64_t ntiles;
+  bool split_gemm;  // too few tiles to share: tiles one after another, each GEMM split
+};
+
+TilePlan plan(const PatchConv2dShape& s, size_t acc, int threads) {
+  TilePlan p;
+  p.pixels = s.n * s.oh * s.ow;
+  p.kdim = s.cin * s.kh * s.kw;
+  // A tile's gathered patches stay within ~256 KB (L2), between 16 and 256 rows.
+  int64_t rows = std::clamp<int64_t>(int64_t(256 * 1024) / (p.kdim * int64_t(acc)), 16, 256);
+  // At least two tiles per thread when the image allows tiles of >= 16 rows.
+  const int64_t want = 2 * int64_t(threads);
+  if (p.pixels > 0 && (p.pixels + rows - 1) / rows < want)
+    rows = std::max<int64_t>(16, (p.pixels + want - 1) / want);
+  p.rows = std::max<int64_t>(1, std::min(rows, std::max<int64_t>(p.pixels, 1)));
+  p.ntiles = p.pixels > 0 ? (p.pixels + p.rows - 1) / p.rows : 0;
+  p.split_gemm = threads > 1 && p.ntiles < want;
+  return p;
+}
+
+// Patch rows of output pixels [p0, p1) into col[(p - p0) * kdim + (ci * kh + i) * kw + j].
+template <class T>
+void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t p1, T* col) {
+  const T* xd = static_cast<const T*>(x.data);
+  const int64_t sn = x.strides[0], sc = x.strides[1], sh = x.strides[2], sw = x.strides[3];
+  const int64_t K = s.cin * s.kh * s.kw, khw = s.kh * s.kw;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n = p / (s.oh * s.ow), r = p % (s.oh * s.ow), oh = r / s.ow, ow = r % s.ow;
+    const T* base = xd + n * sn + oh * s.kh * sh + ow * s.kw * sw;
+    T* row = col + (p - p0) * K;
+    if (sc == 1) {  // channels contiguous (NHWC): read along channels
+      for (int64_t i = 0; i < s.kh; ++i)
+        for (int64_t j = 0; j < s.kw; ++j) {
+          const T* src = base + i * sh + j * sw;
+          T* dst = row + i * s.kw + j;
+          for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = src[c];
+        }
+    } else {  // NCHW or other strides: read along columns
+      for (int64_t c = 0; c < s.cin; ++c)
+        for (int64_t i = 0; i < s.kh; ++i) {
+          const T* src = base + c * sc + i * sh;
+          T* dst = row + (c * s.kh + i) * s.kw;
+          for (int64_t j = 0; j < s.kw; ++j) dst[j] = src[j * sw];
+        }
+    }
+  }
+}
+
+template <class T>
+void tile(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& x, const T* w,
+          const T* b, T* y, T* col, int64_t p0, int64_t p1) {
+  const int64_t m = p1 - p0, K = pl.kdim, C = s.cout;
+  gather<T>(s, x, p0, p1, col);
+  T* out = y + p0 * C;
+  if (b)
+    for (int64_t r = 0; r < m; ++r) std::copy(b, b + C, out + r * C);
+  const T beta = b ? T(1) : T(0);
+  if (pl.split_gemm)
+    core::gemm_split(core::Op::N, core::Op::T, m, C, K, T(1), col, K, w, K, beta, out, C);
+  else
+    core::gemm(core::Op::N, core::Op::T, m, C, K, T(1), col, K, w, K, beta, out, C);
+}
+
+template <class T>
+void forward_t(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& x, const T* w,
+               const T* b, T* y, char* bufs, size_t buf_stride, int nbufs) {
+  if (pl.split_gemm) {
+    T* col = reinterpret_cast<T*>(bufs);
+    for (int64_t t = 0; t < pl.ntiles; ++t)
+      tile<T>(s, pl, x, w, b, y, col, t * pl.rows, std::min(pl.pixels, (t + 1) * pl.rows));
+    return;
+  }
+  parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t t0, int64_t t1) {
+    T* col = reinterpret_cast<T*>(bufs + std::min(slot, nbufs - 1) * buf_stride);
+    for (int64_t t = t0; t < t1; ++t)
+      tile<T>(s, pl, x, w, b, y, col, t * pl.rows, std::min(pl.pixels, (t + 1) * pl.rows));
+  });
+}
+
+}  // namespace
+}  // namespace patchconv
+
+using namespace patchconv;
+
+PatchConv2dShape patch_conv2d_shape(const TensorView& x, const TensorView& weight,
+                                    const TensorView* bias) {
+  const core::NchwDims d = core::activation_dims(x, "x");
+  PatchConv2dShape s;
+  s.n = d.n;
+  s.cin = d.c;
+  s.h = d.h;
+  s.w = d.w;
+  FV_CHECK_TYPE(x.dtype == DType::Float32 || x.dtype == DType::Float64,
+                "x: patch_conv2d supports float32 and float64, got ", dtype_name(x.dtype));
+  FV_CHECK_VALUE(x.device.type == DeviceType::CPU, "x: patch_conv2d runs on the CPU, got a tensor on ",
+                 device_name(x.device));
+  FV_CHECK_VALUE(weight.ndim == 4, "weight: expected (Cout, Cin, kh, kw), got ", weight.describe());
+  FV_CHECK_TYPE(weight.dtype == x.dtype, "weight: expected dtype ", dtype_name(x.dtype),
+                " (the input's), got ", dtype_name(weight.dtype));
+  s.cout = weight.shape[0];
+  s.kh = weight.shape[2];
+  s.kw = weight.shape[3];
+  FV_CHECK_VALUE(weight.shape[1] == s.cin, "weight: expected ", s.cin,
+                 " input channels (one group), got ", weight.describe());
+  FV_CHECK_VALUE(s.cout >= 1 && s.kh >= 1 && s.kw >= 1, "weight: sizes must be positive, got ",
+                 weight.describe());
+  FV_CHECK_VALUE(s.kh <= s.h && s.kw <= s.w, "x: a ", s.h, "x", s.w, " image is smaller than the ",
+                 s.kh, "x", s.kw, " patch");
+  const int64_t want_w[4] = {s.cout, s.cin, s.kh, s.kw};
+  core::check_row_major(weight, x, want_w, 4, x.dtype, "weight", "the convolution weight");
+  if (bias) {
+    const int64_t want_b[1] = {s.cout};
+    core::check_row_major(*bias, x, want_b, 1, x.dtype, "bias", "one value per output channel");
+  }
+  s.oh = s.h / s.kh;
+  s.ow = s.w / s.kw;
+  FV_CHECK_VALUE(x.data != nullptr || x.numel() == 0, "x: null data pointer");
+  return s;
+}
+
+size_t patch_conv2d_forward_scratch_bytes(const TensorView& x, const TensorView& weight) {
+  const PatchConv2dShape s = patch_conv2d_shape(x, weight, nullptr);
+  const int threads = get_num_threads();
+  const TilePlan pl = plan(s, acc_size(x.dtype), threads);
+  const size_t per = align64(size_t(pl.rows * pl.kdim) * acc_size(x.dtype));
+  return pl.split_gemm ? per : per * size_t(threads);
+}
+
+void patch_conv2d_forward(const TensorView& x, const TensorView& weight, const TensorView* bias,
+                          const TensorView& y, void* scratch, size_t scratch_bytes) {
+  const PatchConv2dShape s = patch_conv2d_shape(x, weight, bias);
+  FV_CHECK_VALUE(y.ndim == 4 && y.shape[0] == s.n && y.shape[1] == s.cout && y.shape[2] == s.oh &&
+                     y.shape[3] == s.ow,
+                 "y: expected shape [", s.n, ", ", s.cout, ", ", s.oh, ", ", s.ow, "], got ",
+                 y.describe());
+  FV_CHECK_TYPE(y.dtype == x.dtype, "y: expected dtype ", dtype_name(x.dtype), ", got ",
+                dtype_name(y.dtype));
+  FV_CHECK_VALUE(y.device == x.device, "y: expected a tensor on ", device_name(x.device));
+  FV_CHECK_VALUE(core::dense_layouts(y) & 2, "y: must be dense channels_last (NHWC), got ",
+                 y.describe());
+  const size_t need = patch_conv2d_forward_scratch_bytes(x, weight);
+  FV_CHECK_VALUE(scratch_bytes >= need && (scratch != nullptr || need == 0), "scratch: need ",
+                 need, " bytes, got ", scratch_bytes);
+  const int threads = get_num_threads();
+  const TilePlan pl = plan(s, acc_size(x.dtype), threads);
+  if (pl.pixels == 0) return;
+  FV_CHECK_VALUE(y.data != nullptr, "y: null data pointer");
+  const size_t stride = align64(size_t(pl.rows * pl.kdim) * acc_size(x.dtype));
+  char* bufs = static_cast<char*>(scratch);
+  if (x.dtype == DType::Float64)
+    forward_t<double>(s, pl, x, static_cast<const double*>(weight.data),
+                      bias ? static_cast<const double*>(bias->data) : nullptr,
+                      static_cast<double*>(y.data), bufs, stride, threads);
+  else
+    forward_t<float>(s, pl, x, static_cast<const float*>(weight.data),
+                     bias ? static_cast<const float*>(bias->data) : nullptr,
+                     static_cast<float*>(y.data), bufs, stride, threads);
+}
+
+}  // namespace fastvis

@@ -1,0 +1,156 @@
+"""Patch convolution (stride == kernel) against F.conv2d in float64, bad input, the
+fallbacks, and PatchConv2d as an nn.Conv2d drop-in."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvis
+from fastvis.nn import PatchConv2d
+from fastvis.ops import patch_conv2d
+from conftest import sweep
+
+_C = fastvis._C
+
+
+@st.composite
+def problems(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    h = draw(st.integers(kh, 3 * kh + 2))  # rows/columns that do not fill a patch included
+    w = draw(st.integers(kw, 3 * kw + 2))
+    return dict(n=draw(st.integers(1, 3)), cin=draw(st.integers(1, 20)), cout=draw(st.integers(1, 24)),
+                kh=kh, kw=kw, h=h, w=w, layout=draw(st.sampled_from(["nchw", "nhwc", "view"])),
+                bias=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float32, torch.float64])))
+
+
+def make(p, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if p["layout"] == "view":  # a channel slice of a wider channels_last tensor: neither dense layout
+        big = torch.randn(p["n"], p["cin"] + 3, p["h"], p["w"], generator=g, dtype=p["dtype"])
+        x = big.to(memory_format=torch.channels_last)[:, 1:1 + p["cin"]]
+    else:
+        x = torch.randn(p["n"], p["cin"], p["h"], p["w"], generator=g, dtype=p["dtype"])
+        if p["layout"] == "nhwc":
+            x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(p["cout"], p["cin"], p["kh"], p["kw"], generator=g, dtype=p["dtype"])
+    b = torch.randn(p["cout"], generator=g, dtype=p["dtype"]) if p["bias"] else None
+    return x, w, b
+
+
+@sweep(60)
+@given(p=problems())
+def test_forward_matches_conv2d(p):
+    x, w, b = make(p)
+    with torch.no_grad():
+        y = patch_conv2d(x, w, b)
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride=(p["kh"], p["kw"]))
+    assert y.shape == ref.shape and y.dtype == p["dtype"]
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    # fp32: K = cin*kh*kw <= 320 products of O(1) values accumulated in float32
+    tol = 1e-12 if p["dtype"] == torch.float64 else 2e-5
+    scale = ref.abs().max().clamp_min(1.0)
+    assert ((y.double() - ref).abs().max() / scale) <= tol, p
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1, 96, 56, 56, 192, 2), (1, 384, 14, 14, 768, 2), (2, 3, 64, 64, 96, 4),
+                                   (1, 768, 2, 2, 16, 2)])
+def test_model_shapes_and_thread_counts(shape, threads):
+    """The stem / downsampling shapes (many tiles, few tiles with the GEMM split over the
+    pool, one tile), each thread count giving the same bits."""
+    n, cin, h, wd, cout, k = shape
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, cin, h, wd, generator=g).to(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, k, k, generator=g) * 0.05
+    b = torch.randn(cout, generator=g)
+    old = fastvis.get_num_threads()
+    try:
+        fastvis.set_num_threads(1)
+        with torch.no_grad():
+            y1 = patch_conv2d(x, w, b)
+        fastvis.set_num_threads(threads)
+        with torch.no_grad():
+            y = patch_conv2d(x, w, b)
+    finally:
+        fastvis.set_num_threads(0 if old == torch.get_num_threads() else old)
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride=k)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, y1, rtol=0, atol=1e-5)
+
+
+def test_gradients_fall_back_to_pytorch():
+    x, w, b = make(dict(n=2, cin=5, cout=7, kh=2, kw=2, h=6, w=7, layout="nhwc", bias=True,
+                        dtype=torch.float64))
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    y = patch_conv2d(x, w, b)
+    assert y.grad_fn is not None
+    assert torch.autograd.gradcheck(lambda x, w, b: patch_conv2d(x, w, b), (x, w, b))
+
+
+def test_other_dtypes_and_reference_switch():
+    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    w = torch.randn(6, 4, 2, 2, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(patch_conv2d(x, w), F.conv2d(x, w, stride=2))
+        x32, w32 = x.float(), w.float()
+        with fastvis.use_reference():
+            r = patch_conv2d(x32, w32)
+        torch.testing.assert_close(patch_conv2d(x32, w32), r, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="input channels"):
+        patch_conv2d(x, torch.randn(6, 3, 2, 2))
+    with pytest.raises(TypeError, match="dtype"):
+        patch_conv2d(x, torch.randn(6, 4, 2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="smaller than"):
+        patch_conv2d(x, torch.randn(6, 4, 9, 2))
+    with pytest.raises(ValueError, match="bias"):
+        patch_conv2d(x, torch.randn(6, 4, 2, 2), torch.randn(5))
+    with pytest.raises(ValueError, match="4-D"):
+        patch_conv2d(x[0], torch.randn(6, 4, 2, 2))
+    # the core's own checks, called directly
+    w = torch.randn(6, 4, 2, 2)
+    y = torch.empty(1, 6, 4, 4)  # NCHW: the core writes channels_last only
+    with pytest.raises(ValueError, match="channels_last"):
+        _C.patch_conv2d_forward(x, w, None, y)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.patch_conv2d_forward(x, w.transpose(2, 3), None, y.to(memory_format=torch.channels_last))
+    with pytest.raises(TypeError, match="float32 and float64"):
+        _C.patch_conv2d_forward(x.bfloat16(), w.bfloat16(), None, y.bfloat16())
+
+
+def test_empty_batch():
+    with torch.no_grad():
+        y = patch_conv2d(torch.randn(0, 4, 8, 8), torch.randn(6, 4, 2, 2))
+    assert y.shape == (0, 6, 4, 4)
+
+
+def test_module_is_a_conv2d_drop_in():
+    torch.manual_seed(0)
+    m = PatchConv2d(3, 8, 4)
+    ref = torch.nn.Conv2d(3, 8, 4, stride=4)
+    assert isinstance(m, torch.nn.Conv2d) and m.stride == (4, 4)
+    ref.load_state_dict(m.state_dict(), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y = m(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y = m(x)  # training path (parameters require grad): PyTorch's convolution, channels_last out
+    assert y.grad_fn is not None and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_autocast_follows_conv2d():
+    x = torch.randn(2, 4, 8, 8)
+    w = torch.randn(6, 4, 2, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = patch_conv2d(x, w)
+        ref = F.conv2d(x, w, stride=2)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
