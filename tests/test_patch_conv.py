@@ -154,3 +154,41 @@ def test_autocast_follows_conv2d():
         ref = F.conv2d(x, w, stride=2)
     assert y.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("bn_first", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_conv_bn_fold(bn_first, affine):
+    """PatchConvBN in eval mode equals its two modules run one after the other, and the
+    cached fold follows changes of the BatchNorm statistics."""
+    from fastvis.nn import PatchConvBN
+    torch.manual_seed(0)
+    conv = PatchConv2d(6, 10, 2)
+    bn = torch.nn.BatchNorm2d(6 if bn_first else 10, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+    m = PatchConvBN(bn, conv) if bn_first else PatchConvBN(conv, bn)
+    m.eval()
+    x = torch.randn(2, 6, 9, 8)
+    seq = torch.nn.Sequential(*m)  # the same modules, unfused
+    with torch.no_grad():
+        y = m(x)
+        torch.testing.assert_close(y, seq(x), rtol=1e-5, atol=1e-5)
+        bn.running_mean.add_(0.5)  # in-place change: the fold is recomputed
+        torch.testing.assert_close(m(x), seq(x), rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert list(m.state_dict()) == list(seq.state_dict())
+    m.train()  # training: the modules themselves (batch statistics)
+    torch.testing.assert_close(m(x), seq(x))
+
+
+def test_conv_bn_refuses_other_modules():
+    from fastvis.nn import PatchConvBN
+    with pytest.raises(TypeError):
+        PatchConvBN(torch.nn.Conv2d(3, 4, 2, stride=2), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="features"):
+        PatchConvBN(PatchConv2d(3, 4, 2), torch.nn.BatchNorm2d(3))

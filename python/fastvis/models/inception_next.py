@@ -31,7 +31,7 @@ from ..nn.convnext import trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
 from ..nn.inception_dwconv import InceptionDWConv2d
 from ..nn.metanext import MetaNeXtBlock
-from ..nn.patch_conv import PatchConv2d
+from ..nn.patch_conv import PatchConv2d, PatchConvBN
 from ._backbone import StagedBackbone, positive_int, probability
 from ._features import FeatureInfo
 from ._pretrained import (
@@ -99,10 +99,10 @@ class MetaNeXtStage(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if stride > 1 or dilation[0] != dilation[1]:
-            self.downsample = nn.Sequential(
-                nn.BatchNorm2d(in_chs, **factory),
-                _downsample_conv(in_chs, out_chs, stride, dilation[0], dilation[1] > 1, factory),
-            )
+            bn = nn.BatchNorm2d(in_chs, **factory)
+            conv = _downsample_conv(in_chs, out_chs, stride, dilation[0], dilation[1] > 1, factory)
+            # PatchConvBN: in inference the BatchNorm folds into the patch convolution.
+            self.downsample = PatchConvBN(bn, conv) if isinstance(conv, PatchConv2d) else nn.Sequential(bn, conv)
         else:
             if in_chs != out_chs:
                 raise ValueError(f"MetaNeXtStage: {in_chs} -> {out_chs} channels needs a downsample layer")
@@ -241,7 +241,7 @@ class MetaNeXt(StagedBackbone, nn.Module):
         self.features_only = False
         self.grad_checkpointing = False
 
-        self.stem = nn.Sequential(
+        self.stem = PatchConvBN(  # BatchNorm folded into the convolution in inference
             PatchConv2d(in_chans, dims[0], 4, **factory),
             nn.BatchNorm2d(dims[0], **factory),
         )

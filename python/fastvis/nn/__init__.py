@@ -6,7 +6,7 @@ from .grn import GlobalResponseNorm
 from .inception_dwconv import InceptionDWConv2d
 from .layer_norm import LayerNorm2d
 from .metanext import ConvMlp, MetaNeXtBlock
-from .patch_conv import PatchConv2d
+from .patch_conv import PatchConv2d, PatchConvBN
 from .reparam import Reparameterizable, reparameterize
 from .replk import ConvBN, ConvFFN, RepLKBlock, ReparamLargeKernelConv
 from .unireplknet import SEBlock, UniRepLKNetBlock, UniRepLKNetGRN
@@ -25,6 +25,7 @@ __all__ = [
     "LayerNorm2d",
     "MetaNeXtBlock",
     "PatchConv2d",
+    "PatchConvBN",
     "RepLKBlock",
     "ReparamLargeKernelConv",
     "Reparameterizable",

@@ -23,3 +23,54 @@ class PatchConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = patch_conv2d(x, self.weight, self.bias)
         return y.contiguous(memory_format=torch.channels_last)  # no copy when already so
+
+
+class PatchConvBN(nn.Sequential):
+    """``nn.Sequential(PatchConv2d, BatchNorm2d)`` or ``nn.Sequential(BatchNorm2d,
+    PatchConv2d)`` (state-dict keys ``0.*`` / ``1.*`` as the plain Sequential): an
+    InceptionNeXt stem or downsampling layer. In inference (eval mode, CPU, no gradients
+    needed) the BatchNorm is folded into the convolution -- exactly, as the patches do not
+    overlap and there is no padding -- and the pair is one :func:`fastvis.ops.patch_conv2d`
+    call with the folded weights cached until a parameter or statistic changes. Otherwise
+    the two modules run as given."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__(first, second)
+        bn_first = isinstance(first, nn.BatchNorm2d)
+        conv, bn = (second, first) if bn_first else (first, second)
+        if not isinstance(conv, PatchConv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError("PatchConvBN: expected a PatchConv2d and a BatchNorm2d")
+        want = conv.in_channels if bn_first else conv.out_channels
+        if bn.num_features != want:
+            raise ValueError(f"PatchConvBN: BatchNorm2d has {bn.num_features} features, expected {want}")
+        self.bn_first = bn_first
+
+    def _parts(self):
+        return (self[1], self[0]) if self.bn_first else (self[0], self[1])
+
+    def _fold(self, dtype):
+        conv, bn = self._parts()
+        w = conv.weight.double()
+        var, mean = bn.running_var.double(), bn.running_mean.double()
+        scale = 1.0 / torch.sqrt(var + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight.double()
+        shift = -mean * scale + (bn.bias.double() if bn.affine else 0.0)
+        b = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
+                                                                         device=w.device)
+        if self.bn_first:  # conv(x * s + t) = conv_{w * s}(x) + sum_{c,i,j} w t
+            b = b + (w * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+            w = w * scale.view(1, -1, 1, 1)
+        else:  # bn(conv(x)) = conv(x) * s + t
+            w = w * scale.view(-1, 1, 1, 1)
+            b = b * scale + shift
+        return w.to(dtype).contiguous(), b.to(dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .reparam import cached_fold, inference_only
+        conv, bn = self._parts()
+        if (inference_only(self, x) and not bn.training and bn.running_mean is not None
+                and x.dtype in (torch.float32, torch.float64)):
+            w, b = cached_fold(self, x.dtype, lambda: self._fold(x.dtype))
+            return patch_conv2d(x, w, b).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
