@@ -31,13 +31,19 @@ TilePlan plan(const PatchConv2dShape& s, size_t acc, int threads) {
   p.kdim = s.cin * s.kh * s.kw;
   // A tile's gathered patches stay within ~256 KB (L2), between 16 and 256 rows.
   int64_t rows = std::clamp<int64_t>(int64_t(256 * 1024) / (p.kdim * int64_t(acc)), 16, 256);
-  // At least two tiles per thread when the image allows tiles of >= 16 rows.
-  const int64_t want = 2 * int64_t(threads);
-  if (p.pixels > 0 && (p.pixels + rows - 1) / rows < want)
-    rows = std::max<int64_t>(16, (p.pixels + want - 1) / want);
+  const int64_t want = 2 * int64_t(threads);  // tiles, to balance the threads
+  // Every GEMM call packs the whole weight matrix; below ~64 rows per call that costs as
+  // much as the product. So when two tiles per thread would be that small (the last
+  // downsampling layers at batch 1: 49 or 196 pixels), the tiles run one after another,
+  // up to 256 rows each, with each GEMM split over the pool (each thread then packs only
+  // its share of the weights).
+  p.split_gemm = threads > 1 && p.pixels < want * 64;
+  if (p.split_gemm)
+    rows = 256;
+  else if (p.pixels > 0 && (p.pixels + rows - 1) / rows < want)
+    rows = std::max<int64_t>(64, (p.pixels + want - 1) / want);
   p.rows = std::max<int64_t>(1, std::min(rows, std::max<int64_t>(p.pixels, 1)));
   p.ntiles = p.pixels > 0 ? (p.pixels + p.rows - 1) / p.rows : 0;
-  p.split_gemm = threads > 1 && p.ntiles < want;
   return p;
 }
 
