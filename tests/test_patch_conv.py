@@ -192,3 +192,12 @@ def test_conv_bn_refuses_other_modules():
         PatchConvBN(torch.nn.Conv2d(3, 4, 2, stride=2), torch.nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="features"):
         PatchConvBN(PatchConv2d(3, 4, 2), torch.nn.BatchNorm2d(3))
+
+
+def test_compile_fullgraph_inference():
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 2, 2)
+    b = torch.randn(6)
+    f = torch.compile(lambda x: patch_conv2d(x, w, b), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), F.conv2d(x, w, b, stride=2), rtol=1e-5, atol=1e-5)

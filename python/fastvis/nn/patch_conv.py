@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.patch_conv import patch_conv2d
+from .reparam import bn_scale_shift, cached_fold, fuse_conv_bn, inference_only
 
 
 class PatchConv2d(nn.Conv2d):
@@ -50,24 +51,18 @@ class PatchConvBN(nn.Sequential):
 
     def _fold(self, dtype):
         conv, bn = self._parts()
-        w = conv.weight.double()
-        var, mean = bn.running_var.double(), bn.running_mean.double()
-        scale = 1.0 / torch.sqrt(var + bn.eps)
-        if bn.affine:
-            scale = scale * bn.weight.double()
-        shift = -mean * scale + (bn.bias.double() if bn.affine else 0.0)
-        b = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
-                                                                         device=w.device)
-        if self.bn_first:  # conv(x * s + t) = conv_{w * s}(x) + sum_{c,i,j} w t
-            b = b + (w * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+        if self.bn_first:  # conv(x * s + t) = conv_{w * s}(x) + sum_{c,i,j} w t (no padding)
+            scale, shift = bn_scale_shift(bn)
+            w = conv.weight.double()
+            b = (w * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+            if conv.bias is not None:
+                b = b + conv.bias.double()
             w = w * scale.view(1, -1, 1, 1)
-        else:  # bn(conv(x)) = conv(x) * s + t
-            w = w * scale.view(-1, 1, 1, 1)
-            b = b * scale + shift
+        else:  # bn(conv(x))
+            w, b = fuse_conv_bn(conv.weight, conv.bias, bn)
         return w.to(dtype).contiguous(), b.to(dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .reparam import cached_fold, inference_only
         conv, bn = self._parts()
         if (inference_only(self, x) and not bn.training and bn.running_mean is not None
                 and x.dtype in (torch.float32, torch.float64)):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, empty_like_layout, is_channels_last, like_layout, scratch, scratch_bytes
+from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, empty_like_layout, is_channels_last, like_layout, scratch
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 from .depthwise_conv import depthwise_conv2d
 
