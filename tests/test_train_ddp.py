@@ -156,3 +156,45 @@ def test_batchnorm_model_syncs_statistics(tmp_path):
     fa, fb = _final(ddp, 8), _final(single, 8)
     torch.testing.assert_close(fa["model"]["1.running_var"], fb["model"]["1.running_var"], atol=1e-6, rtol=1e-5)
     assert int(fa["model"]["1.num_batches_tracked"]) == 16  # 8 steps x 2 (SAM's two passes)
+
+
+# Registered before init_distributed, this handler runs after init_distributed's own (atexit
+# handlers run last-registered first) and records whether the group was still alive then.
+_EXIT_SCRIPT = r"""
+import atexit, os, sys, torch
+import torch.distributed as dist
+from fastvis.train.distributed import init_distributed
+
+def record():
+    with open(os.path.join(sys.argv[1], "rank%s" % os.environ["RANK"]), "w") as f:
+        f.write("alive" if dist.is_initialized() else "destroyed")
+
+atexit.register(record)
+info = init_distributed(torch.device("cpu"))
+t = torch.ones(3)
+dist.all_reduce(t)
+assert info.world_size == 2 and t.tolist() == [2.0, 2.0, 2.0]
+"""
+
+
+def test_process_group_is_destroyed_at_exit(tmp_path):
+    """A gloo group left alive at interpreter shutdown can abort the process ("terminate called
+    without an active exception", seen in CI); init_distributed's group is destroyed at exit."""
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    r = _torchrun(str(script), str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}").read_text() == "destroyed"
+
+
+def test_shutdown_distributed_is_idempotent(tmp_path):
+    import torch.distributed as dist
+    from fastvis.train.distributed import shutdown_distributed
+
+    shutdown_distributed()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    shutdown_distributed()
+    assert not dist.is_initialized()
+    shutdown_distributed()

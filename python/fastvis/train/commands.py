@@ -155,6 +155,7 @@ def train_run(args: argparse.Namespace) -> int:
     from ..cli import CommandError
     from .checkpoint import load_checkpoint_file
     from .config import TrainConfig, load_config_file
+    from .distributed import shutdown_distributed
     from .trainer import Trainer
 
     errors = _errors()
@@ -203,7 +204,10 @@ def train_run(args: argparse.Namespace) -> int:
             raise CommandError(f"cannot build model {cfg.model!r}: {_one_line(e)}") from None
         except TypeError as e:
             raise CommandError(f"cannot build model {cfg.model!r}: {_one_line(e)}") from None
-        summary = trainer.fit(resume=preloaded)
+        try:
+            summary = trainer.fit(resume=preloaded)
+        finally:
+            shutdown_distributed()
     except errors as e:
         raise CommandError(_one_line(e)) from None
     except RuntimeError as e:

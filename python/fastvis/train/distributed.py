@@ -14,6 +14,7 @@ process would use, up to the summation order). On CUDA, PyTorch's own ``SyncBatc
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "convert_sync_batchnorm", "CPUSyncBatchNorm", "all_reduce_sum",
-           "has_batchnorm", "barrier"]
+           "has_batchnorm", "barrier", "shutdown_distributed"]
 
 
 @dataclass
@@ -65,7 +66,20 @@ def init_distributed(device: torch.device) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        # A process group still alive when the interpreter shuts down can abort the
+        # process (gloo's worker threads: "terminate called without an active
+        # exception"), so the group this function made is destroyed at exit at the latest.
+        atexit.register(shutdown_distributed)
     return DistInfo(rank, world, local_rank, local_world, backend)
+
+
+def shutdown_distributed() -> None:
+    """Destroys the default process group, if one exists (safe to call more than once).
+
+    Call it when a distributed run is over; ``fastvis train`` does, and the group that
+    :func:`init_distributed` created is otherwise destroyed at interpreter exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
