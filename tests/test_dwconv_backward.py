@@ -273,3 +273,15 @@ def test_weight_grad_deterministic_and_thread_count_independent(layout, dtype):
     assert torch.equal(gw_ll, gw_ll2) and torch.equal(gb_ll, gb_ll2), (
         "_C.dwconv_backward_weight depends on the thread count")
     check_backward({"weight": runs[0][0], "bias": runs[0][1]}, x, w, b, gy, cfg)
+
+
+# The weight gradient's register window (stride 1 and dilation 1 along the row: taps in
+# chunks of at most 7, outputs in blocks of 7 then one by one), and the input gradient
+# through the forward window with the flipped kernel.
+@pytest.mark.parametrize("kw", [2, 3, 5, 7, 8, 13, 14, 15])
+@pytest.mark.parametrize("kh,c,w_in", [(1, 8, 5), (3, 12, 13), (7, 20, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_backward_register_window(kw, kh, c, w_in, dtype):
+    cfg = ConvCfg(n=2, c=c, h=9, w=w_in, kh=kh, kw=kw, padding="same", layout="nhwc", dtype=dtype)
+    grads, (x, w, b, gy) = autograd_grads(cfg)
+    check_backward(grads, x, w, b, gy, cfg)

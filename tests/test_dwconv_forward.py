@@ -367,3 +367,19 @@ def test_forward_under_no_grad_and_inference_mode(mode):
         y = run_op(x, w.requires_grad_(True), b, cfg)
     assert not y.requires_grad
     check_forward(y, x, w, b, cfg)
+
+
+# Stride 1 along the row, horizontal dilation 1: the register-window kernels (kernel rows
+# in chunks of 7 columns, then kw % 7; blocks of 10 / 9 / 7 pixels, then 4, 2, 1). Widths
+# 1..23 leave every remainder; C = 8 / 24 take the direct path when kh * kw <= 15, C = 12
+# and 20 the packed one with a masked channel tail.
+@pytest.mark.parametrize("kw", [2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 15, 21])
+@pytest.mark.parametrize("kh,c,dil_h", [(1, 8, 1), (3, 12, 1), (2, 24, 2), (5, 20, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_forward_register_window(kw, kh, c, dil_h, dtype):
+    for w_in in (1, 5, 11, 23):
+        cfg = ConvCfg(n=2, c=c, h=6, w=w_in, kh=kh, kw=kw, dilation=(dil_h, 1), padding="same",
+                      layout="nhwc", dtype=dtype)
+        x, w, b = make_inputs(cfg)
+        y = run_op(x, w, b, cfg)
+        check_forward(y, x, w, b, cfg)

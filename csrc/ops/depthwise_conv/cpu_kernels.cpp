@@ -8,6 +8,7 @@
 // registers while sweeping an output row.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -61,6 +62,128 @@ template <class A> std::vector<std::pair<int64_t, int>> channel_blocks(int64_t C
 }
 template <class A> inline int64_t block_width(const std::pair<int64_t, int>& b) {
   return b.second > 0 ? b.second * VT<A>::L : -b.second;
+}
+
+// ------------------------------------------------------------------ forward, register window
+
+// Stride 1, horizontal dilation 1: output pixel o of a block reads input pixel o + j for
+// kernel column j, so one input vector serves up to KC accumulators. Per kernel row
+// the block loads OWB + KC - 1 input vectors and KC weight vectors (kept in registers)
+// for OWB * KC multiply-adds, one vector of channels at a time. The tap-list kernels
+// above (direct_block, fwd_pixels) load one input vector per multiply-add; on 2 cores
+// they ran 5x5 and 7x7 at ~30-45 % of the FMA peak.
+
+// Kernel columns [0, KC) of one kernel row into acc: xp = the block's first input pixel
+// in that row (column j0 of the chunk), wp = the weights of column j0 (columns wstep
+// apart). TAIL: only `tail` channels are valid (masked input loads; the packed weights
+// are zero-padded to a whole block, so weight loads need no mask).
+template <class T, class A, int KC, int OWB, bool TAIL>
+__attribute__((always_inline)) inline void window_chunk(typename VT<A>::V (&acc)[OWB], const T* xp,
+                                                        int64_t step, const A* wp, int64_t wstep,
+                                                        int64_t tail) {
+  using V = typename VT<A>::V;
+  V w[KC];
+#pragma GCC unroll 16
+  for (int j = 0; j < KC; ++j) w[j] = vload<A, A>(wp + j * wstep);
+#pragma GCC unroll 32
+  for (int p = 0; p < OWB + KC - 1; ++p) {
+    const V xv = TAIL ? vload_n<T, A>(xp + p * step, tail) : vload<T, A>(xp + p * step);
+#pragma GCC unroll 16
+    for (int j = 0; j < KC; ++j) {
+      const int o = p - j;
+      if (o >= 0 && o < OWB) acc[o] += xv * w[j];
+    }
+  }
+}
+
+// OWB consecutive output pixels x one vector of channels: kernel rows r < nr at input
+// offsets xo[r] from xb and weight offsets wo[r] from wb; each row in nfull chunks of 7
+// columns, then one of KT columns (chunks of at most 7 keep the window in the 16 vector
+// registers of AVX2). The chunk sizes are compile-time so the accumulators stay in
+// registers (a switch over the last chunk's size here put them on the stack).
+template <class T, class A, class Y, int OWB, int KT, bool TAIL>
+inline void window_block(const T* xb, int64_t step, const A* wb, int64_t wstep,
+                         const int64_t* xo, const int64_t* wo, int nr, int64_t nfull,
+                         const A* bias, Y* yb, int64_t YP, int64_t tail) {
+  using V = typename VT<A>::V;
+  V acc[OWB];
+  const V b = bias ? vload<A, A>(bias) : V{};
+  for (int o = 0; o < OWB; ++o) acc[o] = b;
+  for (int r = 0; r < nr; ++r) {
+    const T* xp = xb + xo[r];
+    const A* wp = wb + wo[r];
+    for (int64_t c = 0; c < nfull; ++c, xp += 7 * step, wp += 7 * wstep)
+      window_chunk<T, A, 7, OWB, TAIL>(acc, xp, step, wp, wstep, tail);
+    if (KT > 0) window_chunk<T, A, (KT > 0 ? KT : 1), OWB, TAIL>(acc, xp, step, wp, wstep, tail);
+  }
+  for (int o = 0; o < OWB; ++o) {
+    if (TAIL)
+      vstore_n<Y, A>(yb + o * YP, acc[o], tail);
+    else
+      vstore<Y, A>(yb + o * YP, acc[o]);
+  }
+}
+
+// Window kernels apply: stride 1 and dilation 1 along the row, more than one column.
+inline bool use_window(const Geom& g) { return g.sw == 1 && g.dw == 1 && g.kw > 1; }
+
+// Pixels per window block: the accumulators, the weights of one chunk and the input
+// vector fill at most 16 registers.
+constexpr int window_owb(int64_t kw) { return kw <= 3 ? 10 : kw <= 5 ? 9 : 7; }  // as window_pixels_any
+
+// Output pixels [0, npix) (xb: the first one's window, yb: its output) x channels [0, C),
+// one vector of channels at a time; blocks of OWB pixels, the rest in blocks of 4, 2, 1.
+// KT = kw % 7 (the last chunk of a kernel row).
+template <class T, class A, class Y, int OWB, int KT>
+void window_pixels(const T* xb, int64_t step, const A* wb, int64_t wstep, const int64_t* xo,
+                   const int64_t* wo, int nr, int64_t kw, const A* bias, Y* yb, int64_t YP,
+                   int64_t C, int64_t npix) {
+  constexpr int64_t L = VT<A>::L;
+  const int64_t nfull = kw / 7;
+  auto span = [&](auto owb, int64_t p0, int64_t p1) {
+    constexpr int B = decltype(owb)::value;
+    for (; p0 + B <= p1; p0 += B) {
+      const T* x = xb + p0 * step;
+      Y* y = yb + p0 * YP;
+      int64_t c0 = 0;
+      for (; c0 + L <= C; c0 += L)
+        window_block<T, A, Y, B, KT, false>(x + c0, step, wb + c0, wstep, xo, wo, nr, nfull,
+                                            bias ? bias + c0 : nullptr, y + c0, YP, L);
+      if (c0 < C)
+        window_block<T, A, Y, B, KT, true>(x + c0, step, wb + c0, wstep, xo, wo, nr, nfull,
+                                           bias ? bias + c0 : nullptr, y + c0, YP, C - c0);
+    }
+    return p0;
+  };
+  int64_t p = span(std::integral_constant<int, OWB>{}, 0, npix);
+  p = span(std::integral_constant<int, 4>{}, p, npix);
+  p = span(std::integral_constant<int, 2>{}, p, npix);
+  span(std::integral_constant<int, 1>{}, p, npix);
+}
+
+// Dispatches window_pixels on kw: the pixel block (window_owb) and the last chunk.
+template <class T, class A, class Y>
+void window_pixels_any(const T* xb, int64_t step, const A* wb, int64_t wstep, const int64_t* xo,
+                       const int64_t* wo, int nr, int64_t kw, const A* bias, Y* yb, int64_t YP,
+                       int64_t C, int64_t npix) {
+#define FV_WINDOW_ARGS xb, step, wb, wstep, xo, wo, nr, kw, bias, yb, YP, C, npix
+  switch (kw) {
+    case 2: return window_pixels<T, A, Y, 10, 2>(FV_WINDOW_ARGS);
+    case 3: return window_pixels<T, A, Y, 10, 3>(FV_WINDOW_ARGS);
+    case 4: return window_pixels<T, A, Y, 9, 4>(FV_WINDOW_ARGS);
+    case 5: return window_pixels<T, A, Y, 9, 5>(FV_WINDOW_ARGS);
+    default: break;
+  }
+  switch (kw % 7) {
+    case 0: return window_pixels<T, A, Y, 7, 0>(FV_WINDOW_ARGS);
+    case 1: return window_pixels<T, A, Y, 7, 1>(FV_WINDOW_ARGS);
+    case 2: return window_pixels<T, A, Y, 7, 2>(FV_WINDOW_ARGS);
+    case 3: return window_pixels<T, A, Y, 7, 3>(FV_WINDOW_ARGS);
+    case 4: return window_pixels<T, A, Y, 7, 4>(FV_WINDOW_ARGS);
+    case 5: return window_pixels<T, A, Y, 7, 5>(FV_WINDOW_ARGS);
+    default: return window_pixels<T, A, Y, 7, 6>(FV_WINDOW_ARGS);
+  }
+#undef FV_WINDOW_ARGS
 }
 
 // ------------------------------------------------------------------ forward
@@ -151,6 +274,17 @@ void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, cons
     }
   const A* wb = wpk + c0;
   const int64_t P = out_pitch(g);
+  if (SW == 1 && use_window(g)) {
+    int64_t rxo[64], rwo[64];  // kh <= 63
+    int nr = 0;
+    for (int64_t i = i_lo; i < i_hi; ++i, ++nr) {
+      rxo[nr] = (ih0 - ih_base + i * g.dh) * wp * CB;
+      rwo[nr] = i * g.kw * g.cp;
+    }
+    window_pixels_any<A, A, Y>(buf, CB, wb, g.cp, rxo, rwo, nr, g.kw, bias ? bias + c0 : nullptr,
+                               yrow + c0, P, cw, g.ow);
+    return;
+  }
   int64_t ow = 0;
   for (; ow + OWB <= g.ow; ow += OWB)
     fwd_pixels<Y, A, OWB, SW>(g, buf + ow * SW * CB, wb, xo, wo, nt, bias,
@@ -342,7 +476,22 @@ void direct_row(const Geom& g, const T* xn, const A* wpk, const A* bias, Y* yrow
   };
   prefetch(0, ow_lo);
   for (int64_t ow = 0; ow < ow_lo; ++ow) edge(ow);
-  if (ow_hi > ow_lo) {
+  if (ow_hi > ow_lo && use_window(g)) {
+    int64_t rxo[64], rwo[64];  // kh <= 63
+    int nr = 0;
+    for (int64_t i = i_lo; i < i_hi; ++i, ++nr) {
+      rxo[nr] = (ih0 + i * g.dh) * g.w * XP;
+      rwo[nr] = i * g.kw * g.cp;
+    }
+    // Pieces of a few pixel blocks, each prefetching the next row's input it covers.
+    const int64_t piece = 2 * window_owb(g.kw);
+    for (int64_t ow = ow_lo; ow < ow_hi; ow += piece) {
+      const int64_t end = std::min(ow_hi, ow + piece);
+      prefetch(ow, end == ow_hi ? g.ow + g.kw : end);
+      window_pixels_any<T, A, Y>(xn + (ow - g.pl) * XP, XP, wpk, g.cp, rxo, rwo, nr, g.kw, bias,
+                                 yrow + ow * YP, YP, g.c, end - ow);
+    }
+  } else if (ow_hi > ow_lo) {
     const int nt = taps(0, 0, g.kw);
     int64_t ow = ow_lo;
     for (; ow + OWB <= ow_hi; ow += OWB) {
@@ -554,6 +703,73 @@ void wg_row(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, A* part
   if (nt) wg_group<A>(nt, gyrow, xt, off, part, 0, g.ow, sps);
 }
 
+// Stride 1, dilation 1 along the row: taps j0 .. j0 + KC - 1 of one kernel row and one
+// vector of channels, accumulated over the n_out outputs of a packed row. Blocks of B
+// outputs keep their grad_y vectors in registers; each input vector then serves every
+// (output, tap) pair of the block that reads it (B + KC - 1 input loads for B * KC
+// multiply-adds, against one load per multiply-add in wg_taps). gy, xr: the packed
+// grad_y row and the packed input row at tap j0 (pixels CB apart); part: tap j0's
+// partial sums (taps pstep apart).
+template <class A, int KC, int B>
+inline void wg_window(const A* gy, const A* xr, int64_t n_out, A* part, int64_t pstep) {
+  using V = typename VT<A>::V;
+  constexpr int CB = 2 * VT<A>::L;
+  V acc[KC];
+  for (int j = 0; j < KC; ++j) acc[j] = V{};
+  int64_t o0 = 0;
+  for (; o0 + B <= n_out; o0 += B) {
+    V gv[B];
+#pragma GCC unroll 16
+    for (int o = 0; o < B; ++o) gv[o] = vload<A, A>(gy + (o0 + o) * CB);
+    const A* xp = xr + o0 * CB;
+#pragma GCC unroll 32
+    for (int p = 0; p < B + KC - 1; ++p) {
+      const V xv = vload<A, A>(xp + p * CB);
+#pragma GCC unroll 16
+      for (int j = 0; j < KC; ++j) {
+        const int o = p - j;
+        if (o >= 0 && o < B) acc[j] += gv[o] * xv;
+      }
+    }
+  }
+  for (; o0 < n_out; ++o0) {
+    const V gv = vload<A, A>(gy + o0 * CB);
+#pragma GCC unroll 16
+    for (int j = 0; j < KC; ++j) acc[j] += gv * vload<A, A>(xr + (o0 + j) * CB);
+  }
+  for (int j = 0; j < KC; ++j) vstore<A, A>(part + j * pstep, vload<A, A>(part + j * pstep) + acc[j]);
+}
+
+// wg_row for stride 1 and dilation 1 along the row: every kernel row in chunks of at
+// most 7 taps, each chunk one wg_window sweep per channel vector.
+template <class A>
+void wg_row_window(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, A* partial,
+                   int64_t oh, int64_t c0) {
+  constexpr int L = VT<A>::L, CB = 2 * L, B = 7;
+  const int64_t wp = packed_width(g), ih0 = oh * g.sh - g.pt;
+  int64_t i_lo, i_hi;
+  tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
+  for (int64_t i = i_lo; i < i_hi; ++i) {
+    const A* xrow = xt + (ih0 + i * g.dh - ih_base) * wp * CB;
+    for (int64_t j0 = 0; j0 < g.kw; j0 += 7) {
+      const int64_t kc = std::min<int64_t>(7, g.kw - j0);
+      for (int v = 0; v < 2; ++v) {
+        const A* gy = gyrow + v * L;
+        const A* xr = xrow + j0 * CB + v * L;
+        A* part = partial + (i * g.kw + j0) * g.cp + c0 + v * L;
+        switch (kc) {
+#define FV_WGW_CASE(k) \
+  case k: wg_window<A, k, B>(gy, xr, g.ow, part, g.cp); break;
+          FV_WGW_CASE(1) FV_WGW_CASE(2) FV_WGW_CASE(3) FV_WGW_CASE(4) FV_WGW_CASE(5)
+          FV_WGW_CASE(6) FV_WGW_CASE(7)
+#undef FV_WGW_CASE
+          default: break;
+        }
+      }
+    }
+  }
+}
+
 template <class T, class A>
 void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const T* x, A* partial,
                        A* bufs, int nbufs) {
@@ -572,7 +788,7 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
     A* xbuf = bufs + std::min(slot, nbufs - 1) * (plan.x_elems + plan.gy_elems);
     A* gbuf = xbuf + plan.x_elems;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t rc = it % RC, bi = it / RC;
+      const int64_t bi = it % nb, rc = it / nb;  // a chunk's channel blocks back to back
       const int64_t c0 = bi * CB, cw = std::min<int64_t>(CB, g.c - c0);
       A* part = partial + rc * plan.partial_elems;
       for (int64_t k = 0; k < KK; ++k) std::fill(part + k * g.cp + c0, part + k * g.cp + c0 + CB, A(0));
@@ -590,7 +806,10 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
         pack_rows<T, A>(gg, gy + n * g.oh * g.ow * out_pitch(g), oh0, oh1, c0, cw, gbuf);
         for (int64_t oh = oh0; oh < oh1; ++oh) {
           const A* gyrow = gbuf + (oh - oh0) * g.ow * CB;
-          wg_row<A>(g, gyrow, xbuf, ih_lo, part, oh, c0);
+          if (use_window(g))
+            wg_row_window<A>(g, gyrow, xbuf, ih_lo, part, oh, c0);
+          else
+            wg_row<A>(g, gyrow, xbuf, ih_lo, part, oh, c0);
           for (int64_t ow = 0; ow < g.ow; ++ow) {
             bacc[0] += vload<A, A>(gyrow + ow * CB);
             bacc[1] += vload<A, A>(gyrow + ow * CB + L);

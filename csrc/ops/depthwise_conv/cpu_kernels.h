@@ -78,43 +78,57 @@ inline bool use_direct(const Geom& g, int64_t acc_bytes) {
 // window of that block stays in L2 while its rows are swept.
 // balance=false: the plan of a serial call (one tile inside another op's parallel loop),
 // which need not split rows into more work items.
+// Input rows a tile of rt output rows reads.
+inline int64_t tile_rows_in(const Geom& g, int64_t rt) {
+  return std::min(g.h, (rt - 1) * g.sh + (g.kh - 1) * g.dh + 1);
+}
+// The most output rows whose input rows fit budget_rows packed rows (at least 1).
+inline int64_t tile_rows_for(const Geom& g, int64_t budget_rows) {
+  if (g.h <= budget_rows) return g.oh;
+  const int64_t ext = (g.kh - 1) * g.dh + 1;
+  return std::max<int64_t>(1, std::min<int64_t>(g.oh, (budget_rows - ext) / g.sh + 1));
+}
+// Output rows of a tile holding one channel block's window (the gb = 1 regime below).
+inline int64_t block_tile_rows(const Geom& g, int64_t acc_bytes) {
+  constexpr int64_t kBlockBudget = 192 * 1024;
+  const int64_t block_row_bytes = packed_width(g) * channel_block(acc_bytes) * acc_bytes;
+  return tile_rows_for(g, std::max<int64_t>(1, kBlockBudget / block_row_bytes));
+}
+
 inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes, bool balance = true) {
-  constexpr int64_t kGroupBudget = 256 * 1024, kBlockBudget = 192 * 1024;
+  constexpr int64_t kGroupBudget = 256 * 1024;
   FwdPlan p;
   p.cb = channel_block(acc_bytes);
   p.nb = (g.c + p.cb - 1) / p.cb;
   const int64_t ext = (g.kh - 1) * g.dh + 1;
-  auto rows_in = [&](int64_t rt) { return std::min(g.h, (rt - 1) * g.sh + ext); };
-  auto max_rt = [&](int64_t budget_rows) {
-    if (g.h <= budget_rows) return g.oh;
-    return std::max<int64_t>(1, std::min<int64_t>(g.oh, (budget_rows - ext) / g.sh + 1));
-  };
   const int64_t block_row_bytes = packed_width(g) * p.cb * acc_bytes;
   const int64_t group_rows = kGroupBudget / (block_row_bytes * p.nb);
   int64_t rt;
   if (p.nb > 1 && group_rows >= std::min(g.h, ext + g.sh)) {
     p.gb = p.nb;
-    rt = max_rt(group_rows);
+    rt = tile_rows_for(g, group_rows);
   } else {
     p.gb = 1;
-    rt = max_rt(std::max<int64_t>(1, kBlockBudget / block_row_bytes));
+    rt = block_tile_rows(g, acc_bytes);
   }
   p.ngroups = (p.nb + p.gb - 1) / p.gb;
   // Keep enough work items to balance threads.
   while (balance && rt > 1 && g.n * p.ngroups * ((g.oh + rt - 1) / rt) < 16) rt = (rt + 1) / 2;
   p.rt = rt;
   p.ntiles = (g.oh + rt - 1) / rt;
-  p.block_elems = rows_in(rt) * packed_width(g) * p.cb;
+  p.block_elems = tile_rows_in(g, rt) * packed_width(g) * p.cb;
   p.buf_elems = p.gb * p.block_elems;
   return p;
 }
 
-// The weight gradient: work items are (channel block, chunk of output rows); each
+// The weight gradient: work items are (chunk of output rows, channel block); each
 // chunk writes its own partial sums, reduced afterwards in a fixed order. The split
 // is a function of the shape only, so results do not depend on the thread count.
-// Within a chunk, tiles of `rt` output rows are packed per channel block like the
-// forward pass: input rows into a buffer of fwd_plan(g).buf_elems (same row tiling)
-// and grad_y rows into one of gy_elems.
+// Chunks are small enough (~2 MB of input and grad_y) to stay in the last-level cache
+// while every channel block of the chunk runs, one after the other. Within a chunk,
+// tiles of `rt` output rows (block_tile_rows: one channel block's window) are packed per
+// channel block like the forward pass: input rows into a buffer of x_elems and grad_y
+// rows into one of gy_elems.
 struct WgradPlan {
   int64_t row_chunks;     // number of partial sums per weight element
   int64_t partial_elems;  // kh*kw*cp + cp accumulators (weights then bias) per chunk

@@ -60,13 +60,17 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes) {
   const int64_t rows = g.n * g.oh;
   const int64_t cblocks = std::max<int64_t>(1, g.cp / channel_block(acc_bytes));
   int64_t rc = std::max<int64_t>(1, (32 + cblocks - 1) / cblocks);  // ~32 work items
+  // ... and chunks of at most ~2 MB of x and grad_y (see WgradPlan; counted in
+  // accumulator-sized elements, which over-counts bfloat16 storage).
+  const int64_t data_bytes = g.n * (g.h * g.w + g.oh * g.ow) * g.c * acc_bytes;
+  rc = std::max<int64_t>(rc, data_bytes / (int64_t(2) << 20));
   const int64_t cap = std::max<int64_t>(1, (int64_t(64) << 20) / (plan.partial_elems * acc_bytes));
   rc = std::min({rc, cap, std::max<int64_t>(rows, 1)});
   plan.row_chunks = rc;
-  const FwdPlan fp = fwd_plan(g, acc_bytes);
-  plan.rt = fp.rt;
-  plan.x_elems = (fp.buf_elems + 15) / 16 * 16;
-  plan.gy_elems = (fp.rt * g.ow * fp.cb + 15) / 16 * 16;
+  const int64_t cb = channel_block(acc_bytes);
+  plan.rt = block_tile_rows(g, acc_bytes);
+  plan.x_elems = (tile_rows_in(g, plan.rt) * packed_width(g) * cb + 15) / 16 * 16;
+  plan.gy_elems = (plan.rt * g.ow * cb + 15) / 16 * 16;
   return plan;
 }
 
