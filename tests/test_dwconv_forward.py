@@ -383,3 +383,22 @@ def test_forward_register_window(kw, kh, c, dil_h, dtype):
         x, w, b = make_inputs(cfg)
         y = run_op(x, w, b, cfg)
         check_forward(y, x, w, b, cfg)
+
+
+# The packed forward keeps each thread's packed input rows in a ring and packs only the
+# rows a tile does not share with the thread's previous tile: tall images (many tiles per
+# image), vertical stride and dilation (tiles overlapping by other amounts), 1-3 threads
+# (other runs of tiles per thread), several images (a run crossing to the next image).
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("kh,kw,stride,dilation", [(7, 7, (1, 1), (1, 1)), (5, 3, (2, 1), (1, 1)),
+                                                   (3, 5, (1, 1), (2, 1)), (9, 9, (2, 2), (1, 1))])
+def test_forward_packed_row_reuse(threads, kh, kw, stride, dilation):
+    cfg = ConvCfg(n=3, c=40, h=45, w=17, kh=kh, kw=kw, stride=stride, dilation=dilation,
+                  padding=(kh // 2 * dilation[0], kw // 2), layout="nhwc")
+    fastvis.set_num_threads(threads)
+    try:
+        x, w, b = make_inputs(cfg)
+        y = run_op(x, w, b, cfg)
+    finally:
+        fastvis.set_num_threads(0)  # back to following torch
+    check_forward(y, x, w, b, cfg)

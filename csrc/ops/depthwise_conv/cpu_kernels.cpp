@@ -188,17 +188,24 @@ void window_pixels_any(const T* xb, int64_t step, const A* wb, int64_t wstep, co
 
 // ------------------------------------------------------------------ forward
 
-// Packs input rows [ih_lo, ih_hi) of channels [c0, c0 + cw) into buf[row][q][CB], q
+// Packed row slots: row ih of a tile lives at slot ih - ih_lo, or, in a ring of `ring`
+// rows (the forward pass), at slot ih % ring, so consecutive tiles of one image keep the
+// rows they share where the previous tile packed them.
+inline int64_t row_slot(int64_t ih, int64_t ih_lo, int64_t ring) {
+  return ring > 0 ? ih % ring : ih - ih_lo;
+}
+
+// Packs input rows [ih_lo, ih_hi) of channels [c0, c0 + cw) into buf[slot][q][CB], q
 // the packed column of input column q - pl (zero outside the image; accumulator
 // type; channels past cw are zero).
 template <class T, class A>
 void pack_rows(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t c0, int64_t cw,
-               A* buf) {
+               A* buf, int64_t ring = 0) {
   constexpr int L = VT<A>::L, CB = 2 * L;
   const int64_t wp = packed_width(g), xp = in_pitch(g);
   const int64_t q_lo = std::min(wp, g.pl), q_hi = std::max(q_lo, std::min(wp, g.pl + g.w));
   for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
-    A* row = buf + (ih - ih_lo) * wp * CB;
+    A* row = buf + row_slot(ih, ih_lo, ring) * wp * CB;
     std::fill(row, row + q_lo * CB, A(0));
     std::fill(row + q_hi * CB, row + wp * CB, A(0));
     const T* s = xn + (ih * g.w + (q_lo - g.pl)) * xp + c0;
@@ -257,8 +264,10 @@ inline void fwd_pixels(const Geom& g, const A* xb, const A* wb, const int32_t* x
   }
 }
 
+// One output row of one channel block from a packed tile whose rows sit in a ring of
+// `ring` slots (row_slot).
 template <class Y, class A, int SW>
-void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias,
+void fwd_row_sw(const Geom& g, const A* buf, int64_t ring, const A* wpk, const A* bias,
                 Y* yrow, int64_t oh, int64_t c0, int64_t cw) {
   constexpr int OWB = 6, CB = 2 * VT<A>::L;
   const int64_t wp = packed_width(g), ih0 = oh * g.sh - g.pt;
@@ -269,7 +278,7 @@ void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, cons
   int nt = 0;
   for (int64_t i = i_lo; i < i_hi; ++i)
     for (int64_t j = 0; j < g.kw; ++j, ++nt) {
-      xo[nt] = static_cast<int32_t>(((ih0 - ih_base + i * g.dh) * wp + j * g.dw) * CB);
+      xo[nt] = static_cast<int32_t>((row_slot(ih0 + i * g.dh, 0, ring) * wp + j * g.dw) * CB);
       wo[nt] = static_cast<int32_t>((i * g.kw + j) * g.cp);
     }
   const A* wb = wpk + c0;
@@ -278,7 +287,7 @@ void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, cons
     int64_t rxo[64], rwo[64];  // kh <= 63
     int nr = 0;
     for (int64_t i = i_lo; i < i_hi; ++i, ++nr) {
-      rxo[nr] = (ih0 - ih_base + i * g.dh) * wp * CB;
+      rxo[nr] = row_slot(ih0 + i * g.dh, 0, ring) * wp * CB;
       rwo[nr] = i * g.kw * g.cp;
     }
     window_pixels_any<A, A, Y>(buf, CB, wb, g.cp, rxo, rwo, nr, g.kw, bias ? bias + c0 : nullptr,
@@ -300,29 +309,30 @@ void fwd_row_sw(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, cons
 }
 
 template <class Y, class A>
-void fwd_row(const Geom& g, const A* buf, int64_t ih_base, const A* wpk, const A* bias, Y* yrow,
+void fwd_row(const Geom& g, const A* buf, int64_t ring, const A* wpk, const A* bias, Y* yrow,
              int64_t oh, int64_t c0, int64_t cw) {
   if (g.sw == 1)
-    fwd_row_sw<Y, A, 1>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
+    fwd_row_sw<Y, A, 1>(g, buf, ring, wpk, bias, yrow, oh, c0, cw);
   else
-    fwd_row_sw<Y, A, 2>(g, buf, ih_base, wpk, bias, yrow, oh, c0, cw);
+    fwd_row_sw<Y, A, 2>(g, buf, ring, wpk, bias, yrow, oh, c0, cw);
 }
 
 // Packs rows [ih_lo, ih_hi) of channel blocks [b0, b1) into one packed tile per block
-// (tile b - b0 at buf + (b - b0) * block_elems), reading each pixel's channels in order.
+// (tile b - b0 at buf + (b - b0) * block_elems, rows in a ring of `ring` slots), reading
+// each pixel's channels in order.
 template <class T, class A>
 void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, int64_t b0,
-                      int64_t b1, int64_t block_elems, A* buf) {
+                      int64_t b1, int64_t block_elems, A* buf, int64_t ring) {
   constexpr int L = VT<A>::L, CB = 2 * L;
   if (b1 - b0 == 1) {
     const int64_t c0 = b0 * CB;
-    pack_rows<T, A>(g, xn, ih_lo, ih_hi, c0, std::min<int64_t>(CB, g.c - c0), buf);
+    pack_rows<T, A>(g, xn, ih_lo, ih_hi, c0, std::min<int64_t>(CB, g.c - c0), buf, ring);
     return;
   }
   const int64_t wp = packed_width(g), xp = in_pitch(g);
   const int64_t q_lo = std::min(wp, g.pl), q_hi = std::max(q_lo, std::min(wp, g.pl + g.w));
   for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
-    const int64_t r = ih - ih_lo;
+    const int64_t r = row_slot(ih, ih_lo, ring);
     for (int64_t b = b0; b < b1; ++b) {
       A* row = buf + (b - b0) * block_elems + r * wp * CB;
       std::fill(row, row + q_lo * CB, A(0));
@@ -346,22 +356,40 @@ void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, 
   }
 }
 
+// What a thread's buffer holds: rows [lo, hi) of image n, channel blocks from b0, in
+// their ring slots (n = -1: nothing).
+struct PackedRows {
+  int64_t n = -1, b0 = -1, lo = 0, hi = 0;
+};
+
 // One work item of the forward pass: output rows [oh0, oh1) of image n, channel blocks
-// [b0, b1) (a tile of the plan), packed into buf and convolved.
+// [b0, b1) (a tile of the plan), packed into buf and convolved. Rows the buffer already
+// holds for the same image and blocks (the previous tile of a thread's run; with 7x7 and
+// all-channel tiles of 2 output rows, 6 of the 8 rows a tile reads) are not packed again.
 template <class T, class A, class Y>
 void fwd_item(const Geom& g, const FwdPlan& pl, const T* x, const A* wpk, const A* bias, Y* y,
-              A* buf, int64_t n, int64_t oh0, int64_t oh1, int64_t b0, int64_t b1) {
+              A* buf, PackedRows& held, int64_t n, int64_t oh0, int64_t oh1, int64_t b0,
+              int64_t b1) {
   constexpr int64_t CB = 2 * VT<A>::L;
   const int64_t xp = in_pitch(g), yp = out_pitch(g);
+  const int64_t ring = tile_rows_in(g, pl.rt);  // the slots block_elems holds
   const int64_t ih_lo = std::max<int64_t>(0, oh0 * g.sh - g.pt);
   const int64_t ih_hi = std::min<int64_t>(g.h, (oh1 - 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
   const T* xn = x + n * g.h * g.w * xp;
-  if (ih_hi > ih_lo) pack_rows_blocks<T, A>(g, xn, ih_lo, ih_hi, b0, b1, pl.block_elems, buf);
+  if (ih_hi > ih_lo) {
+    int64_t from = ih_lo;
+    if (held.n == n && held.b0 == b0 && held.lo <= ih_lo && ih_lo <= held.hi)
+      from = std::min(ih_hi, std::max(ih_lo, held.hi));
+    // Rows [from, ih_hi) overwrite slots of rows below ih_lo only: ih_hi - ih_lo <= ring.
+    if (from < ih_hi) pack_rows_blocks<T, A>(g, xn, from, ih_hi, b0, b1, pl.block_elems, buf, ring);
+    if (from == ih_lo || held.hi < ih_hi) held = PackedRows{n, b0, ih_lo, ih_hi};
+    else held.lo = ih_lo;
+  }
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t c0 = b * CB, cw = std::min<int64_t>(CB, g.c - c0);
     const A* tile_buf = buf + (b - b0) * pl.block_elems;
     for (int64_t oh = oh0; oh < oh1; ++oh)
-      fwd_row<Y, A>(g, tile_buf, ih_lo, wpk, bias, y + (n * g.oh + oh) * g.ow * yp, oh, c0, cw);
+      fwd_row<Y, A>(g, tile_buf, ring, wpk, bias, y + (n * g.oh + oh) * g.ow * yp, oh, c0, cw);
   }
 }
 
@@ -536,12 +564,13 @@ void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* 
   const int64_t items = g.n * pl.ntiles * pl.ngroups;
   auto body = [&](int slot, int64_t begin, int64_t end) {
     A* buf = bufs + std::min(slot, nbufs - 1) * pl.buf_elems;
+    PackedRows held;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t grp = it % pl.ngroups, t = it / pl.ngroups, tile = t % pl.ntiles,
                     n = t / pl.ntiles;
       const int64_t b0 = grp * pl.gb, b1 = std::min(pl.nb, b0 + pl.gb);
       const int64_t oh0 = tile * pl.rt, oh1 = std::min(g.oh, oh0 + pl.rt);
-      fwd_item<T, A, Y>(g, pl, x, wpk, bias, y, buf, n, oh0, oh1, b0, b1);
+      fwd_item<T, A, Y>(g, pl, x, wpk, bias, y, buf, held, n, oh0, oh1, b0, b1);
     }
   };
   if (balance)
@@ -556,10 +585,11 @@ void forward_rows_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y
                     int64_t n, int64_t r0, int64_t r1) {
   if (use_direct(g, sizeof(A))) return direct_rows<T, A, T>(g, x, wpk, bias, y, n * g.oh + r0, n * g.oh + r1);
   const FwdPlan pl = fwd_plan(g, sizeof(A), false);
+  PackedRows held;
   for (int64_t oh0 = r0; oh0 < r1; oh0 += pl.rt)
     for (int64_t grp = 0; grp < pl.ngroups; ++grp) {
       const int64_t b0 = grp * pl.gb, b1 = std::min(pl.nb, b0 + pl.gb);
-      fwd_item<T, A, T>(g, pl, x, wpk, bias, y, buf, n, oh0, std::min(r1, oh0 + pl.rt), b0, b1);
+      fwd_item<T, A, T>(g, pl, x, wpk, bias, y, buf, held, n, oh0, std::min(r1, oh0 + pl.rt), b0, b1);
     }
 }
 
