@@ -136,6 +136,23 @@ def test_bad_arguments_one_line_exit_2(argv, fragment, capsys):
     assert fragment in lines[0]
 
 
+def test_bench_dwconv_core_column(tmp_path):
+    """--core adds the kernel alone (forward only), checked equal to the op's output."""
+    out = tmp_path / "core.json"
+    r = run_cli("bench", "dwconv", "--quick", "--no-compile", "--core", "--kernels", "5x3", "--batch",
+                "2", "--channels", "12", "--size", "9x7", "--format", "text", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "core ms" in r.stdout and "failed" not in r.stderr
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["core"] is True
+    fwd, fb = doc["results"]
+    assert set(fwd["times"]) == {"fastvis", "fastvis_core", "eager_nchw", "eager_cl"}
+    assert fwd["times"]["fastvis_core"]["median"] > 0
+    assert "fastvis_core" not in fb["times"]  # forward only
+    r = run_cli("bench", "dwconv", "--op", "inception", "--core", "--quick")
+    assert r.returncode != 0 and "--core applies to the plain depthwise convolution" in r.stderr
+
+
 def test_bench_help_lists_options(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "dwconv", "--help"])

@@ -82,10 +82,12 @@ PASS_FLOP_FACTOR = {"fwd": 1, "fwd+bwd": 3}
 
 # Candidates: key -> label. The keys are also the keys of the JSON output.
 FASTVIS = "fastvis"
+CORE = "fastvis_core"  # --core: the kernel alone, forward only
 EAGER = {"nchw": "eager_nchw", "channels_last": "eager_cl"}
 COMPILED = {"nchw": "compile_nchw", "channels_last": "compile_cl"}
 LABELS = {
     FASTVIS: "fastvis (CL)",
+    CORE: "fastvis core",
     "eager_nchw": "eager NCHW",
     "eager_cl": "eager CL",
     "compile_nchw": "compile NCHW",
@@ -221,6 +223,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default="both", help="input layouts to torch.compile (default: both)")
     g.add_argument("--no-backward", action="store_true",
                    help="measure the forward pass only")
+    g.add_argument("--core", action="store_true",
+                   help="also time the forward kernel alone: fastvis._C.dwconv_forward into an "
+                        "output and scratch allocated once, no Python op around it (a 'core ms' "
+                        "column; the difference to 'fastvis ms' is per-call overhead and the "
+                        "fresh output's cold cache lines)")
     g.add_argument("--dilated-reparam", action="store_true",
                    help="measure the fused multi-branch conv + BatchNorm op (UniRepLKNet k=13 "
                         "branches at unireplknet_t stage shapes) instead of the plain "
@@ -272,6 +279,7 @@ class Settings:
     min_block_time: float = DEFAULT_BLOCK_TIME
     seed: int = 0
     op: str = "dwconv"
+    core: bool = False  # also time the forward kernel alone (CORE)
     stages: List[Tuple[int, int]] = field(default_factory=list)  # inception: (C, size) pairs
 
     @classmethod
@@ -309,6 +317,8 @@ class Settings:
             return v if v is not None else (quick if q else normal)
 
         if op == "inception":
+            if getattr(args, "core", False):
+                raise ValueError("--core applies to the plain depthwise convolution, not --op inception")
             return cls(
                 kernels=[(INCEPTION_SQUARE, INCEPTION_BAND)], batch=batch,
                 channels=sorted({c for c, _ in stages}), sizes=sorted({hw for _, hw in stages}),
@@ -330,6 +340,7 @@ class Settings:
             repeat=pick(args.repeat, DEFAULT_REPEAT, QUICK_REPEAT),
             max_time=pick(args.max_time, DEFAULT_MAX_TIME, QUICK_MAX_TIME),
             min_block_time=QUICK_BLOCK_TIME if q else DEFAULT_BLOCK_TIME,
+            core=bool(getattr(args, "core", False)),
         )
 
     def cases(self) -> List["Case"]:
@@ -361,7 +372,7 @@ class Settings:
             "compile_layouts": list(self.compile_layouts),
             "threads": self.threads, "warmup": self.warmup, "repeat": self.repeat,
             "max_time": self.max_time, "min_block_time": self.min_block_time,
-            "seed": self.seed,
+            "seed": self.seed, "core": self.core,
         }
 
 
@@ -568,6 +579,15 @@ def run_case(case: Case, s: Settings, dw: Callable, progress: Callable[[str], No
             res.first_call_seconds[key] = t.elapsed
             outputs[key] = out if isinstance(out, tuple) else (out,)
             calls[key] = call
+        if s.core and not backward and FASTVIS in calls:
+            try:
+                calls[CORE] = _core_forward_call(inputs["channels_last"], w, b, case)
+                if not torch.equal(calls[CORE](), outputs[FASTVIS][0]):
+                    raise RuntimeError("the core call's output differs from the op's")
+            except Exception as e:  # reported in the table, the run goes on
+                calls.pop(CORE, None)
+                res.errors[CORE] = _one_line(e)
+                progress(f"{tag}: {LABELS[CORE]} failed: {res.errors[CORE]}")
 
         # Check fastvis against eager PyTorch in float32 (NCHW) on the same, rounded, data.
         ref = outputs.get(EAGER["nchw"]) if dtype == torch.float32 else None
@@ -601,6 +621,26 @@ def run_case(case: Case, s: Settings, dw: Callable, progress: Callable[[str], No
                 msg += f", {_fmt_ratio(res.speedup_vs_compile)} vs compile"
             progress(f"{tag}: {msg}")
     return results
+
+
+def _core_forward_call(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, case: "Case") -> Callable:
+    """A call of the core's forward kernel on x (channels_last) with padding "same", into an
+    output and scratch allocated here once: what fastvis' op costs without its Python layer
+    and without a fresh output."""
+    from .. import _C
+    from ..ops._bridge import dl
+
+    th, tw = case.kh - 1, case.kw - 1
+    pads = [th // 2, th - th // 2, tw // 2, tw - tw // 2]
+    y = torch.empty_like(x)
+    nbytes = _C.dwconv_forward_scratch_bytes(x, w, [1, 1], pads, [1, 1])
+    scratch = torch.empty(max(int(nbytes), 1), dtype=torch.uint8)
+    args = (dl(x), dl(w), dl(b), dl(y), [1, 1], pads, [1, 1], dl(scratch), 0)
+
+    def call():
+        _C.dwconv_forward(*args)
+        return y
+    return call
 
 
 def _eager_inception(x, hw_w, hw_b, w_w, w_b, h_w, h_b):
@@ -765,8 +805,9 @@ def _cell(res: Result, key: str) -> str:
 def tables(results: List[Result], s: Settings) -> List[Tuple[str, List[str], List[List[str]]]]:
     """(title, header, rows) per pass."""
     compiled_keys = [COMPILED[l] for l in s.compile_layouts]
-    header = ["N", "C", "HxW", "kernel", "fastvis ms", "fastvis min", "eager NCHW",
-              "eager CL"]
+    header = ["N", "C", "HxW", "kernel", "fastvis ms", "fastvis min"]
+    header += ["core ms"] if s.core else []
+    header += ["eager NCHW", "eager CL"]
     if compiled_keys:
         header += ["compile NCHW" if k == "compile_nchw" else "compile CL"
                    for k in compiled_keys]
@@ -783,8 +824,10 @@ def tables(results: List[Result], s: Settings) -> List[Tuple[str, List[str], Lis
                 fv += " !"  # wrong result: see the footnote
             st = r.stats.get(FASTVIS)
             row = [str(c.n), str(c.c), f"{c.h}x{c.w}", c.kernel, fv,
-                   _fmt_ms(st.min) if st is not None and st.samples else "-",
-                   _cell(r, EAGER["nchw"]), _cell(r, EAGER["channels_last"])]
+                   _fmt_ms(st.min) if st is not None and st.samples else "-"]
+            if s.core:
+                row += [_cell(r, CORE) if (CORE in r.stats or CORE in r.errors) else "-"]
+            row += [_cell(r, EAGER["nchw"]), _cell(r, EAGER["channels_last"])]
             row += [_cell(r, k) for k in compiled_keys]
             row += [_fmt_ratio(r.speedup_vs_eager)]
             if compiled_keys:
@@ -941,7 +984,10 @@ def _load_op(name: str = "depthwise_conv2d") -> Callable:
 def run(args: argparse.Namespace) -> int:
     from ..cli import CommandError
 
-    s = Settings.from_args(args)
+    try:
+        s = Settings.from_args(args)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     if getattr(args, "dilated_reparam", False):
         return run_reparam(args, s)
     if args.format == "rich":
