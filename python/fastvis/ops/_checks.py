@@ -50,24 +50,38 @@ def check_activation(op: str, x, dims_msg: Optional[str] = None) -> int:
     return c
 
 
-def check_channel_params(op: str, x: torch.Tensor, params: Iterable[Tuple[str, object]],
-                         optional: bool) -> None:
-    """Each named parameter must be a (C,) tensor with x's dtype and device (or None when
-    ``optional``)."""
-    c = x.shape[1]
+def check_param_tensors(op: str, x: torch.Tensor, params: Iterable[Tuple[str, object]],
+                        optional: bool = True, want: str = "a torch.Tensor",
+                        any_dtype: Tuple[str, ...] = ()) -> None:
+    """Each named parameter must be a tensor (or None when ``optional``) on x's device, with
+    x's dtype unless its name is in ``any_dtype``. ``want`` names the expected value in the
+    type error."""
     for name, t in params:
         if t is None and optional:
             continue
         if not isinstance(t, torch.Tensor):
-            want = "a torch.Tensor or None" if optional else f"a torch.Tensor of shape ({c},)"
-            raise TypeError(f"{name}: expected {want}, got {type(t).__name__}")
+            raise TypeError(f"{name}: expected {want}{' or None' if optional else ''}, "
+                            f"got {type(t).__name__}")
         if t.device != x.device:
             raise ValueError(
                 f"{op}: {name} is on {t.device} but x is on {x.device}; "
                 "all tensors must be on the same device"
             )
-        if t.dtype != x.dtype:
+        if t.dtype != x.dtype and name not in any_dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+
+
+def check_channel_params(op: str, x: torch.Tensor, params: Iterable[Tuple[str, object]],
+                         optional: bool) -> None:
+    """Each named parameter must be a (C,) tensor with x's dtype and device (or None when
+    ``optional``)."""
+    c = x.shape[1]
+    params = list(params)
+    check_param_tensors(op, x, params, optional,
+                        want="a torch.Tensor" if optional else f"a torch.Tensor of shape ({c},)")
+    for name, t in params:
+        if t is None and optional:
+            continue
         if tuple(t.shape) != (c,):
             raise ValueError(f"{name}: expected shape ({c},) (one value per channel), got {tuple(t.shape)}")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
-from ._checks import check_activation, check_eps
+from ._checks import check_activation, check_eps, check_param_tensors
 from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, scratch, stream_of
 
 _GELU = ("none", "tanh")
@@ -447,15 +447,7 @@ def dwconv_mlp_block(
                  gamma=gamma, grn_weight=grn_weight, grn_bias=grn_bias,
                  se_down_weight=se_down_weight, se_down_bias=se_down_bias,
                  se_up_weight=se_up_weight, se_up_bias=se_up_bias)
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"dwconv_mlp_block: {name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+    check_param_tensors("dwconv_mlp_block", x, named.items())
     for name in ("dw_weight", "fc1_weight", "fc2_weight"):
         if named[name] is None:
             raise TypeError(f"{name}: a tensor is required, got None")

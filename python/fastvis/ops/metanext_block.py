@@ -24,7 +24,7 @@ from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, scratch
-from ._checks import check_activation, cpu_core_serves
+from ._checks import check_activation, check_param_tensors, cpu_core_serves
 
 _GELU = ("none", "tanh")
 
@@ -113,16 +113,7 @@ def _(x, hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1
 
 def _validate(x, params, dilation, approximate) -> None:
     c = check_activation("metanext_block", x)
-    for name, t in params:
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"metanext_block: {name} is on {t.device} but x is on {x.device}; "
-                             "all tensors must be on the same device")
-        if t.dtype != x.dtype and name != "drop_scale":
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+    check_param_tensors("metanext_block", x, params, any_dtype=("drop_scale",))
     p = dict(params)
     for name in ("hw_weight", "w_weight", "h_weight", "fc1_weight", "fc2_weight"):
         if p[name] is None:

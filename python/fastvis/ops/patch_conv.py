@@ -18,6 +18,7 @@ from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, scratch
+from ._checks import check_param_tensors
 
 _CORE_DTYPES = (torch.float32, torch.float64)
 
@@ -68,15 +69,7 @@ def _validate(x, weight, bias) -> None:
         raise ValueError(f"weight: sizes must be positive, got shape {tuple(weight.shape)}")
     if kh > h or kw > w:
         raise ValueError(f"x: a {h}x{w} image is smaller than the {kh}x{kw} patch")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"patch_conv2d: {name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {t.dtype}")
+    check_param_tensors("patch_conv2d", x, (("weight", weight), ("bias", bias)))
     if bias is not None and tuple(bias.shape) != (cout,):
         raise ValueError(f"bias: expected shape ({cout},), got {tuple(bias.shape)}")
 
