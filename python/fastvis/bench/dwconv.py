@@ -629,13 +629,13 @@ def _core_forward_call(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, case: 
     and without a fresh output."""
     from .. import _C
     from ..ops._bridge import dl
+    from ..ops.depthwise_conv import normalize_conv_args
 
-    th, tw = case.kh - 1, case.kw - 1
-    pads = [th // 2, th - th // 2, tw // 2, tw - tw // 2]
+    stride, pads, dil = normalize_conv_args((case.kh, case.kw), 1, "same", 1)
     y = torch.empty_like(x)
-    nbytes = _C.dwconv_forward_scratch_bytes(x, w, [1, 1], pads, [1, 1])
+    nbytes = _C.dwconv_forward_scratch_bytes(x, w, stride, pads, dil)
     scratch = torch.empty(max(int(nbytes), 1), dtype=torch.uint8)
-    args = (dl(x), dl(w), dl(b), dl(y), [1, 1], pads, [1, 1], dl(scratch), 0)
+    args = (dl(x), dl(w), dl(b), dl(y), stride, pads, dil, dl(scratch), 0)
 
     def call():
         _C.dwconv_forward(*args)
