@@ -23,6 +23,7 @@ def problems(draw):
     w = draw(st.integers(kw, 3 * kw + 2))
     return dict(n=draw(st.integers(1, 3)), cin=draw(st.integers(1, 20)), cout=draw(st.integers(1, 24)),
                 kh=kh, kw=kw, h=h, w=w, layout=draw(st.sampled_from(["nchw", "nhwc", "view"])),
+                wlayout=draw(st.sampled_from(["contiguous", "channels_last", "transposed"])),
                 bias=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float32, torch.float64])))
 
 
@@ -36,6 +37,11 @@ def make(p, seed=0):
         if p["layout"] == "nhwc":
             x = x.to(memory_format=torch.channels_last)
     w = torch.randn(p["cout"], p["cin"], p["kh"], p["kw"], generator=g, dtype=p["dtype"])
+    wl = p.get("wlayout", "contiguous")
+    if wl == "channels_last":  # as Module.to(memory_format=torch.channels_last) leaves it
+        w = w.to(memory_format=torch.channels_last)
+    elif wl == "transposed":  # neither dense layout (unless a size is 1): the op copies it
+        w = w.transpose(2, 3).contiguous().transpose(2, 3)
     b = torch.randn(p["cout"], generator=g, dtype=p["dtype"]) if p["bias"] else None
     return x, w, b
 
@@ -123,6 +129,23 @@ def test_bad_input():
         _C.patch_conv2d_forward(x, w.transpose(2, 3), None, y.to(memory_format=torch.channels_last))
     with pytest.raises(TypeError, match="float32 and float64"):
         _C.patch_conv2d_forward(x.bfloat16(), w.bfloat16(), None, y.bfloat16())
+
+
+@pytest.mark.parametrize("x_layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last"])
+def test_dense_weights_are_used_in_place(x_layout, w_layout):
+    """Both dense weight layouts go to the core as they are: no per-call copy (which cost
+    more than the convolution for ConvNeXt's downsampling layers in a channels_last model,
+    and ran on PyTorch's OpenMP team whose spinning workers then slowed the next blocks)."""
+    p = dict(n=1, cin=16, cout=24, kh=2, kw=2, h=8, w=8, layout=x_layout, wlayout=w_layout,
+             bias=True, dtype=torch.float32)
+    x, w, b = make(p, seed=5)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        y = patch_conv2d(x, w, b)
+    names = {e.name for e in prof.events()}
+    assert not names & {"aten::clone", "aten::copy_", "aten::contiguous"}, names
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride=2)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_empty_batch():

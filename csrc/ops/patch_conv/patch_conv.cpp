@@ -47,7 +47,8 @@ TilePlan plan(const PatchConv2dShape& s, size_t acc, int threads) {
   return p;
 }
 
-// Patch rows of output pixels [p0, p1) into col[(p - p0) * kdim + (ci * kh + i) * kw + j].
+// Patch rows of output pixels [p0, p1) into col, one row of kdim values per pixel, in the
+// weight's order: (ci, i, j) for a row-major weight, (i, j, ci) for a channels_last one.
 template <class T>
 void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t p1, T* col) {
   const T* xd = static_cast<const T*>(x.data);
@@ -57,7 +58,17 @@ void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t 
     const int64_t n = p / (s.oh * s.ow), r = p % (s.oh * s.ow), oh = r / s.ow, ow = r % s.ow;
     const T* base = xd + n * sn + oh * s.kh * sh + ow * s.kw * sw;
     T* row = col + (p - p0) * K;
-    if (sc == 1) {  // channels contiguous (NHWC): read along channels
+    if (s.weight_hwc) {  // row[(i * kw + j) * cin + c]
+      for (int64_t i = 0; i < s.kh; ++i)
+        for (int64_t j = 0; j < s.kw; ++j) {
+          const T* src = base + i * sh + j * sw;
+          T* dst = row + (i * s.kw + j) * s.cin;
+          if (sc == 1)  // NHWC input: one pixel's channels are one run
+            std::copy(src, src + s.cin, dst);
+          else
+            for (int64_t c = 0; c < s.cin; ++c) dst[c] = src[c * sc];
+        }
+    } else if (sc == 1) {  // row[(c * kh + i) * kw + j], NHWC input: read along channels
       for (int64_t i = 0; i < s.kh; ++i)
         for (int64_t j = 0; j < s.kw; ++j) {
           const T* src = base + i * sh + j * sw;
@@ -135,8 +146,18 @@ PatchConv2dShape patch_conv2d_shape(const TensorView& x, const TensorView& weigh
                  weight.describe());
   FV_CHECK_VALUE(s.kh <= s.h && s.kw <= s.w, "x: a ", s.h, "x", s.w, " image is smaller than the ",
                  s.kh, "x", s.kw, " patch");
-  const int64_t want_w[4] = {s.cout, s.cin, s.kh, s.kw};
-  core::check_row_major(weight, x, want_w, 4, x.dtype, "weight", "the convolution weight");
+  FV_CHECK_VALUE(weight.device == x.device, "weight: expected a tensor on ", device_name(x.device),
+                 ", got one on ", device_name(weight.device));
+  // Dense, either (Cout, Cin, kh, kw) row-major or channels_last ((Cout, kh, kw, Cin) in
+  // memory, what Module.to(memory_format=torch.channels_last) makes of it): the gather
+  // follows the weight's order, so neither needs a copy.
+  const int wl = core::dense_layouts(weight);
+  FV_CHECK_VALUE(wl != 0, "weight: must be dense, row-major (contiguous) or channels_last, got ",
+                 weight.describe());
+  FV_CHECK_VALUE(weight.data != nullptr || weight.numel() == 0, "weight: null data pointer");
+  // Both layouts match when they coincide in memory (Cin == 1 or a 1x1 patch): then the
+  // (i, j, ci) order, whose gather copies whole pixels from an NHWC input.
+  s.weight_hwc = (wl & 2) != 0 && (wl == 2 || x.strides[1] == 1 || s.cin == 1);
   if (bias) {
     const int64_t want_b[1] = {s.cout};
     core::check_row_major(*bias, x, want_b, 1, x.dtype, "bias", "one value per output channel");

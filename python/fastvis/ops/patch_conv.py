@@ -27,7 +27,9 @@ _CORE_DTYPES = (torch.float32, torch.float64)
 def _pc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _sync_threads()
     x = x.detach()
-    w = weight.detach().contiguous()
+    w = weight.detach()
+    if not (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)):
+        w = w.contiguous()  # the core takes either dense layout as it is (no per-call copy)
     b = None if bias is None else bias.detach().contiguous()
     y = torch.empty(_out_shape(x, weight), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
