@@ -137,6 +137,26 @@ def test_subclass_inputs_are_not_unwrapped():
     assert not _bridge.eager_direct_ok(x, w)  # grad mode on and x requires grad
 
 
+def test_module_parameters_take_the_fast_path(monkeypatch):
+    """A module passes its nn.Parameters to the ops: in no-grad inference they are plain
+    tensors to the dispatcher, so a whole model's blocks skip it (they did not: every
+    ConvNeXt block of a model paid the custom-op dispatch)."""
+    with torch.no_grad():
+        assert _bridge.eager_direct_ok(torch.nn.Parameter(torch.ones(2)))
+    mod = importlib.import_module("fastvis.ops.convnext_block")
+    calls = _count_impl_calls(monkeypatch, mod._cb_fwd)
+    blk = fastvis.nn.ConvNeXtBlock(16, kernel_size=7, ls_init_value=0.5).eval()
+    x = torch.randn(1, 16, 6, 6).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = blk(x)
+        with fastvis.use_reference():
+            ref = blk(x)
+    assert calls == [1]
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    y = blk(x)  # grad mode on, parameters requiring grad: through the op (autograd)
+    assert calls == [1] and y.grad_fn is not None
+
+
 @pytest.mark.parametrize("op", ["convnext_block", "layer_norm", "grn", "inception", "metanext",
                                 "dwconv_mlp"])
 def test_every_forward_op_uses_the_fast_path_in_inference(monkeypatch, op):

@@ -108,10 +108,15 @@ def _dispatch_intercepted() -> bool:
         return True
 
 
+# nn.Parameter is a plain tensor to the dispatcher (it disables __torch_function__), and
+# a module's own parameters are what most op calls pass.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager_direct_ok(*tensors) -> bool:
     """True when calling an op's Python implementation directly is indistinguishable from
     calling its torch.library custom op: eager mode, plain torch.Tensors (no subclass:
-    FakeTensor, DTensor, ...), no autograd graph to record (grad mode off or no input
+    FakeTensor, DTensor, ...; nn.Parameter counts as plain), no autograd graph to record (grad mode off or no input
     requiring grad) and nothing intercepting dispatch. The custom-op dispatch itself costs
     ~60-100 us a call on these machines, as much as a small kernel; inference skips it.
     Anything else (training, torch.compile, tracing, modes) goes through the op."""
@@ -121,7 +126,7 @@ def eager_direct_ok(*tensors) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+        if type(t) not in _PLAIN or (grad and t.requires_grad):
             return False
     return not _dispatch_intercepted()
 
