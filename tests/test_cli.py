@@ -206,7 +206,7 @@ def test_interleaved_timing():
         assert 0 < st[name].min <= st[name].median
         assert calls[name] >= 2 + 4 * st[name].number
     # settling: untimed calls for ~settle seconds before each block of a fast candidate,
-    # none before the blocks of a candidate slower than that
+    # and exactly one before each block of a candidate slower than that
     before = dict(calls)
     st = timing.measure_interleaved({"a": fa}, warmup=0, repeat=3, min_block_time=1e-4,
                                     settle=0.01)
@@ -215,8 +215,9 @@ def test_interleaved_timing():
     slow_calls = []
     timing.measure_interleaved({"s": lambda: (slow_calls.append(1), time.sleep(0.004))},
                                warmup=0, repeat=2, min_block_time=1e-3, settle=0.002)
-    # calibration (one 4 ms call already fills a 1 ms block) + 2 one-call blocks, no settling
-    assert len(slow_calls) == 3, len(slow_calls)
+    # calibration (one 4 ms call already fills a 1 ms block) + 2 one-call blocks, each
+    # after one untimed settling call
+    assert len(slow_calls) == 5, len(slow_calls)
     # a time budget cuts the samples of a slow candidate down, but not below min_repeat
     slow = timing.measure(lambda: sum(range(20000)), warmup=0, repeat=50,
                           min_block_time=1e-4, max_time=1e-6, min_repeat=3)

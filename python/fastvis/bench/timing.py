@@ -141,13 +141,17 @@ def measure_interleaved(
     max_time:        if set, a candidate whose blocks are slow gets fewer samples, so that its
                      timed blocks take about ``max_time`` seconds, but never fewer than
                      ``min_repeat`` (nor more than ``repeat``).
-    settle:          before each timed block, a candidate whose calls are shorter than this
-                     runs untimed for about this many seconds, so the block measures it in
-                     its own steady state rather than in the wake of the previous candidate.
-                     On 2 cores that wake matters: PyTorch's OpenMP workers keep spinning for
-                     ~10 ms after a parallel ATen op (libgomp's default wait policy) and slowed
-                     the next fastvis block by up to 2x; a candidate's sleeping thread pool
-                     costs its first call a wake-up. 0 turns settling off.
+    settle:          before each timed block, every candidate runs untimed for about this
+                     many seconds, and at least one call, so the block measures it in its
+                     own steady state (as a program calling it back to back sees it) rather
+                     than in the wake of the previous candidate. On 2 cores that wake
+                     matters: PyTorch's OpenMP workers keep spinning for ~10 ms after a
+                     parallel ATen op (libgomp's default wait policy) and slowed the next
+                     fastvis block by up to 2x; a candidate's sleeping thread pool costs its
+                     first call a wake-up; the previous candidate's data has evicted this
+                     one's from the caches. Even for whole-model calls of ~130 ms the first
+                     call after the other model was 8-14 % slower than the next one (convnext_tiny
+                     at N=1, fastvis and timm alike). 0 turns settling off.
     """
     if repeat < 1:
         raise ValueError("repeat must be >= 1")
@@ -179,8 +183,9 @@ def measure_interleaved(
         for name in names[k:] + names[:k]:  # rotate the order every round
             st = stats[name]
             if st.repeats < want[name]:
-                if settle > 0 and per_call[name] < settle:
+                if settle > 0:
                     t_end = time.perf_counter() + settle
+                    fns[name]()
                     while time.perf_counter() < t_end:
                         fns[name]()
                     if sync is not None:
