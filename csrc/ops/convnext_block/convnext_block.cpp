@@ -28,20 +28,35 @@ namespace cnblock {
 Plan plan(const Shape& s, int64_t acc) {
   Plan p;
   const int64_t rows = s.n * s.h;
-  // Tiles of at most ~512 KB of hidden activations (L2-sized), but at least 128 and at
-  // most 512 pixels: OpenBLAS packs the weight matrix at every call, and tall tiles keep
-  // that cost and the small-M inefficiency of the GEMMs low (measured: 32-pixel tiles
-  // were up to 1.3x slower than 448-pixel ones on ConvNeXt-T stage shapes).
-  const int64_t target = std::clamp<int64_t>((512 * 1024) / (s.hidden * acc), 128, 512);
+  // Tiles of ~512 KB of hidden activations (L2-sized), but at least 256 and at most 512
+  // pixels: OpenBLAS packs the weight matrix at every call, and its small-M GEMMs are slow
+  // (measured on ConvNeXt-T stage shapes at N=8, fused forward: C=384 at 140-pixel tiles
+  // 94 GFLOP/s, at 266-392 pixels 107-115; C=768 at 70 pixels 89, at 196 pixels 116).
+  const int64_t target = std::clamp<int64_t>((512 * 1024) / (s.hidden * acc), 256, 512);
   int64_t rt = std::max<int64_t>(1, (target + s.w - 1) / std::max<int64_t>(s.w, 1));
   rt = std::max<int64_t>(1, std::min(rt, rows));
-  // Enough tiles to share between threads, but not tiles below 64 pixels.
-  while (rt > 1 && (rows + rt - 1) / rt < 8 && ((rt + 1) / 2) * s.w >= 64) rt = (rt + 1) / 2;
+  // Enough tiles to share between threads: halve the tiles towards 8 while they keep 256
+  // pixels, and below two tiles while they keep 64 (small images at batch 1: two tiles of
+  // one image, each GEMM on one thread, measured faster than one tile with every GEMM
+  // split over the pool).
+  for (;;) {
+    const int64_t nt = (rows + rt - 1) / rt, half = (rt + 1) / 2;
+    if (rt > 1 && ((nt < 8 && half * s.w >= 256) || (nt < 2 && half * s.w >= 64)))
+      rt = half;
+    else
+      break;
+  }
+  // Equal tiles: the same count with the rows spread evenly (2 tiles of 37 and 19 rows
+  // would leave one thread half idle).
+  if (rows > 0) {
+    const int64_t nt = (rows + rt - 1) / rt;
+    rt = (rows + nt - 1) / nt;
+  }
   // Few tiles: an odd count leaves a thread idle for a whole tile (3 tiles on 2 threads
-  // run as 2 + 1; ConvNeXt-T at N=1 has 7 tiles at stage 2 and 3 at stage 3 with the rule
-  // above). Take the nearest tile height that gives an even count of equal tiles, if one
-  // keeps tiles of at least 64 pixels. Depends on the shape only (the backward's
-  // deterministic partial sums follow the tiles), not on the thread count.
+  // run as 2 + 1; ConvNeXt-T at N=1 has 3 tiles at stage 2 with the rule above). Take the
+  // nearest tile height that gives an even count of equal tiles, if one keeps tiles of at
+  // least 64 pixels. Depends on the shape only (the backward's deterministic partial sums
+  // follow the tiles), not on the thread count.
   const int64_t nt0 = (rows + rt - 1) / rt;
   if (nt0 > 1 && nt0 < 16 && nt0 % 2 == 1) {
     int64_t best = 0;
@@ -101,6 +116,7 @@ Plan plan(const Shape& s, int64_t acc) {
   p.chunks = std::max<int64_t>(1, std::min<int64_t>({p.ntiles, 16, cap, by_work}));
   // Few tiles (small images, small batches): each GEMM is split over the pool instead.
   p.split_gemm = p.ntiles < 4;
+  if (getenv("FV_EXP_SPLIT")) p.split_gemm = atoi(getenv("FV_EXP_SPLIT"));
   return p;
 }
 
