@@ -482,9 +482,13 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
     const A* grn_f = static_cast<const A*>(pk.grn_f);
     for (int64_t chunk = cbeg; chunk < cend; ++chunk) {
       A* part = partials + chunk * pl.partial_elems;  // the stride the reduction reads
-      std::fill(part, part + lay.total, A(0));
+      // The weight-gradient slots (2 x C x hidden) are written by the run's first tile's
+      // GEMMs (beta = 0) instead of zeroed and then read back: for the wide blocks that
+      // is 19 MB less to write and read per run. The small sums are zeroed.
+      std::fill(part + lay.b1, part + lay.total, A(0));
       const int64_t tb = chunk * pl.ntiles / pl.chunks, te = (chunk + 1) * pl.ntiles / pl.chunks;
       for (int64_t tile = tb; tile < te; ++tile) {
+        const A wbeta = tile == tb ? A(0) : A(1);
         const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
         const int64_t p0 = g0 * s.w;
         {
@@ -542,7 +546,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         }  // ps_out
         {
           prof::Scope ps(prof::kWgrad);
-          mm(pl, Op::T, Op::N, C, Hd, np, A(1), e, C, zin, Hd, A(1), part + lay.w2, Hd);
+          mm(pl, Op::T, Op::N, C, Hd, np, A(1), e, C, zin, Hd, wbeta, part + lay.w2, Hd);
         }
         if (grn_f) {  // dz, then dg = dz * f + u * g
           {
@@ -561,7 +565,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         }
         {
           prof::Scope ps(prof::kWgrad);
-          mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, A(1), part + lay.w1, C);
+          mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, wbeta, part + lay.w1, C);
         }
         {
           prof::Scope ps(prof::kDgrad);
