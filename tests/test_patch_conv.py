@@ -19,11 +19,19 @@ _C = fastvis._C
 @st.composite
 def problems(draw):
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    h = draw(st.integers(kh, 3 * kh + 2))  # rows/columns that do not fill a patch included
-    w = draw(st.integers(kw, 3 * kw + 2))
+    if draw(st.booleans()):  # stride == kernel, no padding: the patch convolution proper
+        stride, padding = None, (0, 0)
+    else:  # any stride and zero padding: overlapping (or gapped) patches
+        stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        padding = (draw(st.integers(0, kh)), draw(st.integers(0, kw)))
+    # rows/columns that do not fill a patch included; images smaller than the kernel
+    # where the padding makes up for it
+    h = draw(st.integers(max(1, kh - 2 * padding[0]), 3 * kh + 2))
+    w = draw(st.integers(max(1, kw - 2 * padding[1]), 3 * kw + 2))
     return dict(n=draw(st.integers(1, 3)), cin=draw(st.integers(1, 20)), cout=draw(st.integers(1, 24)),
                 kh=kh, kw=kw, h=h, w=w, layout=draw(st.sampled_from(["nchw", "nhwc", "view"])),
                 wlayout=draw(st.sampled_from(["contiguous", "channels_last", "transposed"])),
+                stride=stride, padding=padding,
                 bias=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float32, torch.float64])))
 
 
@@ -51,8 +59,10 @@ def make(p, seed=0):
 def test_forward_matches_conv2d(p):
     x, w, b = make(p)
     with torch.no_grad():
-        y = patch_conv2d(x, w, b)
-    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride=(p["kh"], p["kw"]))
+        y = patch_conv2d(x, w, b, p["stride"], p["padding"])
+    stride = p["stride"] or (p["kh"], p["kw"])
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride=stride,
+                   padding=p["padding"])
     assert y.shape == ref.shape and y.dtype == p["dtype"]
     assert y.is_contiguous(memory_format=torch.channels_last)
     # fp32: K = cin*kh*kw <= 320 products of O(1) values accumulated in float32
@@ -146,6 +156,70 @@ def test_dense_weights_are_used_in_place(x_layout, w_layout):
     assert not names & {"aten::clone", "aten::copy_", "aten::contiguous"}, names
     ref = F.conv2d(x.double(), w.double(), b.double(), stride=2)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224, 40), (1, 40, 112, 112, 80), (2, 80, 56, 56, 160),
+                                   (1, 320, 14, 14, 640), (1, 5, 7, 9, 6)])
+def test_strided_padded_model_shapes(shape, threads):
+    """UniRepLKNet's 3x3 stride-2 padding-1 stem and downsampling layers (channels_last
+    weights, as in a channels_last model), and an odd-sized image."""
+    n, cin, h, wd, cout = shape
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, cin, h, wd, generator=g).to(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, 3, 3, generator=g) * 0.05).to(memory_format=torch.channels_last)
+    b = torch.randn(cout, generator=g)
+    old = fastvis.get_num_threads()
+    try:
+        fastvis.set_num_threads(threads)
+        with torch.no_grad():
+            y = patch_conv2d(x, w, b, 2, 1)
+    finally:
+        fastvis.set_num_threads(0 if old == torch.get_num_threads() else old)
+    ref = F.conv2d(x.double(), w.double(), b.double(), stride=2, padding=1)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stride_padding_errors():
+    x = torch.randn(1, 4, 8, 8)
+    w = torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="stride must be positive"):
+        patch_conv2d(x, w, None, 0)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        patch_conv2d(x, w, None, 1, -1)
+    with pytest.raises(TypeError, match="pair of ints"):
+        patch_conv2d(x, w, None, (1, 2, 3))
+    with pytest.raises(TypeError, match="pair of ints"):
+        patch_conv2d(x, w, None, 1, "same")
+    with pytest.raises(ValueError, match="smaller than"):
+        patch_conv2d(torch.randn(1, 4, 1, 8), torch.randn(6, 4, 4, 3), None, 1, 1)
+    y = torch.empty(1, 6, 4, 4).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="stride: must be positive"):
+        _C.patch_conv2d_forward(x, w, None, y, None, [-1, 1], [0, 0])
+    with pytest.raises(ValueError, match="padding: must be in"):
+        _C.patch_conv2d_forward(x, w, None, y, None, [2, 2], [0, -2])
+    with pytest.raises(ValueError, match="two values"):
+        _C.patch_conv2d_forward(x, w, None, y, None, [2], [0, 0])
+    with pytest.raises(ValueError, match="expected shape"):  # y of the wrong size
+        _C.patch_conv2d_forward(x, w, None, y, None, [2, 2], [0, 0])  # 3x3 output
+    with pytest.raises(TypeError, match="padding"):
+        PatchConv2d(4, 6, 3, stride=1, padding="same")
+    with pytest.raises(ValueError, match="cannot be folded"):
+        fastvis.nn.PatchConvBN(torch.nn.BatchNorm2d(4), PatchConv2d(4, 6, 3, stride=2, padding=1))
+
+
+def test_strided_module_in_inference_and_training():
+    torch.manual_seed(2)
+    m = PatchConv2d(8, 12, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
+    ref = torch.nn.Conv2d(8, 12, 3, stride=2, padding=1)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 8, 11, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+    y = m(x)  # training: PyTorch's convolution, gradients flow
+    y.sum().backward()
+    assert m.weight.grad is not None and y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_empty_batch():

@@ -340,26 +340,43 @@ PYBIND11_MODULE(_C, m) {
     return &v;
   };
 
-  // ---- patch convolution (stride == kernel), forward only
+  // ---- patch convolution (stride == kernel by default; any stride / zero padding), forward only
+  auto pc_params = [](const std::vector<int64_t>& stride, const std::vector<int64_t>& padding) {
+    FV_CHECK_VALUE(stride.size() == 2 && padding.size() == 2,
+                   "stride and padding: expected two values each (h, w)");
+    PatchConv2dParams p;
+    p.stride_h = stride[0];
+    p.stride_w = stride[1];
+    p.pad_h = padding[0];
+    p.pad_w = padding[1];
+    return p;
+  };
   m.def("patch_conv2d_forward_scratch_bytes",
-        [](py::object x, py::object w) {
+        [pc_params](py::object x, py::object w, std::vector<int64_t> stride,
+                    std::vector<int64_t> padding) {
           Borrowed b;
-          return patch_conv2d_forward_scratch_bytes(b.view(x, "x"), b.view(w, "weight"));
+          return patch_conv2d_forward_scratch_bytes(b.view(x, "x"), b.view(w, "weight"),
+                                                    pc_params(stride, padding));
         },
-        py::arg("x"), py::arg("weight"));
+        py::arg("x"), py::arg("weight"), py::arg("stride") = std::vector<int64_t>{0, 0},
+        py::arg("padding") = std::vector<int64_t>{0, 0});
   m.def(
       "patch_conv2d_forward",
-      [opt_view](py::object x, py::object w, py::object bias, py::object y, py::object scratch) {
+      [opt_view, pc_params](py::object x, py::object w, py::object bias, py::object y,
+                            py::object scratch, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding) {
         Borrowed b;
         TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), yv = b.view(y, "y"), bv;
         const TensorView* bp = opt_view(b, bias, bv, "bias");
-        const size_t need = patch_conv2d_forward_scratch_bytes(xv, wv);
+        const PatchConv2dParams p = pc_params(stride, padding);
+        const size_t need = patch_conv2d_forward_scratch_bytes(xv, wv, p);
         Scratch sc(b, scratch, need, xv);
         py::gil_scoped_release nogil;
-        patch_conv2d_forward(xv, wv, bp, yv, sc.ptr, sc.bytes);
+        patch_conv2d_forward(xv, wv, bp, yv, sc.ptr, sc.bytes, p);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
-      py::arg("scratch") = py::none());
+      py::arg("scratch") = py::none(), py::arg("stride") = std::vector<int64_t>{0, 0},
+      py::arg("padding") = std::vector<int64_t>{0, 0});
 
   m.def("layer_norm_channels_forward_scratch_bytes",
         [](py::object x) {

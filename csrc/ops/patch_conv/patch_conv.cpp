@@ -49,39 +49,38 @@ TilePlan plan(const PatchConv2dShape& s, size_t acc, int threads) {
 
 // Patch rows of output pixels [p0, p1) into col, one row of kdim values per pixel, in the
 // weight's order: (ci, i, j) for a row-major weight, (i, j, ci) for a channels_last one.
+// Patch positions outside the image (padding) are zeros.
 template <class T>
 void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t p1, T* col) {
   const T* xd = static_cast<const T*>(x.data);
-  const int64_t sn = x.strides[0], sc = x.strides[1], sh = x.strides[2], sw = x.strides[3];
+  const int64_t xn = x.strides[0], xc = x.strides[1], xh = x.strides[2], xw = x.strides[3];
   const int64_t K = s.cin * s.kh * s.kw, khw = s.kh * s.kw;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n = p / (s.oh * s.ow), r = p % (s.oh * s.ow), oh = r / s.ow, ow = r % s.ow;
-    const T* base = xd + n * sn + oh * s.kh * sh + ow * s.kw * sw;
     T* row = col + (p - p0) * K;
-    if (s.weight_hwc) {  // row[(i * kw + j) * cin + c]
-      for (int64_t i = 0; i < s.kh; ++i)
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const T* src = base + i * sh + j * sw;
+    for (int64_t i = 0; i < s.kh; ++i) {
+      const int64_t ih = oh * s.sh - s.ph + i;
+      const bool row_in = ih >= 0 && ih < s.h;
+      for (int64_t j = 0; j < s.kw; ++j) {
+        const int64_t iw = ow * s.sw - s.pw + j;
+        const bool in = row_in && iw >= 0 && iw < s.w;
+        const T* src = in ? xd + n * xn + ih * xh + iw * xw : nullptr;
+        if (s.weight_hwc) {  // row[(i * kw + j) * cin + c]
           T* dst = row + (i * s.kw + j) * s.cin;
-          if (sc == 1)  // NHWC input: one pixel's channels are one run
+          if (!in)
+            std::fill(dst, dst + s.cin, T(0));
+          else if (xc == 1)  // NHWC input: one pixel's channels are one run
             std::copy(src, src + s.cin, dst);
           else
-            for (int64_t c = 0; c < s.cin; ++c) dst[c] = src[c * sc];
-        }
-    } else if (sc == 1) {  // row[(c * kh + i) * kw + j], NHWC input: read along channels
-      for (int64_t i = 0; i < s.kh; ++i)
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const T* src = base + i * sh + j * sw;
+            for (int64_t c = 0; c < s.cin; ++c) dst[c] = src[c * xc];
+        } else {  // row[(c * kh + i) * kw + j]
           T* dst = row + i * s.kw + j;
-          for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = src[c];
+          if (!in)
+            for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = T(0);
+          else
+            for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = src[c * xc];
         }
-    } else {  // NCHW or other strides: read along columns
-      for (int64_t c = 0; c < s.cin; ++c)
-        for (int64_t i = 0; i < s.kh; ++i) {
-          const T* src = base + c * sc + i * sh;
-          T* dst = row + (c * s.kh + i) * s.kw;
-          for (int64_t j = 0; j < s.kw; ++j) dst[j] = src[j * sw];
-        }
+      }
     }
   }
 }
@@ -123,7 +122,7 @@ void forward_t(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& 
 using namespace patchconv;
 
 PatchConv2dShape patch_conv2d_shape(const TensorView& x, const TensorView& weight,
-                                    const TensorView* bias) {
+                                    const TensorView* bias, const PatchConv2dParams& p) {
   const core::NchwDims d = core::activation_dims(x, "x");
   PatchConv2dShape s;
   s.n = d.n;
@@ -144,8 +143,18 @@ PatchConv2dShape patch_conv2d_shape(const TensorView& x, const TensorView& weigh
                  " input channels (one group), got ", weight.describe());
   FV_CHECK_VALUE(s.cout >= 1 && s.kh >= 1 && s.kw >= 1, "weight: sizes must be positive, got ",
                  weight.describe());
-  FV_CHECK_VALUE(s.kh <= s.h && s.kw <= s.w, "x: a ", s.h, "x", s.w, " image is smaller than the ",
-                 s.kh, "x", s.kw, " patch");
+  FV_CHECK_VALUE(p.stride_h >= 0 && p.stride_w >= 0, "stride: must be positive (or 0: the kernel size), got (",
+                 p.stride_h, ", ", p.stride_w, ")");
+  constexpr int64_t kMaxPad = int64_t(1) << 20;
+  FV_CHECK_VALUE(p.pad_h >= 0 && p.pad_w >= 0 && p.pad_h <= kMaxPad && p.pad_w <= kMaxPad,
+                 "padding: must be in [0, 2^20], got (", p.pad_h, ", ", p.pad_w, ")");
+  s.sh = p.stride_h ? p.stride_h : s.kh;
+  s.sw = p.stride_w ? p.stride_w : s.kw;
+  s.ph = p.pad_h;
+  s.pw = p.pad_w;
+  FV_CHECK_VALUE(s.kh <= s.h + 2 * s.ph && s.kw <= s.w + 2 * s.pw, "x: a ", s.h, "x", s.w,
+                 " image (padding ", s.ph, ", ", s.pw, ") is smaller than the ", s.kh, "x", s.kw,
+                 " patch");
   FV_CHECK_VALUE(weight.device == x.device, "weight: expected a tensor on ", device_name(x.device),
                  ", got one on ", device_name(weight.device));
   // Dense, either (Cout, Cin, kh, kw) row-major or channels_last ((Cout, kh, kw, Cin) in
@@ -162,14 +171,15 @@ PatchConv2dShape patch_conv2d_shape(const TensorView& x, const TensorView& weigh
     const int64_t want_b[1] = {s.cout};
     core::check_row_major(*bias, x, want_b, 1, x.dtype, "bias", "one value per output channel");
   }
-  s.oh = s.h / s.kh;
-  s.ow = s.w / s.kw;
+  s.oh = (s.h + 2 * s.ph - s.kh) / s.sh + 1;
+  s.ow = (s.w + 2 * s.pw - s.kw) / s.sw + 1;
   FV_CHECK_VALUE(x.data != nullptr || x.numel() == 0, "x: null data pointer");
   return s;
 }
 
-size_t patch_conv2d_forward_scratch_bytes(const TensorView& x, const TensorView& weight) {
-  const PatchConv2dShape s = patch_conv2d_shape(x, weight, nullptr);
+size_t patch_conv2d_forward_scratch_bytes(const TensorView& x, const TensorView& weight,
+                                          const PatchConv2dParams& p) {
+  const PatchConv2dShape s = patch_conv2d_shape(x, weight, nullptr, p);
   const int threads = get_num_threads();
   const TilePlan pl = plan(s, acc_size(x.dtype), threads);
   const size_t per = align64(size_t(pl.rows * pl.kdim) * acc_size(x.dtype));
@@ -177,8 +187,9 @@ size_t patch_conv2d_forward_scratch_bytes(const TensorView& x, const TensorView&
 }
 
 void patch_conv2d_forward(const TensorView& x, const TensorView& weight, const TensorView* bias,
-                          const TensorView& y, void* scratch, size_t scratch_bytes) {
-  const PatchConv2dShape s = patch_conv2d_shape(x, weight, bias);
+                          const TensorView& y, void* scratch, size_t scratch_bytes,
+                          const PatchConv2dParams& p) {
+  const PatchConv2dShape s = patch_conv2d_shape(x, weight, bias, p);
   FV_CHECK_VALUE(y.ndim == 4 && y.shape[0] == s.n && y.shape[1] == s.cout && y.shape[2] == s.oh &&
                      y.shape[3] == s.ow,
                  "y: expected shape [", s.n, ", ", s.cout, ", ", s.oh, ", ", s.ow, "], got ",
@@ -188,7 +199,7 @@ void patch_conv2d_forward(const TensorView& x, const TensorView& weight, const T
   FV_CHECK_VALUE(y.device == x.device, "y: expected a tensor on ", device_name(x.device));
   FV_CHECK_VALUE(core::dense_layouts(y) & 2, "y: must be dense channels_last (NHWC), got ",
                  y.describe());
-  const size_t need = patch_conv2d_forward_scratch_bytes(x, weight);
+  const size_t need = patch_conv2d_forward_scratch_bytes(x, weight, p);
   FV_CHECK_VALUE(scratch_bytes >= need && (scratch != nullptr || need == 0), "scratch: need ",
                  need, " bytes, got ", scratch_bytes);
   const int threads = get_num_threads();

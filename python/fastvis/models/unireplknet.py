@@ -25,6 +25,7 @@ from torch import nn
 
 from ..nn.convnext import trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
+from ..nn.patch_conv import PatchConv2d
 from ..nn.layer_norm import LayerNorm2d
 from ..nn.reparam import Reparameterizable
 from ..nn.unireplknet import UniRepLKNetBlock
@@ -168,14 +169,14 @@ class UniRepLKNet(_ReparamModelMixin, nn.Module):
         self.grad_checkpointing = False
 
         self.downsample_layers = nn.ModuleList([nn.Sequential(
-            nn.Conv2d(in_chans, dims[0] // 2, kernel_size=3, stride=2, padding=1, **factory),
+            PatchConv2d(in_chans, dims[0] // 2, 3, stride=2, padding=1, **factory),
             LayerNorm2d(dims[0] // 2, eps=1e-6, **factory),
             nn.GELU(),
-            nn.Conv2d(dims[0] // 2, dims[0], kernel_size=3, stride=2, padding=1, **factory),
+            PatchConv2d(dims[0] // 2, dims[0], 3, stride=2, padding=1, **factory),
             LayerNorm2d(dims[0], eps=1e-6, **factory))])
         for i in range(1, len(dims)):
             self.downsample_layers.append(nn.Sequential(
-                nn.Conv2d(dims[i - 1], dims[i], kernel_size=3, stride=2, padding=1, **factory),
+                PatchConv2d(dims[i - 1], dims[i], 3, stride=2, padding=1, **factory),
                 LayerNorm2d(dims[i], eps=1e-6, **factory)))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.ModuleList()

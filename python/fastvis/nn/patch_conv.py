@@ -10,19 +10,24 @@ from .reparam import bn_scale_shift, cached_fold, fuse_conv_bn, inference_only
 
 class PatchConv2d(nn.Conv2d):
     """A drop-in for ``nn.Conv2d(in_channels, out_channels, kernel_size, stride=kernel_size)``
-    (the stems and downsampling layers of ConvNeXt-style networks): same parameters, names,
-    initialisation and state-dict keys (it *is* an ``nn.Conv2d``). Inference on the CPU runs
-    fastvis' patch convolution; training runs PyTorch's. The output is channels_last either
-    way (the layout the fastvis blocks after a stem or downsampling layer work in), whatever
-    the input's layout."""
+    (the stems and downsampling layers of ConvNeXt-style networks), or with another
+    ``stride`` and zero ``padding`` (ints or pairs; e.g. UniRepLKNet's 3x3 stride-2 layers):
+    same parameters, names, initialisation and state-dict keys (it *is* an ``nn.Conv2d``).
+    Inference on the CPU runs fastvis' patch convolution (:func:`fastvis.ops.patch_conv2d`);
+    training runs PyTorch's. The output is channels_last either way (the layout the
+    fastvis blocks after a stem or downsampling layer work in), whatever the input's
+    layout."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride=kernel_size, bias=bias,
-                         device=device, dtype=dtype)
+                 device=None, dtype=None, stride=None, padding=0):
+        if isinstance(padding, str):
+            raise TypeError("PatchConv2d: padding must be an int or a pair of ints (zero padding)")
+        super().__init__(in_channels, out_channels, kernel_size,
+                         stride=kernel_size if stride is None else stride, padding=padding,
+                         bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = patch_conv2d(x, self.weight, self.bias)
+        y = patch_conv2d(x, self.weight, self.bias, self.stride, self.padding)
         return y.contiguous(memory_format=torch.channels_last)  # no copy when already so
 
 
@@ -41,6 +46,10 @@ class PatchConvBN(nn.Sequential):
         conv, bn = (second, first) if bn_first else (first, second)
         if not isinstance(conv, PatchConv2d) or not isinstance(bn, nn.BatchNorm2d):
             raise TypeError("PatchConvBN: expected a PatchConv2d and a BatchNorm2d")
+        if bn_first and tuple(conv.padding) != (0, 0):
+            # BN(x) = x * s + t folds into the convolution only where no padding zero is
+            # read (the zeros are not shifted by t).
+            raise ValueError("PatchConvBN: a BatchNorm before a padded convolution cannot be folded")
         want = conv.in_channels if bn_first else conv.out_channels
         if bn.num_features != want:
             raise ValueError(f"PatchConvBN: BatchNorm2d has {bn.num_features} features, expected {want}")
@@ -67,5 +76,6 @@ class PatchConvBN(nn.Sequential):
         if (inference_only(self, x) and not bn.training and bn.running_mean is not None
                 and x.dtype in (torch.float32, torch.float64)):
             w, b = cached_fold(self, x.dtype, lambda: self._fold(x.dtype))
-            return patch_conv2d(x, w, b).contiguous(memory_format=torch.channels_last)
+            return patch_conv2d(x, w, b, conv.stride, conv.padding).contiguous(
+                memory_format=torch.channels_last)
         return super().forward(x)

@@ -1,5 +1,7 @@
 """Patch convolution: ``F.conv2d(x, weight, bias, stride=kernel)`` (the "patchify" stems and
-downsampling layers of ConvNeXt-style networks), one GEMM in the core, forward only.
+downsampling layers of ConvNeXt-style networks), one GEMM in the core, forward only. Other
+strides and zero padding make it a general dense convolution computed the same way (patch
+gather + GEMM), for the 3x3 stride-2 stems and downsampling layers of UniRepLKNet.
 
 Why an op for a plain convolution: on these 2-core machines PyTorch's convolution runs on
 its OpenMP team, whose workers keep spinning for ~10 ms after each parallel op; the fused
@@ -9,7 +11,7 @@ pool, a model's forward pass runs no PyTorch parallel region between its blocks.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,39 +26,56 @@ _CORE_DTYPES = (torch.float32, torch.float64)
 
 
 @forward_op("fastvis::patch_conv2d")
-def _pc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _pc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            stride: List[int], padding: List[int]) -> torch.Tensor:
     _sync_threads()
     x = x.detach()
     w = weight.detach()
     if not (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)):
         w = w.contiguous()  # the core takes either dense layout as it is (no per-call copy)
     b = None if bias is None else bias.detach().contiguous()
-    y = torch.empty(_out_shape(x, weight), dtype=x.dtype, device=x.device,
+    y = torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
-    nbytes = _C.patch_conv2d_forward_scratch_bytes(dl(x), dl(w))
+    nbytes = _C.patch_conv2d_forward_scratch_bytes(dl(x), dl(w), stride, padding)
     _C.patch_conv2d_forward(dl(x), dl(w), None if b is None else dl(b), dl(y),
-                            dl(scratch(nbytes, x.device)))
+                            dl(scratch(nbytes, x.device)), stride, padding)
     return y
 
 
-def _out_shape(x, weight):
+def _out_shape(x, weight, stride, padding):
     kh, kw = weight.shape[2], weight.shape[3]
-    return (x.shape[0], weight.shape[0], x.shape[2] // kh, x.shape[3] // kw)
+    return (x.shape[0], weight.shape[0], (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1,
+            (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1)
 
 
 @_pc_fwd.register_fake
-def _(x, weight, bias):
-    return torch.empty(_out_shape(x, weight), dtype=x.dtype, device=x.device,
+def _(x, weight, bias, stride, padding):
+    return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
 
+def _pair(v, name: str, kernel=None) -> List[int]:
+    """stride / padding as [h, w] ints; stride None: the kernel size."""
+    if v is None and kernel is not None:
+        return [int(kernel[0]), int(kernel[1])]
+    if isinstance(v, bool) or not isinstance(v, (int, tuple, list)):
+        raise TypeError(f"patch_conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    vals = [v, v] if isinstance(v, int) else list(v)
+    if len(vals) != 2 or any(isinstance(e, bool) or not isinstance(e, int) for e in vals):
+        raise TypeError(f"patch_conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    return vals
+
+
 def patch_conv2d_reference(x: torch.Tensor, weight: torch.Tensor,
-                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride=(kh, kw))``."""
-    return F.conv2d(x, weight, bias, stride=(weight.shape[2], weight.shape[3]))
+                           bias: Optional[torch.Tensor] = None, stride=None,
+                           padding: Union[int, Sequence[int]] = 0) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)``, stride defaulting to the kernel size."""
+    k = (weight.shape[2], weight.shape[3])
+    return F.conv2d(x, weight, bias, stride=tuple(_pair(stride, "stride", k)),
+                    padding=tuple(_pair(padding, "padding")))
 
 
-def _validate(x, weight, bias) -> None:
+def _validate(x, weight, bias, stride, padding) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("patch_conv2d: x and weight must be torch.Tensor")
     if x.dim() != 4:
@@ -69,17 +88,25 @@ def _validate(x, weight, bias) -> None:
         raise ValueError(f"weight: expected {c} input channels (one group), got shape {tuple(weight.shape)}")
     if min(cout, kh, kw) < 1:
         raise ValueError(f"weight: sizes must be positive, got shape {tuple(weight.shape)}")
-    if kh > h or kw > w:
-        raise ValueError(f"x: a {h}x{w} image is smaller than the {kh}x{kw} patch")
+    if min(stride) < 1:
+        raise ValueError(f"patch_conv2d: stride must be positive, got {tuple(stride)}")
+    if min(padding) < 0:
+        raise ValueError(f"patch_conv2d: padding must be >= 0, got {tuple(padding)}")
+    if kh > h + 2 * padding[0] or kw > w + 2 * padding[1]:
+        raise ValueError(f"x: a {h}x{w} image (padding {tuple(padding)}) is smaller than the "
+                         f"{kh}x{kw} patch")
     check_param_tensors("patch_conv2d", x, (("weight", weight), ("bias", bias)))
     if bias is not None and tuple(bias.shape) != (cout,):
         raise ValueError(f"bias: expected shape ({cout},), got {tuple(bias.shape)}")
 
 
 def patch_conv2d(x: torch.Tensor, weight: torch.Tensor,
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride=(kh, kw))`` for weight (Cout, Cin, kh, kw): a
-    convolution whose patches do not overlap (no padding, dilation 1, one group).
+                 bias: Optional[torch.Tensor] = None, stride=None,
+                 padding: Union[int, Sequence[int]] = 0) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` for weight (Cout, Cin, kh, kw), one
+    group, dilation 1, zero padding. ``stride`` defaults to the kernel size: a convolution
+    whose patches do not overlap (the patchify stems and downsampling layers); any other
+    stride / padding (an int or an (h, w) pair) is computed the same way.
 
     CPU float32/float64 inference runs fastvis' kernel (patch gather + one GEMM per tile
     of output pixels, in fastvis' thread pool) and returns a **channels_last** tensor
@@ -92,10 +119,15 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor,
     ac = autocast_dtype(x)
     if ac is not None:  # as F.conv2d under autocast: input and parameters in the autocast dtype
         x, weight, bias = autocast_cast(ac, [x, weight, bias])
-    _validate(x, weight, bias)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+        st = _pair(stride, "stride", (weight.shape[2], weight.shape[3]))
+    else:
+        st = [1, 1]  # _validate reports the weight
+    pad = _pair(padding, "padding")
+    _validate(x, weight, bias, st, pad)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if (reference_enabled() or needs_grad or x.device.type != "cpu"
             or x.dtype not in _CORE_DTYPES):
-        return patch_conv2d_reference(x, weight, bias)
-    return call_op(_pc_fwd, x, weight, bias)
+        return patch_conv2d_reference(x, weight, bias, st, pad)
+    return call_op(_pc_fwd, x, weight, bias, st, pad)
