@@ -12,9 +12,11 @@
 // python/fastvis/lib):
 //
 //   OB=$(python -c "import scipy_openblas32 as s, os; print(os.path.dirname(s.get_lib_dir()))")
-//   g++ -O2 -std=c++17 -Icsrc/include -I$OB/include bench/cpp/block_harness.cpp \
-//       -Lpython/fastvis/lib -lfastvis_core -L$OB/lib -lscipy_openblas \
+//   g++ -O2 -std=c++17 -Icsrc/include -I$OB/include bench/cpp/block_harness.cpp
+//       -Lpython/fastvis/lib -lfastvis_core -L$OB/lib -lscipy_openblas
 //       -Wl,-rpath,$PWD/python/fastvis/lib:$OB/lib -lpthread -o /tmp/block_harness
+//
+// (one command line).
 //
 // Run: /tmp/block_harness C S N BLOCKS   (C channels, S x S pixels, batch N, BLOCKS blocks
 // with their own weights, run one after another as in a model stage), e.g.
