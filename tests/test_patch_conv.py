@@ -298,3 +298,98 @@ def test_compile_fullgraph_inference():
     f = torch.compile(lambda x: patch_conv2d(x, w, b), fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(f(x), F.conv2d(x, w, b, stride=2), rtol=1e-5, atol=1e-5)
+
+
+@st.composite
+def norm_problems(draw):
+    p = draw(problems())
+    p["norm"] = draw(st.sampled_from(["before", "after"]))
+    p["affine"] = draw(st.sampled_from(["both", "weight", "none"]))
+    p["eps"] = draw(st.sampled_from([1e-6, 1e-3]))
+    return p
+
+
+@sweep(40)
+@given(p=norm_problems())
+def test_fused_layer_norm_matches_layer_norm_and_conv2d(p):
+    """norm="before" = conv(pad(LayerNorm2d(x))), norm="after" = LayerNorm2d(conv(x)), against
+    the float64 composition of F.layer_norm and F.conv2d."""
+    from fastvis.ops import layer_norm_channels_reference
+    x, w, b = make(p, seed=7)
+    g = torch.Generator().manual_seed(8)
+    n = p["cin"] if p["norm"] == "before" else p["cout"]
+    nw = 1 + 0.5 * torch.randn(n, generator=g, dtype=p["dtype"]) if p["affine"] != "none" else None
+    nb = torch.randn(n, generator=g, dtype=p["dtype"]) if p["affine"] == "both" else None
+    with torch.no_grad():
+        y = patch_conv2d(x, w, b, p["stride"], p["padding"], norm=p["norm"], norm_weight=nw,
+                         norm_bias=nb, norm_eps=p["eps"])
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    stride = p["stride"] or (p["kh"], p["kw"])
+    xr = x.double()
+    if p["norm"] == "before":
+        xr = layer_norm_channels_reference(xr, d(nw), d(nb), p["eps"])
+    ref = F.conv2d(xr, w.double(), d(b), stride=stride, padding=p["padding"])
+    if p["norm"] == "after":
+        ref = layer_norm_channels_reference(ref, d(nw), d(nb), p["eps"])
+    assert y.shape == ref.shape
+    # fp32: a LayerNorm (normalised values O(1), rstd up to 1/sqrt(eps) on constant pixels
+    # -- but then the centred values are ~0) around a K <= 320 term dot product
+    tol = 1e-10 if p["dtype"] == torch.float64 else 5e-5
+    scale = ref.abs().max().clamp_min(1.0)
+    assert ((y.double() - ref).abs().max() / scale) <= tol, p
+
+
+def test_fused_layer_norm_errors():
+    x = torch.randn(1, 4, 8, 8)
+    w = torch.randn(6, 4, 2, 2)
+    with pytest.raises(ValueError, match="norm must be"):
+        patch_conv2d(x, w, norm="middle")
+    with pytest.raises(ValueError, match="norm='none'"):
+        patch_conv2d(x, w, norm_weight=torch.ones(4))
+    with pytest.raises(ValueError, match=r"expected shape \(4,\)"):
+        patch_conv2d(x, w, norm="before", norm_weight=torch.ones(6))
+    with pytest.raises(ValueError, match=r"expected shape \(6,\)"):
+        patch_conv2d(x, w, norm="after", norm_bias=torch.ones(4))
+    with pytest.raises(ValueError, match="norm_eps"):
+        patch_conv2d(x, w, norm="after", norm_eps=0.0)
+    with pytest.raises(TypeError, match="dtype"):
+        patch_conv2d(x, w, norm="after", norm_weight=torch.ones(6, dtype=torch.float64))
+    y = torch.empty(1, 6, 4, 4).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="norm_weight"):  # the core's own check
+        _C.patch_conv2d_forward(x, w, None, y, None, [0, 0], [0, 0], 1, torch.ones(6), None, 1e-6)
+    with pytest.raises(ValueError, match="without a norm"):
+        _C.patch_conv2d_forward(x, w, None, y, None, [0, 0], [0, 0], 0, torch.ones(4), None, 1e-6)
+    with pytest.raises(ValueError, match="norm_eps"):
+        _C.patch_conv2d_forward(x, w, None, y, None, [0, 0], [0, 0], 2, None, None, float("nan"))
+    with pytest.raises(ValueError, match="norm: expected"):
+        _C.patch_conv2d_forward(x, w, None, y, None, [0, 0], [0, 0], 3, None, None, 1e-6)
+
+
+@pytest.mark.parametrize("ln_first", [False, True])
+def test_patch_conv_ln_module(ln_first):
+    """PatchConvLN (ConvNeXt's stem / downsampling layers): the fused inference call equals
+    the two modules; training and reference mode run the modules; keys stay 0.* / 1.*."""
+    from fastvis.nn import LayerNorm2d, PatchConvLN
+    torch.manual_seed(3)
+    conv = PatchConv2d(8, 16, 2)
+    ln = LayerNorm2d(8 if ln_first else 16)
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.3)
+        ln.bias.normal_()
+    m = PatchConvLN(ln, conv) if ln_first else PatchConvLN(conv, ln)
+    assert set(m.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    x = torch.randn(2, 8, 10, 12).to(memory_format=torch.channels_last)
+    m.eval()
+    with torch.no_grad():
+        y = m(x)
+        ref = torch.nn.Sequential.forward(m, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    m.train()
+    y2 = m(x)
+    y2.sum().backward()
+    assert conv.weight.grad is not None and ln.weight.grad is not None
+    with pytest.raises(TypeError, match="PatchConv2d and a LayerNorm2d"):
+        PatchConvLN(conv, torch.nn.ReLU())
+    with pytest.raises(ValueError, match="channels"):
+        PatchConvLN(conv, LayerNorm2d(8))

@@ -364,11 +364,18 @@ PYBIND11_MODULE(_C, m) {
       "patch_conv2d_forward",
       [opt_view, pc_params](py::object x, py::object w, py::object bias, py::object y,
                             py::object scratch, std::vector<int64_t> stride,
-                            std::vector<int64_t> padding) {
+                            std::vector<int64_t> padding, int norm, py::object norm_weight,
+                            py::object norm_bias, double norm_eps) {
         Borrowed b;
-        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), yv = b.view(y, "y"), bv;
+        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), yv = b.view(y, "y"), bv, nwv, nbv;
         const TensorView* bp = opt_view(b, bias, bv, "bias");
-        const PatchConv2dParams p = pc_params(stride, padding);
+        PatchConv2dParams p = pc_params(stride, padding);
+        FV_CHECK_VALUE(norm >= 0 && norm <= 2, "norm: expected 0 (none), 1 (before) or 2 (after), got ",
+                       norm);
+        p.norm = static_cast<PatchNorm>(norm);
+        p.norm_weight = opt_view(b, norm_weight, nwv, "norm_weight");
+        p.norm_bias = opt_view(b, norm_bias, nbv, "norm_bias");
+        p.norm_eps = norm_eps;
         const size_t need = patch_conv2d_forward_scratch_bytes(xv, wv, p);
         Scratch sc(b, scratch, need, xv);
         py::gil_scoped_release nogil;
@@ -376,7 +383,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
       py::arg("scratch") = py::none(), py::arg("stride") = std::vector<int64_t>{0, 0},
-      py::arg("padding") = std::vector<int64_t>{0, 0});
+      py::arg("padding") = std::vector<int64_t>{0, 0}, py::arg("norm") = 0,
+      py::arg("norm_weight") = py::none(), py::arg("norm_bias") = py::none(),
+      py::arg("norm_eps") = 1e-6);
 
   m.def("layer_norm_channels_forward_scratch_bytes",
         [](py::object x) {

@@ -33,9 +33,22 @@ namespace fastvis {
 // convolution (overlapping patches, e.g. UniRepLKNet's 3x3 stride-2 stem and downsampling
 // layers), computed the same way: OH = (H + 2 pad_h - kh) / stride_h + 1, patch values
 // outside the image are zeros.
+//
+// Optionally with a LayerNorm over channels fused in (ConvNeXt's stem: conv then LayerNorm;
+// its downsampling layers: LayerNorm then conv), with timm LayerNorm2d semantics (biased
+// variance, eps inside the square root, optional affine weight / bias):
+//   Before: every input pixel's Cin values are normalised (as they are gathered; the
+//           padding stays zero: y = conv(pad(LN(x))));
+//   After:  every output pixel's Cout values are normalised after the bias.
+enum class PatchNorm { None = 0, Before = 1, After = 2 };
+
 struct PatchConv2dParams {
   int64_t stride_h = 0, stride_w = 0;  // 0: the kernel size
   int64_t pad_h = 0, pad_w = 0;        // each side
+  PatchNorm norm = PatchNorm::None;
+  const TensorView* norm_weight = nullptr;  // (Cin) for Before, (Cout) for After; null: 1
+  const TensorView* norm_bias = nullptr;    // likewise; null: 0
+  double norm_eps = 1e-6;                   // > 0, finite
 };
 
 struct PatchConv2dShape {

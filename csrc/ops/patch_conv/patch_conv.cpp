@@ -3,6 +3,7 @@
 #include "fastvis/patch_conv.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "core/blas.h"
 #include "core/checks.h"
@@ -47,11 +48,38 @@ TilePlan plan(const PatchConv2dShape& s, size_t acc, int threads) {
   return p;
 }
 
+// LayerNorm of n values v[0], v[st], ... in place: biased variance from the centred values
+// (two passes, accumulated in T), then (v - mean) * rstd * w + b (w / b null: 1 / 0).
+template <class T>
+inline void norm_values(T* v, int64_t n, int64_t st, const T* w, const T* b, T eps) {
+  T mean = 0;
+  for (int64_t c = 0; c < n; ++c) mean += v[c * st];
+  mean /= static_cast<T>(n);
+  T var = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    const T d = v[c * st] - mean;
+    var += d * d;
+  }
+  const T rstd = T(1) / std::sqrt(var / static_cast<T>(n) + eps);
+  for (int64_t c = 0; c < n; ++c) {
+    const T y = (v[c * st] - mean) * rstd;
+    v[c * st] = (w ? y * w[c] : y) + (b ? b[c] : T(0));
+  }
+}
+
+// The norm's affine parameters as T pointers (validated dense, x's dtype).
+template <class T> struct NormArgs {
+  const T* w = nullptr;
+  const T* b = nullptr;
+  T eps = T(1e-6);
+};
+
 // Patch rows of output pixels [p0, p1) into col, one row of kdim values per pixel, in the
 // weight's order: (ci, i, j) for a row-major weight, (i, j, ci) for a channels_last one.
 // Patch positions outside the image (padding) are zeros.
 template <class T>
-void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t p1, T* col) {
+void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t p1, T* col,
+            const NormArgs<T>* pre) {
   const T* xd = static_cast<const T*>(x.data);
   const int64_t xn = x.strides[0], xc = x.strides[1], xh = x.strides[2], xw = x.strides[3];
   const int64_t K = s.cin * s.kh * s.kw, khw = s.kh * s.kw;
@@ -73,12 +101,14 @@ void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t 
             std::copy(src, src + s.cin, dst);
           else
             for (int64_t c = 0; c < s.cin; ++c) dst[c] = src[c * xc];
+          if (in && pre) norm_values(dst, s.cin, 1, pre->w, pre->b, pre->eps);
         } else {  // row[(c * kh + i) * kw + j]
           T* dst = row + i * s.kw + j;
           if (!in)
             for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = T(0);
           else
             for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = src[c * xc];
+          if (in && pre) norm_values(dst, s.cin, khw, pre->w, pre->b, pre->eps);
         }
       }
     }
@@ -87,9 +117,10 @@ void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t 
 
 template <class T>
 void tile(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& x, const T* w,
-          const T* b, T* y, T* col, int64_t p0, int64_t p1) {
+          const T* b, T* y, T* col, int64_t p0, int64_t p1, const NormArgs<T>* pre,
+          const NormArgs<T>* post) {
   const int64_t m = p1 - p0, K = pl.kdim, C = s.cout;
-  gather<T>(s, x, p0, p1, col);
+  gather<T>(s, x, p0, p1, col, pre);
   T* out = y + p0 * C;
   if (b)
     for (int64_t r = 0; r < m; ++r) std::copy(b, b + C, out + r * C);
@@ -98,21 +129,32 @@ void tile(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& x, co
     core::gemm_split(core::Op::N, core::Op::T, m, C, K, T(1), col, K, w, K, beta, out, C);
   else
     core::gemm(core::Op::N, core::Op::T, m, C, K, T(1), col, K, w, K, beta, out, C);
+  if (post)
+    for (int64_t r = 0; r < m; ++r) norm_values(out + r * C, C, 1, post->w, post->b, post->eps);
 }
 
 template <class T>
 void forward_t(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& x, const T* w,
-               const T* b, T* y, char* bufs, size_t buf_stride, int nbufs) {
+               const T* b, T* y, char* bufs, size_t buf_stride, int nbufs,
+               const PatchConv2dParams& p) {
+  NormArgs<T> na;
+  na.w = p.norm_weight ? static_cast<const T*>(p.norm_weight->data) : nullptr;
+  na.b = p.norm_bias ? static_cast<const T*>(p.norm_bias->data) : nullptr;
+  na.eps = static_cast<T>(p.norm_eps);
+  const NormArgs<T>* pre = p.norm == PatchNorm::Before ? &na : nullptr;
+  const NormArgs<T>* post = p.norm == PatchNorm::After ? &na : nullptr;
   if (pl.split_gemm) {
     T* col = reinterpret_cast<T*>(bufs);
     for (int64_t t = 0; t < pl.ntiles; ++t)
-      tile<T>(s, pl, x, w, b, y, col, t * pl.rows, std::min(pl.pixels, (t + 1) * pl.rows));
+      tile<T>(s, pl, x, w, b, y, col, t * pl.rows, std::min(pl.pixels, (t + 1) * pl.rows), pre,
+              post);
     return;
   }
   parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t t0, int64_t t1) {
     T* col = reinterpret_cast<T*>(bufs + std::min(slot, nbufs - 1) * buf_stride);
     for (int64_t t = t0; t < t1; ++t)
-      tile<T>(s, pl, x, w, b, y, col, t * pl.rows, std::min(pl.pixels, (t + 1) * pl.rows));
+      tile<T>(s, pl, x, w, b, y, col, t * pl.rows, std::min(pl.pixels, (t + 1) * pl.rows), pre,
+              post);
   });
 }
 
@@ -148,6 +190,19 @@ PatchConv2dShape patch_conv2d_shape(const TensorView& x, const TensorView& weigh
   constexpr int64_t kMaxPad = int64_t(1) << 20;
   FV_CHECK_VALUE(p.pad_h >= 0 && p.pad_w >= 0 && p.pad_h <= kMaxPad && p.pad_w <= kMaxPad,
                  "padding: must be in [0, 2^20], got (", p.pad_h, ", ", p.pad_w, ")");
+  if (p.norm != PatchNorm::None) {
+    FV_CHECK_VALUE(p.norm == PatchNorm::Before || p.norm == PatchNorm::After,
+                   "norm: expected None, Before or After");
+    FV_CHECK_VALUE(std::isfinite(p.norm_eps) && p.norm_eps > 0, "norm_eps: must be positive and finite, got ",
+                   p.norm_eps);
+    const int64_t want_n[1] = {p.norm == PatchNorm::Before ? s.cin : s.cout};
+    const char* what = p.norm == PatchNorm::Before ? "one value per input channel"
+                                                   : "one value per output channel";
+    if (p.norm_weight) core::check_row_major(*p.norm_weight, x, want_n, 1, x.dtype, "norm_weight", what);
+    if (p.norm_bias) core::check_row_major(*p.norm_bias, x, want_n, 1, x.dtype, "norm_bias", what);
+  } else {
+    FV_CHECK_VALUE(!p.norm_weight && !p.norm_bias, "norm_weight / norm_bias given without a norm");
+  }
   s.sh = p.stride_h ? p.stride_h : s.kh;
   s.sw = p.stride_w ? p.stride_w : s.kw;
   s.ph = p.pad_h;
@@ -211,11 +266,11 @@ void patch_conv2d_forward(const TensorView& x, const TensorView& weight, const T
   if (x.dtype == DType::Float64)
     forward_t<double>(s, pl, x, static_cast<const double*>(weight.data),
                       bias ? static_cast<const double*>(bias->data) : nullptr,
-                      static_cast<double*>(y.data), bufs, stride, threads);
+                      static_cast<double*>(y.data), bufs, stride, threads, p);
   else
     forward_t<float>(s, pl, x, static_cast<const float*>(weight.data),
                      bias ? static_cast<const float*>(bias->data) : nullptr,
-                     static_cast<float*>(y.data), bufs, stride, threads);
+                     static_cast<float*>(y.data), bufs, stride, threads, p);
 }
 
 }  // namespace fastvis

@@ -29,7 +29,7 @@ from torch import nn
 from ..nn.convnext import ConvNeXtBlock, trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
 from ..nn.layer_norm import LayerNorm2d
-from ..nn.patch_conv import PatchConv2d
+from ..nn.patch_conv import PatchConv2d, PatchConvLN
 from ._backbone import StagedBackbone, positive_int, probability
 from ._features import FeatureInfo
 from ._pretrained import (
@@ -63,7 +63,7 @@ class ConvNeXtStage(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         if downsample:
-            self.downsample = nn.Sequential(
+            self.downsample = PatchConvLN(
                 LayerNorm2d(in_chs, eps=norm_eps, **factory),
                 PatchConv2d(in_chs, out_chs, 2, bias=conv_bias, **factory),
             )
@@ -206,7 +206,7 @@ class ConvNeXt(StagedBackbone, nn.Module):
         self.features_only = False
         self.grad_checkpointing = False
 
-        self.stem = nn.Sequential(
+        self.stem = PatchConvLN(
             PatchConv2d(in_chans, dims[0], patch_size, bias=conv_bias, **factory),
             LayerNorm2d(dims[0], eps=norm_eps, **factory),
         )

@@ -6,7 +6,7 @@ from .grn import GlobalResponseNorm
 from .inception_dwconv import InceptionDWConv2d
 from .layer_norm import LayerNorm2d
 from .metanext import ConvMlp, MetaNeXtBlock
-from .patch_conv import PatchConv2d, PatchConvBN
+from .patch_conv import PatchConv2d, PatchConvBN, PatchConvLN
 from .reparam import Reparameterizable, reparameterize
 from .replk import ConvBN, ConvFFN, RepLKBlock, ReparamLargeKernelConv
 from .unireplknet import SEBlock, UniRepLKNetBlock, UniRepLKNetGRN
@@ -26,6 +26,7 @@ __all__ = [
     "MetaNeXtBlock",
     "PatchConv2d",
     "PatchConvBN",
+    "PatchConvLN",
     "RepLKBlock",
     "ReparamLargeKernelConv",
     "Reparameterizable",

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.patch_conv import patch_conv2d
+from .layer_norm import LayerNorm2d
 from .reparam import bn_scale_shift, cached_fold, fuse_conv_bn, inference_only
 
 
@@ -78,4 +79,33 @@ class PatchConvBN(nn.Sequential):
             w, b = cached_fold(self, x.dtype, lambda: self._fold(x.dtype))
             return patch_conv2d(x, w, b, conv.stride, conv.padding).contiguous(
                 memory_format=torch.channels_last)
+        return super().forward(x)
+
+
+class PatchConvLN(nn.Sequential):
+    """``nn.Sequential(PatchConv2d, LayerNorm2d)`` (ConvNeXt's stem) or
+    ``nn.Sequential(LayerNorm2d, PatchConv2d)`` (its downsampling layers), with the
+    state-dict keys ``0.*`` / ``1.*`` of the plain Sequential. In inference (eval mode,
+    CPU, nothing needing gradients) the pair is one :func:`fastvis.ops.patch_conv2d` call
+    with the LayerNorm fused in (``norm="after"`` / ``"before"``): the activation is not
+    written and read once more for the norm. Otherwise the two modules run as given."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__(first, second)
+        ln_first = isinstance(first, LayerNorm2d)
+        conv, ln = (second, first) if ln_first else (first, second)
+        if not isinstance(conv, PatchConv2d) or not isinstance(ln, LayerNorm2d):
+            raise TypeError("PatchConvLN: expected a PatchConv2d and a LayerNorm2d")
+        want = conv.in_channels if ln_first else conv.out_channels
+        if ln.normalized_shape != (want,):
+            raise ValueError(f"PatchConvLN: LayerNorm2d over {ln.normalized_shape[0]} channels, expected {want}")
+        self.ln_first = ln_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv, ln = (self[1], self[0]) if self.ln_first else (self[0], self[1])
+        if inference_only(self, x) and x.dtype in (torch.float32, torch.float64):
+            y = patch_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                             norm="before" if self.ln_first else "after",
+                             norm_weight=ln.weight, norm_bias=ln.bias, norm_eps=ln.eps)
+            return y.contiguous(memory_format=torch.channels_last)
         return super().forward(x)

@@ -20,14 +20,18 @@ from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, scratch
-from ._checks import check_param_tensors
+from ._checks import check_eps, check_param_tensors
 
 _CORE_DTYPES = (torch.float32, torch.float64)
 
 
+_NORMS = {"none": 0, "before": 1, "after": 2}
+
+
 @forward_op("fastvis::patch_conv2d")
 def _pc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            stride: List[int], padding: List[int]) -> torch.Tensor:
+            stride: List[int], padding: List[int], norm: int, norm_weight: Optional[torch.Tensor],
+            norm_bias: Optional[torch.Tensor], norm_eps: float) -> torch.Tensor:
     _sync_threads()
     x = x.detach()
     w = weight.detach()
@@ -37,8 +41,11 @@ def _pc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     y = torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
     nbytes = _C.patch_conv2d_forward_scratch_bytes(dl(x), dl(w), stride, padding)
+    nw = None if norm_weight is None else norm_weight.detach().contiguous()
+    nb = None if norm_bias is None else norm_bias.detach().contiguous()
     _C.patch_conv2d_forward(dl(x), dl(w), None if b is None else dl(b), dl(y),
-                            dl(scratch(nbytes, x.device)), stride, padding)
+                            dl(scratch(nbytes, x.device)), stride, padding, norm, dl(nw), dl(nb),
+                            norm_eps)
     return y
 
 
@@ -49,7 +56,7 @@ def _out_shape(x, weight, stride, padding):
 
 
 @_pc_fwd.register_fake
-def _(x, weight, bias, stride, padding):
+def _(x, weight, bias, stride, padding, norm, norm_weight, norm_bias, norm_eps):
     return torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
 
@@ -68,11 +75,21 @@ def _pair(v, name: str, kernel=None) -> List[int]:
 
 def patch_conv2d_reference(x: torch.Tensor, weight: torch.Tensor,
                            bias: Optional[torch.Tensor] = None, stride=None,
-                           padding: Union[int, Sequence[int]] = 0) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride, padding)``, stride defaulting to the kernel size."""
+                           padding: Union[int, Sequence[int]] = 0, *, norm: str = "none",
+                           norm_weight: Optional[torch.Tensor] = None,
+                           norm_bias: Optional[torch.Tensor] = None,
+                           norm_eps: float = 1e-6) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)``, stride defaulting to the kernel size,
+    with timm's LayerNorm2d before (``norm="before"``) or after (``"after"``) it."""
+    from .layer_norm import layer_norm_channels_reference
     k = (weight.shape[2], weight.shape[3])
-    return F.conv2d(x, weight, bias, stride=tuple(_pair(stride, "stride", k)),
-                    padding=tuple(_pair(padding, "padding")))
+    if norm == "before":
+        x = layer_norm_channels_reference(x, norm_weight, norm_bias, norm_eps)
+    y = F.conv2d(x, weight, bias, stride=tuple(_pair(stride, "stride", k)),
+                 padding=tuple(_pair(padding, "padding")))
+    if norm == "after":
+        y = layer_norm_channels_reference(y, norm_weight, norm_bias, norm_eps)
+    return y
 
 
 def _validate(x, weight, bias, stride, padding) -> None:
@@ -102,11 +119,20 @@ def _validate(x, weight, bias, stride, padding) -> None:
 
 def patch_conv2d(x: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor] = None, stride=None,
-                 padding: Union[int, Sequence[int]] = 0) -> torch.Tensor:
+                 padding: Union[int, Sequence[int]] = 0, *, norm: str = "none",
+                 norm_weight: Optional[torch.Tensor] = None,
+                 norm_bias: Optional[torch.Tensor] = None,
+                 norm_eps: float = 1e-6) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` for weight (Cout, Cin, kh, kw), one
     group, dilation 1, zero padding. ``stride`` defaults to the kernel size: a convolution
     whose patches do not overlap (the patchify stems and downsampling layers); any other
     stride / padding (an int or an (h, w) pair) is computed the same way.
+
+    ``norm="before"`` / ``"after"`` fuses a LayerNorm over channels (timm's LayerNorm2d,
+    affine ``norm_weight`` / ``norm_bias`` optional, epsilon ``norm_eps``) before the
+    convolution (each input pixel's Cin values; ConvNeXt's downsampling layers) or after
+    it (each output pixel's Cout values; ConvNeXt's stem): one pass instead of a separate
+    LayerNorm over the whole activation.
 
     CPU float32/float64 inference runs fastvis' kernel (patch gather + one GEMM per tile
     of output pixels, in fastvis' thread pool) and returns a **channels_last** tensor
@@ -125,9 +151,26 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor,
         st = [1, 1]  # _validate reports the weight
     pad = _pair(padding, "padding")
     _validate(x, weight, bias, st, pad)
+    if norm not in _NORMS:
+        raise ValueError(f"patch_conv2d: norm must be 'none', 'before' or 'after', got {norm!r}")
+    nw, nb = norm_weight, norm_bias
+    if norm == "none":
+        if nw is not None or nb is not None:
+            raise ValueError("patch_conv2d: norm_weight / norm_bias given with norm='none'")
+    else:
+        if ac is not None:
+            nw, nb = autocast_cast(ac, [nw, nb])
+        n = x.shape[1] if norm == "before" else weight.shape[0]
+        for name, t in (("norm_weight", nw), ("norm_bias", nb)):
+            if t is not None and tuple(t.shape) != (n,):
+                raise ValueError(f"{name}: expected shape ({n},) ({'input' if norm == 'before' else 'output'} "
+                                 f"channels), got {tuple(t.shape)}")
+        check_param_tensors("patch_conv2d", x, (("norm_weight", nw), ("norm_bias", nb)))
+        norm_eps = check_eps(norm_eps, "norm_eps")
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
+        t is not None and t.requires_grad for t in (x, weight, bias, nw, nb))
     if (reference_enabled() or needs_grad or x.device.type != "cpu"
             or x.dtype not in _CORE_DTYPES):
-        return patch_conv2d_reference(x, weight, bias, st, pad)
-    return call_op(_pc_fwd, x, weight, bias, st, pad)
+        return patch_conv2d_reference(x, weight, bias, st, pad, norm=norm, norm_weight=nw,
+                                      norm_bias=nb, norm_eps=norm_eps)
+    return call_op(_pc_fwd, x, weight, bias, st, pad, _NORMS[norm], nw, nb, float(norm_eps))
