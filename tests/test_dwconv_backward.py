@@ -285,3 +285,14 @@ def test_backward_register_window(kw, kh, c, w_in, dtype):
     cfg = ConvCfg(n=2, c=c, h=9, w=w_in, kh=kh, kw=kw, padding="same", layout="nhwc", dtype=dtype)
     grads, (x, w, b, gy) = autograd_grads(cfg)
     check_backward(grads, x, w, b, gy, cfg)
+
+
+# The stride-1 input gradient of a k x 1 band runs the forward's column window (see
+# test_dwconv_forward.test_forward_column_window) on the flipped kernel.
+@pytest.mark.parametrize("kh,padding", [(11, "same"), (4, (3, 0)), (7, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_column_window(kh, padding, dtype):
+    vec = 4 if dtype == torch.float64 else 8
+    cfg = ConvCfg(n=2, c=2 * vec, h=40, w=6, kh=kh, kw=1, padding=padding, layout="nhwc", dtype=dtype)
+    grads, (x, w, b, gy) = autograd_grads(cfg)
+    check_backward(grads, x, w, b, gy, cfg)

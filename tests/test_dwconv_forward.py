@@ -402,3 +402,28 @@ def test_forward_packed_row_reuse(threads, kh, kw, stride, dilation):
     finally:
         fastvis.set_num_threads(0)  # back to following torch
     check_forward(y, x, w, b, cfg)
+
+
+# k x 1 bands on the direct path (stride 1 and dilation 1 down the column): a register
+# window down each output column, in bands of 28 output rows copied column by column into
+# the thread's buffer. Heights around and past one band (1, 5, 29, 61), top / bottom
+# padding apart (those rows keep the per-row path), horizontal stride 2 and dilation, and
+# 1-3 threads (a thread's rows starting inside a band or an image).
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("kh,pads,sw,dtype", [
+    (11, (5, 5, 0, 0), 1, torch.float32), (2, (0, 1, 0, 0), 1, torch.float32),
+    (7, (2, 6, 0, 0), 2, torch.float32), (15, (7, 7, 0, 0), 1, torch.bfloat16),
+    (9, (0, 0, 0, 0), 1, torch.float64), (3, (1, 1, 0, 0), 2, torch.float64),
+])
+def test_forward_column_window(threads, kh, pads, sw, dtype):
+    vec = 4 if dtype == torch.float64 else 8
+    fastvis.set_num_threads(threads)
+    try:
+        for h, c in ((kh, 3 * vec), (kh + 5, vec), (29, 2 * vec), (61, 5 * vec)):
+            cfg = ConvCfg(n=2, c=c, h=h, w=7, kh=kh, kw=1, stride=(1, sw), dilation=(1, 3),
+                          padding=pads, layout="nhwc", dtype=dtype)
+            x, w, b = make_inputs(cfg)
+            y = run_op(x, w, b, cfg)
+            check_forward(y, x, w, b, cfg)
+    finally:
+        fastvis.set_num_threads(0)  # back to following torch

@@ -538,11 +538,54 @@ void direct_row(const Geom& g, const T* xn, const A* wpk, const A* bias, Y* yrow
   for (int64_t ow = std::max(ow_lo, ow_hi); ow < g.ow; ++ow) edge(ow);
 }
 
+// Interior output rows [oh, oh + nrows) of image n (every tap inside the image), all
+// columns, in bands of kColumnBand rows. Each band's column window (band + kh - 1 pixels of
+// all channels) is first copied into `col`, contiguous: in place its pixels lie a whole
+// image row apart, a stride that for C = 128, W = 56 (28 KiB) maps every one of them to
+// the same L1 set, and the window ran no faster than the tap list.
+template <class T, class A, class Y>
+void column_rows(const Geom& g, const T* xn, const A* wpk, const A* bias, Y* y, int64_t oh,
+                 int64_t nrows, T* col) {
+  const int64_t XP = in_pitch(g), YP = out_pitch(g), C = g.c, RP = g.w * XP;
+  const int64_t xo[1] = {0}, wo[1] = {0};
+  for (int64_t b0 = oh; b0 < oh + nrows; b0 += kColumnBand) {
+    const int64_t nb = std::min(kColumnBand, oh + nrows - b0), nin = nb + g.kh - 1;
+    const T* xb = xn + (b0 - g.pt) * RP;
+    Y* yb = y + b0 * g.ow * YP;
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      const T* src = xb + ow * g.sw * XP;
+      for (int64_t i = 0; i < nin; ++i) std::memcpy(col + i * C, src + i * RP, C * sizeof(T));
+      window_pixels_any<T, A, Y>(col, C, wpk, g.cp, xo, wo, 1, g.kh, bias, yb + ow * YP,
+                                 g.ow * YP, C, nb);
+    }
+  }
+}
+
 // Rows [r0, r1) of the flattened (image, output row) index.
+// buf: fwd_plan(g).buf_elems accumulators (used by k x 1 kernels only).
 template <class T, class A, class Y>
 void direct_rows(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, int64_t r0,
-                 int64_t r1) {
+                 int64_t r1, A* buf) {
   const int64_t XP = in_pitch(g), YP = out_pitch(g);
+  if (use_column_window(g, sizeof(A))) {
+    // Interior rows: ih0 = oh - pt >= 0 and ih0 + kh - 1 < h.
+    const int64_t oh_lo = std::min(g.oh, g.pt);
+    const int64_t oh_hi = std::max(oh_lo, std::min(g.oh, g.h - g.kh + g.pt + 1));
+    for (int64_t r = r0; r < r1;) {
+      const int64_t n = r / g.oh, oh = r % g.oh;
+      const T* xn = x + n * g.h * g.w * XP;
+      if (oh < oh_lo || oh >= oh_hi) {
+        direct_row<T, A, Y>(g, xn, wpk, bias, y + r * g.ow * YP, oh);
+        ++r;
+        continue;
+      }
+      const int64_t nrows = std::min(r1 - r, oh_hi - oh);
+      column_rows<T, A, Y>(g, xn, wpk, bias, y + n * g.oh * g.ow * YP, oh, nrows,
+                           reinterpret_cast<T*>(buf));
+      r += nrows;
+    }
+    return;
+  }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / g.oh, oh = r % g.oh;
     direct_row<T, A, Y>(g, x + n * g.h * g.w * XP, wpk, bias, y + r * g.ow * YP, oh);
@@ -553,11 +596,15 @@ template <class T, class A, class Y = T>
 void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* bufs, int nbufs,
                bool balance = true) {
   if (use_direct(g, sizeof(A))) {
-    if (!balance) return direct_rows<T, A, Y>(g, x, wpk, bias, y, 0, g.n * g.oh);
+    if (!balance) return direct_rows<T, A, Y>(g, x, wpk, bias, y, 0, g.n * g.oh, bufs);
+    const int64_t buf_elems = fwd_plan(g, sizeof(A)).buf_elems;
     // Rows per chunk: at least ~32K multiply-adds, so small problems stay on one thread.
     const int64_t row_macs = std::max<int64_t>(1, g.ow * g.c * g.kh * g.kw);
-    parallel_for(g.n * g.oh, std::max<int64_t>(1, 32768 / row_macs),
-                 [&](int64_t r0, int64_t r1) { direct_rows<T, A, Y>(g, x, wpk, bias, y, r0, r1); });
+    parallel_for_indexed(g.n * g.oh, std::max<int64_t>(1, 32768 / row_macs),
+                         [&](int slot, int64_t r0, int64_t r1) {
+                           direct_rows<T, A, Y>(g, x, wpk, bias, y, r0, r1,
+                                                bufs + std::min(slot, nbufs - 1) * buf_elems);
+                         });
     return;
   }
   const FwdPlan pl = fwd_plan(g, sizeof(A), balance);
@@ -583,7 +630,8 @@ void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* 
 template <class T, class A>
 void forward_rows_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y, A* buf,
                     int64_t n, int64_t r0, int64_t r1) {
-  if (use_direct(g, sizeof(A))) return direct_rows<T, A, T>(g, x, wpk, bias, y, n * g.oh + r0, n * g.oh + r1);
+  if (use_direct(g, sizeof(A)))
+    return direct_rows<T, A, T>(g, x, wpk, bias, y, n * g.oh + r0, n * g.oh + r1, buf);
   const FwdPlan pl = fwd_plan(g, sizeof(A), false);
   PackedRows held;
   for (int64_t oh0 = r0; oh0 < r1; oh0 += pl.rt)

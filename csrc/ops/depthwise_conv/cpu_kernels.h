@@ -71,6 +71,14 @@ inline bool use_direct(const Geom& g, int64_t acc_bytes) {
   return g.kh * g.kw <= kDirectMaxTaps && g.c % (32 / acc_bytes) == 0;
 }
 
+// k x 1 kernels on the direct path (stride 1 and dilation 1 down the column) run a
+// register window down each output column (cpu_kernels.cpp, column_rows), in bands of
+// kColumnBand output rows whose input column is first copied into the per-thread buffer.
+constexpr int64_t kColumnBand = 28;
+inline bool use_column_window(const Geom& g, int64_t acc_bytes) {
+  return use_direct(g, acc_bytes) && g.kw == 1 && g.kh > 1 && g.sh == 1 && g.dh == 1;
+}
+
 // Two regimes. When a tile of input rows holding *all* channels fits the budget (small
 // kernels: few rows), an item packs every channel block of its tile at once, reading
 // the NHWC rows front to back; each channel block then runs from its own packed tile.
@@ -118,6 +126,8 @@ inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes, bool balance = true) {
   p.ntiles = (g.oh + rt - 1) / rt;
   p.block_elems = tile_rows_in(g, rt) * packed_width(g) * p.cb;
   p.buf_elems = p.gb * p.block_elems;
+  if (use_column_window(g, acc_bytes))  // a band's column window, in the storage type
+    p.buf_elems = std::max(p.buf_elems, (kColumnBand + g.kh - 1) * g.c);
   return p;
 }
 
