@@ -1,9 +1,11 @@
-"""The eager fast path (ops/_bridge.py: call_op / eager_direct_ok).
+"""The eager fast paths (ops/_bridge.py: call_op / eager_kind).
 
-In eager inference a fastvis op calls its implementation directly instead of going
-through its torch.library custom op (the dispatch costs ~60-100 us a call). These tests
-check that it steps aside whenever the dispatcher has work to do: autograd, torch.compile,
-fake tensors, dispatch and function modes, the profiler."""
+In eager mode a fastvis op skips its torch.library custom op (the dispatch costs ~60-100
+us a call): in inference it calls its implementation directly, in training an
+autograd.Function made of the op's own implementation, setup_context and backward. These
+tests check that both give the op's results and step aside whenever the dispatcher has
+work to do: torch.compile, fake tensors, dispatch and function modes, the profiler,
+tracing, tensor-list ops."""
 from __future__ import annotations
 
 import importlib
@@ -61,18 +63,71 @@ def test_no_grad_inference_skips_the_dispatcher(monkeypatch):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_autograd_goes_through_the_op(monkeypatch):
+def test_autograd_uses_the_eager_function(monkeypatch):
+    """Grad mode on, inputs requiring grad: the op's eager autograd.Function runs the same
+    implementation, and its backward calls the backward op's implementation directly."""
     mod = importlib.import_module("fastvis.ops.depthwise_conv")
     calls = _count_impl_calls(monkeypatch, mod._dwconv_fwd)
+    bwd_calls = _count_impl_calls(monkeypatch, mod._dwconv_bwd)
     x, w, b = _inputs(requires_grad=True)
     y = fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
-    assert calls == [] and y.grad_fn is not None
-    y.sum().backward()
-    assert x.grad is not None and w.grad is not None and b.grad is not None
-    # Grad mode off: nothing to record, so the fast path is fine even with such inputs.
+    assert calls == [1] and type(y.grad_fn).__name__ == "Eager_fastvis_depthwise_conv2dBackward"
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), gy)
+    assert bwd_calls == [1]
+    # The same through the dispatcher (a dispatch mode forces it) and against PyTorch.
+    with _Recorder() as rec:
+        y2 = fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
+        want = torch.autograd.grad(y2, (x, w, b), gy)
+    assert calls == [1] and any("fastvis.depthwise_conv2d" in o for o in rec.ops)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=0, atol=0)
+    ref = torch.autograd.grad(F.conv2d(x, w, b, padding=1, groups=16), (x, w, b), gy)
+    for g_, r_ in zip(got, ref):
+        torch.testing.assert_close(g_, r_, rtol=1e-4, atol=1e-4)
+    # Only x requires grad: the Function's needs_input_grad leaves the weight gradient out.
+    w.requires_grad_(False), b.requires_grad_(False)
+    (gx,) = torch.autograd.grad(fastvis.ops.depthwise_conv2d(x, w, b, padding=1), (x,), gy)
+    torch.testing.assert_close(gx, got[0], rtol=0, atol=0)
+
+
+def test_eager_function_is_once_differentiable():
+    x, w, b = _inputs(requires_grad=True)
+    y = fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
+    (gx,) = torch.autograd.grad(y.square().sum(), (x,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|marked with @once_differentiable"):
+        gx.sum().backward()
+
+
+def test_saved_tensor_hooks_see_the_eager_function():
+    """Activation-memory accounting (fastvis bench) hooks save_for_backward: the eager
+    Function saves through autograd like the op does."""
+    x, w, b = _inputs(requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fastvis.ops.depthwise_conv2d(x, w, b, padding=1).sum().backward()
+    assert any(t.shape == x.shape for t in saved)
+
+
+def test_tensor_list_ops_keep_the_dispatcher_in_training(monkeypatch):
+    """A Function sees no tensor inside a list argument: ops taking Tensor[] (the dilated
+    re-param op) have no eager Function and dispatch when autograd records."""
+    mod = importlib.import_module("fastvis.ops.dilated_reparam")
+    assert not hasattr(mod._train_fwd, "fastvis_function")
+    assert hasattr(importlib.import_module("fastvis.ops.convnext_block")._cb_fwd, "fastvis_function")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_tracing_goes_through_the_op():
+    x, w, b = _inputs()
+    f = lambda x: fastvis.ops.depthwise_conv2d(x, w, b, padding=1)  # noqa: E731
     with torch.no_grad():
-        fastvis.ops.depthwise_conv2d(x, w, b, padding=1)
-    assert calls == [1]
+        traced = torch.jit.trace(f, (x,), check_trace=False)
+    assert "fastvis::depthwise_conv2d" in str(traced.graph)
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x2), f(x2))
 
 
 def test_dispatch_mode_sees_the_op_under_no_grad():
@@ -135,6 +190,8 @@ def test_subclass_inputs_are_not_unwrapped():
     with torch.no_grad():
         assert _bridge.eager_direct_ok(x.requires_grad_(), w)
     assert not _bridge.eager_direct_ok(x, w)  # grad mode on and x requires grad
+    assert _bridge.eager_kind(x, w) == _bridge._AUTOGRAD
+    assert _bridge.eager_kind(x.as_subclass(Sub), w) == _bridge._DISPATCH
 
 
 def test_module_parameters_take_the_fast_path(monkeypatch):
@@ -153,8 +210,8 @@ def test_module_parameters_take_the_fast_path(monkeypatch):
             ref = blk(x)
     assert calls == [1]
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    y = blk(x)  # grad mode on, parameters requiring grad: through the op (autograd)
-    assert calls == [1] and y.grad_fn is not None
+    y = blk(x)  # grad mode on, parameters requiring grad: the op's eager autograd Function
+    assert calls == [1, 1] and type(y.grad_fn).__name__.startswith("Eager_fastvis_convnext_block")
 
 
 @pytest.mark.parametrize("op", ["convnext_block", "layer_norm", "grn", "inception", "metanext",

@@ -102,11 +102,12 @@ def autocast_cast(dtype, tensors):
 def _dispatch_intercepted() -> bool:
     """True when something may intercept a dispatcher call: a torch dispatch or function
     mode (FakeTensorMode, make_fx's proxy mode, FlopCounterMode, ...), a functorch
-    transform (vmap, grad), or the autograd profiler recording op events. Unknown (a
-    torch without these internal queries): assume intercepted."""
+    transform (vmap, grad), the autograd profiler recording op events, or the TorchScript
+    tracer. Unknown (a torch without these internal queries): assume intercepted."""
     try:
         return bool(torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-                    or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled())
+                    or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled()
+                    or torch._C._get_tracing_state() is not None)
     except AttributeError:  # pragma: no cover - depends on the torch release
         return True
 
@@ -115,33 +116,80 @@ def _dispatch_intercepted() -> bool:
 # a module's own parameters are what most op calls pass.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
+# What call_op may do instead of dispatching (eager_kind).
+_DISPATCH, _DIRECT, _AUTOGRAD = 0, 1, 2
 
-def eager_direct_ok(*tensors) -> bool:
-    """True when calling an op's Python implementation directly is indistinguishable from
-    calling its torch.library custom op: eager mode, plain torch.Tensors (no subclass:
-    FakeTensor, DTensor, ...; nn.Parameter counts as plain), no autograd graph to record (grad mode off or no input
-    requiring grad) and nothing intercepting dispatch. The custom-op dispatch itself costs
-    ~60-100 us a call on these machines, as much as a small kernel; inference skips it.
-    Anything else (training, torch.compile, tracing, modes) goes through the op."""
+
+def eager_kind(*tensors) -> int:
+    """How call_op may run an op on these tensors. _DISPATCH: through its torch.library
+    custom op (torch.compile, tracing, a tensor subclass such as FakeTensor or DTensor, a
+    dispatch or function mode, the profiler). Otherwise eager mode on plain tensors
+    (nn.Parameter counts as plain): _DIRECT when there is no autograd graph to record
+    (grad mode off or no input requiring grad), _AUTOGRAD when there is."""
     if torch.compiler.is_compiling():
-        return False
+        return _DISPATCH
     grad = torch.is_grad_enabled()
+    needs_grad = False
     for t in tensors:
         if t is None:
             continue
-        if type(t) not in _PLAIN or (grad and t.requires_grad):
-            return False
-    return not _dispatch_intercepted()
+        if type(t) not in _PLAIN:
+            return _DISPATCH
+        needs_grad = needs_grad or (grad and t.requires_grad)
+    if _dispatch_intercepted():
+        return _DISPATCH
+    return _AUTOGRAD if needs_grad else _DIRECT
+
+
+def eager_direct_ok(*tensors) -> bool:
+    """True when calling an op's Python implementation directly is indistinguishable from
+    calling its torch.library custom op: eager mode, plain tensors, no autograd graph to
+    record and nothing intercepting dispatch (see eager_kind). The custom-op dispatch
+    itself costs ~60-100 us a call on these machines, as much as a small kernel."""
+    return eager_kind(*tensors) == _DIRECT
 
 
 def forward_op(name: str):
     """Decorator: fn as the torch.library custom op `name` (no mutated arguments), with fn
-    kept as ``op.fastvis_impl`` for :func:`call_op`."""
+    kept as ``op.fastvis_impl`` for :func:`call_op`. Used for the backward ops too."""
     def wrap(fn):
         op = torch.library.custom_op(name, mutates_args=())(fn)
         op.fastvis_impl = fn
         return op
     return wrap
+
+
+def _has_tensor_lists(op) -> bool:
+    """True when op takes Tensor[] (or Tensor?[]) arguments, or when that cannot be told."""
+    try:
+        from torch._library.utils import is_tensorlist_like_type
+        return any(is_tensorlist_like_type(a.type) for a in op._opoverload._schema.arguments)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the torch release
+        return True
+
+
+def register_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd(backward, setup_context=setup_context)``, and the same pair as
+    a plain ``torch.autograd.Function`` (``op.fastvis_function``) for call_op's eager
+    training path. That Function is what torch.library builds under the dispatcher, minus
+    the dispatch: its forward runs the op's implementation then setup_context, its
+    backward is `backward` (once differentiable, like the op: the backward ops register no
+    autograd of their own, so a second derivative raises an error either way). Ops with
+    tensor-list arguments get no such Function and keep the dispatcher in training."""
+    op.register_autograd(backward, setup_context=setup_context)
+    if _has_tensor_lists(op):  # a Function sees no tensor inside a list: such ops dispatch
+        return
+
+    def forward(ctx, *args):
+        out = op.fastvis_impl(*args)  # looked up per call, so a test's spy sees it
+        setup_context(ctx, args, out)
+        return out
+
+    name = f"Eager_{getattr(op, '_namespace', 'fastvis')}_{op._name}"
+    op.fastvis_function = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(torch.autograd.function.once_differentiable(backward)),
+    })
 
 
 def _tensors(args):
@@ -153,11 +201,18 @@ def _tensors(args):
 
 
 def call_op(op, *args):
-    """op(*args), or its implementation directly when :func:`eager_direct_ok` says the
-    dispatcher has nothing to do (same code, same result, ~60-100 us less per call)."""
+    """op(*args) through the dispatcher, or the same without it (~60-100 us less per call
+    in inference, ~0.2 ms per forward and backward in training) when :func:`eager_kind`
+    says the dispatcher has nothing else to do: the implementation directly, or, when
+    autograd must record the call, the op's eager autograd Function (register_autograd)."""
     impl = getattr(op, "fastvis_impl", None)  # None: op was wrapped (e.g. a test's spy)
-    if impl is not None and eager_direct_ok(*_tensors(args)):
-        return impl(*args)
+    if impl is not None:
+        kind = eager_kind(*_tensors(args))
+        if kind == _DIRECT:
+            return impl(*args)
+        fn = getattr(op, "fastvis_function", None)
+        if kind == _AUTOGRAD and fn is not None:
+            return fn.apply(*args)
     return op(*args)
 
 

@@ -22,7 +22,7 @@ from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_eps, check_param_tensors
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, scratch, stream_of
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch, stream_of
 
 _GELU = ("none", "tanh")
 
@@ -134,7 +134,7 @@ def _(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_w
     return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("fastvis::convnext_block_backward", mutates_args=())
+@forward_op("fastvis::convnext_block_backward")
 def _cb_bwd(
     grad_y: torch.Tensor, x: torch.Tensor, dw_weight: torch.Tensor,
     dw_bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
@@ -197,7 +197,7 @@ def _backward(ctx, grad_y):
         for i, pos in enumerate(_DIFF_POS[1:])]
     if not any(needs):
         return (None,) * 16
-    outs = _cb_bwd(grad_y, x, *params[:9], drop_scale, *params[9:], ctx.eps, ctx.tanh_gelu,
+    outs = call_op(_cb_bwd, grad_y, x, *params[:9], drop_scale, *params[9:], ctx.eps, ctx.tanh_gelu,
                    ctx.grn_eps, needs)
     grads = [o if need else None for o, need in zip(outs, needs)]
     if grads[0] is not None and not x.is_contiguous(memory_format=torch.channels_last):
@@ -208,7 +208,7 @@ def _backward(ctx, grad_y):
     return tuple(res)
 
 
-_cb_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_cb_fwd, _backward, _setup_context)
 
 
 def _core_serves(x: torch.Tensor) -> bool:

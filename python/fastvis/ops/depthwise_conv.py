@@ -16,7 +16,7 @@ from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
 from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, dl, empty_like_layout,
-                      forward_op, like_layout, scratch, scratch_bytes, stream_of)
+                      forward_op, register_autograd, like_layout, scratch, scratch_bytes, stream_of)
 
 IntOrPair = Union[int, Sequence[int]]
 Padding = Union[int, str, Sequence[int]]
@@ -123,7 +123,7 @@ def _(x, weight, bias, stride, padding, dilation):
     return empty_like_layout(_out_shape(x, weight, stride, padding, dilation), x)
 
 
-@torch.library.custom_op("fastvis::depthwise_conv2d_backward", mutates_args=())
+@forward_op("fastvis::depthwise_conv2d_backward")
 def _dwconv_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -177,11 +177,11 @@ def _backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
     stride, padding, dilation = ctx.conv_args
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    gx, gw, gb = _dwconv_bwd(grad_y, x, weight, stride, padding, dilation, need_x, need_w, need_b)
+    gx, gw, gb = call_op(_dwconv_bwd, grad_y, x, weight, stride, padding, dilation, need_x, need_w, need_b)
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None, None)
 
 
-_dwconv_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_dwconv_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------- public API

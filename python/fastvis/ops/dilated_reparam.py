@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, empty_like_layout, is_channels_last, like_layout, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, register_autograd, empty_like_layout, is_channels_last, like_layout, scratch
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 from .depthwise_conv import depthwise_conv2d
 
@@ -77,7 +77,7 @@ def _(x, weights, dilations, bn_weights, bn_biases, eps):
     return (empty_like_layout(x.shape, x), x.new_empty((nb, c), dtype=sd), x.new_empty((nb, c), dtype=sd))
 
 
-@torch.library.custom_op("fastvis::dilated_reparam_train_backward", mutates_args=())
+@forward_op("fastvis::dilated_reparam_train_backward")
 def _train_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -152,7 +152,7 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
     nb = ctx.nb
     weights, bn_weights, bn_biases = rest[:nb], rest[nb:2 * nb], rest[2 * nb:]
     need_x, need_w, need_bn = ctx.needs
-    gx, gws, ggs, gbs = _train_bwd(grad_y, x, weights, ctx.dilations, bn_weights, bn_biases, mean, var,
+    gx, gws, ggs, gbs = call_op(_train_bwd, grad_y, x, weights, ctx.dilations, bn_weights, bn_biases, mean, var,
                                    ctx.eps, need_x, need_w, need_bn)
     # List inputs take a list of gradients (None entries where not needed).
     return (
@@ -165,7 +165,7 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
     )
 
 
-_train_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_train_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------- merge (eval mode)

@@ -24,7 +24,7 @@ import torch
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, empty_like_layout, like_layout, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, register_autograd, empty_like_layout, like_layout, scratch
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 
 
@@ -59,7 +59,7 @@ def _(x, weight, bias, eps):
     return empty_like_layout(x.shape, x), _empty_norm(x)
 
 
-@torch.library.custom_op("fastvis::global_response_norm_backward", mutates_args=())
+@forward_op("fastvis::global_response_norm_backward")
 def _grn_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -107,11 +107,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_norm):
     x, weight, norm = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = _grn_bwd(grad_y, x, weight, norm, ctx.eps, need_x, need_w, need_b)
+    gx, gw, gb = call_op(_grn_bwd, grad_y, x, weight, norm, ctx.eps, need_x, need_w, need_b)
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None)
 
 
-_grn_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_grn_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------- public API

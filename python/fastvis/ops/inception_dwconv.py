@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
-from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, empty_like_layout, like_layout,
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, register_autograd, empty_like_layout, like_layout,
                       scratch, stream_of)
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -63,7 +63,7 @@ def _(x, hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, dilation):
     return empty_like_layout(x.shape, x)
 
 
-@torch.library.custom_op("fastvis::inception_depthwise_conv2d_backward", mutates_args=())
+@forward_op("fastvis::inception_depthwise_conv2d_backward")
 def _inc_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -123,11 +123,11 @@ def _backward(ctx, grad_y):
             bool(ng[5]), bool(hb[2] and ng[6])]
     if not any(need):
         return (None,) * 8
-    grads = _inc_bwd(grad_y, x, hw_weight, w_weight, h_weight, ctx.dilation, need)
+    grads = call_op(_inc_bwd, grad_y, x, hw_weight, w_weight, h_weight, ctx.dilation, need)
     return tuple(gr if n else None for gr, n in zip(grads, need)) + (None,)
 
 
-_inc_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_inc_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------- public API

@@ -21,7 +21,7 @@ from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
-from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, dl, empty_like_layout,
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, register_autograd, dl, empty_like_layout,
                       like_layout, scratch)
 
 
@@ -59,7 +59,7 @@ def _(x, weight, bias, eps):
     return empty_like_layout(x.shape, x), _empty_stats(x), _empty_stats(x)
 
 
-@torch.library.custom_op("fastvis::layer_norm_channels_backward", mutates_args=())
+@forward_op("fastvis::layer_norm_channels_backward")
 def _ln_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -111,11 +111,11 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     need_x = ctx.needs_input_grad[0]
     need_w = ctx.has_weight and ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    gx, gw, gb = _ln_bwd(grad_y, x, weight, mean, rstd, need_x, need_w, need_b)
+    gx, gw, gb = call_op(_ln_bwd, grad_y, x, weight, mean, rstd, need_x, need_w, need_b)
     return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None)
 
 
-_ln_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_ln_fwd, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------- public API
