@@ -202,7 +202,7 @@ def _tensors(args):
 
 def call_op(op, *args):
     """op(*args) through the dispatcher, or the same without it (~60-100 us less per call
-    in inference, ~0.2 ms per forward and backward in training) when :func:`eager_kind`
+    in inference, ~0.1 ms per forward and backward in training) when :func:`eager_kind`
     says the dispatcher has nothing else to do: the implementation directly, or, when
     autograd must record the call, the op's eager autograd Function (register_autograd)."""
     impl = getattr(op, "fastvis_impl", None)  # None: op was wrapped (e.g. a test's spy)
