@@ -406,9 +406,10 @@ def test_forward_packed_row_reuse(threads, kh, kw, stride, dilation):
 
 # k x 1 bands on the direct path (stride 1 and dilation 1 down the column): a register
 # window down each output column, in bands of 28 output rows copied column by column into
-# the thread's buffer. Heights around and past one band (1, 5, 29, 61), top / bottom
-# padding apart (those rows keep the per-row path), horizontal stride 2 and dilation, and
-# 1-3 threads (a thread's rows starting inside a band or an image).
+# the thread's buffer. Heights kh, kh + 5, 29 and 61 (no interior row or a few, one band
+# and a bit, two bands and more), top / bottom padding apart (those rows keep the per-row
+# path), horizontal stride 2 and dilation, and 1-3 threads (a thread's rows starting
+# inside a band or an image).
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("kh,pads,sw,dtype", [
     (11, (5, 5, 0, 0), 1, torch.float32), (2, (0, 1, 0, 0), 1, torch.float32),
