@@ -24,7 +24,6 @@
 #include <cblas.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
@@ -32,16 +31,12 @@
 
 #include "fastvis/convnext_block.h"
 #include "fastvis/threading.h"
+#include "harness_util.h"
 
 using namespace fastvis;
 
-static double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-static double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using fastvis_bench::median;
+using fastvis_bench::now;
 
 int main(int argc, char** argv) {
   if (argc != 5) {
