@@ -515,14 +515,14 @@ def test_fake_kernel_matches_real(layout, dtype):
     cfg = GrnCfg(n=2, c=6, h=5, w=7, layout=layout, dtype=dtype)
     x, w, b = make_inputs(cfg)
     gy = make_grad_output(cfg)
-    real = torch.ops.fastvis.global_response_norm(x, w, b, 1e-6)
+    real = torch.ops.fastvis.global_response_norm(x, w, b, 1e-6, 0)
     real_b = torch.ops.fastvis.global_response_norm_backward(gy, x, w, real[1], 1e-6,
-                                                             True, True, False)
+                                                             True, True, False, 0)
     with FakeTensorMode() as mode:
         fx, fw, fb, fgy = (mode.from_tensor(t) for t in (x, w, b, gy))
-        fake = torch.ops.fastvis.global_response_norm(fx, fw, fb, 1e-6)
+        fake = torch.ops.fastvis.global_response_norm(fx, fw, fb, 1e-6, 0)
         fake_b = torch.ops.fastvis.global_response_norm_backward(
-            fgy, fx, fw, mode.from_tensor(real[1]), 1e-6, True, True, False)
+            fgy, fx, fw, mode.from_tensor(real[1]), 1e-6, True, True, False, 0)
     for r, f in zip(real + real_b, fake + fake_b):
         assert tuple(f.shape) == tuple(r.shape) and f.dtype == r.dtype
         assert f.stride() == r.stride(), f"fake strides {f.stride()} != real {r.stride()}"

@@ -614,7 +614,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("weights"), py::arg("dilation"), py::arg("tanh_gelu"), py::arg("y"),
       py::arg("scratch") = py::none());
   // ------------------------------------------------------------ global_response_norm
-  // weight and bias are required; norm is (N, C) in the statistics dtype.
+  // weight and bias are required; norm is (N, C) in the statistics dtype; activation is
+  // GrnActivation's value (0 none, 1 exact GELU, 2 tanh GELU) applied to x first.
+  auto grn_activation = [](int a) {
+    if (a < 0 || a > 2)
+      throw py::value_error("activation: expected 0 (none), 1 (gelu) or 2 (gelu tanh), got " +
+                            std::to_string(a));
+    return static_cast<GrnActivation>(a);
+  };
   m.def("global_response_norm_forward_scratch_bytes",
         [](py::object x) {
           Borrowed b;
@@ -624,20 +631,39 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "global_response_norm_forward",
-      [opt_view](py::object x, py::object w, py::object bias, double eps, py::object y,
-                 py::object norm, py::object scratch) {
+      [opt_view, grn_activation](py::object x, py::object w, py::object bias, double eps,
+                                 py::object y, py::object norm, py::object scratch,
+                                 int activation) {
         Borrowed b;
         TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), bv = b.view(bias, "bias"),
                    yv = b.view(y, "y"), nv;
         const TensorView* np = opt_view(b, norm, nv, "norm");
+        const GrnActivation act = grn_activation(activation);
         global_response_norm_shape(xv, wv, &bv, eps);
         const size_t need = global_response_norm_forward_scratch_bytes(xv);
         Scratch sc(b, scratch, need, xv);
         py::gil_scoped_release nogil;
-        global_response_norm_forward(xv, wv, bv, eps, yv, np, sc.ptr, sc.bytes);
+        global_response_norm_forward(xv, wv, bv, eps, yv, np, sc.ptr, sc.bytes, act);
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("y"),
-      py::arg("norm") = py::none(), py::arg("scratch") = py::none());
+      py::arg("norm") = py::none(), py::arg("scratch") = py::none(), py::arg("activation") = 0);
+
+  m.def(
+      "global_response_norm_apply",
+      [grn_activation](py::object x, py::object w, py::object bias, double eps, py::object norm,
+                       py::object y, py::object scratch, int activation) {
+        Borrowed b;
+        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), bv = b.view(bias, "bias"),
+                   nv = b.view(norm, "norm"), yv = b.view(y, "y");
+        const GrnActivation act = grn_activation(activation);
+        global_response_norm_shape(xv, wv, &bv, eps);
+        const size_t need = global_response_norm_forward_scratch_bytes(xv);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        global_response_norm_apply(xv, wv, bv, eps, nv, yv, sc.ptr, sc.bytes, act);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("norm"),
+      py::arg("y"), py::arg("scratch") = py::none(), py::arg("activation") = 0);
 
   m.def("global_response_norm_backward_scratch_bytes",
         [](py::object x) {
@@ -648,11 +674,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "global_response_norm_backward",
-      [opt_view](py::object gy, py::object x, py::object w, py::object norm, double eps,
-                 py::object gx, py::object gw, py::object gb, py::object scratch) {
+      [opt_view, grn_activation](py::object gy, py::object x, py::object w, py::object norm,
+                                 double eps, py::object gx, py::object gw, py::object gb,
+                                 py::object scratch, int activation) {
         Borrowed b;
         TensorView gyv = b.view(gy, "grad_y"), xv = b.view(x, "x"), wv = b.view(w, "weight"),
                    nv = b.view(norm, "norm"), gxv, gwv, gbv;
+        const GrnActivation act = grn_activation(activation);
         const TensorView* gxp = opt_view(b, gx, gxv, "grad_x");
         const TensorView* gwp = opt_view(b, gw, gwv, "grad_weight");
         const TensorView* gbp = opt_view(b, gb, gbv, "grad_bias");
@@ -660,11 +688,11 @@ PYBIND11_MODULE(_C, m) {
         const size_t need = global_response_norm_backward_scratch_bytes(xv);
         Scratch sc(b, scratch, need, xv);
         py::gil_scoped_release nogil;
-        global_response_norm_backward(gyv, xv, wv, nv, eps, gxp, gwp, gbp, sc.ptr, sc.bytes);
+        global_response_norm_backward(gyv, xv, wv, nv, eps, gxp, gwp, gbp, sc.ptr, sc.bytes, act);
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("norm"), py::arg("eps"),
       py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
-      py::arg("scratch") = py::none());
+      py::arg("scratch") = py::none(), py::arg("activation") = 0);
 
   m.def(
       "global_response_norm_forward_reference",

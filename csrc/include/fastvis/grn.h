@@ -31,6 +31,14 @@
 
 namespace fastvis {
 
+// An activation applied to x before the normalization (a fused prologue): the layer then
+// computes y = grn(act(x)), the norms are those of act(x), and the backward pass returns
+// the gradient with respect to x (the pre-activation). act(x) is never stored: each pass
+// recomputes it from x. Gelu is the exact (erf) GELU, GeluTanh the tanh approximation;
+// float32/bfloat16 evaluate them with the SIMD forms of the fused blocks (absolute error
+// of Phi below 1.5e-7), float64 with the C library's erfc / tanh.
+enum class GrnActivation : int { None = 0, Gelu = 1, GeluTanh = 2 };
+
 struct GrnShape {
   int64_t n = 0, c = 0, h = 0, w = 0;
   Layout layout = Layout::NHWC;  // layout of x (NCHW also when x is dense in neither:
@@ -46,20 +54,31 @@ GrnShape global_response_norm_shape(const TensorView& x, const TensorView& weigh
 DType global_response_norm_stats_dtype(DType dt);
 
 size_t global_response_norm_forward_scratch_bytes(const TensorView& x);
-// y = grn(x); norm ((N, C), stats dtype) receives G when not null.
+// y = grn(act(x)); norm ((N, C), stats dtype) receives G when not null.
 void global_response_norm_forward(const TensorView& x, const TensorView& weight,
                                   const TensorView& bias, double eps, const TensorView& y,
-                                  const TensorView* norm, void* scratch, size_t scratch_bytes);
+                                  const TensorView* norm, void* scratch, size_t scratch_bytes,
+                                  GrnActivation act = GrnActivation::None);
+
+// The forward's second pass alone: y = grn(act(x)) from the norms G an earlier forward
+// call stored for the same x (one pass over x instead of two; recomputation in a
+// backward pass). Scratch: global_response_norm_forward_scratch_bytes.
+void global_response_norm_apply(const TensorView& x, const TensorView& weight,
+                                const TensorView& bias, double eps, const TensorView& norm,
+                                const TensorView& y, void* scratch, size_t scratch_bytes,
+                                GrnActivation act = GrnActivation::None);
 
 size_t global_response_norm_backward_scratch_bytes(const TensorView& x);
-// Gradients from grad_y, x and the forward's norms (with the forward's eps). Each of
+// Gradients from grad_y, x and the forward's norms (with the forward's eps and act;
+// grad_x is the gradient with respect to x, through the activation). Each of
 // grad_x (shape and layout of x), grad_weight and grad_bias (C) may be null (not
 // computed).
 void global_response_norm_backward(const TensorView& grad_y, const TensorView& x,
                                    const TensorView& weight, const TensorView& norm, double eps,
                                    const TensorView* grad_x, const TensorView* grad_weight,
                                    const TensorView* grad_bias, void* scratch,
-                                   size_t scratch_bytes);
+                                   size_t scratch_bytes,
+                                   GrnActivation act = GrnActivation::None);
 
 // Scalar references (CPU, any supported dtype and strides, double accumulation). The
 // backward reference computes its own norms from x. No scratch.

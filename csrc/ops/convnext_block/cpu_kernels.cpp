@@ -12,6 +12,7 @@
 
 #include "core/blas.h"
 #include "core/profile.h"
+#include "core/gelu.h"
 #include "core/simd.h"
 #include "fastvis/threading.h"
 #include "ops/convnext_block/cpu_kernels.h"
@@ -41,107 +42,7 @@ inline void mm(const Plan& pl, Op ta, Op tb, int64_t m, int64_t n, int64_t k, A 
 
 // ------------------------------------------------------------------ GELU
 //
-// Exact GELU: gelu(x) = x * Phi(x), Phi the standard normal CDF, gelu'(x) = Phi(x) +
-// x * phi(x). Phi(x) = erfc(-x / sqrt 2) / 2, and erfc(z) for z >= 0 comes from the
-// Abramowitz-Stegun 7.1.26 rational form erfc(z) ~ t (a1 + t (a2 + ... + t a5)) exp(-z^2),
-// t = 1 / (1 + p z), |error| < 1.5e-7, which is float's resolution of Phi. For z < 0,
-// erfc(z) = 2 - erfc(-z). exp(-z^2) = exp(-x^2 / 2) is also phi's exponential.
-// tanh GELU: gelu(x) = x * s, s = 1 / (1 + exp(-2u)) = (1 + tanh u) / 2,
-// u = sqrt(2/pi) (x + 0.044715 x^3); gelu'(x) = s + x * 2 s (1 - s) u'(x).
-// float runs vectorised (an own exp: range reduction by ln 2, degree-7 Taylor
-// polynomial, exponent bits), double runs the C library scalar functions.
-
-using VF = VT<float>::V;
-typedef int32_t I32x8 __attribute__((vector_size(32)));
-
-inline VF splatf(float a) { return VF{} + a; }
-inline VF vsel(I32x8 m, VF a, VF b) {  // m ? a : b, lane by lane (m is 0 or -1)
-  I32x8 ia, ib;
-  std::memcpy(&ia, &a, sizeof ia);
-  std::memcpy(&ib, &b, sizeof ib);
-  const I32x8 r = (m & ia) | (~m & ib);
-  VF out;
-  std::memcpy(&out, &r, sizeof out);
-  return out;
-}
-
-inline VF vexp(VF x) {
-  x = vsel((I32x8)(x < -87.0f), splatf(-87.0f), x);
-  x = vsel((I32x8)(x > 88.0f), splatf(88.0f), x);
-  const VF t = x * 1.44269504088896341f;
-  const VF half = vsel((I32x8)(t < 0.0f), splatf(-0.5f), splatf(0.5f));
-  const I32x8 ni = __builtin_convertvector(t + half, I32x8);  // round half away from zero
-  const VF nf = __builtin_convertvector(ni, VF);
-  const VF r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-6f;  // |r| <= ln2/2
-  VF p = splatf(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const I32x8 bits = (ni + 127) << 23;
-  VF scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-constexpr float kA1 = 0.254829592f, kA2 = -0.284496736f, kA3 = 1.421413741f,
-                kA4 = -1.453152027f, kA5 = 1.061405429f, kP = 0.3275911f;
-constexpr double kSqrt2OverPi = 0.79788456080286535588, kCoef = 0.044715,
-                 kInvSqrt2Pi = 0.39894228040143267794, kInvSqrt2 = 0.70710678118654752440;
-
-// Phi(x) and phi(x) for exact GELU.
-inline void vphi(VF x, VF& cdf, VF& pdf) {
-  const VF e = vexp(x * x * -0.5f);
-  const I32x8 neg = (I32x8)(x < 0.0f);
-  const VF z = vsel(neg, -x, x) * static_cast<float>(kInvSqrt2);
-  const VF t = 1.0f / (1.0f + kP * z);
-  const VF q = t * (kA1 + t * (kA2 + t * (kA3 + t * (kA4 + t * kA5)))) * e;  // erfc(|x|/sqrt2)
-  cdf = vsel(neg, 0.5f * q, 1.0f - 0.5f * q);
-  pdf = e * static_cast<float>(kInvSqrt2Pi);
-}
-
-inline VF vgelu(VF x, bool tanh_form) {
-  if (tanh_form) {
-    const VF u = static_cast<float>(kSqrt2OverPi) * (x + static_cast<float>(kCoef) * x * x * x);
-    return x / (1.0f + vexp(-2.0f * u));
-  }
-  VF cdf, pdf;
-  vphi(x, cdf, pdf);
-  return x * cdf;
-}
-
-inline VF vgelu_grad(VF x, bool tanh_form) {
-  if (tanh_form) {
-    const VF u = static_cast<float>(kSqrt2OverPi) * (x + static_cast<float>(kCoef) * x * x * x);
-    const VF s = 1.0f / (1.0f + vexp(-2.0f * u));
-    const VF du = static_cast<float>(kSqrt2OverPi) * (1.0f + static_cast<float>(3 * kCoef) * x * x);
-    return s + x * 2.0f * s * (1.0f - s) * du;
-  }
-  VF cdf, pdf;
-  vphi(x, cdf, pdf);
-  return cdf + x * pdf;
-}
-
-inline double sgelu(double x, bool tanh_form) {
-  if (tanh_form) {
-    const double u = kSqrt2OverPi * (x + kCoef * x * x * x);
-    return 0.5 * x * (1.0 + std::tanh(u));
-  }
-  return 0.5 * x * std::erfc(-x * kInvSqrt2);
-}
-
-inline double sgelu_grad(double x, bool tanh_form) {
-  if (tanh_form) {
-    const double u = kSqrt2OverPi * (x + kCoef * x * x * x);
-    const double th = std::tanh(u);
-    const double du = kSqrt2OverPi * (1.0 + 3.0 * kCoef * x * x);
-    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du;
-  }
-  return 0.5 * std::erfc(-x * kInvSqrt2) + x * kInvSqrt2Pi * std::exp(-0.5 * x * x);
-}
+// The GELU math (vgelu, vgelu_grad, sgelu, sgelu_grad) is in core/gelu.h.
 
 // h[p][j] = gelu(h[p][j] + b[j]) over np rows of n; with `keep`, h keeps the biased
 // pre-activation and the GELU goes to g.

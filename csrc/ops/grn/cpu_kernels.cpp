@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "core/dtype_convert.h"
+#include "core/gelu.h"
 #include "core/simd.h"
 #include "fastvis/threading.h"
 #include "ops/grn/cpu_kernels.h"
@@ -37,13 +38,43 @@ template <class A> inline A hsum(typename VT<A>::V v) {
 
 template <class A> inline typename VT<A>::V splat(A a) { return typename VT<A>::V{} + a; }
 
+// The activation in front of the normalization (ACT: kActNone, kActGelu, kActGeluTanh of
+// cpu_kernels.h). act_v / act_s give act(x); act_both_* also act'(x). float vectors run
+// core/gelu.h's SIMD GELU, doubles the C library's erfc / tanh lane by lane.
+template <int ACT> inline VT<float>::V act_v(VT<float>::V x) {
+  if constexpr (ACT == kActNone) return x;
+  else return vgelu(x, ACT == kActGeluTanh);
+}
+template <int ACT> inline VT<double>::V act_v(VT<double>::V x) {
+  if constexpr (ACT != kActNone)
+    for (int i = 0; i < VT<double>::L; ++i) x[i] = sgelu(x[i], ACT == kActGeluTanh);
+  return x;
+}
+template <int ACT, class A> inline A act_s(A x) {
+  if constexpr (ACT == kActNone) return x;
+  else return static_cast<A>(sgelu(x, ACT == kActGeluTanh));
+}
+template <int ACT> inline void act_both_v(VT<float>::V x, VT<float>::V& g, VT<float>::V& d) {
+  vgelu_both(x, ACT == kActGeluTanh, g, d);
+}
+template <int ACT> inline void act_both_v(VT<double>::V x, VT<double>::V& g, VT<double>::V& d) {
+  for (int i = 0; i < VT<double>::L; ++i) {
+    g[i] = sgelu(x[i], ACT == kActGeluTanh);
+    d[i] = sgelu_grad(x[i], ACT == kActGeluTanh);
+  }
+}
+template <int ACT, class A> inline void act_both_s(A x, A& g, A& d) {
+  g = static_cast<A>(sgelu(x, ACT == kActGeluTanh));
+  d = static_cast<A>(sgelu_grad(x, ACT == kActGeluTanh));
+}
+
 // Pixels per pass-2 work item of an NCHW plane.
 constexpr int64_t kPlaneBlock = 4096;
 
 // ------------------------------------------------------------------ pass 1, NHWC
 
-// acc[c] = sum over the np pixels (stride C) of x[c]^2.
-template <class T, class A>
+// acc[c] = sum over the np pixels (stride C) of act(x[c])^2.
+template <class T, class A, int ACT>
 void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
@@ -54,8 +85,8 @@ void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
     const T *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;
     int64_t c = 0;
     for (; c + L <= C; c += L) {
-      const V v0 = vload<T, A>(x0 + c), v1 = vload<T, A>(x1 + c);
-      const V v2 = vload<T, A>(x2 + c), v3 = vload<T, A>(x3 + c);
+      const V v0 = act_v<ACT>(vload<T, A>(x0 + c)), v1 = act_v<ACT>(vload<T, A>(x1 + c));
+      const V v2 = act_v<ACT>(vload<T, A>(x2 + c)), v3 = act_v<ACT>(vload<T, A>(x3 + c));
       V a = vload<A, A>(acc + c);
       a += v0 * v0;
       a += v1 * v1;
@@ -64,8 +95,8 @@ void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
       vstore<A, A>(acc + c, a);
     }
     for (; c < C; ++c) {
-      const A v0 = sload<T, A>(x0 + c), v1 = sload<T, A>(x1 + c);
-      const A v2 = sload<T, A>(x2 + c), v3 = sload<T, A>(x3 + c);
+      const A v0 = act_s<ACT, A>(sload<T, A>(x0 + c)), v1 = act_s<ACT, A>(sload<T, A>(x1 + c));
+      const A v2 = act_s<ACT, A>(sload<T, A>(x2 + c)), v3 = act_s<ACT, A>(sload<T, A>(x3 + c));
       A a = acc[c];
       a += v0 * v0;
       a += v1 * v1;
@@ -78,18 +109,18 @@ void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
     const T* xp = x + p * C;
     int64_t c = 0;
     for (; c + L <= C; c += L) {
-      const V v = vload<T, A>(xp + c);
+      const V v = act_v<ACT>(vload<T, A>(xp + c));
       vstore<A, A>(acc + c, vload<A, A>(acc + c) + v * v);
     }
     for (; c < C; ++c) {
-      const A v = sload<T, A>(xp + c);
+      const A v = act_s<ACT, A>(sload<T, A>(xp + c));
       acc[c] += v * v;
     }
   }
 }
 
-// dot[c] = sum of gy[c] * x[c], sum[c] = sum of gy[c] over the np pixels (stride C).
-template <class T, class A>
+// dot[c] = sum of gy[c] * act(x[c]), sum[c] = sum of gy[c] over the np pixels (stride C).
+template <class T, class A, int ACT>
 void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
@@ -103,9 +134,9 @@ void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum
     for (; c + L <= C; c += L) {
       const V a0 = vload<T, A>(g0 + c), a1 = vload<T, A>(g1 + c);
       V d = vload<A, A>(dot + c), s = vload<A, A>(sum + c);
-      d += a0 * vload<T, A>(x0 + c);
+      d += a0 * act_v<ACT>(vload<T, A>(x0 + c));
       s += a0;
-      d += a1 * vload<T, A>(x1 + c);
+      d += a1 * act_v<ACT>(vload<T, A>(x1 + c));
       s += a1;
       vstore<A, A>(dot + c, d);
       vstore<A, A>(sum + c, s);
@@ -113,9 +144,9 @@ void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum
     for (; c < C; ++c) {
       const A a0 = sload<T, A>(g0 + c), a1 = sload<T, A>(g1 + c);
       A d = dot[c], s = sum[c];
-      d += a0 * sload<T, A>(x0 + c);
+      d += a0 * act_s<ACT, A>(sload<T, A>(x0 + c));
       s += a0;
-      d += a1 * sload<T, A>(x1 + c);
+      d += a1 * act_s<ACT, A>(sload<T, A>(x1 + c));
       s += a1;
       dot[c] = d;
       sum[c] = s;
@@ -126,12 +157,12 @@ void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum
     int64_t c = 0;
     for (; c + L <= C; c += L) {
       const V a = vload<T, A>(gp + c);
-      vstore<A, A>(dot + c, vload<A, A>(dot + c) + a * vload<T, A>(xp + c));
+      vstore<A, A>(dot + c, vload<A, A>(dot + c) + a * act_v<ACT>(vload<T, A>(xp + c)));
       vstore<A, A>(sum + c, vload<A, A>(sum + c) + a);
     }
     for (; c < C; ++c) {
       const A a = sload<T, A>(gp + c);
-      dot[c] += a * sload<T, A>(xp + c);
+      dot[c] += a * act_s<ACT, A>(sload<T, A>(xp + c));
       sum[c] += a;
     }
   }
@@ -139,35 +170,35 @@ void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum
 
 // ------------------------------------------------------------------ pass 1, NCHW
 
-// Sum of x[i]^2 over a contiguous run of len values.
-template <class T, class A>
+// Sum of act(x[i])^2 over a contiguous run of len values.
+template <class T, class A, int ACT>
 A sumsq_run(int64_t len, const T* x) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   V a0{}, a1{}, a2{}, a3{};
   int64_t i = 0;
   for (; i + 4 * L <= len; i += 4 * L) {
-    const V v0 = vload<T, A>(x + i), v1 = vload<T, A>(x + i + L);
-    const V v2 = vload<T, A>(x + i + 2 * L), v3 = vload<T, A>(x + i + 3 * L);
+    const V v0 = act_v<ACT>(vload<T, A>(x + i)), v1 = act_v<ACT>(vload<T, A>(x + i + L));
+    const V v2 = act_v<ACT>(vload<T, A>(x + i + 2 * L)), v3 = act_v<ACT>(vload<T, A>(x + i + 3 * L));
     a0 += v0 * v0;
     a1 += v1 * v1;
     a2 += v2 * v2;
     a3 += v3 * v3;
   }
   for (; i + L <= len; i += L) {
-    const V v = vload<T, A>(x + i);
+    const V v = act_v<ACT>(vload<T, A>(x + i));
     a0 += v * v;
   }
   A s = hsum<A>((a0 + a1) + (a2 + a3));
   for (; i < len; ++i) {
-    const A v = sload<T, A>(x + i);
+    const A v = act_s<ACT, A>(sload<T, A>(x + i));
     s += v * v;
   }
   return s;
 }
 
-// dot = sum of gy[i] * x[i], sum = sum of gy[i] over a contiguous run of len values.
-template <class T, class A>
+// dot = sum of gy[i] * act(x[i]), sum = sum of gy[i] over a contiguous run of len values.
+template <class T, class A, int ACT>
 void sumgrad_run(int64_t len, const T* gy, const T* x, A& dot, A& sum) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
@@ -175,20 +206,20 @@ void sumgrad_run(int64_t len, const T* gy, const T* x, A& dot, A& sum) {
   int64_t i = 0;
   for (; i + 2 * L <= len; i += 2 * L) {
     const V g0 = vload<T, A>(gy + i), g1 = vload<T, A>(gy + i + L);
-    d0 += g0 * vload<T, A>(x + i);
-    d1 += g1 * vload<T, A>(x + i + L);
+    d0 += g0 * act_v<ACT>(vload<T, A>(x + i));
+    d1 += g1 * act_v<ACT>(vload<T, A>(x + i + L));
     s0 += g0;
     s1 += g1;
   }
   for (; i + L <= len; i += L) {
     const V g0 = vload<T, A>(gy + i);
-    d0 += g0 * vload<T, A>(x + i);
+    d0 += g0 * act_v<ACT>(vload<T, A>(x + i));
     s0 += g0;
   }
   A d = hsum<A>(d0 + d1), s = hsum<A>(s0 + s1);
   for (; i < len; ++i) {
     const A g = sload<T, A>(gy + i);
-    d += g * sload<T, A>(x + i);
+    d += g * act_s<ACT, A>(sload<T, A>(x + i));
     s += g;
   }
   dot = d;
@@ -197,73 +228,100 @@ void sumgrad_run(int64_t len, const T* gy, const T* x, A& dot, A& sum) {
 
 // ------------------------------------------------------------------ pass 2
 
-// out[i] = a[i] * s + (b ? b[i] * t : t) over a contiguous run (NCHW plane block).
-template <class T, class A>
+// Pass 2, elementwise, with g = act(x) and g' = act'(x):
+//   forward  (b null): out = act(a) * s + t                     (a = x)
+//   backward (b = x):  out = (a * s + act(b) * t) * act'(b)     (a = grad_y)
+// Without an activation these are a * s + t and a * s + b * t.
+template <class A, int ACT, bool BWD> struct Affine {
+  using V = typename VT<A>::V;
+  static V v(V a, V b, V s, V t) {
+    if constexpr (!BWD) {
+      return act_v<ACT>(a) * s + t;
+    } else if constexpr (ACT == kActNone) {
+      return a * s + b * t;
+    } else {
+      V g, d;
+      act_both_v<ACT>(b, g, d);
+      return (a * s + g * t) * d;
+    }
+  }
+  static A sc(A a, A b, A s, A t) {
+    if constexpr (!BWD) {
+      return act_s<ACT, A>(a) * s + t;
+    } else if constexpr (ACT == kActNone) {
+      return a * s + b * t;
+    } else {
+      A g, d;
+      act_both_s<ACT, A>(b, g, d);
+      return (a * s + g * t) * d;
+    }
+  }
+};
+
+// Over a contiguous run (NCHW plane block) with one (s, t) pair.
+template <class T, class A, int ACT, bool BWD>
 void affine_run(int64_t len, const T* a, const T* b, A s, A t, T* out) {
   using V = typename VT<A>::V;
+  using F = Affine<A, ACT, BWD>;
   constexpr int L = VT<A>::L;
   const V sv = splat<A>(s), tv = splat<A>(t);
   int64_t i = 0;
-  if (b) {
-    for (; i + L <= len; i += L)
-      vstore<T, A>(out + i, vload<T, A>(a + i) * sv + vload<T, A>(b + i) * tv);
-    for (; i < len; ++i) sstore<T, A>(out + i, sload<T, A>(a + i) * s + sload<T, A>(b + i) * t);
-  } else {
-    for (; i + L <= len; i += L) vstore<T, A>(out + i, vload<T, A>(a + i) * sv + tv);
-    for (; i < len; ++i) sstore<T, A>(out + i, sload<T, A>(a + i) * s + t);
-  }
+  for (; i + L <= len; i += L)
+    vstore<T, A>(out + i, F::v(vload<T, A>(a + i), BWD ? vload<T, A>(b + i) : V{}, sv, tv));
+  for (; i < len; ++i)
+    sstore<T, A>(out + i, F::sc(sload<T, A>(a + i), BWD ? sload<T, A>(b + i) : A(0), s, t));
 }
 
-// out[c] = a[c] * s[c] + (b ? b[c] * t[c] : t[c]) over one NHWC pixel's C channels.
-template <class T, class A>
+// Over one NHWC pixel's C channels with per-channel s[c], t[c].
+template <class T, class A, int ACT, bool BWD>
 void affine_pixel(int64_t C, const T* a, const T* b, const A* s, const A* t, T* out) {
+  using V = typename VT<A>::V;
+  using F = Affine<A, ACT, BWD>;
   constexpr int L = VT<A>::L;
   int64_t c = 0;
-  if (b) {
-    for (; c + L <= C; c += L)
-      vstore<T, A>(out + c, vload<T, A>(a + c) * vload<A, A>(s + c) +
-                                vload<T, A>(b + c) * vload<A, A>(t + c));
-    for (; c < C; ++c)
-      sstore<T, A>(out + c, sload<T, A>(a + c) * s[c] + sload<T, A>(b + c) * t[c]);
-  } else {
-    for (; c + L <= C; c += L)
-      vstore<T, A>(out + c, vload<T, A>(a + c) * vload<A, A>(s + c) + vload<A, A>(t + c));
-    for (; c < C; ++c) sstore<T, A>(out + c, sload<T, A>(a + c) * s[c] + t[c]);
-  }
+  for (; c + L <= C; c += L)
+    vstore<T, A>(out + c, F::v(vload<T, A>(a + c), BWD ? vload<T, A>(b + c) : V{},
+                               vload<A, A>(s + c), vload<A, A>(t + c)));
+  for (; c < C; ++c)
+    sstore<T, A>(out + c, F::sc(sload<T, A>(a + c), BWD ? sload<T, A>(b + c) : A(0), s[c], t[c]));
 }
 
-// out = a * s1[n, c] + (b ? b * s2[n, c] : s2[c]) over the whole tensor; s2 is per
-// (n, c) when b is given (backward) and per channel otherwise (forward's bias).
-template <class T, class A>
+// Pass 2 over the whole tensor: s1 is per (n, c); s2 is per (n, c) in the backward pass
+// and per channel (the bias) in the forward pass.
+template <class T, class A, int ACT, bool BWD>
 void affine(const Geom& g, const T* a, const T* b, const A* s1, const A* s2, T* out) {
   const int64_t C = g.c, HW = g.hw;
+  // GELU costs ~20 flops a value: smaller work items still pay for their scheduling.
+  const int64_t work = ACT == kActNone ? 16384 : 4096;
   if (g.nhwc) {
-    const int64_t grain = std::max<int64_t>(16, 16384 / C);
+    const int64_t grain = std::max<int64_t>(16, work / C);
     parallel_for(g.n * HW, grain, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t n = q / HW;
-        const A* t = b ? s2 + n * C : s2;
-        affine_pixel<T, A>(C, a + q * C, b ? b + q * C : nullptr, s1 + n * C, t, out + q * C);
+        const A* t = BWD ? s2 + n * C : s2;
+        affine_pixel<T, A, ACT, BWD>(C, a + q * C, BWD ? b + q * C : nullptr, s1 + n * C, t,
+                                     out + q * C);
       }
     });
     return;
   }
   const int64_t nb = (HW + kPlaneBlock - 1) / kPlaneBlock;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::min(HW, kPlaneBlock));
+  const int64_t grain = std::max<int64_t>(1, work / std::min(HW, kPlaneBlock));
   parallel_for(g.n * C * nb, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t plane = it / nb, p0 = (it % nb) * kPlaneBlock;
       const int64_t len = std::min(kPlaneBlock, HW - p0);
       const int64_t off = plane * HW + p0;
-      const A t = b ? s2[plane] : s2[plane % C];
-      affine_run<T, A>(len, a + off, b ? b + off : nullptr, s1[plane], t, out + off);
+      const A t = BWD ? s2[plane] : s2[plane % C];
+      affine_run<T, A, ACT, BWD>(len, a + off, BWD ? b + off : nullptr, s1[plane], t,
+                                 out + off);
     }
   });
 }
 
 // ------------------------------------------------------------------ drivers
 
-template <class T, class A>
+template <class T, class A, int ACT>
 void sum_squares_t(const Geom& g, int64_t chunks, const T* x, A* partial) {
   const int64_t C = g.c, HW = g.hw;
   parallel_for(g.n * chunks, 1, [&](int64_t i0, int64_t i1) {
@@ -272,16 +330,16 @@ void sum_squares_t(const Geom& g, int64_t chunks, const T* x, A* partial) {
       const int64_t p0 = r * HW / chunks, p1 = (r + 1) * HW / chunks;
       A* acc = partial + it * C;
       if (g.nhwc) {
-        sumsq_nhwc<T, A>(p1 - p0, C, x + (n * HW + p0) * C, acc);
+        sumsq_nhwc<T, A, ACT>(p1 - p0, C, x + (n * HW + p0) * C, acc);
       } else {
         for (int64_t c = 0; c < C; ++c)
-          acc[c] = sumsq_run<T, A>(p1 - p0, x + (n * C + c) * HW + p0);
+          acc[c] = sumsq_run<T, A, ACT>(p1 - p0, x + (n * C + c) * HW + p0);
       }
     }
   });
 }
 
-template <class T, class A>
+template <class T, class A, int ACT>
 void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* partial) {
   const int64_t C = g.c, HW = g.hw;
   parallel_for(g.n * chunks, 1, [&](int64_t i0, int64_t i1) {
@@ -292,11 +350,11 @@ void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* part
       A* sum = dot + C;
       if (g.nhwc) {
         const int64_t off = (n * HW + p0) * C;
-        sumgrad_nhwc<T, A>(p1 - p0, C, gy + off, x + off, dot, sum);
+        sumgrad_nhwc<T, A, ACT>(p1 - p0, C, gy + off, x + off, dot, sum);
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t off = (n * C + c) * HW + p0;
-          sumgrad_run<T, A>(p1 - p0, gy + off, x + off, dot[c], sum[c]);
+          sumgrad_run<T, A, ACT>(p1 - p0, gy + off, x + off, dot[c], sum[c]);
         }
       }
     }
@@ -305,7 +363,7 @@ void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* part
 
 }  // namespace
 
-#define FV_GRN_DISPATCH(dt, CALL)                  \
+#define FV_GRN_DTYPE(dt, CALL)                     \
   switch (dt) {                                    \
     case DType::Float32: {                         \
       using T = float;                             \
@@ -328,31 +386,57 @@ void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* part
     default: break;                                \
   }
 
-void sum_squares(DType dt, const Geom& g, int64_t chunks, const void* x, void* partial) {
-  FV_GRN_DISPATCH(dt, (sum_squares_t<T, A>(g, chunks, static_cast<const T*>(x),
-                                           static_cast<A*>(partial))))
+// dtype x activation: T, A and ACT for CALL.
+#define FV_GRN_DISPATCH(dt, act, CALL)                       \
+  switch (act) {                                             \
+    case kActGelu: {                                         \
+      constexpr int ACT = kActGelu;                          \
+      FV_GRN_DTYPE(dt, CALL)                                 \
+      break;                                                 \
+    }                                                        \
+    case kActGeluTanh: {                                     \
+      constexpr int ACT = kActGeluTanh;                      \
+      FV_GRN_DTYPE(dt, CALL)                                 \
+      break;                                                 \
+    }                                                        \
+    default: {                                               \
+      constexpr int ACT = kActNone;                          \
+      FV_GRN_DTYPE(dt, CALL)                                 \
+      break;                                                 \
+    }                                                        \
+  }
+
+void sum_squares(DType dt, const Geom& g, int act, int64_t chunks, const void* x,
+                 void* partial) {
+  FV_GRN_DISPATCH(dt, act, (sum_squares_t<T, A, ACT>(g, chunks, static_cast<const T*>(x),
+                                                     static_cast<A*>(partial))))
 }
 
-void apply(DType dt, const Geom& g, const void* x, const void* scale, const void* shift,
-           void* y) {
-  FV_GRN_DISPATCH(dt, (affine<T, A>(g, static_cast<const T*>(x), nullptr,
-                                    static_cast<const A*>(scale), static_cast<const A*>(shift),
-                                    static_cast<T*>(y))))
+void apply(DType dt, const Geom& g, int act, const void* x, const void* scale,
+           const void* shift, void* y) {
+  FV_GRN_DISPATCH(dt, act, (affine<T, A, ACT, false>(g, static_cast<const T*>(x), nullptr,
+                                                     static_cast<const A*>(scale),
+                                                     static_cast<const A*>(shift),
+                                                     static_cast<T*>(y))))
 }
 
-void sum_grads(DType dt, const Geom& g, int64_t chunks, const void* gy, const void* x,
-               void* partial) {
-  FV_GRN_DISPATCH(dt, (sum_grads_t<T, A>(g, chunks, static_cast<const T*>(gy),
-                                         static_cast<const T*>(x), static_cast<A*>(partial))))
+void sum_grads(DType dt, const Geom& g, int act, int64_t chunks, const void* gy,
+               const void* x, void* partial) {
+  FV_GRN_DISPATCH(dt, act, (sum_grads_t<T, A, ACT>(g, chunks, static_cast<const T*>(gy),
+                                                   static_cast<const T*>(x),
+                                                   static_cast<A*>(partial))))
 }
 
-void grad_input(DType dt, const Geom& g, const void* gy, const void* x, const void* scale,
-                const void* coef, void* gx) {
-  FV_GRN_DISPATCH(dt, (affine<T, A>(g, static_cast<const T*>(gy), static_cast<const T*>(x),
-                                    static_cast<const A*>(scale), static_cast<const A*>(coef),
-                                    static_cast<T*>(gx))))
+void grad_input(DType dt, const Geom& g, int act, const void* gy, const void* x,
+                const void* scale, const void* coef, void* gx) {
+  FV_GRN_DISPATCH(dt, act, (affine<T, A, ACT, true>(g, static_cast<const T*>(gy),
+                                                    static_cast<const T*>(x),
+                                                    static_cast<const A*>(scale),
+                                                    static_cast<const A*>(coef),
+                                                    static_cast<T*>(gx))))
 }
 
+#undef FV_GRN_DTYPE
 #undef FV_GRN_DISPATCH
 
 }  // namespace FV_ISA

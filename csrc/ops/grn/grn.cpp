@@ -87,11 +87,11 @@ template <class A> void pack_channels(const TensorView& t, int64_t C, A* out) {
 }
 
 struct Kernels {
-  void (*sum_squares)(DType, const Geom&, int64_t, const void*, void*);
-  void (*apply)(DType, const Geom&, const void*, const void*, const void*, void*);
-  void (*sum_grads)(DType, const Geom&, int64_t, const void*, const void*, void*);
-  void (*grad_input)(DType, const Geom&, const void*, const void*, const void*, const void*,
-                     void*);
+  void (*sum_squares)(DType, const Geom&, int, int64_t, const void*, void*);
+  void (*apply)(DType, const Geom&, int, const void*, const void*, const void*, void*);
+  void (*sum_grads)(DType, const Geom&, int, int64_t, const void*, const void*, void*);
+  void (*grad_input)(DType, const Geom&, int, const void*, const void*, const void*,
+                     const void*, void*);
 };
 
 const Kernels& kernels() {
@@ -149,10 +149,23 @@ template <class A> A divisor(int64_t C, const A* norm, A eps) {
   return s / static_cast<A>(C) + eps;
 }
 
+// Pass 2's per-(n, c) scales 1 + w[c] Nx[n, c] from the norms G.
 template <class A>
-void forward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& x,
+void scales_from_norms(int64_t N, int64_t C, const A* norm, const A* w, A eps, A* scale) {
+  for (int64_t n = 0; n < N; ++n) {
+    const A* gr = norm + n * C;
+    const A d = divisor<A>(C, gr, eps);
+    for (int64_t c = 0; c < C; ++c) scale[n * C + c] = A(1) + w[c] * (gr[c] / d);
+  }
+}
+
+// norm_in: the norms of an earlier forward call (pass 1 skipped); else computed here and
+// copied to norm_out when given.
+template <class A>
+void forward_t(const Kernels& k, DType dt, const Geom& g, int act, const TensorView& x,
                const TensorView& weight, const TensorView& bias, double eps_d,
-               const TensorView& y, const TensorView* norm_out, ScratchCarver& sc) {
+               const TensorView& y, const TensorView* norm_out, const TensorView* norm_in,
+               ScratchCarver& sc) {
   const int64_t N = g.n, C = g.c, R = reduction_chunks(g);
   const A eps = static_cast<A>(eps_d);
   A* partial = static_cast<A*>(sc.take(N * R * C * sizeof(A)));
@@ -163,8 +176,13 @@ void forward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& x,
   if (N == 0) return;
   pack_channels<A>(weight, C, w);
   pack_channels<A>(bias, C, shift);
+  if (norm_in) {
+    scales_from_norms<A>(N, C, static_cast<const A*>(norm_in->data), w, eps, scale);
+    if (g.hw > 0) k.apply(dt, g, act, x.data, scale, shift, y.data);
+    return;
+  }
   if (g.hw > 0) {
-    k.sum_squares(dt, g, R, x.data, partial);
+    k.sum_squares(dt, g, act, R, x.data, partial);
   } else {
     std::fill(partial, partial + N * R * C, A(0));
   }
@@ -178,16 +196,15 @@ void forward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& x,
         for (int64_t c = 0; c < C; ++c) gr[c] += pr[c];
       }
       for (int64_t c = 0; c < C; ++c) gr[c] = std::sqrt(gr[c]);
-      const A d = divisor<A>(C, gr, eps);
-      for (int64_t c = 0; c < C; ++c) scale[n * C + c] = A(1) + w[c] * (gr[c] / d);
+      scales_from_norms<A>(1, C, gr, w, eps, scale + n * C);
     }
   });
   if (norm_out) std::memcpy(norm_out->data, norm, N * C * sizeof(A));
-  if (g.hw > 0) k.apply(dt, g, x.data, scale, shift, y.data);
+  if (g.hw > 0) k.apply(dt, g, act, x.data, scale, shift, y.data);
 }
 
 template <class A>
-void backward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& grad_y,
+void backward_t(const Kernels& k, DType dt, const Geom& g, int act, const TensorView& grad_y,
                 const TensorView& x, const TensorView& weight, const TensorView& norm_in,
                 double eps_d, const TensorView* grad_x, const TensorView* grad_weight,
                 const TensorView* grad_bias, ScratchCarver& sc) {
@@ -202,7 +219,7 @@ void backward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& gra
   pack_channels<A>(weight, C, w);
   const A* norm = static_cast<const A*>(norm_in.data);
   if (N > 0 && g.hw > 0) {
-    k.sum_grads(dt, g, R, grad_y.data, x.data, partial);
+    k.sum_grads(dt, g, act, R, grad_y.data, x.data, partial);
   } else {
     std::fill(partial, partial + N * R * 2 * C, A(0));
   }
@@ -256,7 +273,7 @@ void backward_t(const Kernels& k, DType dt, const Geom& g, const TensorView& gra
                         N > 0 ? bsum[c] : A(0));
   }
   if (grad_x && N > 0 && g.hw > 0)
-    k.grad_input(dt, g, grad_y.data, x.data, scale, coef, grad_x->data);
+    k.grad_input(dt, g, act, grad_y.data, x.data, scale, coef, grad_x->data);
 }
 
 }  // namespace
@@ -308,12 +325,27 @@ size_t global_response_norm_forward_scratch_bytes(const TensorView& x) {
   return forward_bytes(geom_of(s, s.layout), x.dtype);
 }
 
-void global_response_norm_forward(const TensorView& x, const TensorView& weight,
-                                  const TensorView& bias, double eps, const TensorView& y,
-                                  const TensorView* norm, void* scratch, size_t scratch_bytes) {
+namespace {
+
+int act_code(GrnActivation act) {
+  switch (act) {
+    case GrnActivation::None: return kActNone;
+    case GrnActivation::Gelu: return kActGelu;
+    case GrnActivation::GeluTanh: return kActGeluTanh;
+  }
+  detail::throw_error(ErrorKind::Value, "activation: expected None, Gelu or GeluTanh, got ",
+                      static_cast<int>(act));
+}
+
+void forward_impl(const TensorView& x, const TensorView& weight, const TensorView& bias,
+                  double eps, const TensorView& y, const TensorView* norm_out,
+                  const TensorView* norm_in, void* scratch, size_t scratch_bytes,
+                  GrnActivation act) {
+  const int code = act_code(act);
   const GrnShape s = global_response_norm_shape(x, weight, &bias, eps);
   check_activation(y, x, s, "y");
-  if (norm) check_norm(*norm, x, s, "norm");
+  if (norm_out) check_norm(*norm_out, x, s, "norm");
+  if (norm_in) check_norm(*norm_in, x, s, "norm");
   refuse_cuda(x);
   const TensorView* acts[2] = {&x, &y};
   const Layout layout = common_layout(acts, 2);
@@ -323,9 +355,27 @@ void global_response_norm_forward(const TensorView& x, const TensorView& weight,
                  " bytes, got ", scratch_bytes);
   ScratchCarver sc(scratch, scratch_bytes);
   if (x.dtype == DType::Float64)
-    forward_t<double>(kernels(), x.dtype, g, x, weight, bias, eps, y, norm, sc);
+    forward_t<double>(kernels(), x.dtype, g, code, x, weight, bias, eps, y, norm_out, norm_in,
+                      sc);
   else
-    forward_t<float>(kernels(), x.dtype, g, x, weight, bias, eps, y, norm, sc);
+    forward_t<float>(kernels(), x.dtype, g, code, x, weight, bias, eps, y, norm_out, norm_in,
+                     sc);
+}
+
+}  // namespace
+
+void global_response_norm_forward(const TensorView& x, const TensorView& weight,
+                                  const TensorView& bias, double eps, const TensorView& y,
+                                  const TensorView* norm, void* scratch, size_t scratch_bytes,
+                                  GrnActivation act) {
+  forward_impl(x, weight, bias, eps, y, norm, nullptr, scratch, scratch_bytes, act);
+}
+
+void global_response_norm_apply(const TensorView& x, const TensorView& weight,
+                                const TensorView& bias, double eps, const TensorView& norm,
+                                const TensorView& y, void* scratch, size_t scratch_bytes,
+                                GrnActivation act) {
+  forward_impl(x, weight, bias, eps, y, nullptr, &norm, scratch, scratch_bytes, act);
 }
 
 size_t global_response_norm_backward_scratch_bytes(const TensorView& x) {
@@ -338,7 +388,8 @@ void global_response_norm_backward(const TensorView& grad_y, const TensorView& x
                                    const TensorView& weight, const TensorView& norm, double eps,
                                    const TensorView* grad_x, const TensorView* grad_weight,
                                    const TensorView* grad_bias, void* scratch,
-                                   size_t scratch_bytes) {
+                                   size_t scratch_bytes, GrnActivation act) {
+  const int code = act_code(act);
   const GrnShape s = global_response_norm_shape(x, weight, nullptr, eps);
   check_activation(grad_y, x, s, "grad_y");
   if (grad_x) check_activation(*grad_x, x, s, "grad_x");
@@ -355,10 +406,10 @@ void global_response_norm_backward(const TensorView& grad_y, const TensorView& x
   if (!grad_x && !grad_weight && !grad_bias) return;
   ScratchCarver sc(scratch, scratch_bytes);
   if (x.dtype == DType::Float64)
-    backward_t<double>(kernels(), x.dtype, g, grad_y, x, weight, norm, eps, grad_x, grad_weight,
+    backward_t<double>(kernels(), x.dtype, g, code, grad_y, x, weight, norm, eps, grad_x, grad_weight,
                        grad_bias, sc);
   else
-    backward_t<float>(kernels(), x.dtype, g, grad_y, x, weight, norm, eps, grad_x, grad_weight,
+    backward_t<float>(kernels(), x.dtype, g, code, grad_y, x, weight, norm, eps, grad_x, grad_weight,
                       grad_bias, sc);
 }
 

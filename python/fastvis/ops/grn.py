@@ -7,7 +7,10 @@ tensor::
     Nx = G / (mean_c G + eps)
     y  = x + bias[c] + weight[c] * (x * Nx)
 
-with ``weight`` and ``bias`` of shape (C,).
+with ``weight`` and ``bias`` of shape (C,). With ``activation="gelu"`` (or ``"gelu_tanh"``)
+the layer computes ``grn(gelu(x))`` in the same two passes, never storing ``gelu(x)``, and
+its gradient with respect to ``x``: the GELU -> GRN pair of the ConvNeXt-V2 and
+UniRepLKNet MLPs, fused.
 
 Implemented as ``torch.library.custom_op``s (forward and backward) with fake kernels and
 registered autograd, so ``torch.compile(fullgraph=True)`` sees no graph break. The
@@ -33,6 +36,10 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# activation name -> the core's GrnActivation value.
+_ACTIVATIONS = {None: 0, "gelu": 1, "gelu_tanh": 2}
+
+
 def _empty_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape[:2], dtype=_stats_dtype(x.dtype), device=x.device)
 
@@ -42,7 +49,7 @@ def _empty_norm(x: torch.Tensor) -> torch.Tensor:
 
 @forward_op("fastvis::global_response_norm")
 def _grn_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, activation: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     _sync_threads()  # here, not in the traced wrapper: torch.compile sees only the op
     x = dense_for_core(x).detach()
@@ -50,12 +57,12 @@ def _grn_fwd(
     norm = _empty_norm(x)
     nbytes = _C.global_response_norm_forward_scratch_bytes(x)
     _C.global_response_norm_forward(x, weight.detach(), bias.detach(), eps, y, norm,
-                                    scratch(nbytes, x.device))
+                                    scratch(nbytes, x.device), activation)
     return y, norm
 
 
 @_grn_fwd.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, activation=0):
     return empty_like_layout(x.shape, x), _empty_norm(x)
 
 
@@ -69,6 +76,7 @@ def _grn_bwd(
     need_input: bool,
     need_weight: bool,
     need_bias: bool,
+    activation: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _sync_threads()
     x = dense_for_core(x).detach()
@@ -82,13 +90,13 @@ def _grn_bwd(
         _C.global_response_norm_backward(
             gy, x, weight.detach(), norm.detach(), eps,
             gx if need_input else None, gw if need_weight else None, gb if need_bias else None,
-            scratch(nbytes, x.device),
+            scratch(nbytes, x.device), activation,
         )
     return gx, gw, gb
 
 
 @_grn_bwd.register_fake
-def _(grad_y, x, weight, norm, eps, need_input, need_weight, need_bias):
+def _(grad_y, x, weight, norm, eps, need_input, need_weight, need_bias, activation=0):
     c = x.shape[1]
     gx = empty_like_layout(x.shape, x) if need_input else x.new_empty(0)
     gw = x.new_empty(c) if need_weight else x.new_empty(0)
@@ -97,18 +105,20 @@ def _(grad_y, x, weight, norm, eps, need_input, need_weight, need_bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _bias, eps = inputs
+    x, weight, _bias, eps, activation = inputs
     _, norm = output
     ctx.save_for_backward(x, weight, norm)
     ctx.eps = eps
+    ctx.activation = activation
     ctx.mark_non_differentiable(norm)
 
 
 def _backward(ctx, grad_y, _grad_norm):
     x, weight, norm = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx, gw, gb = call_op(_grn_bwd, grad_y, x, weight, norm, ctx.eps, need_x, need_w, need_b)
-    return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None)
+    gx, gw, gb = call_op(_grn_bwd, grad_y, x, weight, norm, ctx.eps, need_x, need_w, need_b,
+                         ctx.activation)
+    return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None, None)
 
 
 register_autograd(_grn_fwd, _backward, _setup_context)
@@ -118,10 +128,13 @@ register_autograd(_grn_fwd, _backward, _setup_context)
 
 
 def global_response_norm_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
+    activation: "str | None" = None,
 ) -> torch.Tensor:
     """Pure-PyTorch reference of :func:`global_response_norm` (timm's GlobalResponseNorm
-    on an NCHW view), in x's memory format."""
+    on an NCHW view, after ``F.gelu`` when ``activation`` names it), in x's memory format."""
+    if activation is not None:
+        x = torch.nn.functional.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
     g = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True)
     nx = g / (g.mean(dim=1, keepdim=True) + eps)
     y = x + bias.view(1, -1, 1, 1) + weight.view(1, -1, 1, 1) * (x * nx)
@@ -140,8 +153,16 @@ def _core_serves(x: torch.Tensor) -> bool:
     return cpu_core_serves("global_response_norm", x)
 
 
+def _activation_code(activation) -> int:
+    code = _ACTIVATIONS.get(activation) if isinstance(activation, (str, type(None))) else None
+    if code is None:
+        raise ValueError(f"activation: expected None, 'gelu' or 'gelu_tanh', got {activation!r}")
+    return code
+
+
 def global_response_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
+    activation: "str | None" = None,
 ) -> torch.Tensor:
     """Global Response Normalization of an (N, C, H, W) tensor (ConvNeXt-V2, timm's
     GlobalResponseNorm): ``x + bias + weight * x * Nx`` with ``Nx = G / (mean_c G + eps)``
@@ -154,6 +175,10 @@ def global_response_norm(
             result back, as :class:`fastvis.nn.GlobalResponseNorm` does.
         weight, bias: (C,), x's dtype (required).
         eps: added to the mean of the norms; a positive finite number.
+        activation: None, or ``"gelu"`` / ``"gelu_tanh"`` (exact / tanh-approximated
+            GELU) applied to x first: ``grn(gelu(x))`` with the gradient taken with
+            respect to x. Fused: gelu(x) is recomputed in each pass, never stored, and
+            autograd saves only x and the norms.
 
     Returns:
         (N, C, H, W) in x's memory format. CPU: float32, float64, bfloat16 (float32
@@ -162,9 +187,10 @@ def global_response_norm(
     if autocast_dtype(x) is not None and isinstance(x, torch.Tensor):
         # Under autocast GRN runs in the input's precision (its parameters follow it).
         weight, bias = autocast_cast(x.dtype, [weight, bias])
+    act = _activation_code(activation)
     _validate(x, weight, bias)
     e = check_eps(eps)
     if reference_enabled() or not _core_serves(x):
-        return global_response_norm_reference(x, weight, bias, e)
-    y, _ = call_op(_grn_fwd, x, weight, bias, e)
+        return global_response_norm_reference(x, weight, bias, e, activation)
+    y, _ = call_op(_grn_fwd, x, weight, bias, e, act)
     return y
