@@ -1,0 +1,277 @@
+"""The pointwise MLP of the vision blocks, trained with little activation memory:
+``fastvis.ops.mlp``.
+
+    y = fc2(GRN?(GELU(fc1(x))))
+
+on channels-last tokens ``x`` of shape (N, H, W, C) (the ``x.permute(0, 2, 3, 1)`` view
+of a channels_last activation), fc1 / fc2 as ``nn.Linear`` weights (hidden, C) and
+(C_out, hidden), GELU exact or tanh-approximated, and optionally the ConvNeXt-V2 / UniRepLKNet
+Global Response Normalization on the hidden activations (per image, hence the 4-D input).
+
+What autograd keeps: ``x`` and the hidden pre-activation ``h = fc1(x)`` (plus GRN's (N,
+hidden) norms), C + hidden values per pixel. Eager PyTorch keeps x, h and GELU's output
+(C + 2 hidden), with GRN also GRN's output (C + 3 hidden): for hidden = 4C that is 5C
+against 9C or 13C. The backward pass recomputes GELU's output (and GRN's, from the saved
+norms, in one pass over h) instead of reading it back, then runs the same four GEMMs as
+eager PyTorch. No GEMM is recomputed.
+
+Where the work runs: the GEMMs are torch's (``F.linear`` / ``mm`` on 2-D views of the
+tokens); GELU + GRN forward and backward are the core's GRN family with its fused GELU
+prologue (:func:`fastvis.ops.global_response_norm` with ``activation="gelu"``: gelu(h) is
+recomputed in each pass and never stored); without GRN, torch's ``gelu`` and
+``gelu_backward``. CPU only for the fused form; other devices run the reference.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _C
+from .._reference import reference_enabled
+from .._runtime import _sync_threads
+from ._bridge import autocast_cast, autocast_dtype, call_op, forward_op, register_autograd, scratch
+from ._checks import CPU_DTYPES, CUDA_DTYPES, check_eps, check_param_tensors, cpu_core_serves
+from .grn import global_response_norm_reference
+
+_APPROX = {"none": 1, "tanh": 2}  # approximate -> the core's GrnActivation value
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """The logical (N, C, H, W) view of dense (N, H, W, C) tokens (channels_last strides)."""
+    return t.permute(0, 3, 1, 2)
+
+
+def _gelu_name(act: int) -> str:
+    return "tanh" if act == 2 else "none"
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@forward_op("fastvis::mlp")
+def _mlp_fwd(
+    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
+    grn_weight: Optional[torch.Tensor], grn_bias: Optional[torch.Tensor], grn_eps: float,
+    act: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, norm): the output, fc1's output (saved for the backward) and GRN's (N,
+    hidden) norms (an empty tensor without GRN)."""
+    _sync_threads()
+    x = x.detach().contiguous()
+    w1, w2 = fc1_weight.detach(), fc2_weight.detach()
+    b1 = None if fc1_bias is None else fc1_bias.detach()
+    b2 = None if fc2_bias is None else fc2_bias.detach()
+    h = F.linear(x, w1, b1)
+    if grn_weight is not None:
+        a = torch.empty_like(h)
+        norm = torch.empty(h.shape[0], h.shape[-1], dtype=_stats_dtype(h.dtype), device=h.device)
+        gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(grn_weight)
+        nbytes = _C.global_response_norm_forward_scratch_bytes(_nchw(h))
+        _C.global_response_norm_forward(_nchw(h), grn_weight.detach(), gb, grn_eps, _nchw(a), norm,
+                                        scratch(nbytes, h.device), act)
+    else:
+        a = F.gelu(h, approximate=_gelu_name(act))
+        norm = h.new_empty(0)
+    return F.linear(a, w2, b2), h, norm
+
+
+@_mlp_fwd.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps, act):
+    hidden, cout = fc1_weight.shape[0], fc2_weight.shape[0]
+    h = x.new_empty((*x.shape[:-1], hidden))
+    norm = (x.new_empty((x.shape[0], hidden), dtype=_stats_dtype(x.dtype)) if grn_weight is not None
+            else x.new_empty(0))
+    return x.new_empty((*x.shape[:-1], cout)), h, norm
+
+
+@forward_op("fastvis::mlp_backward")
+def _mlp_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor, norm: torch.Tensor,
+    fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, grn_weight: Optional[torch.Tensor],
+    grn_bias: Optional[torch.Tensor], grn_eps: float, act: int, needs: List[bool],
+) -> List[torch.Tensor]:
+    """Gradients [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias];
+    an empty tensor where ``needs`` is False."""
+    _sync_threads()
+    gy = grad_y.detach().contiguous()
+    x, h = x.detach(), h.detach()
+    w1, w2 = fc1_weight.detach(), fc2_weight.detach()
+    hidden, cin, cout = w1.shape[0], w1.shape[1], w2.shape[0]
+    gy2, x2, h2 = gy.reshape(-1, cout), x.reshape(-1, cin), h.reshape(-1, hidden)
+    empty = x.new_empty(0)  # placeholder only: every returned empty is its own tensor
+    n_x, n_w1, n_b1, n_w2, n_b2, n_gw, n_gb = needs
+    grn = grn_weight is not None
+    gw = grn_weight.detach() if grn else None
+    need_dh = n_x or n_w1 or n_b1 or n_gw or n_gb
+    # The hidden activation a = GRN?(GELU(h)) again, for fc2's weight gradient.
+    out_w2 = empty
+    if n_w2:
+        if grn:
+            a = torch.empty_like(h)
+            gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(gw)
+            nbytes = _C.global_response_norm_forward_scratch_bytes(_nchw(h))
+            _C.global_response_norm_apply(_nchw(h), gw, gb, grn_eps, norm.detach(), _nchw(a),
+                                          scratch(nbytes, h.device), act)
+        else:
+            a = F.gelu(h, approximate=_gelu_name(act))
+        out_w2 = torch.mm(gy2.t(), a.reshape(-1, hidden))
+        del a
+    out_b2 = gy2.sum(0) if n_b2 else empty
+    outs_grn = [empty, empty]
+    out_x = out_w1 = out_b1 = empty
+    if need_dh:
+        da = torch.mm(gy2, w2).view(h.shape)
+        if grn:
+            dh = torch.empty_like(h) if (n_x or n_w1 or n_b1) else None
+            ggw = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gw else None
+            ggb = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gb else None
+            nbytes = _C.global_response_norm_backward_scratch_bytes(_nchw(h))
+            _C.global_response_norm_backward(_nchw(da), _nchw(h), gw, norm.detach(), grn_eps,
+                                             None if dh is None else _nchw(dh), ggw, ggb,
+                                             scratch(nbytes, h.device), act)
+            outs_grn = [empty if ggw is None else ggw, empty if ggb is None else ggb]
+        else:
+            dh = torch.ops.aten.gelu_backward(da, h, approximate=_gelu_name(act))
+        del da
+        if dh is not None:
+            dh2 = dh.reshape(-1, hidden)
+            if n_w1:
+                out_w1 = torch.mm(dh2.t(), x2)
+            if n_b1:
+                out_b1 = dh2.sum(0)
+            if n_x:
+                out_x = torch.mm(dh2, w1).view(*x.shape)
+    outs = [out_x, out_w1, out_b1, out_w2, out_b2, *outs_grn]
+    return [o if o is not empty else x.new_empty(0) for o in outs]
+
+
+@_mlp_bwd.register_fake
+def _(grad_y, x, h, norm, fc1_weight, fc2_weight, grn_weight, grn_bias, grn_eps, act, needs):
+    hidden = fc1_weight.shape[0]
+    shapes = [x.shape, fc1_weight.shape, (hidden,), fc2_weight.shape, (fc2_weight.shape[0],),
+              (hidden,), (hidden,)]
+    return [x.new_empty(s) if need else x.new_empty(0) for s, need in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps, act = inputs
+    _, h, norm = output
+    ctx.save_for_backward(x, h, norm, fc1_weight, fc2_weight, grn_weight, grn_bias)
+    ctx.has = (fc1_bias is not None, fc2_bias is not None, grn_weight is not None,
+               grn_bias is not None)
+    ctx.grn_eps = grn_eps
+    ctx.act = act
+    ctx.mark_non_differentiable(h, norm)
+
+
+def _backward(ctx, grad_y, _grad_h, _grad_norm):
+    x, h, norm, w1, w2, gw, gb = ctx.saved_tensors
+    has_b1, has_b2, has_gw, has_gb = ctx.has
+    ni = ctx.needs_input_grad
+    needs = [bool(ni[0]), bool(ni[1]), bool(ni[2]) and has_b1, bool(ni[3]), bool(ni[4]) and has_b2,
+             bool(ni[5]) and has_gw, bool(ni[6]) and has_gb]
+    if not any(needs):
+        return (None,) * 9
+    outs = call_op(_mlp_bwd, grad_y, x, h, norm, w1, w2, gw, gb, ctx.grn_eps, ctx.act, needs)
+    grads = [o if need else None for o, need in zip(outs, needs)]
+    return (*grads, None, None)
+
+
+register_autograd(_mlp_fwd, _backward, _setup_context)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def mlp_reference(
+    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor] = None, *,
+    grn_weight: Optional[torch.Tensor] = None, grn_bias: Optional[torch.Tensor] = None,
+    grn_eps: float = 1e-6, approximate: str = "none",
+) -> torch.Tensor:
+    """Pure-PyTorch reference of :func:`mlp` (``F.linear``, ``F.gelu``, the GRN reference,
+    ``F.linear``); differentiable, and what eager PyTorch would save for the backward."""
+    h = F.gelu(F.linear(x, fc1_weight, fc1_bias), approximate=approximate)
+    if grn_weight is not None:
+        gb = grn_bias if grn_bias is not None else torch.zeros_like(grn_weight)
+        h = global_response_norm_reference(_nchw(h), grn_weight, gb, grn_eps).permute(0, 2, 3, 1)
+    return F.linear(h, fc2_weight, fc2_bias)
+
+
+def _validate(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, approximate):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"mlp: x must be a torch.Tensor, got {type(x).__name__}")
+    if approximate not in _APPROX:
+        raise ValueError(f"approximate: expected 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
+    allowed = CUDA_DTYPES if x.device.type == "cuda" else CPU_DTYPES
+    if x.dtype not in allowed and x.device.type != "meta":
+        names = ", ".join(str(t).replace("torch.", "") for t in allowed)
+        raise TypeError(f"x: the {x.device.type.upper()} backend supports {names}, got "
+                        f"{str(x.dtype).replace('torch.', '')}")
+    if x.dim() != 4:
+        raise ValueError(f"mlp: expected (N, H, W, C) channels-last tokens, got shape {tuple(x.shape)}")
+    c = x.shape[-1]
+    named = dict(fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias,
+                 grn_weight=grn_weight, grn_bias=grn_bias)
+    check_param_tensors("mlp", x, named.items())
+    for name in ("fc1_weight", "fc2_weight"):
+        if named[name] is None:
+            raise TypeError(f"{name}: a tensor is required, got None")
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != c or fc1_weight.shape[0] < 1:
+        raise ValueError(f"fc1_weight: expected (hidden, {c}), got {tuple(fc1_weight.shape)}")
+    hidden = fc1_weight.shape[0]
+    if fc2_weight.dim() != 2 or fc2_weight.shape[1] != hidden or fc2_weight.shape[0] < 1:
+        raise ValueError(f"fc2_weight: expected (C_out, {hidden}), got {tuple(fc2_weight.shape)}")
+    for name, n in (("fc1_bias", hidden), ("fc2_bias", fc2_weight.shape[0]), ("grn_weight", hidden),
+                    ("grn_bias", hidden)):
+        t = named[name]
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
+    if grn_weight is None and grn_bias is not None:
+        raise ValueError("grn_bias given without grn_weight")
+
+
+def mlp(
+    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor] = None, *,
+    grn_weight: Optional[torch.Tensor] = None, grn_bias: Optional[torch.Tensor] = None,
+    grn_eps: float = 1e-6, approximate: str = "none",
+) -> torch.Tensor:
+    """``fc2(GRN?(GELU(fc1(x))))`` on (N, H, W, C) tokens, saving only x and fc1's output
+    for the backward (see the module docstring).
+
+    Args:
+        x: (N, H, W, C); a dense (contiguous) tensor is used as is, other strides are
+            copied. For a channels_last (N, C, H, W) activation pass
+            ``x.permute(0, 2, 3, 1)`` (zero-copy) and permute the result back.
+        fc1_weight, fc1_bias: (hidden, C), (hidden,) or None.
+        fc2_weight, fc2_bias: (C_out, hidden), (C_out,) or None.
+        grn_weight, grn_bias: (hidden,) each, or None (no GRN; ``grn_bias`` None with a
+            weight means zero bias). GRN normalises over each image's H x W pixels.
+        grn_eps: GRN's epsilon.
+        approximate: ``"none"`` (exact GELU) or ``"tanh"``.
+
+    Returns:
+        (N, H, W, C_out), contiguous. CPU: float32, float64, bfloat16. Other devices run
+        :func:`mlp_reference` (warned once). Under autocast everything runs in the
+        autocast dtype.
+    """
+    ad = autocast_dtype(x)
+    if ad is not None:
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias = autocast_cast(
+            ad, [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias])
+    _validate(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, approximate)
+    e = check_eps(grn_eps, "grn_eps")
+    kw = dict(grn_weight=grn_weight, grn_bias=grn_bias, grn_eps=e, approximate=approximate)
+    if reference_enabled() or not cpu_core_serves("mlp", x):
+        return mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kw)
+    y, _, _ = call_op(_mlp_fwd, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight,
+                      grn_bias, e, _APPROX[approximate])
+    return y

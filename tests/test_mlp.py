@@ -1,0 +1,232 @@
+"""fastvis.ops.mlp: fc2(GRN?(GELU(fc1(x)))) on (N, H, W, C) tokens, saving only x and
+fc1's output for the backward.
+
+Oracle: fastvis.ops.mlp_reference (F.linear, F.gelu, the GRN formula, F.linear) in float64
+on exactly the values the op saw, and torch.autograd through it. The op's GEMMs are
+torch's; its GELU / GRN are the core's GRN family (its own tests bound them per element,
+tests/test_grn*.py). Here: max |got - ref| <= tol * max(mag) per tensor, with mag for y the
+same composition evaluated on absolute values (|x|, |W|, |b|; GELU and GRN replaced by
+their magnitude bounds |h| and |h| (1 + |w| Nx) + |b|) and for a gradient its own largest
+entry times the forward's cancellation factor max(mag y) / max |y|; tol 2e-5 for float32
+(K <= 160 terms a GEMM, plus the GELU error of test_grn_gelu), 1e-10 for float64, 2^-6 for
+bfloat16. A wrong formula is off by O(1) of the magnitude; the derivative formulas are
+also checked exactly by float64 gradcheck.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvis
+import fastvis.ops
+from conftest import single_threaded_torch, sweep
+
+mlp, mlp_reference = fastvis.ops.mlp, fastvis.ops.mlp_reference
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2.0 ** -6}
+NAMES = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "grn_weight", "grn_bias")
+
+
+def make(n, h, w, c, hidden, cout, dtype=torch.float32, grn=True, bias1=True, bias2=True,
+         grn_bias=True, x_offset=0.0):
+    g = torch.Generator().manual_seed(n * 1000 + h * 100 + w * 10 + c + hidden + cout)
+    r = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(dtype)  # noqa: E731
+    t = dict(x=(torch.randn(n, h, w, c, generator=g) + x_offset).to(dtype),
+             fc1_weight=r(hidden, c, std=c ** -0.5), fc1_bias=r(hidden) if bias1 else None,
+             fc2_weight=r(cout, hidden, std=hidden ** -0.5), fc2_bias=r(cout) if bias2 else None,
+             grn_weight=r(hidden) if grn else None, grn_bias=r(hidden) if (grn and grn_bias) else None)
+    return t
+
+
+def call(fn, t, approximate="none"):
+    return fn(t["x"], t["fc1_weight"], t["fc1_bias"], t["fc2_weight"], t["fc2_bias"],
+              grn_weight=t["grn_weight"], grn_bias=t["grn_bias"], approximate=approximate)
+
+
+def oracle(t, gy, approximate):
+    """float64 (ref, mag) for y and every gradient."""
+    with single_threaded_torch():
+        leaves = {k: (None if v is None else v.detach().double().requires_grad_(True)) for k, v in t.items()}
+        y = call(mlp_reference, leaves, approximate)
+        present = [k for k in NAMES if leaves[k] is not None]
+        grads = dict(zip(present, torch.autograd.grad(y, [leaves[k] for k in present], gy.double())))
+        a = {k: (None if v is None else v.detach().double().abs()) for k, v in t.items()}
+        # Magnitudes: the same computation on absolute values, GELU -> |h|, GRN -> upper bound.
+        h = F.linear(a["x"], a["fc1_weight"], a["fc1_bias"])
+        if a["grn_weight"] is not None:
+            g = torch.linalg.vector_norm(h, dim=(1, 2), keepdim=True)
+            hr = torch.linalg.vector_norm(F.gelu(F.linear(leaves["x"].detach(), leaves["fc1_weight"].detach(),
+                                                          None if leaves["fc1_bias"] is None else leaves["fc1_bias"].detach()),
+                                                 approximate=approximate), dim=(1, 2), keepdim=True)
+            nx = g / (hr.mean(-1, keepdim=True) + 1e-6)
+            h = h * (1 + a["grn_weight"] * nx) + (0 if a["grn_bias"] is None else a["grn_bias"])
+        y_mag = F.linear(h, a["fc2_weight"], a["fc2_bias"])
+        out = {"y": (y.detach(), y_mag)}
+        # Gradients: each against its own largest entry times the forward's cancellation
+        # factor kappa = max(mag y) / max |y| (>= 1): the chain rule forms the same products
+        # as the forward, transposed, so the same cancellation bounds their rounding.
+        kappa = float(y_mag.max() / y.detach().abs().max().clamp_min(1e-300)) if y.numel() else 1.0
+        for k in present:
+            ref = grads[k].detach()
+            out[k] = (ref, torch.full_like(ref, float(ref.abs().max()) * max(kappa, 1.0) if ref.numel() else 0.0))
+        return out
+
+
+def check(got: dict, refs: dict, dtype, context: str):
+    tol = TOL[dtype]
+    for k, v in got.items():
+        ref, mag = refs[k]
+        assert v is not None, f"{k}: no gradient; {context}"
+        assert tuple(v.shape) == tuple(ref.shape) and v.dtype == dtype, (k, v.shape, v.dtype, context)
+        if ref.numel() == 0:
+            continue
+        err = (v.detach().double() - ref).abs().max().item()
+        bound = tol * mag.max().item()
+        assert err <= bound, f"{k}: max |diff| {err:.3g} > {bound:.3g}; {context}"
+
+
+@st.composite
+def cases(draw):
+    c = draw(st.sampled_from([1, 3, 8, 16, 17, 40]))
+    hidden = draw(st.sampled_from([4, 8, 13, 32, 64, 160]))
+    return dict(n=draw(st.sampled_from([1, 2, 3, 0])), h=draw(st.integers(1, 9)), w=draw(st.integers(1, 9)),
+                c=c, hidden=hidden, cout=draw(st.sampled_from([c, 5])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.float64, torch.bfloat16])),
+                grn=draw(st.booleans()), bias1=draw(st.booleans()), bias2=draw(st.booleans()),
+                grn_bias=draw(st.booleans()), x_offset=draw(st.sampled_from([0.0, -1.0]))), \
+        draw(st.sampled_from(["none", "tanh"]))
+
+
+@sweep(60)
+@given(case=cases())
+def test_forward_backward_sweep(case):
+    kw, approximate = case
+    t = make(**kw)
+    leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t.items()}
+    y = call(mlp, leaves, approximate)
+    assert y.shape == (kw["n"], kw["h"], kw["w"], kw["cout"]) and y.is_contiguous()
+    gy = torch.randn(y.shape).to(kw["dtype"])
+    present = [k for k in NAMES if leaves[k] is not None]
+    grads = dict(zip(present, torch.autograd.grad(y, [leaves[k] for k in present], gy)))
+    check({"y": y, **grads}, oracle(t, gy, approximate), kw["dtype"], f"{kw} approximate={approximate}")
+
+
+@pytest.mark.parametrize("grn", [True, False])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gradcheck_float64(grn, approximate):
+    t = make(2, 3, 2, 3, 6, 4, dtype=torch.float64, grn=grn)
+    present = [k for k in NAMES if t[k] is not None]
+
+    def f(*args):
+        d = dict(t, **dict(zip(present, args)))
+        return call(mlp, d, approximate)
+    assert torch.autograd.gradcheck(f, [t[k].clone().requires_grad_(True) for k in present])
+
+
+def _saved_bytes(fn, params):
+    skip = {p.data_ptr() for p in params}
+    total, seen = 0, set()
+
+    def pack(t):
+        nonlocal total
+        key = (t.data_ptr(), tuple(t.shape))
+        if t.data_ptr() not in skip and key not in seen and t.numel() > 0:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("grn", [True, False])
+def test_saves_only_x_and_fc1_output(grn):
+    """What autograd keeps: x (C) and h (hidden) per pixel plus GRN's (N, hidden) norms;
+    the reference (eager PyTorch) keeps GELU's output and GRN's output as well."""
+    n, h, w, c, hidden = 2, 6, 5, 8, 32
+    t = {k: (None if v is None else v.requires_grad_(True)) for k, v in make(n, h, w, c, hidden, c, grn=grn).items()}
+    params = [v for k, v in t.items() if v is not None and k != "x"]
+    got = _saved_bytes(lambda: call(mlp, t), params)
+    px = n * h * w
+    want = 4 * (px * (c + hidden) + (n * hidden if grn else 0))
+    assert got == want
+    ref = _saved_bytes(lambda: call(mlp_reference, t), params)
+    assert ref >= 4 * px * (c + 2 * hidden) and got < 0.7 * ref
+
+
+@pytest.mark.parametrize("which", ["x", "fc1_weight", "fc2_weight", "grn_weight", "grn_bias", "fc1_bias"])
+def test_partial_requires_grad(which):
+    t = make(2, 4, 3, 8, 16, 8)
+    full = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+    gy = torch.randn(2, 4, 3, 8)
+    y = call(mlp, full)
+    g_all = dict(zip(NAMES, torch.autograd.grad(y, [full[k] for k in NAMES], gy)))
+    part = {k: (v.clone().requires_grad_(True) if k == which else v.clone()) for k, v in t.items()}
+    (g,) = torch.autograd.grad(call(mlp, part), part[which], gy)
+    assert torch.equal(g, g_all[which])
+
+
+def test_non_contiguous_tokens_and_channels_last_view():
+    t = make(2, 5, 4, 8, 16, 8)
+    x_cl = t["x"].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    assert x_cl.is_contiguous()
+    x_nc = t["x"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # from NCHW: not contiguous
+    assert not x_nc.is_contiguous()
+    y1 = call(mlp, dict(t, x=x_cl))
+    y2 = call(mlp, dict(t, x=x_nc))
+    assert torch.equal(y1, y2)
+
+
+def test_reference_mode_bf16_autocast_and_no_grad():
+    t = make(2, 4, 4, 8, 32, 8)
+    y = call(mlp, t)
+    with fastvis.use_reference():
+        yr = call(mlp, t)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(call(mlp, t), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = call(mlp, t)
+    assert yb.dtype == torch.bfloat16
+    assert (yb.float() - y).abs().max() <= 2 ** -6 * y.abs().max() * 4
+
+
+def test_torch_compile_fullgraph_and_opcheck():
+    t = {k: v.requires_grad_(True) for k, v in make(2, 4, 3, 8, 16, 8).items()}
+    torch._dynamo.reset()
+    f = torch.compile(lambda d: call(mlp, d, "tanh"), fullgraph=True)
+    yc = f(t)
+    gc = torch.autograd.grad(yc.square().sum(), [t[k] for k in NAMES])
+    ye = call(mlp, t, "tanh")
+    ge = torch.autograd.grad(ye.square().sum(), [t[k] for k in NAMES])
+    torch.testing.assert_close(yc, ye)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+    args = (t["x"], t["fc1_weight"], t["fc1_bias"], t["fc2_weight"], t["fc2_bias"], t["grn_weight"],
+            t["grn_bias"], 1e-6, 1)
+    torch.library.opcheck(torch.ops.fastvis.mlp.default, args)
+    torch.library.opcheck(torch.ops.fastvis.mlp.default, args[:5] + (None, None, 1e-6, 2))
+
+
+def test_bad_input_is_refused():
+    t = make(1, 3, 3, 4, 8, 4)
+    bad = [
+        (dict(x=t["x"][0]), ValueError, "N, H, W, C"),
+        (dict(fc1_weight=torch.randn(8, 5)), ValueError, "fc1_weight"),
+        (dict(fc2_weight=torch.randn(4, 7)), ValueError, "fc2_weight"),
+        (dict(fc1_bias=torch.randn(7)), ValueError, "fc1_bias"),
+        (dict(grn_weight=torch.randn(3)), ValueError, "grn_weight"),
+        (dict(grn_weight=None), ValueError, "grn_bias given without grn_weight"),
+        (dict(fc2_weight=t["fc2_weight"].double()), TypeError, "dtype"),
+        (dict(x=t["x"].to(torch.int32)), TypeError, "backend supports"),
+        (dict(fc1_weight=None), TypeError, "fc1_weight"),
+    ]
+    for change, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            call(mlp, dict(t, **change))
+    with pytest.raises(ValueError, match="approximate"):
+        call(mlp, t, approximate="fast")
+    with pytest.raises(ValueError, match="grn_eps"):
+        mlp(t["x"], t["fc1_weight"], None, t["fc2_weight"], grn_weight=t["grn_weight"], grn_eps=0.0)
