@@ -175,3 +175,26 @@ def test_bad_activation_is_refused():
             _C.global_response_norm_forward(x, w, b, 1e-6, y, norm, None, bad)
     with pytest.raises(ValueError, match="norm"):
         _C.global_response_norm_apply(x, w, b, 1e-6, torch.empty(2, 3), y, None, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("act", [0, 1, 2])
+def test_backward_recomputes_the_forward_output(act, layout, dtype):
+    """The backward's optional y: the forward output written in its reduction pass, bit
+    for bit what global_response_norm_apply gives, with the gradients unchanged."""
+    cfg = GrnCfg(n=3, c=21, h=6, w=5, layout=layout, dtype=dtype)
+    x, w, b = make_inputs(cfg)
+    gy = make_grad_output(cfg)
+    y, norm = torch.ops.fastvis.global_response_norm(x, w, b, 1e-6, act)
+    y_apply = torch.full_like(y, float("nan"))
+    _C.global_response_norm_apply(x, w, b, 1e-6, norm, y_apply, None, act)
+    grads = [torch.full_like(x, float("nan")), torch.empty(21, dtype=dtype), torch.empty(21, dtype=dtype)]
+    _C.global_response_norm_backward(gy, x, w, norm, 1e-6, *grads, None, act)
+    grads_y = [torch.full_like(t, float("nan")) for t in grads]
+    y_bwd = torch.full_like(y, float("nan"))
+    _C.global_response_norm_backward(gy, x, w, norm, 1e-6, *grads_y, None, act, b, y_bwd)
+    assert torch.equal(y_bwd, y_apply)
+    assert all(torch.equal(p, q) for p, q in zip(grads, grads_y))
+    with pytest.raises(ValueError, match="bias"):
+        _C.global_response_norm_backward(gy, x, w, norm, 1e-6, None, None, None, None, act, None, y_bwd)

@@ -676,23 +676,28 @@ PYBIND11_MODULE(_C, m) {
       "global_response_norm_backward",
       [opt_view, grn_activation](py::object gy, py::object x, py::object w, py::object norm,
                                  double eps, py::object gx, py::object gw, py::object gb,
-                                 py::object scratch, int activation) {
+                                 py::object scratch, int activation, py::object bias,
+                                 py::object y) {
         Borrowed b;
         TensorView gyv = b.view(gy, "grad_y"), xv = b.view(x, "x"), wv = b.view(w, "weight"),
-                   nv = b.view(norm, "norm"), gxv, gwv, gbv;
+                   nv = b.view(norm, "norm"), gxv, gwv, gbv, bv, yv;
         const GrnActivation act = grn_activation(activation);
         const TensorView* gxp = opt_view(b, gx, gxv, "grad_x");
         const TensorView* gwp = opt_view(b, gw, gwv, "grad_weight");
         const TensorView* gbp = opt_view(b, gb, gbv, "grad_bias");
-        global_response_norm_shape(xv, wv, nullptr, eps);
+        const TensorView* bp = opt_view(b, bias, bv, "bias");
+        const TensorView* yp = opt_view(b, y, yv, "y");
+        global_response_norm_shape(xv, wv, bp, eps);
         const size_t need = global_response_norm_backward_scratch_bytes(xv);
         Scratch sc(b, scratch, need, xv);
         py::gil_scoped_release nogil;
-        global_response_norm_backward(gyv, xv, wv, nv, eps, gxp, gwp, gbp, sc.ptr, sc.bytes, act);
+        global_response_norm_backward(gyv, xv, wv, nv, eps, gxp, gwp, gbp, sc.ptr, sc.bytes, act,
+                                      bp, yp);
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("norm"), py::arg("eps"),
       py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
-      py::arg("scratch") = py::none(), py::arg("activation") = 0);
+      py::arg("scratch") = py::none(), py::arg("activation") = 0, py::arg("bias") = py::none(),
+      py::arg("y") = py::none());
 
   m.def(
       "global_response_norm_forward_reference",

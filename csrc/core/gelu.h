@@ -32,6 +32,9 @@ typedef int32_t I32x8 __attribute__((vector_size(32)));
 
 inline VF splatf(float a) { return VF{} + a; }
 inline VF vsel(I32x8 m, VF a, VF b) {  // m ? a : b, lane by lane (m is 0 or -1)
+#if defined(__AVX2__)
+  return (VF)_mm256_blendv_ps((__m256)b, (__m256)a, (__m256)m);
+#else
   I32x8 ia, ib;
   std::memcpy(&ia, &a, sizeof ia);
   std::memcpy(&ib, &b, sizeof ib);
@@ -39,15 +42,26 @@ inline VF vsel(I32x8 m, VF a, VF b) {  // m ? a : b, lane by lane (m is 0 or -1)
   VF out;
   std::memcpy(&out, &r, sizeof out);
   return out;
+#endif
 }
 
+// exp(x) for float lanes, x clamped to [-87, 88]: x = n ln2 + r, |r| <= ln2/2 (n the
+// nearest integer of x / ln2; ties either way), exp(r) by its degree-7 Taylor polynomial,
+// 2^n by the exponent bits.
 inline VF vexp(VF x) {
+#if defined(__AVX2__)
+  x = (VF)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const VF nf = (VF)_mm256_round_ps((__m256)(x * 1.44269504088896341f),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const I32x8 ni = (I32x8)_mm256_cvtps_epi32((__m256)nf);
+#else
   x = vsel((I32x8)(x < -87.0f), splatf(-87.0f), x);
   x = vsel((I32x8)(x > 88.0f), splatf(88.0f), x);
   const VF t = x * 1.44269504088896341f;
   const VF half = vsel((I32x8)(t < 0.0f), splatf(-0.5f), splatf(0.5f));
   const I32x8 ni = __builtin_convertvector(t + half, I32x8);  // round half away from zero
   const VF nf = __builtin_convertvector(ni, VF);
+#endif
   const VF r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-6f;  // |r| <= ln2/2
   VF p = splatf(1.0f / 5040.0f);
   p = p * r + 1.0f / 720.0f;
@@ -83,11 +97,21 @@ constexpr double kSqrt2OverPi = 0.79788456080286535588, kCoef = 0.044715,
 // Phi(x) and phi(x) for exact GELU.
 inline void vphi(VF x, VF& cdf, VF& pdf) {
   const VF e = vexp(x * x * -0.5f);
+#if defined(__AVX2__)
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const VF z = (VF)_mm256_andnot_ps(sign, (__m256)x) * static_cast<float>(kInvSqrt2);
+#else
   const I32x8 neg = (I32x8)(x < 0.0f);
   const VF z = vsel(neg, -x, x) * static_cast<float>(kInvSqrt2);
+#endif
   const VF t = vrecip(1.0f + kP * z);
   const VF q = t * (kA1 + t * (kA2 + t * (kA3 + t * (kA4 + t * kA5)))) * e;  // erfc(|x|/sqrt2)
+#if defined(__AVX2__)
+  // Phi(x) = q / 2 for x < 0 (sign bit set, -0 included: q = 1 there), else 1 - q / 2.
+  cdf = (VF)_mm256_blendv_ps((__m256)(1.0f - 0.5f * q), (__m256)(0.5f * q), (__m256)x);
+#else
   cdf = vsel(neg, 0.5f * q, 1.0f - 0.5f * q);
+#endif
   pdf = e * static_cast<float>(kInvSqrt2Pi);
 }
 

@@ -70,7 +70,10 @@ void global_response_norm_apply(const TensorView& x, const TensorView& weight,
 
 size_t global_response_norm_backward_scratch_bytes(const TensorView& x);
 // Gradients from grad_y, x and the forward's norms (with the forward's eps and act;
-// grad_x is the gradient with respect to x, through the activation). Each of
+// grad_x is the gradient with respect to x, through the activation). With y (shape and
+// layout of x; bias then required), the reduction pass also writes the forward output
+// grn(act(x)) recomputed from the norms, for callers that need it in their own backward
+// (a following linear layer's weight gradient) without a pass of their own. Each of
 // grad_x (shape and layout of x), grad_weight and grad_bias (C) may be null (not
 // computed).
 void global_response_norm_backward(const TensorView& grad_y, const TensorView& x,
@@ -78,7 +81,9 @@ void global_response_norm_backward(const TensorView& grad_y, const TensorView& x
                                    const TensorView* grad_x, const TensorView* grad_weight,
                                    const TensorView* grad_bias, void* scratch,
                                    size_t scratch_bytes,
-                                   GrnActivation act = GrnActivation::None);
+                                   GrnActivation act = GrnActivation::None,
+                                   const TensorView* bias = nullptr,
+                                   const TensorView* y = nullptr);
 
 // Scalar references (CPU, any supported dtype and strides, double accumulation). The
 // backward reference computes its own norms from x. No scratch.

@@ -73,9 +73,10 @@ constexpr int64_t kPlaneBlock = 4096;
 
 // ------------------------------------------------------------------ pass 1, NHWC
 
-// acc[c] = sum over the np pixels (stride C) of act(x[c])^2.
+// acc[c] = sum over the np pixels (stride C) of act(x[c])^2; with out, also
+// out[c] = act(x[c]) * os[c] + ot[c] for every pixel.
 template <class T, class A, int ACT>
-void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
+void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc, T* out, const A* os, const A* ot) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   std::fill(acc, acc + C, A(0));
@@ -87,6 +88,14 @@ void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
     for (; c + L <= C; c += L) {
       const V v0 = act_v<ACT>(vload<T, A>(x0 + c)), v1 = act_v<ACT>(vload<T, A>(x1 + c));
       const V v2 = act_v<ACT>(vload<T, A>(x2 + c)), v3 = act_v<ACT>(vload<T, A>(x3 + c));
+      if (out) {
+        const V s = vload<A, A>(os + c), t = vload<A, A>(ot + c);
+        T* o = out + p * C + c;
+        vstore<T, A>(o, v0 * s + t);
+        vstore<T, A>(o + C, v1 * s + t);
+        vstore<T, A>(o + 2 * C, v2 * s + t);
+        vstore<T, A>(o + 3 * C, v3 * s + t);
+      }
       V a = vload<A, A>(acc + c);
       a += v0 * v0;
       a += v1 * v1;
@@ -97,6 +106,13 @@ void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
     for (; c < C; ++c) {
       const A v0 = act_s<ACT, A>(sload<T, A>(x0 + c)), v1 = act_s<ACT, A>(sload<T, A>(x1 + c));
       const A v2 = act_s<ACT, A>(sload<T, A>(x2 + c)), v3 = act_s<ACT, A>(sload<T, A>(x3 + c));
+      if (out) {
+        T* o = out + p * C + c;
+        sstore<T, A>(o, v0 * os[c] + ot[c]);
+        sstore<T, A>(o + C, v1 * os[c] + ot[c]);
+        sstore<T, A>(o + 2 * C, v2 * os[c] + ot[c]);
+        sstore<T, A>(o + 3 * C, v3 * os[c] + ot[c]);
+      }
       A a = acc[c];
       a += v0 * v0;
       a += v1 * v1;
@@ -110,18 +126,22 @@ void sumsq_nhwc(int64_t np, int64_t C, const T* x, A* acc) {
     int64_t c = 0;
     for (; c + L <= C; c += L) {
       const V v = act_v<ACT>(vload<T, A>(xp + c));
+      if (out) vstore<T, A>(out + p * C + c, v * vload<A, A>(os + c) + vload<A, A>(ot + c));
       vstore<A, A>(acc + c, vload<A, A>(acc + c) + v * v);
     }
     for (; c < C; ++c) {
       const A v = act_s<ACT, A>(sload<T, A>(xp + c));
+      if (out) sstore<T, A>(out + p * C + c, v * os[c] + ot[c]);
       acc[c] += v * v;
     }
   }
 }
 
-// dot[c] = sum of gy[c] * act(x[c]), sum[c] = sum of gy[c] over the np pixels (stride C).
+// dot[c] = sum of gy[c] * act(x[c]), sum[c] = sum of gy[c] over the np pixels (stride C);
+// with out, also out[c] = act(x[c]) * os[c] + ot[c] for every pixel.
 template <class T, class A, int ACT>
-void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum) {
+void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum, T* out,
+                  const A* os, const A* ot) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   std::fill(dot, dot + C, A(0));
@@ -133,20 +153,31 @@ void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum
     int64_t c = 0;
     for (; c + L <= C; c += L) {
       const V a0 = vload<T, A>(g0 + c), a1 = vload<T, A>(g1 + c);
+      const V v0 = act_v<ACT>(vload<T, A>(x0 + c)), v1 = act_v<ACT>(vload<T, A>(x1 + c));
+      if (out) {
+        const V sc = vload<A, A>(os + c), t = vload<A, A>(ot + c);
+        vstore<T, A>(out + p * C + c, v0 * sc + t);
+        vstore<T, A>(out + (p + 1) * C + c, v1 * sc + t);
+      }
       V d = vload<A, A>(dot + c), s = vload<A, A>(sum + c);
-      d += a0 * act_v<ACT>(vload<T, A>(x0 + c));
+      d += a0 * v0;
       s += a0;
-      d += a1 * act_v<ACT>(vload<T, A>(x1 + c));
+      d += a1 * v1;
       s += a1;
       vstore<A, A>(dot + c, d);
       vstore<A, A>(sum + c, s);
     }
     for (; c < C; ++c) {
       const A a0 = sload<T, A>(g0 + c), a1 = sload<T, A>(g1 + c);
+      const A v0 = act_s<ACT, A>(sload<T, A>(x0 + c)), v1 = act_s<ACT, A>(sload<T, A>(x1 + c));
+      if (out) {
+        sstore<T, A>(out + p * C + c, v0 * os[c] + ot[c]);
+        sstore<T, A>(out + (p + 1) * C + c, v1 * os[c] + ot[c]);
+      }
       A d = dot[c], s = sum[c];
-      d += a0 * act_s<ACT, A>(sload<T, A>(x0 + c));
+      d += a0 * v0;
       s += a0;
-      d += a1 * act_s<ACT, A>(sload<T, A>(x1 + c));
+      d += a1 * v1;
       s += a1;
       dot[c] = d;
       sum[c] = s;
@@ -157,12 +188,16 @@ void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum
     int64_t c = 0;
     for (; c + L <= C; c += L) {
       const V a = vload<T, A>(gp + c);
-      vstore<A, A>(dot + c, vload<A, A>(dot + c) + a * act_v<ACT>(vload<T, A>(xp + c)));
+      const V v = act_v<ACT>(vload<T, A>(xp + c));
+      if (out) vstore<T, A>(out + p * C + c, v * vload<A, A>(os + c) + vload<A, A>(ot + c));
+      vstore<A, A>(dot + c, vload<A, A>(dot + c) + a * v);
       vstore<A, A>(sum + c, vload<A, A>(sum + c) + a);
     }
     for (; c < C; ++c) {
       const A a = sload<T, A>(gp + c);
-      dot[c] += a * act_s<ACT, A>(sload<T, A>(xp + c));
+      const A v = act_s<ACT, A>(sload<T, A>(xp + c));
+      if (out) sstore<T, A>(out + p * C + c, v * os[c] + ot[c]);
+      dot[c] += a * v;
       sum[c] += a;
     }
   }
@@ -170,9 +205,10 @@ void sumgrad_nhwc(int64_t np, int64_t C, const T* gy, const T* x, A* dot, A* sum
 
 // ------------------------------------------------------------------ pass 1, NCHW
 
-// Sum of act(x[i])^2 over a contiguous run of len values.
+// Sum of act(x[i])^2 over a contiguous run of len values; with out, also
+// out[i] = act(x[i]) * os + ot.
 template <class T, class A, int ACT>
-A sumsq_run(int64_t len, const T* x) {
+A sumsq_run(int64_t len, const T* x, T* out, A os, A ot) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   V a0{}, a1{}, a2{}, a3{};
@@ -180,6 +216,13 @@ A sumsq_run(int64_t len, const T* x) {
   for (; i + 4 * L <= len; i += 4 * L) {
     const V v0 = act_v<ACT>(vload<T, A>(x + i)), v1 = act_v<ACT>(vload<T, A>(x + i + L));
     const V v2 = act_v<ACT>(vload<T, A>(x + i + 2 * L)), v3 = act_v<ACT>(vload<T, A>(x + i + 3 * L));
+    if (out) {
+      const V sv = splat<A>(os), tv = splat<A>(ot);
+      vstore<T, A>(out + i, v0 * sv + tv);
+      vstore<T, A>(out + i + L, v1 * sv + tv);
+      vstore<T, A>(out + i + 2 * L, v2 * sv + tv);
+      vstore<T, A>(out + i + 3 * L, v3 * sv + tv);
+    }
     a0 += v0 * v0;
     a1 += v1 * v1;
     a2 += v2 * v2;
@@ -187,39 +230,51 @@ A sumsq_run(int64_t len, const T* x) {
   }
   for (; i + L <= len; i += L) {
     const V v = act_v<ACT>(vload<T, A>(x + i));
+    if (out) vstore<T, A>(out + i, v * splat<A>(os) + splat<A>(ot));
     a0 += v * v;
   }
   A s = hsum<A>((a0 + a1) + (a2 + a3));
   for (; i < len; ++i) {
     const A v = act_s<ACT, A>(sload<T, A>(x + i));
+    if (out) sstore<T, A>(out + i, v * os + ot);
     s += v * v;
   }
   return s;
 }
 
-// dot = sum of gy[i] * act(x[i]), sum = sum of gy[i] over a contiguous run of len values.
+// dot = sum of gy[i] * act(x[i]), sum = sum of gy[i] over a contiguous run of len values;
+// with out, also out[i] = act(x[i]) * os + ot.
 template <class T, class A, int ACT>
-void sumgrad_run(int64_t len, const T* gy, const T* x, A& dot, A& sum) {
+void sumgrad_run(int64_t len, const T* gy, const T* x, A& dot, A& sum, T* out, A os, A ot) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   V d0{}, d1{}, s0{}, s1{};
   int64_t i = 0;
   for (; i + 2 * L <= len; i += 2 * L) {
     const V g0 = vload<T, A>(gy + i), g1 = vload<T, A>(gy + i + L);
-    d0 += g0 * act_v<ACT>(vload<T, A>(x + i));
-    d1 += g1 * act_v<ACT>(vload<T, A>(x + i + L));
+    const V v0 = act_v<ACT>(vload<T, A>(x + i)), v1 = act_v<ACT>(vload<T, A>(x + i + L));
+    if (out) {
+      vstore<T, A>(out + i, v0 * splat<A>(os) + splat<A>(ot));
+      vstore<T, A>(out + i + L, v1 * splat<A>(os) + splat<A>(ot));
+    }
+    d0 += g0 * v0;
+    d1 += g1 * v1;
     s0 += g0;
     s1 += g1;
   }
   for (; i + L <= len; i += L) {
     const V g0 = vload<T, A>(gy + i);
-    d0 += g0 * act_v<ACT>(vload<T, A>(x + i));
+    const V v = act_v<ACT>(vload<T, A>(x + i));
+    if (out) vstore<T, A>(out + i, v * splat<A>(os) + splat<A>(ot));
+    d0 += g0 * v;
     s0 += g0;
   }
   A d = hsum<A>(d0 + d1), s = hsum<A>(s0 + s1);
   for (; i < len; ++i) {
     const A g = sload<T, A>(gy + i);
-    d += g * act_s<ACT, A>(sload<T, A>(x + i));
+    const A v = act_s<ACT, A>(sload<T, A>(x + i));
+    if (out) sstore<T, A>(out + i, v * os + ot);
+    d += g * v;
     s += g;
   }
   dot = d;
@@ -321,8 +376,11 @@ void affine(const Geom& g, const T* a, const T* b, const A* s1, const A* s2, T* 
 
 // ------------------------------------------------------------------ drivers
 
+// out (optional): out = act(x) * os[n*C + c] + ot[c] for every element, written in the
+// same pass (os per image and channel, ot per channel).
 template <class T, class A, int ACT>
-void sum_squares_t(const Geom& g, int64_t chunks, const T* x, A* partial) {
+void sum_squares_t(const Geom& g, int64_t chunks, const T* x, A* partial, T* out, const A* os,
+                   const A* ot) {
   const int64_t C = g.c, HW = g.hw;
   parallel_for(g.n * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
@@ -330,17 +388,23 @@ void sum_squares_t(const Geom& g, int64_t chunks, const T* x, A* partial) {
       const int64_t p0 = r * HW / chunks, p1 = (r + 1) * HW / chunks;
       A* acc = partial + it * C;
       if (g.nhwc) {
-        sumsq_nhwc<T, A, ACT>(p1 - p0, C, x + (n * HW + p0) * C, acc);
+        const int64_t off = (n * HW + p0) * C;
+        sumsq_nhwc<T, A, ACT>(p1 - p0, C, x + off, acc, out ? out + off : nullptr,
+                              out ? os + n * C : nullptr, ot);
       } else {
-        for (int64_t c = 0; c < C; ++c)
-          acc[c] = sumsq_run<T, A, ACT>(p1 - p0, x + (n * C + c) * HW + p0);
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t off = (n * C + c) * HW + p0;
+          acc[c] = sumsq_run<T, A, ACT>(p1 - p0, x + off, out ? out + off : nullptr,
+                                        out ? os[n * C + c] : A(0), out ? ot[c] : A(0));
+        }
       }
     }
   });
 }
 
 template <class T, class A, int ACT>
-void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* partial) {
+void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* partial, T* out,
+                 const A* os, const A* ot) {
   const int64_t C = g.c, HW = g.hw;
   parallel_for(g.n * chunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
@@ -350,11 +414,14 @@ void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* part
       A* sum = dot + C;
       if (g.nhwc) {
         const int64_t off = (n * HW + p0) * C;
-        sumgrad_nhwc<T, A, ACT>(p1 - p0, C, gy + off, x + off, dot, sum);
+        sumgrad_nhwc<T, A, ACT>(p1 - p0, C, gy + off, x + off, dot, sum,
+                                out ? out + off : nullptr, out ? os + n * C : nullptr, ot);
       } else {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t off = (n * C + c) * HW + p0;
-          sumgrad_run<T, A, ACT>(p1 - p0, gy + off, x + off, dot[c], sum[c]);
+          sumgrad_run<T, A, ACT>(p1 - p0, gy + off, x + off, dot[c], sum[c],
+                                 out ? out + off : nullptr, out ? os[n * C + c] : A(0),
+                                 out ? ot[c] : A(0));
         }
       }
     }
@@ -407,9 +474,12 @@ void sum_grads_t(const Geom& g, int64_t chunks, const T* gy, const T* x, A* part
   }
 
 void sum_squares(DType dt, const Geom& g, int act, int64_t chunks, const void* x,
-                 void* partial) {
+                 void* partial, void* out, const void* os, const void* ot) {
   FV_GRN_DISPATCH(dt, act, (sum_squares_t<T, A, ACT>(g, chunks, static_cast<const T*>(x),
-                                                     static_cast<A*>(partial))))
+                                                     static_cast<A*>(partial),
+                                                     static_cast<T*>(out),
+                                                     static_cast<const A*>(os),
+                                                     static_cast<const A*>(ot))))
 }
 
 void apply(DType dt, const Geom& g, int act, const void* x, const void* scale,
@@ -421,10 +491,13 @@ void apply(DType dt, const Geom& g, int act, const void* x, const void* scale,
 }
 
 void sum_grads(DType dt, const Geom& g, int act, int64_t chunks, const void* gy,
-               const void* x, void* partial) {
+               const void* x, void* partial, void* out, const void* os, const void* ot) {
   FV_GRN_DISPATCH(dt, act, (sum_grads_t<T, A, ACT>(g, chunks, static_cast<const T*>(gy),
                                                    static_cast<const T*>(x),
-                                                   static_cast<A*>(partial))))
+                                                   static_cast<A*>(partial),
+                                                   static_cast<T*>(out),
+                                                   static_cast<const A*>(os),
+                                                   static_cast<const A*>(ot))))
 }
 
 void grad_input(DType dt, const Geom& g, int act, const void* gy, const void* x,

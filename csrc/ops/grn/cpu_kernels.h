@@ -47,19 +47,22 @@ constexpr int kActNone = 0, kActGelu = 1, kActGeluTanh = 2;
 
 // Every pass takes `act` (one of the above); with an activation, x below stands for act(x)
 // and the backward's grad_input also multiplies by act'(x).
-#define FV_GRN_KERNEL_DECLS                                                                    \
-  /* partial[(n*chunks + r)*C + c] = sum of x^2 over chunk r of image n, channel c. */        \
-  void sum_squares(DType dt, const Geom& g, int act, int64_t chunks, const void* x, void* partial);     \
-  /* y = x * scale[n*C + c] + shift[c]. */                                                     \
-  void apply(DType dt, const Geom& g, int act, const void* x, const void* scale, const void* shift,     \
-             void* y);                                                                         \
-  /* Over chunk r of image n, channel c: partial[((n*chunks + r)*2)*C + c] = sum of */         \
-  /* grad_y * x and partial[((n*chunks + r)*2 + 1)*C + c] = sum of grad_y. */                  \
-  void sum_grads(DType dt, const Geom& g, int act, int64_t chunks, const void* gy, const void* x,       \
-                 void* partial);                                                               \
-  /* gx = gy * scale[n*C + c] + x * coef[n*C + c]. */                                          \
-  void grad_input(DType dt, const Geom& g, int act, const void* gy, const void* x, const void* scale,   \
-                  const void* coef, void* gx);
+#define FV_GRN_KERNEL_DECLS                                                                 \
+  /* partial[(n*chunks + r)*C + c] = sum of x^2 over chunk r of image n, channel c. With */  \
+  /* out (else null): out = x * os[n*C + c] + ot[c] in the same pass. */                     \
+  void sum_squares(DType dt, const Geom& g, int act, int64_t chunks, const void* x,         \
+                   void* partial, void* out, const void* os, const void* ot);               \
+  /* y = x * scale[n*C + c] + shift[c] (y may be x: in place). */                           \
+  void apply(DType dt, const Geom& g, int act, const void* x, const void* scale,            \
+             const void* shift, void* y);                                                   \
+  /* Over chunk r of image n, channel c: partial[((n*chunks + r)*2)*C + c] = sum of */      \
+  /* grad_y * x and partial[((n*chunks + r)*2 + 1)*C + c] = sum of grad_y. With out: */     \
+  /* out = x * os[n*C + c] + ot[c] in the same pass (the forward output, recomputed). */    \
+  void sum_grads(DType dt, const Geom& g, int act, int64_t chunks, const void* gy,          \
+                 const void* x, void* partial, void* out, const void* os, const void* ot);  \
+  /* gx = gy * scale[n*C + c] + x * coef[n*C + c]. */                                       \
+  void grad_input(DType dt, const Geom& g, int act, const void* gy, const void* x,          \
+                  const void* scale, const void* coef, void* gx);
 
 namespace generic {
 FV_GRN_KERNEL_DECLS

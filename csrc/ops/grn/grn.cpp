@@ -87,9 +87,11 @@ template <class A> void pack_channels(const TensorView& t, int64_t C, A* out) {
 }
 
 struct Kernels {
-  void (*sum_squares)(DType, const Geom&, int, int64_t, const void*, void*);
+  void (*sum_squares)(DType, const Geom&, int, int64_t, const void*, void*, void*, const void*,
+                      const void*);
   void (*apply)(DType, const Geom&, int, const void*, const void*, const void*, void*);
-  void (*sum_grads)(DType, const Geom&, int, int64_t, const void*, const void*, void*);
+  void (*sum_grads)(DType, const Geom&, int, int64_t, const void*, const void*, void*, void*,
+                    const void*, const void*);
   void (*grad_input)(DType, const Geom&, int, const void*, const void*, const void*,
                      const void*, void*);
 };
@@ -122,18 +124,20 @@ int64_t max_chunks(const Geom& g) {
   return std::max(reduction_chunks(gn), reduction_chunks(g));
 }
 
-// Forward: pass-1 partials [N][R][C]; norms and scales [N][C]; packed weight and bias [C].
+// Forward: pass-1 partials [N][R][C]; norms and scales [N][C]; packed weight and bias,
+// ones and zeros [C].
 size_t forward_bytes(const Geom& g, DType dt) {
   const size_t a = acc_size(dt);
   return align64(g.n * max_chunks(g) * g.c * a) + 2 * align64(g.n * g.c * a) +
-         2 * align64(g.c * a);
+         4 * align64(g.c * a);
 }
 
-// Backward: partials [N][R][2][C]; scale, coef, Nx*D and B [N][C]; packed weight [C].
+// Backward: partials [N][R][2][C]; scale, coef, Nx*D and B [N][C]; packed weight and
+// bias [C].
 size_t backward_bytes(const Geom& g, DType dt) {
   const size_t a = acc_size(dt);
   return align64(g.n * max_chunks(g) * 2 * g.c * a) + 4 * align64(g.n * g.c * a) +
-         align64(g.c * a);
+         2 * align64(g.c * a);
 }
 
 Layout layout_of(const TensorView& x) {
@@ -173,6 +177,8 @@ void forward_t(const Kernels& k, DType dt, const Geom& g, int act, const TensorV
   A* scale = static_cast<A*>(sc.take(N * C * sizeof(A)));
   A* w = static_cast<A*>(sc.take(C * sizeof(A)));
   A* shift = static_cast<A*>(sc.take(C * sizeof(A)));
+  A* ones = static_cast<A*>(sc.take(C * sizeof(A)));
+  A* zeros = static_cast<A*>(sc.take(C * sizeof(A)));
   if (N == 0) return;
   pack_channels<A>(weight, C, w);
   pack_channels<A>(bias, C, shift);
@@ -181,8 +187,17 @@ void forward_t(const Kernels& k, DType dt, const Geom& g, int act, const TensorV
     if (g.hw > 0) k.apply(dt, g, act, x.data, scale, shift, y.data);
     return;
   }
+  // With an activation and storage in the accumulation type, pass 1 also stores act(x)
+  // into y and pass 2 scales y in place: one evaluation of the activation instead of two.
+  // (bfloat16 would round act(x) once more on the way; it evaluates twice instead.)
+  const bool store_act = act != kActNone && dt != DType::BFloat16;
+  if (store_act) {
+    std::fill(ones, ones + C, A(1));
+    std::fill(zeros, zeros + C, A(0));
+    for (int64_t n = 0; n < N; ++n) std::copy(ones, ones + C, scale + n * C);
+  }
   if (g.hw > 0) {
-    k.sum_squares(dt, g, act, R, x.data, partial);
+    k.sum_squares(dt, g, act, R, x.data, partial, store_act ? y.data : nullptr, scale, zeros);
   } else {
     std::fill(partial, partial + N * R * C, A(0));
   }
@@ -200,14 +215,20 @@ void forward_t(const Kernels& k, DType dt, const Geom& g, int act, const TensorV
     }
   });
   if (norm_out) std::memcpy(norm_out->data, norm, N * C * sizeof(A));
-  if (g.hw > 0) k.apply(dt, g, act, x.data, scale, shift, y.data);
+  if (g.hw > 0) {
+    if (store_act)
+      k.apply(dt, g, kActNone, y.data, scale, shift, y.data);
+    else
+      k.apply(dt, g, act, x.data, scale, shift, y.data);
+  }
 }
 
 template <class A>
 void backward_t(const Kernels& k, DType dt, const Geom& g, int act, const TensorView& grad_y,
                 const TensorView& x, const TensorView& weight, const TensorView& norm_in,
                 double eps_d, const TensorView* grad_x, const TensorView* grad_weight,
-                const TensorView* grad_bias, ScratchCarver& sc) {
+                const TensorView* grad_bias, const TensorView* bias, const TensorView* y_out,
+                ScratchCarver& sc) {
   const int64_t N = g.n, C = g.c, R = reduction_chunks(g);
   const A eps = static_cast<A>(eps_d);
   A* partial = static_cast<A*>(sc.take(N * R * 2 * C * sizeof(A)));
@@ -216,10 +237,16 @@ void backward_t(const Kernels& k, DType dt, const Geom& g, int act, const Tensor
   A* nxd = static_cast<A*>(sc.take(N * C * sizeof(A)));
   A* bsum = static_cast<A*>(sc.take(N * C * sizeof(A)));
   A* w = static_cast<A*>(sc.take(C * sizeof(A)));
+  A* shift = static_cast<A*>(sc.take(C * sizeof(A)));
   pack_channels<A>(weight, C, w);
   const A* norm = static_cast<const A*>(norm_in.data);
+  if (y_out) {  // the forward output, recomputed in the reduction pass
+    pack_channels<A>(*bias, C, shift);
+    scales_from_norms<A>(N, C, norm, w, eps, scale);
+  }
   if (N > 0 && g.hw > 0) {
-    k.sum_grads(dt, g, act, R, grad_y.data, x.data, partial);
+    k.sum_grads(dt, g, act, R, grad_y.data, x.data, partial, y_out ? y_out->data : nullptr,
+                scale, shift);
   } else {
     std::fill(partial, partial + N * R * 2 * C, A(0));
   }
@@ -388,29 +415,32 @@ void global_response_norm_backward(const TensorView& grad_y, const TensorView& x
                                    const TensorView& weight, const TensorView& norm, double eps,
                                    const TensorView* grad_x, const TensorView* grad_weight,
                                    const TensorView* grad_bias, void* scratch,
-                                   size_t scratch_bytes, GrnActivation act) {
+                                   size_t scratch_bytes, GrnActivation act,
+                                   const TensorView* bias, const TensorView* y) {
   const int code = act_code(act);
-  const GrnShape s = global_response_norm_shape(x, weight, nullptr, eps);
+  const GrnShape s = global_response_norm_shape(x, weight, bias, eps);
+  FV_CHECK_VALUE(!y || bias, "y: the recomputed forward output needs the bias (got none)");
   check_activation(grad_y, x, s, "grad_y");
   if (grad_x) check_activation(*grad_x, x, s, "grad_x");
+  if (y) check_activation(*y, x, s, "y");
   check_norm(norm, x, s, "norm");
   if (grad_weight) check_channel_vector(*grad_weight, x, s, "grad_weight");
   if (grad_bias) check_channel_vector(*grad_bias, x, s, "grad_bias");
   refuse_cuda(x);
-  const TensorView* acts[3] = {&x, &grad_y, grad_x ? grad_x : &x};
-  const Layout layout = common_layout(acts, 3);
+  const TensorView* acts[4] = {&x, &grad_y, grad_x ? grad_x : &x, y ? y : &x};
+  const Layout layout = common_layout(acts, 4);
   const Geom g = geom_of(s, layout);
   const size_t need = backward_bytes(g, x.dtype);
   FV_CHECK_VALUE(scratch_bytes >= need && scratch != nullptr, "scratch: need ", need,
                  " bytes, got ", scratch_bytes);
-  if (!grad_x && !grad_weight && !grad_bias) return;
+  if (!grad_x && !grad_weight && !grad_bias && !y) return;
   ScratchCarver sc(scratch, scratch_bytes);
   if (x.dtype == DType::Float64)
     backward_t<double>(kernels(), x.dtype, g, code, grad_y, x, weight, norm, eps, grad_x, grad_weight,
-                       grad_bias, sc);
+                       grad_bias, bias, y, sc);
   else
     backward_t<float>(kernels(), x.dtype, g, code, grad_y, x, weight, norm, eps, grad_x, grad_weight,
-                      grad_bias, sc);
+                      grad_bias, bias, y, sc);
 }
 
 }  // namespace fastvis

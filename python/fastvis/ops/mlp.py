@@ -104,50 +104,49 @@ def _mlp_bwd(
     x, h = x.detach(), h.detach()
     w1, w2 = fc1_weight.detach(), fc2_weight.detach()
     hidden, cin, cout = w1.shape[0], w1.shape[1], w2.shape[0]
-    gy2, x2, h2 = gy.reshape(-1, cout), x.reshape(-1, cin), h.reshape(-1, hidden)
+    gy2, x2 = gy.reshape(-1, cout), x.reshape(-1, cin)
     empty = x.new_empty(0)  # placeholder only: every returned empty is its own tensor
     n_x, n_w1, n_b1, n_w2, n_b2, n_gw, n_gb = needs
     grn = grn_weight is not None
     gw = grn_weight.detach() if grn else None
     need_dh = n_x or n_w1 or n_b1 or n_gw or n_gb
-    # The hidden activation a = GRN?(GELU(h)) again, for fc2's weight gradient.
-    out_w2 = empty
-    if n_w2:
-        if grn:
-            a = torch.empty_like(h)
-            gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(gw)
-            nbytes = _C.global_response_norm_forward_scratch_bytes(_nchw(h))
-            _C.global_response_norm_apply(_nchw(h), gw, gb, grn_eps, norm.detach(), _nchw(a),
-                                          scratch(nbytes, h.device), act)
-        else:
-            a = F.gelu(h, approximate=_gelu_name(act))
-        out_w2 = torch.mm(gy2.t(), a.reshape(-1, hidden))
-        del a
-    out_b2 = gy2.sum(0) if n_b2 else empty
+    out_x = out_w1 = out_b1 = out_w2 = empty
     outs_grn = [empty, empty]
-    out_x = out_w1 = out_b1 = empty
-    if need_dh:
+    # fc2's weight gradient needs the hidden activation a = GRN?(GELU(h)) again: with GRN
+    # the core's backward writes it in its reduction pass (from the saved norms), without
+    # GRN torch's gelu recomputes it.
+    a = torch.empty_like(h) if (n_w2 and grn) else None
+    dh = None
+    if need_dh or a is not None:
         da = torch.mm(gy2, w2).view(h.shape)
         if grn:
             dh = torch.empty_like(h) if (n_x or n_w1 or n_b1) else None
             ggw = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gw else None
             ggb = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gb else None
+            gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(gw)
             nbytes = _C.global_response_norm_backward_scratch_bytes(_nchw(h))
             _C.global_response_norm_backward(_nchw(da), _nchw(h), gw, norm.detach(), grn_eps,
                                              None if dh is None else _nchw(dh), ggw, ggb,
-                                             scratch(nbytes, h.device), act)
+                                             scratch(nbytes, h.device), act, gb,
+                                             None if a is None else _nchw(a))
             outs_grn = [empty if ggw is None else ggw, empty if ggb is None else ggb]
-        else:
+        elif need_dh:
             dh = torch.ops.aten.gelu_backward(da, h, approximate=_gelu_name(act))
         del da
-        if dh is not None:
-            dh2 = dh.reshape(-1, hidden)
-            if n_w1:
-                out_w1 = torch.mm(dh2.t(), x2)
-            if n_b1:
-                out_b1 = dh2.sum(0)
-            if n_x:
-                out_x = torch.mm(dh2, w1).view(*x.shape)
+    if n_w2:
+        if a is None:
+            a = F.gelu(h, approximate=_gelu_name(act))
+        out_w2 = torch.mm(gy2.t(), a.reshape(-1, hidden))
+        del a
+    out_b2 = gy2.sum(0) if n_b2 else empty
+    if dh is not None:
+        dh2 = dh.reshape(-1, hidden)
+        if n_w1:
+            out_w1 = torch.mm(dh2.t(), x2)
+        if n_b1:
+            out_b1 = dh2.sum(0)
+        if n_x:
+            out_x = torch.mm(dh2, w1).view(*x.shape)
     outs = [out_x, out_w1, out_b1, out_w2, out_b2, *outs_grn]
     return [o if o is not empty else x.new_empty(0) for o in outs]
 
