@@ -41,6 +41,7 @@ from torch import nn
 
 from .._reference import reference_enabled
 from ..ops.metanext_block import metanext_block
+from ..ops.mlp import mlp
 from .convnext import drop_path_scale
 from .inception_dwconv import InceptionDWConv2d
 from .reparam import cached_fold
@@ -82,9 +83,14 @@ class ConvMlp(nn.Module):
         w1, b1 = self.fc1_matrix() if fc1 is None else fc1
         w2, b2 = self.fc2_matrix() if fc2 is None else fc2
         h = x.permute(0, 2, 3, 1)  # (N, H, W, C): a dense view when x is channels_last
-        h = F.linear(h, w1, b1)
-        h = self.drop(self.act(h))
-        h = F.linear(h, w2, b2)
+        if type(self.act) is nn.GELU and (self.drop.p == 0 or not self.training):
+            # One fastvis.ops.mlp call: autograd keeps fc1's input and output, not GELU's
+            # output too; the backward recomputes GELU (no GEMM is recomputed).
+            h = mlp(h, w1, b1, w2, b2, approximate=self.act.approximate)
+        else:
+            h = F.linear(h, w1, b1)
+            h = self.drop(self.act(h))
+            h = F.linear(h, w2, b2)
         return h.permute(0, 3, 1, 2)  # logically NCHW, channels_last in memory
 
 
