@@ -73,6 +73,21 @@ def test_unknown_subcommand_is_one_line_and_exit_2():
     assert r.stdout == ""
 
 
+@pytest.mark.parametrize("grn", [True, False])
+def test_bench_mlp_quick(grn):
+    r = run_cli("bench", "mlp", "--quick", "--no-compile", "--format", "text",
+                *([] if grn else ["--no-grn"]))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "training step" in r.stdout and "inference" in r.stdout
+    assert ("GELU, GRN, fc2" in r.stdout) == grn
+    for col in ("fastvis ms", "eager ms", "eager/fastvis", "saved MB fastvis", "saved ratio", "rel err"):
+        assert col in r.stdout
+    rows = [l.split() for l in r.stdout.splitlines() if l.startswith("16 ")]
+    assert len(rows) == 2 and float(rows[0][-1]) < 1e-5  # fastvis matches the reference
+    assert float(rows[0][-2]) < 0.7  # keeps less than eager PyTorch
+    assert "C=16 8x8 N=1 training: timing fastvis, eager" in r.stderr
+
+
 def test_bench_dwconv_quick(tmp_path):
     out = tmp_path / "dwconv.json"
     r = run_cli("bench", "dwconv", "--quick", "--no-compile", "--kernels", "3", "--batch", "1",

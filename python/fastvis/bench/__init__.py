@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, TextIO
 BENCHMARKS: Dict[str, str] = {
     "dwconv": ".dwconv",
     "block": ".block",
+    "mlp": ".mlp",
     "model": ".model",
     "train": ".train",
 }

@@ -27,7 +27,7 @@ import torch
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, register_autograd, empty_like_layout, like_layout, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, dl, forward_op, register_autograd, empty_like_layout, like_layout, scratch
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 
 
@@ -56,8 +56,8 @@ def _grn_fwd(
     y = empty_like_layout(x.shape, x)
     norm = _empty_norm(x)
     nbytes = _C.global_response_norm_forward_scratch_bytes(x)
-    _C.global_response_norm_forward(x, weight.detach(), bias.detach(), eps, y, norm,
-                                    scratch(nbytes, x.device), activation)
+    _C.global_response_norm_forward(dl(x), dl(weight.detach()), dl(bias.detach()), eps, dl(y),
+                                    dl(norm), dl(scratch(nbytes, x.device)), activation)
     return y, norm
 
 
@@ -88,9 +88,9 @@ def _grn_bwd(
     if need_input or need_weight or need_bias:
         nbytes = _C.global_response_norm_backward_scratch_bytes(x)
         _C.global_response_norm_backward(
-            gy, x, weight.detach(), norm.detach(), eps,
-            gx if need_input else None, gw if need_weight else None, gb if need_bias else None,
-            scratch(nbytes, x.device), activation,
+            dl(gy), dl(x), dl(weight.detach()), dl(norm.detach()), eps,
+            dl(gx) if need_input else None, dl(gw) if need_weight else None,
+            dl(gb) if need_bias else None, dl(scratch(nbytes, x.device)), activation,
         )
     return gx, gw, gb
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, forward_op, register_autograd, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch
 from ._checks import CPU_DTYPES, CUDA_DTYPES, check_eps, check_param_tensors, cpu_core_serves
 from .grn import global_response_norm_reference
 
@@ -74,8 +74,8 @@ def _mlp_fwd(
         norm = torch.empty(h.shape[0], h.shape[-1], dtype=_stats_dtype(h.dtype), device=h.device)
         gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(grn_weight)
         nbytes = _C.global_response_norm_forward_scratch_bytes(_nchw(h))
-        _C.global_response_norm_forward(_nchw(h), grn_weight.detach(), gb, grn_eps, _nchw(a), norm,
-                                        scratch(nbytes, h.device), act)
+        _C.global_response_norm_forward(dl(_nchw(h)), dl(grn_weight.detach()), dl(gb), grn_eps,
+                                        dl(_nchw(a)), dl(norm), dl(scratch(nbytes, h.device)), act)
     else:
         a = F.gelu(h, approximate=_gelu_name(act))
         norm = h.new_empty(0)
@@ -125,10 +125,10 @@ def _mlp_bwd(
             ggb = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gb else None
             gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(gw)
             nbytes = _C.global_response_norm_backward_scratch_bytes(_nchw(h))
-            _C.global_response_norm_backward(_nchw(da), _nchw(h), gw, norm.detach(), grn_eps,
-                                             None if dh is None else _nchw(dh), ggw, ggb,
-                                             scratch(nbytes, h.device), act, gb,
-                                             None if a is None else _nchw(a))
+            _C.global_response_norm_backward(dl(_nchw(da)), dl(_nchw(h)), dl(gw), dl(norm.detach()),
+                                             grn_eps, dl(None if dh is None else _nchw(dh)), dl(ggw),
+                                             dl(ggb), dl(scratch(nbytes, h.device)), act, dl(gb),
+                                             dl(None if a is None else _nchw(a)))
             outs_grn = [empty if ggw is None else ggw, empty if ggb is None else ggb]
         elif need_dh:
             dh = torch.ops.aten.gelu_backward(da, h, approximate=_gelu_name(act))
