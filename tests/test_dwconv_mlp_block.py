@@ -142,6 +142,16 @@ def test_unireplknet_shapes(N, C, H, k):
     _check(_run(x, p, kw), x, p, kw)
 
 
+@pytest.mark.parametrize("se", [False, True])
+def test_grn_above_the_hidden_store_cap(se):
+    """GRN blocks keep the statistics pass's hidden activations for the output pass up to
+    40 MiB (kGrnStoreBytes in convnext_block.cpp) and recompute them above: N*H*W*hidden
+    float32 values of 2 * 410 * 410 * 64 * 4 B = 86 MB here, the recompute path."""
+    x, p, kw = _make(2, 16, 410, 410, 3, 64, torch.float32, ln=False, se=se, grn="bias", gamma=True)
+    assert 2 * 410 * 410 * 64 * 4 > 40 << 20
+    _check(_run(x, p, kw), x, p, kw)
+
+
 def test_bfloat16_and_threads():
     x, p, kw = _make(2, 32, 12, 10, 7, 128, torch.bfloat16, ln=False, se=True, grn="nobias")
     _check(_run(x, p, kw), x, p, kw)

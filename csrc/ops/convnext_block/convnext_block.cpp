@@ -290,6 +290,8 @@ Packed pack(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
   return pack_all<float>(x, s, w, p, sc, dry);
 }
 
+constexpr size_t kGrnStoreBytes = size_t(40) << 20;
+
 // Forward scratch: packed parameters, then one tile buffer set per thread.
 size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
                       const ConvNeXtBlockParams& p, void* base, size_t bytes, Packed* pk,
@@ -305,7 +307,17 @@ size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
   void* ser = w.se_down_weight
                   ? sc.take(static_cast<size_t>(s.n * s.h * s.c) * acc_size(x.dtype))
                   : nullptr;
-  if (pk) *pk = packed;
+  // GRN: keep the statistics pass's hidden activations for the output pass when they fit
+  // in kGrnStoreBytes (the Python layer keeps up to 64 MiB of scratch per thread, so a
+  // buffer this size is reused, not faulted in, from call to call): the output pass then
+  // skips the mixer, SE and fc1 (a third of the block's GEMM work).
+  const size_t hidden_bytes =
+      static_cast<size_t>(s.n * s.h * s.w * s.hidden) * acc_size(x.dtype);
+  void* hid = (w.grn_weight && hidden_bytes <= kGrnStoreBytes) ? sc.take(hidden_bytes) : nullptr;
+  if (pk) {
+    *pk = packed;
+    pk->hidden = hid;
+  }
   if (bufs) *bufs = b;
   if (rowsq) *rowsq = rsq;
   if (serows) *serows = ser;

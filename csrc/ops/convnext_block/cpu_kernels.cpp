@@ -325,9 +325,13 @@ void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const
     A* t = bufs + std::min(slot, nbufs - 1) * pl.fwd_elems;
     A* hb = t + pl.P * C;
     A* dwb = hb + pl.P * Hd;
+    A* const stored = static_cast<A*>(pk.hidden);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
-      hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb);
+      if (stored)
+        hb = stored + g0 * s.w * Hd;  // the statistics pass left g there
+      else
+        hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb);
       if (pk.grn_f) {
         prof::Scope ps(prof::kGrn);
         grn_apply<A>(s, g0 * s.w, np, hb, static_cast<const A*>(pk.grn_f),
@@ -495,10 +499,12 @@ void grn_forward_stats_t(DType dt, const Shape& s, const Plan& pl, const Packed&
   const int64_t C = s.c, Hd = s.hidden, rows = s.n * s.h;
   parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t begin, int64_t end) {
     A* t = bufs + std::min(slot, nbufs - 1) * pl.fwd_elems;
-    A* hb = t + pl.P * C;
-    A* dwb = hb + pl.P * Hd;
+    A* const own = t + pl.P * C;
+    A* dwb = own + pl.P * Hd;
+    A* const stored = static_cast<A*>(pk.hidden);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt);
+      A* hb = stored ? stored + g0 * s.w * Hd : own;  // kept for the output pass
       hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb);
       for (int64_t gr = g0; gr < g1; ++gr) {
         A* out = rowsq + gr * Hd;

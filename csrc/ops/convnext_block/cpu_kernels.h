@@ -87,6 +87,10 @@ struct Packed {
   // channel, z *= se_scale[n][c], before fc1 (null: no SE). Filled by the caller from the
   // se_stats pass.
   const void* se_scale;  // [N][C]
+  // GRN forward (else null): the hidden activations g of every pixel, [N*H*W][hidden],
+  // written by the statistics pass and read (GRN applied in place) by the output pass,
+  // which then skips the mixer, SE and fc1. Null: the output pass recomputes them.
+  void* hidden = nullptr;
 };
 
 // Backward outputs of phase A (the tiles): D = d(loss)/d(dwconv output), NHWC in the
