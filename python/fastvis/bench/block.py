@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from . import print_table, table_format_choices
 from .timing import measure_interleaved
@@ -131,6 +131,23 @@ def _params(c: int, k: int, v2: bool, dtype):
     return {k_: v.requires_grad_() for k_, v in p.items()}
 
 
+def pass_fn(f, pas: str, x, xg, params):
+    """The timed callable of one pass of candidate f: "inference" runs f(x) under no_grad,
+    "training" runs f(xg) and the gradients of xg and params (the same for every candidate,
+    so each one's own backward is timed)."""
+    import torch
+
+    if pas == "inference":
+        def call():
+            with torch.no_grad():
+                return f(x)
+    else:
+        def call():
+            y = f(xg)
+            return torch.autograd.grad(y, [xg] + list(params), torch.ones_like(y))
+    return call
+
+
 def _saved_bytes(fn, params) -> float:
     """MB of the tensors autograd saves for the backward of fn(), parameters excluded."""
     import torch
@@ -203,14 +220,7 @@ def run(args: argparse.Namespace) -> int:
                     res = Result(c, hw, n, pas)
                     fns = {}
                     for name, f in cands.items():
-                        if pas == "inference":
-                            def call(f=f):
-                                with torch.no_grad():
-                                    return f(x)
-                        else:
-                            def call(f=f):
-                                y = f(xg)
-                                return torch.autograd.grad(y, [xg] + plist, torch.ones_like(y))
+                        call = pass_fn(f, pas, x, xg, plist)
                         try:
                             call()
                             fns[name] = call

@@ -23,7 +23,7 @@ import sys
 from typing import Callable, Dict, List
 
 from . import print_table, table_format_choices
-from .block import _pos_float, _pos_int, _saved_bytes, _stage
+from .block import _pos_float, _pos_int, _saved_bytes, _stage, pass_fn
 from .timing import measure_interleaved
 
 HELP = "fastvis.ops.mlp (fc1, GELU, GRN, fc2 with little activation memory) vs PyTorch"
@@ -102,17 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 x = torch.randn(n, hw, hw, c, generator=gen)
                 xg = x.clone().requires_grad_()
                 for pas in passes:
-                    fns = {}
-                    for name, f in cands.items():
-                        if pas == "inference":
-                            def fn(f=f):
-                                with torch.no_grad():
-                                    return f(x)
-                        else:
-                            def fn(f=f):
-                                y = f(xg)
-                                return torch.autograd.grad(y, [xg] + plist, torch.ones_like(y))
-                        fns[name] = fn
+                    fns = {name: pass_fn(f, pas, x, xg, plist) for name, f in cands.items()}
                     say(f"  C={c} {hw}x{hw} N={n} {pas}: timing {', '.join(fns)}")
                     st = measure_interleaved(fns, warmup=warmup, repeat=repeat, max_time=max_time)
                     ms = {k: s.median * 1e3 for k, s in st.items()}
