@@ -190,7 +190,9 @@ def test_reference_mode_bf16_autocast_and_no_grad():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         yb = call(mlp, t)
     assert yb.dtype == torch.bfloat16
-    assert (yb.float() - y).abs().max() <= 2 ** -6 * y.abs().max() * 4
+    # bfloat16 rounds x, the weights, h, GRN's output and y (2^-9 relative each, five
+    # times): 2^-6 of the largest output leaves ~4x margin (measured: ~2.6e-3).
+    assert (yb.float() - y).abs().max() <= 2 ** -6 * y.abs().max()
 
 
 def test_torch_compile_fullgraph_and_opcheck():

@@ -69,6 +69,18 @@ def _pos_float(s: str) -> float:
     return v
 
 
+def add_measure_arguments(p: argparse.ArgumentParser, quick_help: str) -> None:
+    """The "how to measure" options of the op-level benchmarks (block, mlp)."""
+    g = p.add_argument_group("how to measure")
+    g.add_argument("--threads", type=_pos_int, default=None,
+                   help="threads for fastvis and PyTorch alike (default: torch.get_num_threads())")
+    g.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate (default: 2)")
+    g.add_argument("--repeat", type=_pos_int, default=7, help="timed blocks per candidate (default: 7)")
+    g.add_argument("--max-time", type=_pos_float, default=2.0,
+                   help="seconds of timed blocks per candidate and case, at least 3 blocks (default: 2)")
+    g.add_argument("--quick", action="store_true", help=quick_help)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to measure")
     g.add_argument("--stages", nargs="+", type=_stage, metavar="CxS", default=None,
@@ -83,14 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", action="store_true",
                    help="also print where fastvis' time goes: wall time per phase of the tile "
                         "loop (dwconv, LayerNorm, fc1, GELU, fc2, ...), summed over threads")
-    g = p.add_argument_group("how to measure")
-    g.add_argument("--threads", type=_pos_int, default=None,
-                   help="threads for fastvis and PyTorch alike (default: torch.get_num_threads())")
-    g.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate (default: 2)")
-    g.add_argument("--repeat", type=_pos_int, default=7, help="timed blocks per candidate (default: 7)")
-    g.add_argument("--max-time", type=_pos_float, default=2.0,
-                   help="seconds of timed blocks per candidate and case, at least 3 blocks (default: 2)")
-    g.add_argument("--quick", action="store_true", help="one small stage, batch 1, few repeats")
+    add_measure_arguments(p, "one small stage, batch 1, few repeats")
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, metavar="PATH", help="also save all samples as JSON")
     g.add_argument("--format", choices=table_format_choices(), default="auto")

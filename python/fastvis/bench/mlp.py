@@ -23,7 +23,7 @@ import sys
 from typing import Callable, Dict, List
 
 from . import print_table, table_format_choices
-from .block import _pos_float, _pos_int, _saved_bytes, _stage, pass_fn
+from .block import _pos_int, _saved_bytes, _stage, add_measure_arguments, pass_fn
 from .timing import measure_interleaved
 
 HELP = "fastvis.ops.mlp (fc1, GELU, GRN, fc2 with little activation memory) vs PyTorch"
@@ -41,14 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-grn", action="store_true", help="no GRN (InceptionNeXt's / ConvNeXt's MLP)")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     g.add_argument("--no-inference", action="store_true", help="training step only")
-    g = p.add_argument_group("how to measure")
-    g.add_argument("--threads", type=_pos_int, default=None,
-                   help="threads for fastvis and PyTorch alike (default: torch.get_num_threads())")
-    g.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate (default: 2)")
-    g.add_argument("--repeat", type=_pos_int, default=7, help="timed blocks per candidate (default: 7)")
-    g.add_argument("--max-time", type=_pos_float, default=2.0,
-                   help="seconds of timed blocks per candidate and case, at least 3 blocks (default: 2)")
-    g.add_argument("--quick", action="store_true", help="one small shape, batch 1, few repeats")
+    add_measure_arguments(p, "one small shape, batch 1, few repeats")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=table_format_choices(), default="auto")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
