@@ -360,7 +360,8 @@ void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const
 // which thread ran which run.
 template <class T, class A>
 void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
-                      const T* gy, T* D, A* partials, A* bufs, int nbufs, bool need_gamma) {
+                      const T* gy, T* D, A* partials, A* w1_0, A* w2_0, A* bufs, int nbufs,
+                      bool need_gamma) {
   (void)need_gamma;  // the layer-scale gradient always comes from the fc2 partials
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
@@ -387,6 +388,10 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
     const A* grn_f = static_cast<const A*>(pk.grn_f);
     for (int64_t chunk = cbeg; chunk < cend; ++chunk) {
       A* part = partials + chunk * pl.partial_elems;  // the stride the reduction reads
+      // Run 0's weight-gradient sums may go straight to the caller's gradient tensors
+      // (w1_0 / w2_0, see backward_tiles in cpu_kernels.h).
+      A* const pw1 = chunk == 0 && w1_0 ? w1_0 : part + lay.w1;
+      A* const pw2 = chunk == 0 && w2_0 ? w2_0 : part + lay.w2;
       // The weight-gradient slots (2 x C x hidden) are written by the run's first tile's
       // GEMMs (beta = 0) instead of zeroed and then read back: for the wide blocks that
       // is 19 MB less to write and read per run. The small sums are zeroed.
@@ -451,7 +456,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         }  // ps_out
         {
           prof::Scope ps(prof::kWgrad);
-          mm(pl, Op::T, Op::N, C, Hd, np, A(1), e, C, zin, Hd, wbeta, part + lay.w2, Hd);
+          mm(pl, Op::T, Op::N, C, Hd, np, A(1), e, C, zin, Hd, wbeta, pw2, Hd);
         }
         if (grn_f) {  // dz, then dg = dz * f + u * g
           {
@@ -470,7 +475,7 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         }
         {
           prof::Scope ps(prof::kWgrad);
-          mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, wbeta, part + lay.w1, C);
+          mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, wbeta, pw1, C);
         }
         {
           prof::Scope ps(prof::kDgrad);
@@ -573,25 +578,28 @@ void forward(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const v
 }
 
 void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,
-                    const void* gy, void* d, void* partials, void* bufs, int nbufs,
-                    bool need_gamma) {
+                    const void* gy, void* d, void* partials, void* w1_0, void* w2_0, void* bufs,
+                    int nbufs, bool need_gamma) {
   switch (dt) {
     case DType::Float32:
       backward_tiles_t<float, float>(dt, s, pl, pk, static_cast<const float*>(x),
                                      static_cast<const float*>(gy), static_cast<float*>(d),
-                                     static_cast<float*>(partials), static_cast<float*>(bufs),
-                                     nbufs, need_gamma);
+                                     static_cast<float*>(partials), static_cast<float*>(w1_0),
+                                     static_cast<float*>(w2_0), static_cast<float*>(bufs), nbufs,
+                                     need_gamma);
       break;
     case DType::Float64:
       backward_tiles_t<double, double>(dt, s, pl, pk, static_cast<const double*>(x),
                                        static_cast<const double*>(gy), static_cast<double*>(d),
-                                       static_cast<double*>(partials),
-                                       static_cast<double*>(bufs), nbufs, need_gamma);
+                                       static_cast<double*>(partials), static_cast<double*>(w1_0),
+                                       static_cast<double*>(w2_0), static_cast<double*>(bufs),
+                                       nbufs, need_gamma);
       break;
     case DType::BFloat16:
       backward_tiles_t<bfloat16, float>(dt, s, pl, pk, static_cast<const bfloat16*>(x),
                                         static_cast<const bfloat16*>(gy),
                                         static_cast<bfloat16*>(d), static_cast<float*>(partials),
+                                        static_cast<float*>(w1_0), static_cast<float*>(w2_0),
                                         static_cast<float*>(bufs), nbufs, need_gamma);
       break;
     default: break;

@@ -98,9 +98,11 @@ struct Packed {
 #define FV_CNBLOCK_KERNEL_DECLS                                                               \
   void forward(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,     \
                void* y, void* bufs, int nbufs);                                               \
+  /* w1_0 / w2_0: where run 0 writes its fc1 / fc2 weight-gradient sums (hidden x C and */ \
+  /* C x hidden accumulators, dense) instead of its partial slots; null: the slots. */         \
   void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk,             \
-                      const void* x, const void* gy, void* d, void* partials, void* bufs,     \
-                      int nbufs, bool need_gamma);                                           \
+                      const void* x, const void* gy, void* d, void* partials, void* w1_0,     \
+                      void* w2_0, void* bufs, int nbufs, bool need_gamma);                    \
   /* GRN statistics, per image row r (global n*H + r): rowsq[r][j] = sum over the row's */  \
   /* pixels of g^2 (g = GELU(fc1(...))). */                                                  \
   void grn_forward_stats(DType dt, const Shape& s, const Plan& pl, const Packed& pk,         \
