@@ -88,6 +88,20 @@ def test_bench_mlp_quick(grn):
     assert "C=16 8x8 N=1 training: timing fastvis, eager" in r.stderr
 
 
+def test_bench_model_flop_count_matches_the_formula():
+    """The FLOPs `fastvis bench model` sets against the sgemm rate: 2 per multiply-add of
+    every convolution (grouped ones by their groups) and matrix product, nothing else."""
+    import torch.nn as nn
+
+    from fastvis.bench import model as bench_model
+
+    s = 12
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 5, padding=2, groups=8),
+                      nn.Conv2d(8, 16, 2, stride=2), nn.Flatten(), nn.Linear(16 * (s // 2) ** 2, 10))
+    macs = s * s * 8 * 3 * 9 + s * s * 8 * 25 + (s // 2) ** 2 * 16 * 8 * 4 + 16 * (s // 2) ** 2 * 10
+    assert bench_model._model_gflop(m, s) == pytest.approx(2 * macs * 1e-9, rel=1e-12)
+
+
 def test_bench_dwconv_quick(tmp_path):
     out = tmp_path / "dwconv.json"
     r = run_cli("bench", "dwconv", "--quick", "--no-compile", "--kernels", "3", "--batch", "1",

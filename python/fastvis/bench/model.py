@@ -13,6 +13,11 @@ into timm's), and times, interleaved in the same run:
 
 Reported: images per second of each candidate and the ratios candidate-time / fastvis-time
 (> 1: fastvis is faster), and the largest difference between fastvis' and timm's logits.
+Then the machine's bound: the model's convolution and matrix-product FLOPs per image
+(torch.utils.flop_counter) at the sgemm rate measured in the same run (the thread count x
+one thread's OpenBLAS sgemm of 256x1536x384, as ``fastvis bench block``), in images per
+second, with fastvis' rate and twice the baseline's (the issues' inference target) as
+fractions of it. Above 100 %: faster than every counted FLOP at the sgemm rate.
 Then a training step (forward, backward, SGD step; train mode) of fastvis against timm
 eager: images per second, and the activation memory the step keeps for its backward pass
 (the bytes of the tensors autograd saves, parameters excluded).
@@ -112,6 +117,48 @@ class Result:
     # "timm": timm's model of the same name; "reference": the same fastvis model under
     # fastvis.use_reference(True) (timm lacks the model, or is not installed).
     baseline: str = "timm"
+    gflop_per_image: float = math.nan  # convolutions and matrix products (see _model_gflop)
+
+
+def _model_gflop(model, size: int) -> float:
+    """GFLOP per image of the model's convolutions and matrix products (2 per multiply-add,
+    depthwise and grouped convolutions counted by their groups), as torch.utils.flop_counter
+    counts them on the model under fastvis.use_reference(True) (PyTorch ops), at batch 1.
+    Elementwise work (norms, activations, pooling) is not counted."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import fastvis
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), fastvis.use_reference(True), counter:
+        model(torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))
+    return counter.get_total_flops() * 1e-9
+
+
+def _print_bound_table(results: List[Result], sgemm: float, threads: int, fmt: str) -> None:
+    """What the machine allows: every counted FLOP at the sgemm rate, against fastvis and twice
+    the baseline (the issues' inference target)."""
+    rows = []
+    for r in results:
+        if math.isnan(r.gflop_per_image):
+            continue
+        base = "timm eager" if r.baseline == "timm" else "reference"
+        bound = sgemm / r.gflop_per_image  # img/s
+        f, b = r.median_s.get("fastvis", math.nan), r.median_s.get(base, math.nan)
+        fr, br = r.batch / f, r.batch / b
+        rows.append([r.model, str(r.batch), f"{r.gflop_per_image:.2f}", f"{bound:.1f}",
+                     "-" if math.isnan(fr) else f"{fr:.1f}",
+                     "-" if math.isnan(fr) else f"{100 * fr / bound:.0f}%",
+                     base, "-" if math.isnan(br) else f"{br:.1f}",
+                     "-" if math.isnan(br) else f"{100 * 2 * br / bound:.0f}%"])
+    if rows:
+        print()
+        print_table(f"Inference against the machine's sgemm bound: every counted FLOP at {sgemm:.0f} "
+                    f"GFLOP/s ({threads} x one thread's OpenBLAS sgemm of 256x1536x384, this run)",
+                    ["model", "N", "GFLOP/img", "sgemm bound img/s", "fastvis img/s",
+                     "fastvis / bound", "baseline", "baseline img/s", "2 x baseline / bound"],
+                    rows, fmt=fmt, n_left=2)
 
 
 def _one_line(e: BaseException) -> str:
@@ -257,6 +304,7 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     results: List[Result] = []
     interrupted = False
+    sgemm = fastvis._C.blas_sgemm_gflops(256, 1536, 384, 5) * threads
     say(f"model: {len(models)} model(s) x {len(batches)} batch size(s), {size}x{size}, "
         f"{threads} thread(s)")
     try:
@@ -273,13 +321,21 @@ def run(args: argparse.Namespace) -> int:
                     tm.load_state_dict(fv.state_dict(), strict=True)
                 except Exception as e:
                     tm, note = None, f"timm model unavailable: {_one_line(e)}"
+            flop_note = ""
+            try:
+                gflop = _model_gflop(fv, size)
+            except Exception as e:  # reported as a note; the timing goes on
+                gflop, flop_note = math.nan, _one_line(e)
             fv_deploy = None
             if tm is None and any(isinstance(m, fastvis.nn.Reparameterizable) for m in fv.modules()):
                 fv_deploy = fastvis.reparameterize(copy.deepcopy(fv))
             for n in batches:
-                res = Result(name, n, size, baseline="timm" if tm is not None else "reference")
+                res = Result(name, n, size, baseline="timm" if tm is not None else "reference",
+                             gflop_per_image=gflop)
                 if note:
                     res.notes["timm"] = note
+                if flop_note:
+                    res.notes["FLOP count"] = flop_note
                 if res.baseline == "reference":
                     res.notes["baseline"] = ("compared with the same fastvis model under "
                                              "fastvis.use_reference(True) (PyTorch ops)")
@@ -377,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
                     header, rows, fmt=args.format, n_left=3)
     if ref_results:
         _print_reference_tables(ref_results, args.format)
+    _print_bound_table(results, sgemm, threads, args.format)
     trows = []
     for r in timm_results:
         if not r.train_median_s:
