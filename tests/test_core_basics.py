@@ -11,7 +11,7 @@ import torch
 import fastvis
 
 REQUIRED_KEYS = {"version", "cpu_isa_compiled", "cpu_isa_selected", "cuda", "cuda_archs",
-                 "num_threads"}
+                 "num_threads", "threading"}
 
 
 def _as_list(v):
@@ -51,7 +51,64 @@ def test_build_info_keys_and_values():
     assert fastvis.build_info()["version"] == fastvis.__version__
 
 
-def test_num_threads_round_trip():
+def test_threading_backend_is_named():
+    assert fastvis.build_info()["threading"] in ("openmp", "pool")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_openmp_regions_share_pytorchs_runtime():
+    """Built with OpenMP, the core binds to the libgomp PyTorch loaded (one runtime, one team
+    of threads for both) instead of loading a second copy."""
+    if fastvis.build_info()["threading"] != "openmp":
+        pytest.skip("built without OpenMP: fastvis' own pool")
+    x = torch.randn(2, 32, 24, 24).contiguous(memory_format=torch.channels_last)
+    torch.nn.functional.conv2d(x, torch.randn(32, 32, 3, 3), padding=1)  # PyTorch's region
+    fastvis.ops.depthwise_conv2d(x, torch.randn(32, 1, 7, 7), padding=3)  # ours
+    with open("/proc/self/maps") as fh:
+        gomp = {line.split()[-1] for line in fh if "libgomp" in line}
+    assert len(gomp) <= 1, gomp
+
+
+def _forked_child(expected, x, w, q):
+    # No PyTorch computation here: PyTorch's own OpenMP regions would hang in a forked child.
+    import numpy as np
+    try:
+        y = fastvis.ops.depthwise_conv2d(x, w, padding=3)
+        q.put((fastvis.build_info()["threading"], bool(np.array_equal(y.numpy(), expected.numpy()))))
+    except BaseException as e:  # reported to the parent
+        q.put((repr(e), False))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork start method")
+def test_forked_child_runs_parallel_kernels():
+    """A child forked after the parent ran parallel regions computes the same result on two
+    threads instead of hanging (GNU libgomp cannot start a region there: the core falls
+    back to its own pool)."""
+    import multiprocessing as mp
+
+    old = fastvis.get_num_threads()
+    fastvis.set_num_threads(2)
+    try:
+        x = torch.randn(2, 64, 40, 40).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(64, 1, 7, 7)
+        expected = fastvis.ops.depthwise_conv2d(x, w, padding=3)  # the parent runs regions
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_forked_child, args=(expected, x, w, q))
+        p.start()
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("the forked child hung")
+        backend, same = q.get(timeout=10)
+        assert p.exitcode == 0 and same, backend
+        assert backend == "pool"
+        # The parent keeps its backend.
+        assert fastvis.build_info()["threading"] in ("openmp", "pool")
+        assert torch.equal(fastvis.ops.depthwise_conv2d(x, w, padding=3), expected)
+    finally:
+        fastvis.set_num_threads(0 if old == torch.get_num_threads() else old)
+
     old = fastvis.get_num_threads()
     assert isinstance(old, int) and old >= 1
     try:

@@ -183,6 +183,7 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isa_selected"] = fastvis::cpu_isa_selected();
     d["cuda"] = fastvis::cuda_compiled();
     d["cuda_archs"] = fastvis::cuda_archs();
+    d["threading"] = fastvis::threading_backend();
     return d;
   });
 

@@ -1,7 +1,8 @@
-// fastvis: the core's one thread pool.
+// fastvis: the core's threads (OpenMP regions or its own pool, see threading_backend).
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace fastvis {
 
@@ -10,6 +11,11 @@ namespace fastvis {
 // hardware concurrency.
 void set_num_threads(int n);
 int get_num_threads();
+
+// How parallel regions run: "openmp" (the OpenMP runtime's threads, shared with every other
+// user of that runtime in the process, e.g. PyTorch) or "pool" (fastvis' own threads:
+// builds without OpenMP, and processes forked after a region ran).
+std::string threading_backend();
 
 // Runs fn(begin, end) over [0, n) split into at most get_num_threads() contiguous
 // chunks of at least `grain` items. The split depends only on n, grain and the
