@@ -198,3 +198,29 @@ def test_backward_recomputes_the_forward_output(act, layout, dtype):
     assert all(torch.equal(p, q) for p, q in zip(grads, grads_y))
     with pytest.raises(ValueError, match="bias"):
         _C.global_response_norm_backward(gy, x, w, norm, 1e-6, None, None, None, None, act, None, y_bwd)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("activation", sorted(ACTS))
+def test_nan_stays_in_its_image(activation, layout):
+    """A NaN in one image poisons that image (its norms, then every value) and nothing else:
+    the other image's output and gradients are what the image gives alone, and the NaN
+    pattern is the reference's."""
+    cfg = GrnCfg(n=2, c=16, h=5, w=6, layout=layout)
+    x, w, b = make_inputs(cfg)
+    x = x.clone()
+    x[0, 3, 2, 4] = float("nan")
+    xg = x.detach().requires_grad_(True)
+    y = grn(xg, w, b, activation=activation)
+    (gx,) = torch.autograd.grad(y, xg, torch.ones_like(y))
+    with fastvis.use_reference(True):
+        xr = x.detach().requires_grad_(True)
+        yr = grn(xr, w, b, activation=activation)
+        (gxr,) = torch.autograd.grad(yr, xr, torch.ones_like(yr))
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    assert torch.equal(torch.isnan(gx), torch.isnan(gxr)) and torch.isfinite(gx[1]).all()
+    x1 = x[1:].detach().contiguous(memory_format=cfg.memory_format).requires_grad_(True)
+    y1 = grn(x1, w, b, activation=activation)
+    (g1,) = torch.autograd.grad(y1, x1, torch.ones_like(y1))
+    assert torch.equal(y[1:], y1) and torch.equal(gx[1:], g1)
