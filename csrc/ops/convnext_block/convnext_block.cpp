@@ -626,19 +626,21 @@ void reduce_partials(const Shape& s, const Plan& pl, const Packed& pk, A* partia
   // the same bits): no separate buffer, whose zeroing and page faults cost more than the
   // sum for the wide stages at batch 1 (19 MB for ConvNeXt-T's 768-channel blocks).
   A* sum = partials;
-  // Run 0's home of partial element i (the layout's w1, w2 slots may live elsewhere).
-  A* const run0_w1 = w1_0 ? w1_0 - lay.w1 : sum;
-  A* const run0_w2 = w2_0 ? w2_0 - lay.w2 : sum;
+  // Run 0's sums, by segment of the layout (w1, w2, then the small sums): its w1 / w2
+  // slots may live in the gradient tensors instead.
+  A* const w1_sum = w1_0 ? w1_0 : sum + lay.w1;
+  A* const w2_sum = w2_0 ? w2_0 : sum + lay.w2;
   if (pl.chunks > 1)
     parallel_for(lay.total, 4096, [&](int64_t b, int64_t e) {
       const int64_t seg[4] = {lay.w1, lay.w2, lay.b1, lay.total};
-      A* const home[3] = {run0_w1, run0_w2, sum};
+      A* const home[3] = {w1_sum, w2_sum, sum + lay.b1};  // element seg[k] lives at home[k]
       for (int k = 0; k < 3; ++k) {
         const int64_t lo = std::max(b, seg[k]), hi = std::min(e, seg[k + 1]);
-        A* dst = home[k];
+        if (lo >= hi) continue;
+        A* dst = home[k] + (lo - seg[k]);
         for (int64_t ch = 1; ch < pl.chunks; ++ch) {
           const A* src = partials + ch * pl.partial_elems;
-          for (int64_t i = lo; i < hi; ++i) dst[i] += src[i];
+          for (int64_t i = lo; i < hi; ++i) dst[i - lo] += src[i];
         }
       }
     });
@@ -649,7 +651,7 @@ void reduce_partials(const Shape& s, const Plan& pl, const Packed& pk, A* partia
   const A* w2 = static_cast<const A*>(pk.w2);
   const A* gm = static_cast<const A*>(pk.gamma);
   const A* b2 = static_cast<const A*>(pk.b2);
-  A* M = run0_w2 + lay.w2;
+  A* M = w2_sum;
   A* E = sum + lay.b2;
   A* dgam = sum + lay.gamma;
   const int64_t Hd = s.hidden;
@@ -691,8 +693,8 @@ void reduce_partials(const Shape& s, const Plan& pl, const Packed& pk, A* partia
       }
     });
   };
-  write(g.fc1_weight, run0_w1 + lay.w1, s.hidden * s.c);
-  write(g.fc2_weight, run0_w2 + lay.w2, s.c * s.hidden);
+  write(g.fc1_weight, w1_sum, s.hidden * s.c);
+  write(g.fc2_weight, w2_sum, s.c * s.hidden);
   write(g.fc1_bias, sum + lay.b1, s.hidden);
   write(g.fc2_bias, sum + lay.b2, s.c);
   write(g.norm_weight, sum + lay.nw, s.c);
