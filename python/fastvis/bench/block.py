@@ -69,24 +69,40 @@ def _pos_float(s: str) -> float:
     return v
 
 
-def add_measure_arguments(p: argparse.ArgumentParser, quick_help: str) -> None:
-    """The "how to measure" options of the op-level benchmarks (block, mlp)."""
+def add_measure_arguments(p: argparse.ArgumentParser, quick_help: str, max_time: float = 2.0) -> None:
+    """The "how to measure" options of the benchmarks built on measure_interleaved (block,
+    mlp, model)."""
     g = p.add_argument_group("how to measure")
     g.add_argument("--threads", type=_pos_int, default=None,
-                   help="threads for fastvis and PyTorch alike (default: torch.get_num_threads())")
+                   help="threads for every candidate, fastvis and PyTorch alike "
+                        "(default: torch.get_num_threads())")
     g.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate (default: 2)")
     g.add_argument("--repeat", type=_pos_int, default=7, help="timed blocks per candidate (default: 7)")
-    g.add_argument("--max-time", type=_pos_float, default=2.0,
-                   help="seconds of timed blocks per candidate and case, at least 3 blocks (default: 2)")
+    g.add_argument("--max-time", type=_pos_float, default=max_time,
+                   help=f"seconds of timed blocks per candidate and case, at least 3 blocks "
+                        f"(default: {max_time:g})")
     g.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def add_shape_arguments(g, what: str, stages: List[str], batches: List[int]) -> None:
+    """--stages and --batch of the op-level benchmarks (block, mlp), into group g."""
+    g.add_argument("--stages", nargs="+", type=_stage, metavar="CxS", default=None,
+                   help=f"{what}, channels x spatial size (default: {' '.join(stages)})")
+    g.add_argument("--batch", nargs="+", type=_pos_int, metavar="N", default=None,
+                   help=f"batch sizes (default: {' '.join(map(str, batches))})")
+
+
+def add_output_arguments(p: argparse.ArgumentParser, json_option: bool = True) -> None:
+    g = p.add_argument_group("output")
+    if json_option:
+        g.add_argument("--json", default=None, metavar="PATH", help="also save all samples as JSON")
+    g.add_argument("--format", choices=table_format_choices(), default="auto")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to measure")
-    g.add_argument("--stages", nargs="+", type=_stage, metavar="CxS", default=None,
-                   help=f"stage shapes, channels x spatial size (default: {' '.join(DEFAULT_STAGES)})")
-    g.add_argument("--batch", nargs="+", type=_pos_int, metavar="N", default=None,
-                   help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCH))})")
+    add_shape_arguments(g, "stage shapes", DEFAULT_STAGES, DEFAULT_BATCH)
     g.add_argument("--kernel", type=int, default=7, help="depthwise kernel size, odd (default: 7)")
     g.add_argument("--v2", action="store_true", help="ConvNeXt-V2 blocks (GRN, no layer scale)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -96,10 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also print where fastvis' time goes: wall time per phase of the tile "
                         "loop (dwconv, LayerNorm, fc1, GELU, fc2, ...), summed over threads")
     add_measure_arguments(p, "one small stage, batch 1, few repeats")
-    g = p.add_argument_group("output")
-    g.add_argument("--json", default=None, metavar="PATH", help="also save all samples as JSON")
-    g.add_argument("--format", choices=table_format_choices(), default="auto")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    add_output_arguments(p)
 
 
 @dataclass

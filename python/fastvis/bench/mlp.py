@@ -22,8 +22,9 @@ import argparse
 import sys
 from typing import Callable, Dict, List
 
-from . import print_table, table_format_choices
-from .block import _pos_int, _saved_bytes, _stage, add_measure_arguments, pass_fn
+from . import print_table
+from .block import (_saved_bytes, _stage, add_measure_arguments, add_output_arguments,
+                    add_shape_arguments, pass_fn)
 from .timing import measure_interleaved
 
 HELP = "fastvis.ops.mlp (fc1, GELU, GRN, fc2 with little activation memory) vs PyTorch"
@@ -34,17 +35,12 @@ DEFAULT_BATCH = [1, 8]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to measure")
-    g.add_argument("--stages", nargs="+", type=_stage, metavar="CxS", default=None,
-                   help=f"token shapes, channels x spatial size (default: {' '.join(DEFAULT_STAGES)})")
-    g.add_argument("--batch", nargs="+", type=_pos_int, metavar="N", default=None,
-                   help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCH))})")
+    add_shape_arguments(g, "token shapes", DEFAULT_STAGES, DEFAULT_BATCH)
     g.add_argument("--no-grn", action="store_true", help="no GRN (InceptionNeXt's / ConvNeXt's MLP)")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     g.add_argument("--no-inference", action="store_true", help="training step only")
     add_measure_arguments(p, "one small shape, batch 1, few repeats")
-    g = p.add_argument_group("output")
-    g.add_argument("--format", choices=table_format_choices(), default="auto")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    add_output_arguments(p, json_option=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,7 +46,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
-from . import print_table, table_format_choices
+from . import print_table
+from .block import _pos_int, add_measure_arguments, add_output_arguments
 from .timing import measure_interleaved
 
 HELP = ("whole-model inference and training step: fastvis vs timm eager, torch.compile and ONNX Runtime "
@@ -54,26 +55,6 @@ HELP = ("whole-model inference and training step: fastvis vs timm eager, torch.c
 
 DEFAULT_MODELS = ["convnext_atto", "convnext_tiny"]
 DEFAULT_BATCH = [1, 8]
-
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _pos_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,19 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     g.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
     g.add_argument("--no-train", action="store_true", help="skip the training step")
-    g = p.add_argument_group("how to measure")
-    g.add_argument("--threads", type=_pos_int, default=None,
-                   help="threads for every candidate (default: torch.get_num_threads())")
-    g.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate (default: 2)")
-    g.add_argument("--repeat", type=_pos_int, default=7, help="timed blocks per candidate (default: 7)")
-    g.add_argument("--max-time", type=_pos_float, default=3.0,
-                   help="seconds of timed blocks per candidate and case, at least 3 blocks (default: 3)")
-    g.add_argument("--quick", action="store_true",
-                   help="convnext_atto, batch 1, 64x64, few repeats (a smoke run)")
-    g = p.add_argument_group("output")
-    g.add_argument("--json", default=None, metavar="PATH", help="also save all samples as JSON")
-    g.add_argument("--format", choices=table_format_choices(), default="auto")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress messages on stderr")
+    add_measure_arguments(p, "convnext_atto, batch 1, 64x64, few repeats (a smoke run)", max_time=3.0)
+    add_output_arguments(p)
 
 
 @dataclass
