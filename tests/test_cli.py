@@ -102,6 +102,27 @@ def test_bench_model_flop_count_matches_the_formula():
     assert bench_model._model_gflop(m, s) == pytest.approx(2 * macs * 1e-9, rel=1e-12)
 
 
+def test_bench_model_bound_rows():
+    """The bound tables' arithmetic on made-up timings: inference sets every counted FLOP at
+    the sgemm rate against fastvis and twice the baseline; the training step counts 3x the
+    forward's FLOPs and gives the bound as a multiple of the baseline's rate."""
+    from fastvis.bench import model as bench_model
+
+    r = bench_model.Result("m", 8, 224, gflop_per_image=10.0)
+    r.median_s = {"fastvis": 1.0, "timm eager": 2.0}  # 8 and 4 img/s
+    r.train_median_s = {"fastvis": 4.0, "timm eager": 5.0}  # 2 and 1.6 img/s
+    (inf,) = bench_model._bound_rows([r], sgemm=100.0, train=False)
+    # bound 100 / 10 = 10 img/s: fastvis at 80 %, twice the baseline at 80 %
+    assert inf == ["m", "8", "10.00", "10.0", "8.00", "80%", "timm eager", "4.00", "80%"]
+    (tr,) = bench_model._bound_rows([r], sgemm=100.0, train=True)
+    # 30 GFLOP/img: bound 3.33 img/s; fastvis 2 (60 %), baseline 1.6 (48 %), bound / baseline 2.08x
+    assert tr == ["m", "8", "30.00", "3.3", "2.00", "60%", "timm eager", "1.60", "48%", "2.08x"]
+    r.baseline, r.train_median_s = "reference", {"fastvis": 4.0}  # no baseline time: dashes
+    (tr,) = bench_model._bound_rows([r], sgemm=100.0, train=True)
+    assert tr[6:] == ["reference", "-", "-", "-"]
+    assert bench_model._bound_rows([bench_model.Result("m", 1, 224)], 100.0, train=True) == []
+
+
 def test_bench_dwconv_quick(tmp_path):
     out = tmp_path / "dwconv.json"
     r = run_cli("bench", "dwconv", "--quick", "--no-compile", "--kernels", "3", "--batch", "1",
