@@ -34,13 +34,17 @@
 //        = a_b g + u_b + v_b z_b,
 //   v_b = -a_b (dL/dgamma_b) / (M sigma_b),  u_b = -a_b Sg / M - v_b mu_b.
 // Then, conv_b^T being the transposed (= flipped, same padding) convolution,
-//   dx    = sum_b conv_b^T(dz_b) = conv_K^T(g) + sum_b conv_b^T(r_b),   r_b = u_b + v_b z_b,
-//   dw_b  = corr(dz_b, x)        = a_b G[taps of b] + corr(r_b, x),
-// and r_b = conv(x; v_b w_b) + u_b is itself one depthwise convolution with a scaled kernel
-// and a bias. Scheme (simple and exact; every piece is a depthwise-family kernel):
-//   wgrad(g, x; E x E) -> G, Sg;  per-channel coefficients;  dx = conv_K^T(g);
-//   per branch: r_b = conv(x; v_b w_b) + u_b (one activation-sized buffer, reused),
-//               dx += conv_b^T(r_b),  dw_b = a_b G_b + wgrad(r_b, x; w_b's geometry).
+//   dx    = sum_b conv_b^T(dz_b),   dw_b = corr(dz_b, x),
+// and dz_b = conv(x; v_b w_b) + u_b + a_b g is one depthwise convolution with a scaled
+// kernel and a bias, plus a multiple of g. Scheme (exact; every piece is a depthwise-family
+// kernel):
+//   wgrad(g, x; E x E) -> G, Sg;  per-channel coefficients;
+//   per branch: dz_b = conv(x; v_b w_b) + u_b, then dz_b += a_b g (one activation-sized
+//               buffer, reused), dx += conv_b^T(dz_b), dw_b = wgrad(dz_b, x; w_b's geometry).
+// Per pixel and channel that is E^2 + 3 sum_b k_b^2 taps (979 for UniRepLKNet's 13x13
+// block). An earlier scheme split dz_b = a_b g + r_b and ran the a_b g parts merged,
+// dx = conv_K^T(g) + sum_b conv_b^T(r_b), dw_b = a_b G_b + corr(r_b, x): the same per-branch
+// passes plus one E x E pass, 2 E^2 + 3 sum_b k_b^2 taps (1148); measured slower.
 // Each pass is parallel with a shape-determined split; weight gradients are reduced in a
 // fixed order: results do not depend on the thread count.
 #include "fastvis/dilated_reparam.h"
@@ -280,8 +284,8 @@ void forward_t(const Shape& s, DType dt, const DilatedReparamBranches& br, doubl
 
 struct BwdBufs {
   void *xh = nullptr, *gyh = nullptr, *dxh = nullptr, *r = nullptr, *tmp = nullptr;
-  void *kpk = nullptr, *wpk = nullptr, *bias = nullptr;
-  double *ktmp = nullptr, *G = nullptr, *Sg = nullptr, *extra = nullptr;
+  void *wpk = nullptr, *bias = nullptr;
+  double *G = nullptr, *Sg = nullptr, *extra = nullptr;
   void *partial = nullptr, *bufs = nullptr;
 };
 
@@ -300,9 +304,7 @@ BwdBufs carve_backward(const Shape& s, DType dt, bool nchw, bool need_x, bool ne
   int64_t kmax = 1;
   for (int64_t b = 0; b < s.nb; ++b) kmax = std::max(kmax, s.k[b]);
   if (need_x || need_w) f.r = sc.take(act);
-  if (need_x) f.tmp = sc.take(act);
-  f.kpk = sc.take(E * E * s.cp * a);
-  f.ktmp = static_cast<double*>(sc.take(E * E * s.cp * sizeof(double)));
+  if (need_x && s.nb > 1) f.tmp = sc.take(act);
   f.wpk = sc.take(kmax * kmax * s.cp * a);
   f.bias = sc.take(s.cp * a);
   f.G = static_cast<double*>(sc.take(E * E * s.c * sizeof(double)));
@@ -384,43 +386,47 @@ void backward_t(const Shape& s, DType dt, const DilatedReparamBranches& br, cons
         store_from_double(grad_bt[b].dtype, grad_bt[b].data, c * grad_bt[b].strides[0], sg);
     }
   }
+  if (!dx && !grad_w) return;
   const int64_t act = s.n * s.h * s.w * C;
   A* r = static_cast<A*>(f.r);
   A* tmp = static_cast<A*>(f.tmp);
   A* wpk = static_cast<A*>(f.wpk);
   A* bias = static_cast<A*>(f.bias);
-  if (dx) {  // dx = conv_K^T(g): the flipped merged kernel a_b-weighted
-    pack_merged<A>(s, br, coef_a.data(), true, f.ktmp, static_cast<A*>(f.kpk));
-    kernels().dw_forward(dt, same_geom(s, E, 1), gy, f.kpk, nullptr, dx, f.bufs, nt);
-  }
-  if (!dx && !grad_w) return;
+  std::vector<A> ab(C);
   for (int64_t b = 0; b < B; ++b) {
     const TensorView& w = br.weight[b];
     const int64_t k = s.k[b];
     const dwconv::Geom g = same_geom(s, k, s.d[b]);
-    // r_b = conv(x; v_b w_b) + u_b
+    // dz_b = conv(x; v_b w_b) + u_b + a_b g
     pack_branch<A>(w, C, s.cp, coef_v.data() + b * C, false, wpk);
     std::fill(bias, bias + s.cp, A(0));
-    for (int64_t c = 0; c < C; ++c) bias[c] = static_cast<A>(coef_u[b * C + c]);
-    kernels().dw_forward(dt, g, x, wpk, bias, r, f.bufs, nt);
-    if (dx) {  // dx += conv_b^T(r_b)
-      pack_branch<A>(w, C, s.cp, nullptr, true, wpk);
-      kernels().dw_forward(dt, g, r, wpk, nullptr, tmp, f.bufs, nt);
-      parallel_for(act, 4096, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) dx[i] += tmp[i];
-      });
+    for (int64_t c = 0; c < C; ++c) {
+      bias[c] = static_cast<A>(coef_u[b * C + c]);
+      ab[c] = static_cast<A>(coef_a[b * C + c]);
     }
-    if (grad_w) {  // dw_b = a_b G_b + corr(r_b, x)
+    kernels().dw_forward(dt, g, x, wpk, bias, r, f.bufs, nt);
+    parallel_for(act / C, 64, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        A* rp = r + p * C;
+        const A* gp = gy + p * C;
+        for (int64_t c = 0; c < C; ++c) rp[c] += ab[c] * gp[c];
+      }
+    });
+    if (dx) {  // dx = sum_b conv_b^T(dz_b): the first branch writes dx, the others add
+      pack_branch<A>(w, C, s.cp, nullptr, true, wpk);
+      kernels().dw_forward(dt, g, r, wpk, nullptr, b == 0 ? dx : tmp, f.bufs, nt);
+      if (b > 0)
+        parallel_for(act, 4096, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) dx[i] += tmp[i];
+        });
+    }
+    if (grad_w) {  // dw_b = corr(dz_b, x)
       wgrad<A>(s, dt, g, r, x, f, f.extra, nullptr);
       const TensorView& gw = grad_w[b];
-      const int64_t d = s.d[b], o = half - pad_of(s, b);
       for (int64_t i = 0; i < k; ++i)
         for (int64_t j = 0; j < k; ++j)
-          for (int64_t c = 0; c < C; ++c) {
-            const double v = coef_a[b * C + c] * f.G[((o + i * d) * E + (o + j * d)) * C + c] +
-                             f.extra[(i * k + j) * C + c];
-            store_from_double(gw.dtype, gw.data, widx(gw, c, i, j), v);
-          }
+          for (int64_t c = 0; c < C; ++c)
+            store_from_double(gw.dtype, gw.data, widx(gw, c, i, j), f.extra[(i * k + j) * C + c]);
     }
   }
 }
