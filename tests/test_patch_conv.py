@@ -97,14 +97,134 @@ def test_model_shapes_and_thread_counts(shape, threads):
     torch.testing.assert_close(y, y1, rtol=0, atol=1e-5)
 
 
-def test_gradients_fall_back_to_pytorch():
-    x, w, b = make(dict(n=2, cin=5, cout=7, kh=2, kw=2, h=6, w=7, layout="nhwc", bias=True,
-                        dtype=torch.float64))
+@sweep(40)
+@given(p=problems(), needs=st.sampled_from(["all", "x", "weight", "bias", "weight+bias"]))
+def test_gradients_match_conv2d(p, needs):
+    """Training: the output and input gradient (PyTorch's convolution) and the weight / bias
+    gradients (the core's gather + GEMM) against F.conv2d's in float64, for any stride,
+    padding, layout of x and of the weight, and any subset of the gradients; the output is
+    channels_last as in inference."""
+    x, w, b = make(p, seed=3)
+    want = {"all": "xwb", "x": "x", "weight": "w", "bias": "b", "weight+bias": "wb"}[needs]
+    if b is None:
+        want = want.replace("b", "") or "x"
+    ts = {"x": x, "w": w, "b": b}
+    for k in want:
+        ts[k].requires_grad_(True)
+    st_ = p["stride"] or (p["kh"], p["kw"])
+    y = patch_conv2d(x, w, b, p["stride"], p["padding"])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=y.dtype)
+    got = torch.autograd.grad(y, [ts[k] for k in want], gy)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    bd = None if b is None else b.detach().double().requires_grad_()
+    ref_t = {"x": xd, "w": wd, "b": bd}
+    yr = F.conv2d(xd, wd, bd, stride=st_, padding=p["padding"])
+    ref = torch.autograd.grad(yr, [ref_t[k] for k in want], gy.double())
+    tol = 1e-10 if p["dtype"] == torch.float64 else 1e-4
+    torch.testing.assert_close(y.double(), yr.detach(), rtol=tol, atol=tol * max(1.0, yr.abs().max().item()))
+    for k, g, r in zip(want, got, ref):
+        assert g.shape == ts[k].shape and g.dtype == p["dtype"], k
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * scale, msg=lambda m: f"{k}: {m}")
+
+
+def test_gradcheck_float64():
+    x, w, b = make(dict(n=2, cin=5, cout=7, kh=3, kw=2, h=6, w=7, layout="nhwc", bias=True,
+                        stride=(2, 1), padding=(1, 1), dtype=torch.float64))
     for t in (x, w, b):
         t.requires_grad_(True)
-    y = patch_conv2d(x, w, b)
+    y = patch_conv2d(x, w, b, (2, 1), (1, 1))
     assert y.grad_fn is not None
-    assert torch.autograd.gradcheck(lambda x, w, b: patch_conv2d(x, w, b), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: patch_conv2d(x, w, b, (2, 1), (1, 1)), (x, w, b))
+
+
+def test_weight_gradient_runs_in_the_core_and_is_thread_count_independent(monkeypatch):
+    """The weight / bias gradients come from the core (a spy sees the call), and do not
+    depend on the thread count (the pixel chunks and the GEMM's column split are functions
+    of the shape): bitwise equal with 1 and 2 threads."""
+    calls = []
+    real = _C.patch_conv2d_backward_weight
+    monkeypatch.setattr(_C, "patch_conv2d_backward_weight", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    torch.manual_seed(5)
+    x = torch.randn(3, 24, 40, 36).to(memory_format=torch.channels_last)
+    w = torch.randn(48, 24, 3, 3, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    gy = torch.randn(3, 48, 20, 18)
+    grads = []
+    try:
+        for n in (1, 2):
+            fastvis.set_num_threads(n)
+            y = patch_conv2d(x, w, b, 2, 1)
+            grads.append(torch.autograd.grad(y, (w, b), gy))
+    finally:
+        fastvis.set_num_threads(0)
+    assert len(calls) == 2
+    for g1, g2 in zip(*grads):
+        assert torch.equal(g1, g2)
+    ref = torch.autograd.grad(F.conv2d(x, w, b, stride=2, padding=1), (w, b), gy)
+    for g, r in zip(grads[0], ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
+
+
+def test_fused_norm_gradients_use_pytorch():
+    """With a fused LayerNorm the op has no backward of its own: patch_conv2d differentiates
+    through the reference, and calling the custom op directly with gradients says so."""
+    x, w, b = make(dict(n=2, cin=4, cout=6, kh=2, kw=2, h=6, w=6, layout="nhwc", bias=True,
+                        dtype=torch.float64))
+    nw = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w, nw: patch_conv2d(x, w, b, norm="after", norm_weight=nw), (w, nw))
+    with pytest.raises(RuntimeError, match="no backward with a fused LayerNorm"):
+        torch.ops.fastvis.patch_conv2d(x, w, b, [2, 2], [0, 0], 2, nw, None, 1e-6).sum().backward()
+
+
+def test_core_weight_gradient_rejects_bad_input():
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    w = torch.randn(6, 4, 2, 2)
+    gy = torch.randn(2, 6, 4, 4).to(memory_format=torch.channels_last)
+    gw, gb = torch.empty_like(w), torch.empty(6)
+    call = _C.patch_conv2d_backward_weight
+    with pytest.raises(ValueError, match="grad_y: must be dense channels_last"):
+        call(gy.contiguous(), x, w, gw, gb, None, [2, 2], [0, 0])
+    with pytest.raises(ValueError, match="grad_y: expected shape"):
+        call(gy[:, :5], x, w, gw, gb, None, [2, 2], [0, 0])
+    with pytest.raises(ValueError, match="grad_weight: expected the weight's shape and strides"):
+        call(gy, x, w, gw.to(memory_format=torch.channels_last), gb, None, [2, 2], [0, 0])
+    with pytest.raises(ValueError, match="grad_bias"):
+        call(gy, x, w, gw, torch.empty(5), None, [2, 2], [0, 0])
+    with pytest.raises(TypeError, match="grad_y: expected dtype"):
+        call(gy.double(), x, w, gw, gb, None, [2, 2], [0, 0])
+    with pytest.raises(ValueError, match="scratch: need"):
+        call(gy, x, w, gw, gb, torch.empty(8, dtype=torch.uint8), [2, 2], [0, 0])
+    call(gy, x, w, gw, gb, None, [2, 2], [0, 0])  # the binding allocates scratch when given none
+    ref = torch.ops.aten.convolution_backward(gy, x, w, [6], [2, 2], [0, 0], [1, 1], False, [0, 0], 1,
+                                              [False, True, True])
+    torch.testing.assert_close(gw, ref[1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gb, ref[2], rtol=1e-5, atol=1e-4)
+    # an empty batch: zero gradients
+    x0, gy0 = x[:0], gy[:0]
+    gw.fill_(1), gb.fill_(1)
+    call(gy0, x0, w, gw, gb, None, [2, 2], [0, 0])
+    assert not gw.any() and not gb.any()
+
+
+def test_compile_fullgraph_training():
+    x = torch.randn(2, 4, 9, 8).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    f = torch.compile(lambda x, w, b: patch_conv2d(x, w, b, 2, 1), fullgraph=True, backend="eager")
+    got = torch.autograd.grad(f(x, w, b).square().sum(), (x, w, b))
+    ref = torch.autograd.grad(F.conv2d(x, w, b, stride=2, padding=1).square().sum(), (x, w, b))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_custom_op_opcheck():
+    x = torch.randn(2, 4, 7, 6).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastvis.patch_conv2d.default, (x, w, b, [2, 2], [1, 1], 0, None, None, 1e-6))
 
 
 def test_other_dtypes_and_reference_switch():
@@ -217,9 +337,12 @@ def test_strided_module_in_inference_and_training():
     x = torch.randn(2, 8, 11, 10)
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
-    y = m(x)  # training: PyTorch's convolution, gradients flow
+    y = m(x)  # training: the op with its backward, gradients flow
     y.sum().backward()
     assert m.weight.grad is not None and y.is_contiguous(memory_format=torch.channels_last)
+    ref(x).sum().backward()
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_empty_batch():
@@ -239,7 +362,7 @@ def test_module_is_a_conv2d_drop_in():
         y = m(x)
         torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    y = m(x)  # training path (parameters require grad): PyTorch's convolution, channels_last out
+    y = m(x)  # training path (parameters require grad): the op with its backward, channels_last out
     assert y.grad_fn is not None and y.is_contiguous(memory_format=torch.channels_last)
 
 

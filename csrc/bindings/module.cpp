@@ -341,7 +341,7 @@ PYBIND11_MODULE(_C, m) {
     return &v;
   };
 
-  // ---- patch convolution (stride == kernel by default; any stride / zero padding), forward only
+  // ---- patch convolution (stride == kernel by default; any stride / zero padding): forward, weight gradient
   auto pc_params = [](const std::vector<int64_t>& stride, const std::vector<int64_t>& padding) {
     FV_CHECK_VALUE(stride.size() == 2 && padding.size() == 2,
                    "stride and padding: expected two values each (h, w)");
@@ -387,6 +387,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("padding") = std::vector<int64_t>{0, 0}, py::arg("norm") = 0,
       py::arg("norm_weight") = py::none(), py::arg("norm_bias") = py::none(),
       py::arg("norm_eps") = 1e-6);
+
+  m.def("patch_conv2d_backward_weight_scratch_bytes",
+        [pc_params](py::object x, py::object w, std::vector<int64_t> stride,
+                    std::vector<int64_t> padding) {
+          Borrowed b;
+          return patch_conv2d_backward_weight_scratch_bytes(b.view(x, "x"), b.view(w, "weight"),
+                                                            pc_params(stride, padding));
+        },
+        py::arg("x"), py::arg("weight"), py::arg("stride") = std::vector<int64_t>{0, 0},
+        py::arg("padding") = std::vector<int64_t>{0, 0});
+  m.def(
+      "patch_conv2d_backward_weight",
+      [opt_view, pc_params](py::object grad_y, py::object x, py::object w, py::object grad_w,
+                            py::object grad_bias, py::object scratch, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding) {
+        Borrowed b;
+        TensorView gyv = b.view(grad_y, "grad_y"), xv = b.view(x, "x"), wv = b.view(w, "weight"),
+                   gwv = b.view(grad_w, "grad_weight"), gbv;
+        const TensorView* gbp = opt_view(b, grad_bias, gbv, "grad_bias");
+        const PatchConv2dParams p = pc_params(stride, padding);
+        const size_t need = patch_conv2d_backward_weight_scratch_bytes(xv, wv, p);
+        Scratch sc(b, scratch, need, xv);
+        py::gil_scoped_release nogil;
+        patch_conv2d_backward_weight(gyv, xv, wv, gwv, gbp, sc.ptr, sc.bytes, p);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("grad_weight"),
+      py::arg("grad_bias"), py::arg("scratch") = py::none(),
+      py::arg("stride") = std::vector<int64_t>{0, 0}, py::arg("padding") = std::vector<int64_t>{0, 0});
 
   m.def("layer_norm_channels_forward_scratch_bytes",
         [](py::object x) {

@@ -13,8 +13,8 @@
 // (Cout, Cin*kh*kw) row-major matrix. Input rows/columns that no patch reaches are ignored,
 // as conv2d does (OH = (H + 2 pad_h - kh) / stride_h + 1, rounded down).
 //
-// Forward only (inference): the Python layer runs PyTorch's convolution when gradients
-// are needed. CPU, float32 and float64. x may have any strides (NCHW, NHWC, views: the
+// Forward, and the weight / bias gradients for training (below; the Python layer takes
+// the input gradient from PyTorch). CPU, float32 and float64. x may have any strides (NCHW, NHWC, views: the
 // gather reads through them); weight must be dense, row-major or channels_last (the
 // gather follows its order); y is NHWC (channels_last) dense. Work is split into tiles of
 // output pixels (the patch rows of a tile gathered into per-thread scratch, one BLAS GEMM
@@ -69,5 +69,20 @@ size_t patch_conv2d_forward_scratch_bytes(const TensorView& x, const TensorView&
 void patch_conv2d_forward(const TensorView& x, const TensorView& weight, const TensorView* bias,
                           const TensorView& y, void* scratch, size_t scratch_bytes,
                           const PatchConv2dParams& p = {});
+
+// The weight (and bias) gradient, for training (norm must be None): grad_weight = the sum
+// over output pixels of grad_y's Cout values times the pixel's patch (the GEMM
+// grad_y^T * patches, over chunks of pixels whose patches are gathered into scratch, each
+// product split over the pool by output columns), grad_bias = grad_y summed over pixels
+// (in double). grad_y (N, Cout, OH, OW) NHWC-dense; grad_weight with the weight's shape
+// and strides (its memory order is the gather's); grad_bias (Cout) or null. The split
+// depends on the shape only: results do not depend on the thread count. The input
+// gradient is not computed here (the Python layer takes PyTorch's).
+size_t patch_conv2d_backward_weight_scratch_bytes(const TensorView& x, const TensorView& weight,
+                                                  const PatchConv2dParams& p = {});
+void patch_conv2d_backward_weight(const TensorView& grad_y, const TensorView& x,
+                                  const TensorView& weight, const TensorView& grad_weight,
+                                  const TensorView* grad_bias, void* scratch, size_t scratch_bytes,
+                                  const PatchConv2dParams& p = {});
 
 }  // namespace fastvis

@@ -3,7 +3,9 @@
 #include "fastvis/patch_conv.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
+#include <vector>
 
 #include "core/blas.h"
 #include "core/checks.h"
@@ -158,6 +160,42 @@ void forward_t(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& 
   });
 }
 
+// The weight gradient's pixel chunks: each chunk's patch rows are gathered into scratch
+// (~8 MB, at least 256 rows; shape-determined, so results do not depend on the thread
+// count), then one GEMM split over the pool adds gy_chunk^T * col_chunk to the gradient.
+int64_t wgrad_chunk_rows(const PatchConv2dShape& s, size_t acc) {
+  const int64_t pixels = s.n * s.oh * s.ow, kdim = s.cin * s.kh * s.kw;
+  const int64_t rows =
+      std::max<int64_t>(256, (int64_t(8) << 20) / std::max<int64_t>(1, kdim * int64_t(acc)));
+  return std::max<int64_t>(1, std::min(rows, pixels));
+}
+
+template <class T>
+void backward_weight_t(const PatchConv2dShape& s, const TensorView& gy, const TensorView& x,
+                       T* gw, T* gb, T* col) {
+  const int64_t pixels = s.n * s.oh * s.ow, K = s.cin * s.kh * s.kw, C = s.cout;
+  const int64_t chunk = wgrad_chunk_rows(s, sizeof(T));
+  const T* g = static_cast<const T*>(gy.data);  // NHWC dense: pixel p's Cout values at p * C
+  for (int64_t p0 = 0; p0 < pixels; p0 += chunk) {
+    const int64_t p1 = std::min(pixels, p0 + chunk), m = p1 - p0;
+    parallel_for(m, 16, [&](int64_t q0, int64_t q1) {
+      gather<T>(s, x, p0 + q0, p0 + q1, col + q0 * K, nullptr);
+    });
+    // gw (C x K) (+)= gy_chunk^T (C x m) * col (m x K)
+    core::gemm_split(core::Op::T, core::Op::N, C, K, m, T(1), g + p0 * C, C, col, K,
+                     p0 == 0 ? T(0) : T(1), gw, K);
+  }
+  if (gb)  // column sums of gy, each in pixel order (in double)
+    parallel_for(C, 8, [&](int64_t c0, int64_t c1) {
+      std::vector<double> acc(static_cast<size_t>(c1 - c0), 0.0);
+      for (int64_t p = 0; p < pixels; ++p) {
+        const T* row = g + p * C;
+        for (int64_t c = c0; c < c1; ++c) acc[c - c0] += static_cast<double>(row[c]);
+      }
+      for (int64_t c = c0; c < c1; ++c) gb[c] = static_cast<T>(acc[c - c0]);
+    });
+}
+
 }  // namespace
 }  // namespace patchconv
 
@@ -271,6 +309,68 @@ void patch_conv2d_forward(const TensorView& x, const TensorView& weight, const T
     forward_t<float>(s, pl, x, static_cast<const float*>(weight.data),
                      bias ? static_cast<const float*>(bias->data) : nullptr,
                      static_cast<float*>(y.data), bufs, stride, threads, p);
+}
+
+size_t patch_conv2d_backward_weight_scratch_bytes(const TensorView& x, const TensorView& weight,
+                                                  const PatchConv2dParams& p) {
+  const PatchConv2dShape s = patch_conv2d_shape(x, weight, nullptr, p);
+  FV_CHECK_VALUE(p.norm == PatchNorm::None,
+                 "patch_conv2d backward: no fused LayerNorm (norm must be None)");
+  const size_t acc = acc_size(x.dtype);
+  return align64(size_t(wgrad_chunk_rows(s, acc) * s.cin * s.kh * s.kw) * acc);
+}
+
+void patch_conv2d_backward_weight(const TensorView& grad_y, const TensorView& x,
+                                  const TensorView& weight, const TensorView& grad_weight,
+                                  const TensorView* grad_bias, void* scratch, size_t scratch_bytes,
+                                  const PatchConv2dParams& p) {
+  const PatchConv2dShape s = patch_conv2d_shape(x, weight, nullptr, p);
+  FV_CHECK_VALUE(p.norm == PatchNorm::None,
+                 "patch_conv2d backward: no fused LayerNorm (norm must be None)");
+  FV_CHECK_VALUE(grad_y.ndim == 4 && grad_y.shape[0] == s.n && grad_y.shape[1] == s.cout &&
+                     grad_y.shape[2] == s.oh && grad_y.shape[3] == s.ow,
+                 "grad_y: expected shape [", s.n, ", ", s.cout, ", ", s.oh, ", ", s.ow, "], got ",
+                 grad_y.describe());
+  FV_CHECK_TYPE(grad_y.dtype == x.dtype, "grad_y: expected dtype ", dtype_name(x.dtype), ", got ",
+                dtype_name(grad_y.dtype));
+  FV_CHECK_VALUE(grad_y.device == x.device, "grad_y: expected a tensor on ", device_name(x.device));
+  FV_CHECK_VALUE(core::dense_layouts(grad_y) & 2, "grad_y: must be dense channels_last (NHWC), got ",
+                 grad_y.describe());
+  FV_CHECK_VALUE(grad_y.data != nullptr || grad_y.numel() == 0, "grad_y: null data pointer");
+  // The gradient in the weight's own memory order (the order the patches are gathered in).
+  FV_CHECK_VALUE(grad_weight.ndim == 4 && grad_weight.dtype == weight.dtype &&
+                     grad_weight.device == weight.device,
+                 "grad_weight: expected the weight's shape, dtype and device, got ",
+                 grad_weight.describe());
+  for (int i = 0; i < 4; ++i)
+    FV_CHECK_VALUE(grad_weight.shape[i] == weight.shape[i] &&
+                       (grad_weight.strides[i] == weight.strides[i] || weight.shape[i] == 1),
+                   "grad_weight: expected the weight's shape and strides (", weight.describe(),
+                   "), got ", grad_weight.describe());
+  FV_CHECK_VALUE(grad_weight.data != nullptr, "grad_weight: null data pointer");
+  if (grad_bias) {
+    const int64_t want_b[1] = {s.cout};
+    core::check_row_major(*grad_bias, x, want_b, 1, x.dtype, "grad_bias",
+                          "one value per output channel");
+  }
+  const size_t need = patch_conv2d_backward_weight_scratch_bytes(x, weight, p);
+  FV_CHECK_VALUE(scratch_bytes >= need && scratch != nullptr, "scratch: need ", need,
+                 " bytes, got ", scratch_bytes);
+  const int64_t pixels = s.n * s.oh * s.ow;
+  if (pixels == 0) {  // no pixel: zero gradients
+    const size_t e = dtype_size(x.dtype);
+    std::memset(grad_weight.data, 0, size_t(s.cout * s.cin * s.kh * s.kw) * e);
+    if (grad_bias) std::memset(grad_bias->data, 0, size_t(s.cout) * e);
+    return;
+  }
+  if (x.dtype == DType::Float64)
+    backward_weight_t<double>(s, grad_y, x, static_cast<double*>(grad_weight.data),
+                              grad_bias ? static_cast<double*>(grad_bias->data) : nullptr,
+                              static_cast<double*>(scratch));
+  else
+    backward_weight_t<float>(s, grad_y, x, static_cast<float*>(grad_weight.data),
+                             grad_bias ? static_cast<float*>(grad_bias->data) : nullptr,
+                             static_cast<float*>(scratch));
 }
 
 }  // namespace fastvis
