@@ -225,6 +225,15 @@ def test_custom_op_opcheck():
     w = torch.randn(5, 4, 3, 3, requires_grad=True)
     b = torch.randn(5, requires_grad=True)
     torch.library.opcheck(torch.ops.fastvis.patch_conv2d.default, (x, w, b, [2, 2], [1, 1], 0, None, None, 1e-6))
+    # the backward op: its fake kernel's layouts must be the real ones for any input layout
+    # (a channels_last weight gave a contiguous fake and a channels_last real gradient once)
+    gy = torch.randn(2, 5, 4, 3)
+    for xl, wl in ((torch.contiguous_format, torch.channels_last), (torch.channels_last, torch.contiguous_format)):
+        xx, ww = x.detach().contiguous(memory_format=xl), w.detach().contiguous(memory_format=wl)
+        torch.library.opcheck(torch.ops.fastvis.patch_conv2d_backward.default,
+                              (gy, xx, ww, [2, 2], [1, 1], True, True, True))
+        for need in ((True, False, False), (False, True, False), (False, False, True)):
+            torch.library.opcheck(torch.ops.fastvis.patch_conv2d_backward.default, (gy, xx, ww, [2, 2], [1, 1], *need))
 
 
 def test_other_dtypes_and_reference_switch():

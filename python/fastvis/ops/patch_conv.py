@@ -66,6 +66,11 @@ def _dense_weight(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
+# The backward's gradients come in fixed layouts, whatever the inputs' strides (so the fake
+# kernel's always match under torch.compile): grad_x channels_last, grad_weight contiguous.
+_GX_FORMAT, _GW_FORMAT = torch.channels_last, torch.contiguous_format
+
+
 # Patches of fewer values (Cin * kh * kw) than this take PyTorch's whole backward: their
 # weight-gradient GEMM is too thin to pay for the gather (RGB stems, K = 27 or 48: the core
 # measured 1.2-1.4x slower than oneDNN there, N=8).
@@ -90,27 +95,29 @@ def _pc_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride:
         gx, gw, gb = torch.ops.aten.convolution_backward(
             gy, x, w, [w.shape[0]], stride, padding, [1, 1], False, [0, 0], 1,
             [need_input, need_weight, need_bias])
-        return [t if need else x.new_empty(0) for t, need in ((gx, need_input), (gw, need_weight), (gb, need_bias))]
+        return [gx.contiguous(memory_format=_GX_FORMAT) if need_input else x.new_empty(0),
+                gw.contiguous(memory_format=_GW_FORMAT) if need_weight else x.new_empty(0),
+                gb if need_bias else x.new_empty(0)]
     if need_input:
         gx = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, [1, 1], False,
                                                  [0, 0], 1, [True, False, False])[0]
+        gx = gx.contiguous(memory_format=_GX_FORMAT)
     if need_weight or need_bias:
-        gw = torch.empty_like(w)
+        gw = torch.empty_like(w)  # w's own memory order: the core's (the patches' order)
         gb = torch.empty(w.shape[0], dtype=w.dtype, device=w.device) if need_bias else None
         nbytes = _C.patch_conv2d_backward_weight_scratch_bytes(dl(x), dl(w), stride, padding)
         _C.patch_conv2d_backward_weight(dl(gy), dl(x), dl(w), dl(gw), dl(gb),
                                         dl(scratch(nbytes, x.device)), stride, padding)
         if gb is None:
             gb = x.new_empty(0)
-        if not need_weight:
-            gw = x.new_empty(0)
+        gw = gw.contiguous(memory_format=_GW_FORMAT) if need_weight else x.new_empty(0)
     return [gx if need_input else x.new_empty(0), gw, gb]
 
 
 @_pc_bwd.register_fake
 def _(grad_y, x, weight, stride, padding, need_input, need_weight, need_bias):
-    gx = torch.empty_like(x) if need_input else x.new_empty(0)
-    gw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    gx = torch.empty_like(x, memory_format=_GX_FORMAT) if need_input else x.new_empty(0)
+    gw = torch.empty_like(weight, memory_format=_GW_FORMAT) if need_weight else weight.new_empty(0)
     gb = weight.new_empty(weight.shape[0]) if need_bias else weight.new_empty(0)
     return [gx, gw, gb]
 
