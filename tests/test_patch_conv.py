@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import fastvis
@@ -97,13 +97,22 @@ def test_model_shapes_and_thread_counts(shape, threads):
     torch.testing.assert_close(y, y1, rtol=0, atol=1e-5)
 
 
+_P = dict(n=2, h=7, w=6, stride=(2, 2), padding=(1, 1), bias=True, dtype=torch.float32)
+
+
 @sweep(40)
 @given(p=problems(), needs=st.sampled_from(["all", "x", "weight", "bias", "weight+bias"]))
+# both training paths, whatever the sweep draws: the core's weight gradient (Cin*kh*kw >= 64)
+# and PyTorch's whole convolution (an RGB-stem-like 3x2x2 patch), NCHW and NHWC inputs
+@example(p=dict(_P, cin=8, cout=5, kh=3, kw=3, layout="nchw", wlayout="contiguous"), needs="all")
+@example(p=dict(_P, cin=8, cout=5, kh=3, kw=3, layout="view", wlayout="channels_last"), needs="weight")
+@example(p=dict(_P, cin=3, cout=5, kh=2, kw=2, layout="nchw", wlayout="contiguous"), needs="all")
+@example(p=dict(_P, cin=3, cout=5, kh=2, kw=2, layout="nhwc", wlayout="contiguous"), needs="weight+bias")
 def test_gradients_match_conv2d(p, needs):
     """Training: the output and input gradient (PyTorch's convolution) and the weight / bias
-    gradients (the core's gather + GEMM) against F.conv2d's in float64, for any stride,
-    padding, layout of x and of the weight, and any subset of the gradients; the output is
-    channels_last as in inference."""
+    gradients (the core's gather + GEMM when Cin*kh*kw >= 64, else PyTorch's) against
+    F.conv2d's in float64, for any stride, padding, layout of x and of the weight, and any
+    subset of the gradients; the core's path returns channels_last as in inference."""
     x, w, b = make(p, seed=3)
     want = {"all": "xwb", "x": "x", "weight": "w", "bias": "b", "weight+bias": "wb"}[needs]
     if b is None:
@@ -113,7 +122,8 @@ def test_gradients_match_conv2d(p, needs):
         ts[k].requires_grad_(True)
     st_ = p["stride"] or (p["kh"], p["kw"])
     y = patch_conv2d(x, w, b, p["stride"], p["padding"])
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    if p["cin"] * p["kh"] * p["kw"] >= 64:
+        assert y.is_contiguous(memory_format=torch.channels_last)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=y.dtype)
     got = torch.autograd.grad(y, [ts[k] for k in want], gy)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -130,7 +140,8 @@ def test_gradients_match_conv2d(p, needs):
 
 
 def test_gradcheck_float64():
-    x, w, b = make(dict(n=2, cin=5, cout=7, kh=3, kw=2, h=6, w=7, layout="nhwc", bias=True,
+    # Cin*kh*kw = 66 >= 64: the core's weight gradient
+    x, w, b = make(dict(n=2, cin=11, cout=7, kh=3, kw=2, h=6, w=7, layout="nhwc", bias=True,
                         stride=(2, 1), padding=(1, 1), dtype=torch.float64))
     for t in (x, w, b):
         t.requires_grad_(True)

@@ -77,6 +77,10 @@ _GX_FORMAT, _GW_FORMAT = torch.channels_last, torch.contiguous_format
 _CORE_WGRAD_MIN_K = 64
 
 
+def _core_wgrad_pays(weight: torch.Tensor) -> bool:
+    return weight.shape[1] * weight.shape[2] * weight.shape[3] >= _CORE_WGRAD_MIN_K
+
+
 @forward_op("fastvis::patch_conv2d_backward")
 def _pc_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: List[int],
             padding: List[int], need_input: bool, need_weight: bool, need_bias: bool
@@ -91,7 +95,7 @@ def _pc_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride:
     gy = grad_y.detach().contiguous(memory_format=torch.channels_last)
     empty = x.new_empty(0)
     gx = gw = gb = empty
-    if w.shape[1] * w.shape[2] * w.shape[3] < _CORE_WGRAD_MIN_K:  # an RGB stem: all PyTorch's
+    if not _core_wgrad_pays(w):  # an RGB stem: all PyTorch's
         gx, gw, gb = torch.ops.aten.convolution_backward(
             gy, x, w, [w.shape[0]], stride, padding, [1, 1], False, [0, 0], 1,
             [need_input, need_weight, need_bias])
@@ -252,7 +256,8 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor,
     its strides). CPU float32/float64 training (grad mode on and an input requiring grad),
     without a fused norm: PyTorch's forward and input gradient, the core's weight and bias
     gradients (deterministic, thread-count independent), output channels_last too.
-    Everything else -- a fused norm with gradients, other dtypes, other devices,
+    Everything else -- a fused norm with gradients, patches of fewer than 64 values (RGB
+    stems, whose weight gradient oneDNN runs faster), other dtypes, other devices,
     ``fastvis.use_reference()`` -- runs :func:`patch_conv2d_reference` (PyTorch's
     convolution: cuDNN on CUDA).
     """
@@ -283,8 +288,8 @@ def patch_conv2d(x: torch.Tensor, weight: torch.Tensor,
         norm_eps = check_eps(norm_eps, "norm_eps")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, nw, nb))
-    if (reference_enabled() or (needs_grad and norm != "none") or x.device.type != "cpu"
-            or x.dtype not in _CORE_DTYPES):
+    if (reference_enabled() or (needs_grad and (norm != "none" or not _core_wgrad_pays(weight)))
+            or x.device.type != "cpu" or x.dtype not in _CORE_DTYPES):
         return patch_conv2d_reference(x, weight, bias, st, pad, norm=norm, norm_weight=nw,
                                       norm_bias=nb, norm_eps=norm_eps)
     if needs_grad:
