@@ -1,7 +1,8 @@
 """Per-layer timings of the stem / downsampling convolutions in training, fastvis against PyTorch.
 
 For UniRepLKNet's 3x3 stride-2 layers and InceptionNeXt's 4x4 / 2x2 patch layers (channels
-and input sizes of the -T models at 224x224), medians of interleaved calls, in ms:
+and input sizes of the -T models at 224x224), medians of calls interleaved pair by pair, in
+ms:
 
 * forward: the core's patch gather + GEMM (``fastvis.ops.patch_conv2d`` in inference) and
   PyTorch's (oneDNN) convolution;
@@ -9,7 +10,8 @@ and input sizes of the -T models at 224x224), medians of interleaved calls, in m
   ``convolution_backward`` for the weight and bias;
 * input gradient: PyTorch's ``convolution_backward`` for the input (what fastvis uses);
 * forward + backward: ``fastvis.ops.patch_conv2d`` with gradients (PyTorch's forward and
-  input gradient, the core's weight gradient) against ``F.conv2d``.
+  input gradient, the core's weight gradient; for the RGB stems, Cin*kh*kw < 64, PyTorch's
+  convolution whole, the same code as the other column) against ``F.conv2d``.
 
 Run from the repository root after the dev build:
 
@@ -90,8 +92,11 @@ def main() -> None:
         def train_torch():
             torch.autograd.grad(F.conv2d(xg, wg, bg, s, pad), ins, g)
 
-        t = interleaved([fwd_core, fwd_torch, wgrad_core, wgrad_torch, dgrad_torch, train_fastvis, train_torch],
-                        a.repeat)
+        # pairs interleaved with each other only: oneDNN's primitive cache makes a convolution
+        # slower right after a differently configured one (seen: the same F.conv2d training
+        # call 12 vs 18 ms depending on what ran before it)
+        t = (interleaved([fwd_core, fwd_torch], a.repeat) + interleaved([wgrad_core, wgrad_torch], a.repeat)
+             + interleaved([dgrad_torch], a.repeat) + interleaved([train_fastvis, train_torch], a.repeat))
         print(f"{k}x{k} s{s}, {ci} -> {co}, {h} | " + " | ".join(f"{v:.2f}" for v in t) + f" | {t[6] / t[5]:.2f}x")
 
 
