@@ -59,6 +59,18 @@ Layout common_dense_layout(const TensorView* const* ts, int count, const char* o
   return (common & 2) ? Layout::NHWC : Layout::NCHW;
 }
 
+void check_activation_like(const TensorView& t, const TensorView& x, int64_t n, int64_t c,
+                           int64_t h, int64_t w, const char* name) {
+  FV_CHECK_VALUE(t.ndim == 4 && t.shape[0] == n && t.shape[1] == c && t.shape[2] == h &&
+                     t.shape[3] == w,
+                 name, ": expected shape [", n, ", ", c, ", ", h, ", ", w, "], got ", t.describe());
+  FV_CHECK_TYPE(t.dtype == x.dtype, name, ": expected dtype ", dtype_name(x.dtype),
+                " (the input's), got ", dtype_name(t.dtype));
+  FV_CHECK_VALUE(t.device == x.device, name, ": expected a tensor on ", device_name(x.device),
+                 ", got one on ", device_name(t.device));
+  FV_CHECK_VALUE(t.data != nullptr || t.numel() == 0, name, ": null data pointer");
+}
+
 void check_row_major(const TensorView& t, const TensorView& x, const int64_t* want, int ndim,
                      DType dtype, const char* name, const char* what) {
   bool shape_ok = t.ndim == ndim;

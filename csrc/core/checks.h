@@ -24,6 +24,11 @@ NchwDims activation_dims(const TensorView& x, const char* name);
 // empty: nothing is read or written); throws naming `op` when they share none.
 Layout common_dense_layout(const TensorView* const* ts, int count, const char* op);
 
+// t must be an (n, c, h, w) tensor of x's dtype and device, with data unless empty: an
+// output or gradient on the grid of an op's input x (layouts are each op's own check).
+void check_activation_like(const TensorView& t, const TensorView& x, int64_t n, int64_t c,
+                           int64_t h, int64_t w, const char* name);
+
 // t must be a dense row-major tensor of shape want[0..ndim), dtype `dtype`, on x's device,
 // with data. `what` says what it holds, for the message (e.g. "one value per pixel").
 void check_row_major(const TensorView& t, const TensorView& x, const int64_t* want, int ndim,

@@ -109,15 +109,7 @@ void check_channel_vector(const TensorView& t, const TensorView& x, int64_t c, c
 
 void check_activation(const TensorView& t, const TensorView& x, const DilatedReparamShape& s,
                       const char* name) {
-  FV_CHECK_VALUE(t.ndim == 4 && t.shape[0] == s.n && t.shape[1] == s.c && t.shape[2] == s.h &&
-                     t.shape[3] == s.w,
-                 name, ": expected shape [", s.n, ", ", s.c, ", ", s.h, ", ", s.w, "], got ",
-                 t.describe());
-  FV_CHECK_TYPE(t.dtype == x.dtype, name, ": expected dtype ", dtype_name(x.dtype),
-                " (the input's), got ", dtype_name(t.dtype));
-  FV_CHECK_VALUE(t.device == x.device, name, ": expected a tensor on ", device_name(x.device),
-                 ", got one on ", device_name(t.device));
-  FV_CHECK_VALUE(t.data != nullptr, name, ": null data pointer");
+  core::check_activation_like(t, x, s.n, s.c, s.h, s.w, name);
 }
 
 void check_stats(const TensorView& t, const TensorView& x, const DilatedReparamShape& s,

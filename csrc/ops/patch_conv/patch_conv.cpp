@@ -196,6 +196,14 @@ void backward_weight_t(const PatchConv2dShape& s, const TensorView& gy, const Te
     });
 }
 
+// y, or grad_y: (N, Cout, OH, OW) of s, x's dtype and device, dense channels_last.
+void check_output_grid(const TensorView& t, const PatchConv2dShape& s, const TensorView& x,
+                       const char* name) {
+  core::check_activation_like(t, x, s.n, s.cout, s.oh, s.ow, name);
+  FV_CHECK_VALUE(core::dense_layouts(t) & 2, name, ": must be dense channels_last (NHWC), got ",
+                 t.describe());
+}
+
 }  // namespace
 }  // namespace patchconv
 
@@ -283,15 +291,7 @@ void patch_conv2d_forward(const TensorView& x, const TensorView& weight, const T
                           const TensorView& y, void* scratch, size_t scratch_bytes,
                           const PatchConv2dParams& p) {
   const PatchConv2dShape s = patch_conv2d_shape(x, weight, bias, p);
-  FV_CHECK_VALUE(y.ndim == 4 && y.shape[0] == s.n && y.shape[1] == s.cout && y.shape[2] == s.oh &&
-                     y.shape[3] == s.ow,
-                 "y: expected shape [", s.n, ", ", s.cout, ", ", s.oh, ", ", s.ow, "], got ",
-                 y.describe());
-  FV_CHECK_TYPE(y.dtype == x.dtype, "y: expected dtype ", dtype_name(x.dtype), ", got ",
-                dtype_name(y.dtype));
-  FV_CHECK_VALUE(y.device == x.device, "y: expected a tensor on ", device_name(x.device));
-  FV_CHECK_VALUE(core::dense_layouts(y) & 2, "y: must be dense channels_last (NHWC), got ",
-                 y.describe());
+  check_output_grid(y, s, x, "y");
   const size_t need = patch_conv2d_forward_scratch_bytes(x, weight, p);
   FV_CHECK_VALUE(scratch_bytes >= need && (scratch != nullptr || need == 0), "scratch: need ",
                  need, " bytes, got ", scratch_bytes);
@@ -327,16 +327,7 @@ void patch_conv2d_backward_weight(const TensorView& grad_y, const TensorView& x,
   const PatchConv2dShape s = patch_conv2d_shape(x, weight, nullptr, p);
   FV_CHECK_VALUE(p.norm == PatchNorm::None,
                  "patch_conv2d backward: no fused LayerNorm (norm must be None)");
-  FV_CHECK_VALUE(grad_y.ndim == 4 && grad_y.shape[0] == s.n && grad_y.shape[1] == s.cout &&
-                     grad_y.shape[2] == s.oh && grad_y.shape[3] == s.ow,
-                 "grad_y: expected shape [", s.n, ", ", s.cout, ", ", s.oh, ", ", s.ow, "], got ",
-                 grad_y.describe());
-  FV_CHECK_TYPE(grad_y.dtype == x.dtype, "grad_y: expected dtype ", dtype_name(x.dtype), ", got ",
-                dtype_name(grad_y.dtype));
-  FV_CHECK_VALUE(grad_y.device == x.device, "grad_y: expected a tensor on ", device_name(x.device));
-  FV_CHECK_VALUE(core::dense_layouts(grad_y) & 2, "grad_y: must be dense channels_last (NHWC), got ",
-                 grad_y.describe());
-  FV_CHECK_VALUE(grad_y.data != nullptr || grad_y.numel() == 0, "grad_y: null data pointer");
+  check_output_grid(grad_y, s, x, "grad_y");
   // The gradient in the weight's own memory order (the order the patches are gathered in).
   FV_CHECK_VALUE(grad_weight.ndim == 4 && grad_weight.dtype == weight.dtype &&
                      grad_weight.device == weight.device,
