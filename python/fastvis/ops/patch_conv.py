@@ -5,7 +5,7 @@ GEMM), for the 3x3 stride-2 stems and downsampling layers of UniRepLKNet.
 
 Why an op for a plain convolution: inference runs in fastvis' pool with the fused blocks
 around it (a LayerNorm before or after it fused in); in training, the weight gradient is
-the core's (the patches gathered in chunks, one GEMM per chunk), 1.1-2.6x faster than
+the core's (the patches gathered in chunks, one GEMM per chunk), 1.4-2.6x faster than
 PyTorch's oneDNN weight gradient on these layers at N=8, while the forward and the input
 gradient stay PyTorch's, which runs them well.
 """
@@ -87,7 +87,7 @@ def _pc_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride:
             ) -> List[torch.Tensor]:
     """[grad_x, grad_weight, grad_bias] (an empty tensor where not needed): the input
     gradient is PyTorch's (aten.convolution_backward, which runs it well), the weight and
-    bias gradients the core's (patch gather + GEMM: 1.1-2.6x faster than PyTorch's oneDNN
+    bias gradients the core's (patch gather + GEMM: 1.4-2.6x faster than PyTorch's oneDNN
     weight gradient on UniRepLKNet's 3x3 stride-2 layers, N=8)."""
     _sync_threads()
     x = x.detach()
@@ -153,8 +153,8 @@ register_autograd(_pc_fwd, _backward, _setup_context)
 
 class _TrainConv(torch.autograd.Function):
     """The training path of :func:`patch_conv2d` without a fused norm: PyTorch's forward
-    (oneDNN's direct convolution measured 1.0-1.5x faster than the core's gather + GEMM on
-    UniRepLKNet's 3x3 stride-2 layers at N=8, the two even on 2x2 / 4x4 patches), and the
+    (oneDNN's direct convolution measured 1.2-1.6x faster than the core's gather + GEMM on
+    UniRepLKNet's 3x3 stride-2 layers at N=8, 1.1-1.2x on 2x2 patches), and the
     backward op above (PyTorch's input gradient, the core's weight / bias gradients)."""
 
     @staticmethod
