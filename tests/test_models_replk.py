@@ -689,3 +689,47 @@ def test_bench_model_uses_the_reference_when_timm_lacks_the_model(tmp_path, caps
     assert set(res["train_median_s"]) == {"fastvis", "reference"}
     assert 0 <= res["max_logit_diff"] < 1e-3
     assert not fastvis.reference_enabled()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_block_layer_scale_folded_into_bn2_in_training(momentum):
+    """Training mode: the block computes gamma * BN2(fc2 output) as one BatchNorm with scaled
+    affine parameters. Output, every gradient (gamma, BN2's weight and bias included), BN2's
+    running statistics and batch count equal the official composition (BN2 then the layer
+    scale, what fastvis.use_reference() runs), for momentum 0.1 and None (cumulative)."""
+    import copy
+
+    torch.manual_seed(7)
+    blk = fastvis.nn.UniRepLKNetBlock(16, 3).train()
+    with torch.no_grad():
+        blk.gamma.uniform_(0.5, 1.5)
+        bn2 = blk.pwconv2[2]
+        bn2.weight.uniform_(0.5, 1.5), bn2.bias.normal_(), bn2.running_mean.normal_()
+        bn2.momentum = momentum
+    ref = copy.deepcopy(blk)
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    gy = torch.randn(2, 16, 8, 8)
+    outs = []
+    for model, use_ref in ((blk, False), (ref, True)):
+        for _ in range(2):  # two steps: the running statistics and the batch count move twice
+            model.zero_grad(set_to_none=True)
+            with fastvis.use_reference(use_ref):
+                y = model(x)
+            y.backward(gy)
+        outs.append((y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (y, g), (yr, gr) = outs
+    assert_close_scaled(y, yr, "output")
+    top = max(t.abs().max() for t in gr.values())
+    for n in g:
+        if n == "act.1.beta":
+            # GRN's bias shifts every pixel of a channel alike; through fc2 that is a per-channel
+            # constant, which BN2's batch statistics remove: its true gradient is zero, both
+            # sides hold rounding noise only
+            assert g[n].abs().max() <= 1e-5 * top and gr[n].abs().max() <= 1e-5 * top
+            continue
+        assert (g[n] - gr[n]).abs().max() <= 1e-4 * gr[n].abs().max(), n
+    assert g["gamma"].abs().max() > 0 and g["pwconv2.2.weight"].abs().max() > 0
+    b, br = blk.pwconv2[2], ref.pwconv2[2]
+    assert int(b.num_batches_tracked) == int(br.num_batches_tracked) == 2
+    torch.testing.assert_close(b.running_mean, br.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.running_var, br.running_var, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 __all__ = ["Reparameterizable", "reparameterize", "fuse_conv_bn", "bn_scale_shift", "dilate_kernel", "pad_kernel_to"]
 
@@ -122,6 +123,29 @@ def inference_only(module: nn.Module, x: torch.Tensor) -> bool:
     if module.training or reference_enabled() or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+
+
+def foldable_batch_norm(bn: nn.Module) -> bool:
+    """True for a plain affine nn.BatchNorm2d (what :func:`scaled_batch_norm` reproduces)."""
+    return type(bn) is nn.BatchNorm2d and bn.affine
+
+
+def scaled_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale.view(1, -1, 1, 1) * bn(x)`` as one ``F.batch_norm`` with the affine parameters
+    scaled by ``scale`` (C,): the same normalisation, running-statistics update and
+    bookkeeping as ``nn.BatchNorm2d.forward`` (``num_batches_tracked``, a None momentum,
+    ``track_running_stats=False``), without a second pass over the activation. Gradients
+    reach ``bn.weight``, ``bn.bias`` and ``scale`` through the products."""
+    if x.dim() != 4:
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return F.batch_norm(x, bn.running_mean if keep else None, bn.running_var if keep else None,
+                        bn.weight * scale, bn.bias * scale, use_batch, factor, bn.eps)
 
 
 def branches_forward(x: torch.Tensor, pairs) -> torch.Tensor:

@@ -33,7 +33,9 @@ from ..ops.grn import global_response_norm
 from ..ops.mlp import mlp
 from .depthwise_conv import DepthwiseConv2d
 from .dilated_reparam import DILATED_BRANCHES, DilatedReparamBlock
-from .reparam import Reparameterizable, cached_fold, fuse_conv_bn, inference_only
+from .._reference import reference_enabled
+from .reparam import (Reparameterizable, cached_fold, foldable_batch_norm, fuse_conv_bn, inference_only,
+                      scaled_batch_norm)
 from .replk import apply_drop_path
 
 __all__ = ["UniRepLKNetBlock", "UniRepLKNetGRN", "SEBlock", "NCHWtoNHWC", "NHWCtoNCHW"]
@@ -159,22 +161,31 @@ class UniRepLKNetBlock(Reparameterizable, nn.Module):
             return self._forward_fused(x)
         z = self.se(self.norm(self.dwconv(x)))
         y = self._mlp(z)
-        if self.gamma is not None:
-            y = y * self.gamma.view(1, -1, 1, 1)
+        bn2 = self.pwconv2[2] if len(self.pwconv2) > 2 else None
+        if bn2 is not None and self.gamma is not None and foldable_batch_norm(bn2) and not reference_enabled():
+            # gamma * BN2(y) as one BatchNorm with gamma-scaled affine parameters: no separate
+            # pass over the activation and no saved BN2 output for gamma's gradient (the
+            # official composition runs under fastvis.use_reference())
+            y = scaled_batch_norm(bn2, y, self.gamma)
+        else:
+            if bn2 is not None:
+                y = bn2(y)
+            if self.gamma is not None:
+                y = y * self.gamma.view(1, -1, 1, 1)
         return apply_drop_path(x, y, self.drop_path, self.training)
 
     def _mlp(self, z: torch.Tensor) -> torch.Tensor:
-        """pwconv1 -> GELU -> GRN -> pwconv2 (-> BN2) on the (N, C, H, W) SE output, as one
+        """pwconv1 -> GELU -> GRN -> pwconv2's Linear on the (N, C, H, W) SE output, as one
         fastvis.ops.mlp call: autograd keeps fc1's input and output (5C values a pixel),
         not GELU's and GRN's outputs too (13C in the module-by-module form); the backward
         recomputes them in one pass. The submodules' parameters are used directly, so
-        forward hooks on pwconv1 / act / pwconv2's Linear do not run."""
+        forward hooks on pwconv1 / act / pwconv2's Linear (and on BN2 when forward folds
+        the layer scale into it) do not run."""
         lin1, gelu, grn, lin2 = self.pwconv1[1], self.act[0], self.act[1], self.pwconv2[0]
         u = mlp(z.permute(0, 2, 3, 1), lin1.weight, lin1.bias, lin2.weight, lin2.bias,
                 grn_weight=grn.gamma.view(-1), grn_bias=grn.beta.view(-1) if grn.use_bias else None,
                 grn_eps=grn.eps, approximate=gelu.approximate)
-        y = u.permute(0, 3, 1, 2)
-        return self.pwconv2[2](y) if len(self.pwconv2) > 2 else y
+        return u.permute(0, 3, 1, 2)
 
     # ------------------------------------------------------------ fused inference
     #
