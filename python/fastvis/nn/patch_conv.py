@@ -15,8 +15,9 @@ class PatchConv2d(nn.Conv2d):
     ``stride`` and zero ``padding`` (ints or pairs; e.g. UniRepLKNet's 3x3 stride-2 layers):
     same parameters, names, initialisation and state-dict keys (it *is* an ``nn.Conv2d``).
     Inference on the CPU runs fastvis' patch convolution (:func:`fastvis.ops.patch_conv2d`);
-    training runs PyTorch's forward and input gradient and fastvis' weight gradient. The output is channels_last either way (the layout the
-    fastvis blocks after a stem or downsampling layer work in), whatever the input's
+    training runs PyTorch's forward and input gradient and fastvis' weight gradient (RGB
+    stems: PyTorch's convolution whole). The output is channels_last either way (the layout
+    the fastvis blocks after a stem or downsampling layer work in), whatever the input's
     layout."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, bias: bool = True,
