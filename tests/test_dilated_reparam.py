@@ -335,9 +335,16 @@ def test_torch_compile_fullgraph():
         eager, _, _ = run(cfg, training)
         torch.manual_seed(3)
         comp, _, _ = run(cfg, training, fn=compiled)
-        if training:  # the fused op is opaque to the compiler: bit-identical
+        if training:
             for key, t in eager.items():
-                torch.testing.assert_close(comp[key], t, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+                if key.startswith("running_"):
+                    # The running-statistics update around the op is compiled arithmetic
+                    # (inductor may contract (1 - m) * r + m * mean into an FMA): last bits.
+                    torch.testing.assert_close(comp[key], t, rtol=1e-6, atol=1e-7,
+                                               msg=lambda m: f"{key}: {m}")
+                else:  # the fused op is opaque to the compiler: bit-identical
+                    torch.testing.assert_close(comp[key], t, rtol=0, atol=0,
+                                               msg=lambda m: f"{key}: {m}")
         else:  # the merge is compiled (inductor may fuse and reorder it): the oracle's bounds
             torch.manual_seed(3)
             res, inputs, gy = run(cfg, training, fn=compiled)

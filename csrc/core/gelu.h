@@ -19,7 +19,7 @@
 
 #include "core/simd.h"
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -28,17 +28,19 @@ namespace simd {
 namespace FV_ISA {
 
 using VF = VT<float>::V;
-typedef int32_t I32x8 __attribute__((vector_size(32)));
+typedef int32_t IV __attribute__((vector_size(FV_VEC_BYTES)));  // an int32 per float lane
 
 inline VF splatf(float a) { return VF{} + a; }
-inline VF vsel(I32x8 m, VF a, VF b) {  // m ? a : b, lane by lane (m is 0 or -1)
-#if defined(__AVX2__)
+inline VF vsel(IV m, VF a, VF b) {  // m ? a : b, lane by lane (m is 0 or -1)
+#if defined(__AVX512F__)
+  return (VF)_mm512_mask_blend_ps(_mm512_movepi32_mask((__m512i)m), (__m512)b, (__m512)a);
+#elif defined(__AVX2__)
   return (VF)_mm256_blendv_ps((__m256)b, (__m256)a, (__m256)m);
 #else
-  I32x8 ia, ib;
+  IV ia, ib;
   std::memcpy(&ia, &a, sizeof ia);
   std::memcpy(&ib, &b, sizeof ib);
-  const I32x8 r = (m & ia) | (~m & ib);
+  const IV r = (m & ia) | (~m & ib);
   VF out;
   std::memcpy(&out, &r, sizeof out);
   return out;
@@ -49,17 +51,22 @@ inline VF vsel(I32x8 m, VF a, VF b) {  // m ? a : b, lane by lane (m is 0 or -1)
 // nearest integer of x / ln2; ties either way), exp(r) by its degree-7 Taylor polynomial,
 // 2^n by the exponent bits.
 inline VF vexp(VF x) {
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  x = (VF)_mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const VF nf = (VF)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const IV ni = (IV)_mm512_cvtps_epi32((__m512)nf);
+#elif defined(__AVX2__)
   x = (VF)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   const VF nf = (VF)_mm256_round_ps((__m256)(x * 1.44269504088896341f),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const I32x8 ni = (I32x8)_mm256_cvtps_epi32((__m256)nf);
+  const IV ni = (IV)_mm256_cvtps_epi32((__m256)nf);
 #else
-  x = vsel((I32x8)(x < -87.0f), splatf(-87.0f), x);
-  x = vsel((I32x8)(x > 88.0f), splatf(88.0f), x);
+  x = vsel((IV)(x < -87.0f), splatf(-87.0f), x);
+  x = vsel((IV)(x > 88.0f), splatf(88.0f), x);
   const VF t = x * 1.44269504088896341f;
-  const VF half = vsel((I32x8)(t < 0.0f), splatf(-0.5f), splatf(0.5f));
-  const I32x8 ni = __builtin_convertvector(t + half, I32x8);  // round half away from zero
+  const VF half = vsel((IV)(t < 0.0f), splatf(-0.5f), splatf(0.5f));
+  const IV ni = __builtin_convertvector(t + half, IV);  // round half away from zero
   const VF nf = __builtin_convertvector(ni, VF);
 #endif
   const VF r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-6f;  // |r| <= ln2/2
@@ -71,7 +78,7 @@ inline VF vexp(VF x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const I32x8 bits = (ni + 127) << 23;
+  const IV bits = (ni + 127) << 23;
   VF scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
@@ -81,7 +88,10 @@ inline VF vexp(VF x) {
 // one Newton step (relative error ~1e-7, float's resolution), a fraction of a division's
 // cost; a plain division otherwise.
 inline VF vrecip(VF d) {
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  const VF r = (VF)_mm512_rcp14_ps((__m512)d);  // 14-bit estimate
+  return r * (2.0f - d * r);
+#elif defined(__AVX2__)
   const VF r = (VF)_mm256_rcp_ps((__m256)d);
   return r * (2.0f - d * r);
 #else
@@ -97,16 +107,22 @@ constexpr double kSqrt2OverPi = 0.79788456080286535588, kCoef = 0.044715,
 // Phi(x) and phi(x) for exact GELU.
 inline void vphi(VF x, VF& cdf, VF& pdf) {
   const VF e = vexp(x * x * -0.5f);
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  const VF z = (VF)_mm512_abs_ps((__m512)x) * static_cast<float>(kInvSqrt2);
+#elif defined(__AVX2__)
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const VF z = (VF)_mm256_andnot_ps(sign, (__m256)x) * static_cast<float>(kInvSqrt2);
 #else
-  const I32x8 neg = (I32x8)(x < 0.0f);
+  const IV neg = (IV)(x < 0.0f);
   const VF z = vsel(neg, -x, x) * static_cast<float>(kInvSqrt2);
 #endif
   const VF t = vrecip(1.0f + kP * z);
   const VF q = t * (kA1 + t * (kA2 + t * (kA3 + t * (kA4 + t * kA5)))) * e;  // erfc(|x|/sqrt2)
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  // Phi(x) = q / 2 where the sign bit of x is set (-0 included: q = 1 there), else 1 - q / 2.
+  cdf = (VF)_mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512((__m512)x)),
+                                 (__m512)(1.0f - 0.5f * q), (__m512)(0.5f * q));
+#elif defined(__AVX2__)
   // Phi(x) = q / 2 for x < 0 (sign bit set, -0 included: q = 1 there), else 1 - q / 2.
   cdf = (VF)_mm256_blendv_ps((__m256)(1.0f - 0.5f * q), (__m256)(0.5f * q), (__m256)x);
 #else

@@ -149,6 +149,12 @@ struct Kernels {
 
 const Kernels& kernels() {
   static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX512)
+    if (cpu::selected_isa() == cpu::Isa::Avx512)
+      return Kernels{&cnblock::avx512::forward, &cnblock::avx512::backward_tiles,
+                     &cnblock::avx512::grn_forward_stats, &cnblock::avx512::grn_backward_stats,
+                     &cnblock::avx512::se_stats};
+#endif
 #if defined(FV_HAVE_ISA_AVX2)
     if (cpu::selected_isa() == cpu::Isa::Avx2)
       return Kernels{&cnblock::avx2::forward, &cnblock::avx2::backward_tiles,
@@ -188,8 +194,8 @@ bool is_nhwc(const TensorView& t) { return (core::dense_layouts(t) & 2) != 0; }
 
 Shape shape_of(const TensorView& x, const ConvNeXtBlockWeights& w) {
   const ConvNeXtBlockShape s = convnext_block_shape(x, w, ConvNeXtBlockParams{});
-  const int64_t cb = 64 / static_cast<int64_t>(acc_size(x.dtype));
-  return Shape{s.n, s.c, s.h, s.w, s.k, s.hidden, (s.c + cb - 1) / cb * cb};
+  return Shape{s.n, s.c, s.h, s.w, s.k, s.hidden,
+               dwconv::padded_channels(s.c, static_cast<int64_t>(acc_size(x.dtype)))};
 }
 
 // Row-major [rows][cols] copy of a 2-D (or 1-D when rows == 1) tensor in type A.
@@ -913,8 +919,7 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
 namespace {
 
 int64_t padded(int64_t c, DType dt) {
-  const int64_t cb = 64 / static_cast<int64_t>(acc_size(dt));
-  return (c + cb - 1) / cb * cb;
+  return dwconv::padded_channels(c, static_cast<int64_t>(acc_size(dt)));
 }
 
 // The MLP part as ConvNeXt-block weights without a depthwise conv or a norm.

@@ -123,6 +123,9 @@ FV_CNBLOCK_KERNEL_DECLS
 namespace avx2 {
 FV_CNBLOCK_KERNEL_DECLS
 }
+namespace avx512 {
+FV_CNBLOCK_KERNEL_DECLS
+}
 
 // Offsets inside one chunk's partial sums.
 struct PartialLayout {

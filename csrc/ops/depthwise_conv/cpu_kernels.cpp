@@ -1,8 +1,9 @@
 // CPU fast paths of depthwise convolution, NHWC. Compiled once per instruction
 // set (see CMakeLists.txt): FV_ISA names the namespace and the flags differ.
 //
-// SIMD runs over channels (core/simd.h: 32-byte vectors, one AVX register when built
-// for AVX2, two SSE/NEON registers on the baseline build).
+// SIMD runs over channels (core/simd.h: 64-byte vectors when built for AVX-512, else
+// 32-byte ones, one AVX register when built for AVX2, two SSE/NEON registers on the
+// baseline build). A channel block (CB) is two vectors, as channel_block() in the plan.
 // Forward and backward-input keep a block of output pixels x channel vectors in
 // registers; weight-gradient keeps a block of kernel taps x channel vectors in
 // registers while sweeping an output row.

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "core/cpu_features.h"
 #include "fastvis/tensor.h"
 
 namespace fastvis {
@@ -51,7 +52,9 @@ struct FwdPlan {
   int64_t buf_elems;    // accumulator elements of one per-thread buffer (gb tiles)
 };
 
-inline int64_t channel_block(int64_t acc_bytes) { return 64 / acc_bytes; }
+// Channels per packed block: two vectors of the selected CPU path (the kernels' CB = 2 L;
+// 64 bytes with AVX2 and on the baseline, 128 with AVX-512).
+inline int64_t channel_block(int64_t acc_bytes) { return 2 * cpu::vector_bytes() / acc_bytes; }
 // Width of a packed tile row: the input columns -pl .. (ow-1)*sw - pl + (kw-1)*dw, the
 // padding stored as zeros so every output pixel runs the full, unchecked tap loop.
 inline int64_t packed_width(const Geom& g) { return (g.ow - 1) * g.sw + (g.kw - 1) * g.dw + 1; }
@@ -64,11 +67,11 @@ inline int64_t padded_channels(int64_t c, int64_t acc_bytes) {
 // rows in place, all channel blocks of a few output pixels at a time, and needs no
 // buffer (fwd_plan's sizes are then unused but harmless). Measured on 2 cores (issue 2
 // notes): faster than packing for up to ~15 taps (3x3, 3x5, bands up to 1x11 / 11x1,
-// stride 2) when C is a whole number of 32-byte vectors; slower for 5x5 and up, for
+// stride 2) when C is a whole number of vectors; slower for 5x5 and up, for
 // long bands (1x31) and for channel tails (C = 12: masked loads dominate).
 constexpr int64_t kDirectMaxTaps = 15;
 inline bool use_direct(const Geom& g, int64_t acc_bytes) {
-  return g.kh * g.kw <= kDirectMaxTaps && g.c % (32 / acc_bytes) == 0;
+  return g.kh * g.kw <= kDirectMaxTaps && g.c % (cpu::vector_bytes() / acc_bytes) == 0;
 }
 
 // k x 1 kernels on the direct path (stride 1 and dilation 1 down the column) run a
@@ -177,6 +180,9 @@ namespace generic {
 FV_DWCONV_KERNEL_DECLS
 }
 namespace avx2 {
+FV_DWCONV_KERNEL_DECLS
+}
+namespace avx512 {
 FV_DWCONV_KERNEL_DECLS
 }
 

@@ -106,6 +106,11 @@ void pack_bias(const TensorView& b, int64_t C, int64_t cp, void* out) {
 
 const Kernels& kernels() {
   static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX512)
+    if (cpu::selected_isa() == cpu::Isa::Avx512)
+      return Kernels{&avx512::forward, &avx512::forward_rows, &avx512::backward_input_gather,
+                     &avx512::backward_weight_partials};
+#endif
 #if defined(FV_HAVE_ISA_AVX2)
     if (cpu::selected_isa() == cpu::Isa::Avx2)
       return Kernels{&avx2::forward, &avx2::forward_rows, &avx2::backward_input_gather,

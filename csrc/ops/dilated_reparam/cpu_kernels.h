@@ -93,6 +93,9 @@ FV_DILREP_KERNEL_DECLS
 namespace avx2 {
 FV_DILREP_KERNEL_DECLS
 }
+namespace avx512 {
+FV_DILREP_KERNEL_DECLS
+}
 
 }  // namespace dilrep
 }  // namespace fastvis

@@ -85,6 +85,11 @@ struct Kernels {
 
 const Kernels& kernels() {
   static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX512)
+    if (cpu::selected_isa() == cpu::Isa::Avx512)
+      return Kernels{&avx512::stats_partials, &dwconv::avx512::forward,
+                     &dwconv::avx512::backward_weight_partials};
+#endif
 #if defined(FV_HAVE_ISA_AVX2)
     if (cpu::selected_isa() == cpu::Isa::Avx2)
       return Kernels{&avx2::stats_partials, &dwconv::avx2::forward,

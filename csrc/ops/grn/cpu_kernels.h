@@ -70,6 +70,9 @@ FV_GRN_KERNEL_DECLS
 namespace avx2 {
 FV_GRN_KERNEL_DECLS
 }
+namespace avx512 {
+FV_GRN_KERNEL_DECLS
+}
 
 }  // namespace grn
 }  // namespace fastvis

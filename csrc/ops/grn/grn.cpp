@@ -90,6 +90,10 @@ struct Kernels {
 
 const Kernels& kernels() {
   static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX512)
+    if (cpu::selected_isa() == cpu::Isa::Avx512)
+      return Kernels{&avx512::sum_squares, &avx512::apply, &avx512::sum_grads, &avx512::grad_input};
+#endif
 #if defined(FV_HAVE_ISA_AVX2)
     if (cpu::selected_isa() == cpu::Isa::Avx2)
       return Kernels{&avx2::sum_squares, &avx2::apply, &avx2::sum_grads, &avx2::grad_input};

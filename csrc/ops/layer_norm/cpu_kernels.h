@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "core/cpu_features.h"
 #include "fastvis/tensor.h"
 
 namespace fastvis {
@@ -21,8 +22,8 @@ struct Geom {
   bool nhwc;         // dense NHWC (else dense NCHW)
 };
 
-// SIMD width: 32-byte vectors of the accumulation type.
-inline int64_t lanes(int64_t acc_bytes) { return 32 / acc_bytes; }
+// SIMD width: vectors of the selected CPU path (32 or 64 bytes) in the accumulation type.
+inline int64_t lanes(int64_t acc_bytes) { return cpu::vector_bytes() / acc_bytes; }
 // NCHW kernels work on blocks of consecutive pixels of one image: forward 4 vectors,
 // backward 2 vectors of pixels (what fits in registers next to the statistics).
 inline int64_t nchw_fwd_block(int64_t acc_bytes) { return 4 * lanes(acc_bytes); }
@@ -62,6 +63,9 @@ namespace generic {
 FV_LN_KERNEL_DECLS
 }
 namespace avx2 {
+FV_LN_KERNEL_DECLS
+}
+namespace avx512 {
 FV_LN_KERNEL_DECLS
 }
 

@@ -76,6 +76,9 @@ struct Kernels {
 
 const Kernels& kernels() {
   static const Kernels k = [] {
+#if defined(FV_HAVE_ISA_AVX512)
+    if (cpu::selected_isa() == cpu::Isa::Avx512) return Kernels{&avx512::forward, &avx512::backward};
+#endif
 #if defined(FV_HAVE_ISA_AVX2)
     if (cpu::selected_isa() == cpu::Isa::Avx2) return Kernels{&avx2::forward, &avx2::backward};
 #endif
