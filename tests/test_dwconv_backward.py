@@ -14,8 +14,8 @@ from hypothesis import given
 
 import fastvis
 import fastvis.ops
-from conftest import (ConvCfg, check_backward, conv_configs, make_grad_output, make_inputs,
-                      sweep)
+from conftest import (ConvCfg, check_backward, check_forward, conv_configs, make_grad_output,
+                      make_inputs, sweep)
 
 _C = fastvis._C
 
@@ -160,6 +160,20 @@ def test_backward_large_kernels(k, c, hw, padding, stride, layout):
                   layout=layout)
     grads, (x, w, b, gy) = autograd_grads(cfg)
     check_backward(grads, x, w, b, gy, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kh,kw", [(3, 14), (5, 17), (31, 31), (7, 13)])
+def test_register_window_blocks(kh, kw, dtype):
+    """The register-window kernels' pixel blocks, each on whole and partial channel
+    vectors: 28 output columns run every block size of the widest window (14, 7, 4, 2, 1
+    with AVX-512's 14-pixel blocks for rows of >= 14 columns; 7, 4, 2, 1 otherwise), 40
+    channels are whole vectors on AVX2 and 32 + a masked 8 on AVX-512; forward and both
+    gradients (the input gradient runs the same windows on the flipped kernel)."""
+    cfg = ConvCfg(n=1, c=40, h=6, w=28, kh=kh, kw=kw, padding="same", layout="nhwc", dtype=dtype)
+    grads, (x, w, b, gy) = autograd_grads(cfg)
+    check_backward(grads, x, w, b, gy, cfg)
+    check_forward(run_op(x, w, b, cfg), x, w, b, cfg)
 
 
 @pytest.mark.parametrize("kh,kw", [(1, 31), (31, 1), (1, 51), (51, 1)])

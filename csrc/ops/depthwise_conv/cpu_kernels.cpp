@@ -129,8 +129,14 @@ inline void window_block(const T* xb, int64_t step, const A* wb, int64_t wstep,
 inline bool use_window(const Geom& g) { return g.sw == 1 && g.dw == 1 && g.kw > 1; }
 
 // Pixels per window block: the accumulators, the weights of one chunk and the input
-// vector fill at most 16 registers.
-constexpr int window_owb(int64_t kw) { return kw <= 3 ? 10 : kw <= 5 ? 9 : 7; }  // as window_pixels_any
+// vector fill at most 16 registers (AVX2). With AVX-512's 32 registers, rows of 14 or more
+// columns take 14 pixels (each weight vector, streamed from L2 for big kernels, then
+// serves twice the multiply-adds: N=8 C=128 56x56 forward, in-process A/B, 31x31 86 ->
+// 76 ms, 51x51 237 -> 181 ms); smaller kernels measured no better or slower that way.
+constexpr int kWideWindow = FV_VEC_BYTES == 64 ? 14 : 0;  // min kw of 14-pixel blocks (0: none)
+constexpr int window_owb(int64_t kw) {  // as window_pixels_any
+  return kw <= 3 ? 10 : kw <= 5 ? 9 : (kWideWindow > 0 && kw >= kWideWindow) ? 14 : 7;
+}
 
 // Output pixels [0, npix) (xb: the first one's window, yb: its output) x channels [0, C),
 // one vector of channels at a time; blocks of OWB pixels, the rest in blocks of 4, 2, 1.
@@ -157,6 +163,7 @@ void window_pixels(const T* xb, int64_t step, const A* wb, int64_t wstep, const 
     return p0;
   };
   int64_t p = span(std::integral_constant<int, OWB>{}, 0, npix);
+  if (OWB >= 12) p = span(std::integral_constant<int, (OWB >= 12 ? OWB / 2 : 1)>{}, p, npix);
   p = span(std::integral_constant<int, 4>{}, p, npix);
   p = span(std::integral_constant<int, 2>{}, p, npix);
   span(std::integral_constant<int, 1>{}, p, npix);
@@ -168,21 +175,33 @@ void window_pixels_any(const T* xb, int64_t step, const A* wb, int64_t wstep, co
                        const int64_t* wo, int nr, int64_t kw, const A* bias, Y* yb, int64_t YP,
                        int64_t C, int64_t npix) {
 #define FV_WINDOW_ARGS xb, step, wb, wstep, xo, wo, nr, kw, bias, yb, YP, C, npix
+  constexpr int B3 = window_owb(3), B5 = window_owb(5), B7 = window_owb(7);
+  if (kWideWindow > 0 && kw >= kWideWindow) {
+    switch (kw % 7) {
+      case 0: return window_pixels<T, A, Y, 14, 0>(FV_WINDOW_ARGS);
+      case 1: return window_pixels<T, A, Y, 14, 1>(FV_WINDOW_ARGS);
+      case 2: return window_pixels<T, A, Y, 14, 2>(FV_WINDOW_ARGS);
+      case 3: return window_pixels<T, A, Y, 14, 3>(FV_WINDOW_ARGS);
+      case 4: return window_pixels<T, A, Y, 14, 4>(FV_WINDOW_ARGS);
+      case 5: return window_pixels<T, A, Y, 14, 5>(FV_WINDOW_ARGS);
+      default: return window_pixels<T, A, Y, 14, 6>(FV_WINDOW_ARGS);
+    }
+  }
   switch (kw) {
-    case 2: return window_pixels<T, A, Y, 10, 2>(FV_WINDOW_ARGS);
-    case 3: return window_pixels<T, A, Y, 10, 3>(FV_WINDOW_ARGS);
-    case 4: return window_pixels<T, A, Y, 9, 4>(FV_WINDOW_ARGS);
-    case 5: return window_pixels<T, A, Y, 9, 5>(FV_WINDOW_ARGS);
+    case 2: return window_pixels<T, A, Y, B3, 2>(FV_WINDOW_ARGS);
+    case 3: return window_pixels<T, A, Y, B3, 3>(FV_WINDOW_ARGS);
+    case 4: return window_pixels<T, A, Y, B5, 4>(FV_WINDOW_ARGS);
+    case 5: return window_pixels<T, A, Y, B5, 5>(FV_WINDOW_ARGS);
     default: break;
   }
   switch (kw % 7) {
-    case 0: return window_pixels<T, A, Y, 7, 0>(FV_WINDOW_ARGS);
-    case 1: return window_pixels<T, A, Y, 7, 1>(FV_WINDOW_ARGS);
-    case 2: return window_pixels<T, A, Y, 7, 2>(FV_WINDOW_ARGS);
-    case 3: return window_pixels<T, A, Y, 7, 3>(FV_WINDOW_ARGS);
-    case 4: return window_pixels<T, A, Y, 7, 4>(FV_WINDOW_ARGS);
-    case 5: return window_pixels<T, A, Y, 7, 5>(FV_WINDOW_ARGS);
-    default: return window_pixels<T, A, Y, 7, 6>(FV_WINDOW_ARGS);
+    case 0: return window_pixels<T, A, Y, B7, 0>(FV_WINDOW_ARGS);
+    case 1: return window_pixels<T, A, Y, B7, 1>(FV_WINDOW_ARGS);
+    case 2: return window_pixels<T, A, Y, B7, 2>(FV_WINDOW_ARGS);
+    case 3: return window_pixels<T, A, Y, B7, 3>(FV_WINDOW_ARGS);
+    case 4: return window_pixels<T, A, Y, B7, 4>(FV_WINDOW_ARGS);
+    case 5: return window_pixels<T, A, Y, B7, 5>(FV_WINDOW_ARGS);
+    default: return window_pixels<T, A, Y, B7, 6>(FV_WINDOW_ARGS);
   }
 #undef FV_WINDOW_ARGS
 }
