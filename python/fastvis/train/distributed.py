@@ -7,8 +7,8 @@ is a single process and nothing is initialised.
 
 **SyncBatchNorm**: PyTorch's ``nn.SyncBatchNorm`` refuses CPU tensors. On the CPU, BatchNorm
 layers are replaced by :class:`CPUSyncBatchNorm`, which computes the batch statistics over
-all ranks with differentiable all-reduces (``torch.distributed.nn.functional.all_reduce``):
-first the per-channel sum and count, then the sum of squared deviations from the global
+all ranks with a differentiable all-reduce (:class:`_AllReduceSum`: the sum over ranks
+forward, the sum of the ranks' gradients backward): first the per-channel sum and count, then the sum of squared deviations from the global
 mean, so the statistics are those of the global batch (the same two-pass formula a single
 process would use, up to the summation order). On CUDA, PyTorch's own ``SyncBatchNorm``.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -79,6 +80,11 @@ def shutdown_distributed() -> None:
     Call it when a distributed run is over; ``fastvis train`` does, and the group that
     :func:`init_distributed` created is otherwise destroyed at interpreter exit."""
     if dist.is_available() and dist.is_initialized():
+        # Objects kept alive only by reference cycles (a trainer, its DDP wrapper and
+        # reducer, autograd graphs holding pending work) would otherwise be freed during
+        # interpreter finalisation, after this handler, and release their process-group
+        # state then; collect them while the interpreter is still whole.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -99,6 +105,23 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over the ranks: y = sum_r x_r on every rank. Every rank's loss
+    depends on y, so the gradient reaching x on one rank is the sum of all ranks' dL/dy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover the batches of all ranks (gloo, CPU)."""
 
@@ -109,8 +132,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()

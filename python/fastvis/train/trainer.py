@@ -34,7 +34,7 @@ from .checkpoint import (FORMAT, VERSION, CheckpointError, CheckpointManager, at
 from .config import ConfigError, TrainConfig
 from .data import (AugmentedDataset, BatchSchedule, DataError, build_datasets, dataset_defaults, derive_seed,
                    eval_loader, generator, train_loader)
-from .distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, has_batchnorm, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, convert_sync_batchnorm, has_batchnorm, init_distributed
 from .ema import ModelEma
 from .optim import SAM, WarmupCosine, build_optimizer, unwrap_model
 from .report import MetricsLog, Progress, plot_metrics, read_metrics
@@ -525,4 +525,8 @@ class Trainer:
                                    os.path.join(self.out_dir, "plot.png"))
                 if why:
                     prog.say(why)
+        # Every rank returns once the run is complete: rank 0 has written the last
+        # checkpoint and the summary (so any rank may read them), and no rank starts
+        # tearing down its process group while another still works.
+        barrier(self.dist)
         return summary
