@@ -176,6 +176,21 @@ def test_register_window_blocks(kh, kw, dtype):
     check_forward(run_op(x, w, b, cfg), x, w, b, cfg)
 
 
+@pytest.mark.parametrize("kh,kw,stride,dilation", [
+    (5, 5, 1, 1), (5, 5, 2, 1), (5, 5, 1, 2), (1, 21, 1, 1), (21, 1, 1, 1), (3, 7, 1, 1),
+    (5, 3, 1, 1), (1, 25, 1, 1), (25, 1, 1, 1)])
+def test_direct_path_up_to_25_taps(kh, kw, stride, dilation):
+    """Kernels of 16 to 25 taps run the direct (unpacked) path on AVX-512 and the packed
+    tiles on the other paths (cpu_kernels.h, direct_max_taps): 32 channels (whole vectors
+    on every path), every output column class (left edge, interior blocks of 6 / 3 / 1,
+    right edge) over 23 columns, forward and both gradients against float64."""
+    cfg = ConvCfg(n=2, c=32, h=9, w=23, kh=kh, kw=kw, stride=(stride, stride), dilation=(dilation, dilation),
+                  padding="same" if stride == 1 else (kh // 2, kw // 2), layout="nhwc")
+    grads, (x, w, b, gy) = autograd_grads(cfg)
+    check_backward(grads, x, w, b, gy, cfg)
+    check_forward(run_op(x, w, b, cfg), x, w, b, cfg)
+
+
 @pytest.mark.parametrize("kh,kw", [(1, 31), (31, 1), (1, 51), (51, 1)])
 def test_backward_band_kernels(kh, kw):
     cfg = ConvCfg(n=2, c=6, h=11, w=14, kh=kh, kw=kw, padding="same", layout="nhwc")
