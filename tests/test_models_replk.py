@@ -694,9 +694,10 @@ def test_bench_model_uses_the_reference_when_timm_lacks_the_model(tmp_path, caps
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_block_layer_scale_folded_into_bn2_in_training(momentum):
     """Training mode: the block computes gamma * BN2(fc2 output) as one BatchNorm with scaled
-    affine parameters. Output, every gradient (gamma, BN2's weight and bias included), BN2's
-    running statistics and batch count equal the official composition (BN2 then the layer
-    scale, what fastvis.use_reference() runs), for momentum 0.1 and None (cumulative)."""
+    affine parameters, and BN1 + SE as one fastvis.ops.batch_norm_se. Output, every
+    gradient (gamma, BN2's weight and bias included), both BatchNorms' running statistics
+    and batch counts equal the official composition (BN1, SE, ..., BN2 then the layer scale,
+    what fastvis.use_reference() runs), for momentum 0.1 and None (cumulative)."""
     import copy
 
     torch.manual_seed(7)
@@ -729,7 +730,8 @@ def test_block_layer_scale_folded_into_bn2_in_training(momentum):
             continue
         assert (g[n] - gr[n]).abs().max() <= 1e-4 * gr[n].abs().max(), n
     assert g["gamma"].abs().max() > 0 and g["pwconv2.2.weight"].abs().max() > 0
-    b, br = blk.pwconv2[2], ref.pwconv2[2]
-    assert int(b.num_batches_tracked) == int(br.num_batches_tracked) == 2
-    torch.testing.assert_close(b.running_mean, br.running_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(b.running_var, br.running_var, rtol=1e-5, atol=1e-6)
+    # BN2 (folded with the layer scale) and BN1 (fused with SE: fastvis.ops.batch_norm_se)
+    for b, br in ((blk.pwconv2[2], ref.pwconv2[2]), (blk.norm, ref.norm)):
+        assert int(b.num_batches_tracked) == int(br.num_batches_tracked) == 2
+        torch.testing.assert_close(b.running_mean, br.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.running_var, br.running_var, rtol=1e-5, atol=1e-6)

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..ops.batch_norm_se import batch_norm_se
 from ..ops.convnext_block import dwconv_mlp_block
 from ..ops.grn import global_response_norm
 from ..ops.mlp import mlp
@@ -159,7 +160,7 @@ class UniRepLKNetBlock(Reparameterizable, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused_inference(x):
             return self._forward_fused(x)
-        z = self.se(self.norm(self.dwconv(x)))
+        z = self._norm_se(self.dwconv(x))
         y = self._mlp(z)
         bn2 = self.pwconv2[2] if len(self.pwconv2) > 2 else None
         if bn2 is not None and self.gamma is not None and foldable_batch_norm(bn2) and not reference_enabled():
@@ -173,6 +174,26 @@ class UniRepLKNetBlock(Reparameterizable, nn.Module):
             if self.gamma is not None:
                 y = y * self.gamma.view(1, -1, 1, 1)
         return apply_drop_path(x, y, self.drop_path, self.training)
+
+    def _norm_se(self, u: torch.Tensor) -> torch.Tensor:
+        """se(norm(u)). In training with a plain BatchNorm as one
+        fastvis.ops.batch_norm_se call (statistics and SE pooling in one pass, the output in
+        another, the BatchNorm output not saved); otherwise the modules (eval mode, the
+        reference mode, other dtypes, or a replaced norm / SE)."""
+        bn = self.norm
+        if (self.training and type(bn) is nn.BatchNorm2d and bn.affine and type(self.se) is SEBlock
+                and u.dtype in (torch.float32, torch.float64) and u.dim() == 4 and not reference_enabled()
+                and not torch.is_autocast_enabled(u.device.type)):
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            keep = bn.track_running_stats and bn.running_mean is not None
+            se = self.se
+            return batch_norm_se(u, bn.running_mean if keep else None, bn.running_var if keep else None,
+                                 bn.weight, bn.bias, factor, bn.eps, se.down.weight.flatten(1), se.down.bias,
+                                 se.up.weight.flatten(1), se.up.bias)
+        return self.se(self.norm(u))
 
     def _mlp(self, z: torch.Tensor) -> torch.Tensor:
         """pwconv1 -> GELU -> GRN -> pwconv2's Linear on the (N, C, H, W) SE output, as one

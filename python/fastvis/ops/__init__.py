@@ -1,4 +1,5 @@
 """fastvis ops: torch custom ops over the core, each with a pure-PyTorch reference."""
+from .batch_norm_se import batch_norm_se, batch_norm_se_reference
 from .depthwise_conv import depthwise_conv2d, depthwise_conv2d_reference, normalize_conv_args
 from .dilated_reparam import dilated_reparam_conv, dilated_reparam_conv_reference, merge_branches
 from .convnext_block import (convnext_block, convnext_block_reference, dwconv_mlp_block,
@@ -11,6 +12,8 @@ from .metanext_block import fold_affine_into_fc1, metanext_block, metanext_block
 from .patch_conv import patch_conv2d, patch_conv2d_reference
 
 __all__ = [
+    "batch_norm_se",
+    "batch_norm_se_reference",
     "convnext_block",
     "convnext_block_reference",
     "dwconv_mlp_block",
