@@ -178,8 +178,9 @@ class UniRepLKNetBlock(Reparameterizable, nn.Module):
     def _norm_se(self, u: torch.Tensor) -> torch.Tensor:
         """se(norm(u)). In training with a plain BatchNorm as one
         fastvis.ops.batch_norm_se call (statistics and SE pooling in one pass, the output in
-        another, the BatchNorm output not saved); otherwise the modules (eval mode, the
-        reference mode, other dtypes, or a replaced norm / SE)."""
+        another, the BatchNorm output not saved; forward hooks on ``norm`` / ``se`` then do
+        not run); otherwise the modules (eval mode, the reference mode, autocast, other
+        dtypes, or a replaced norm / SE)."""
         bn = self.norm
         if (self.training and type(bn) is nn.BatchNorm2d and bn.affine and type(self.se) is SEBlock
                 and u.dtype in (torch.float32, torch.float64) and u.dim() == 4 and not reference_enabled()

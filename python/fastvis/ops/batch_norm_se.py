@@ -6,12 +6,13 @@ sigmoid, scale) runs about a dozen passes over the activation forward and backwa
 saves the BatchNorm output for the scale's backward. Here (per channel c, image n, pixel
 p; M = N*H*W pixels per channel, P = H*W per image):
 
-Forward. Per image the mean ybar and the sum of squared deviations from it (two passes,
-no cancellation); the BatchNorm statistics follow exactly (mu_c = mean_n ybar, var_c = mean_n var_nc + mean_n (ybar - mu)^2,
-the law of total variance for equal groups). BatchNorm is the affine map z1 = a x + b,
-a = gamma / sqrt(var + eps), b = beta - a mu, so SE's pooled input is m = a ybar + b without
-another pass, the SE MLP runs on (N, C) values, and the output z = (a s) x + (b s) is one
-multiply-add pass. Saved: x and (N, C)-sized values only.
+Forward. Per image the mean ybar and the sum of squared deviations from it, m2 (two
+passes, no cancellation); the BatchNorm statistics follow exactly: mu_c = mean_n ybar,
+var_c = sum_n m2 / M + mean_n (ybar - mu)^2 (the law of total variance, equal groups).
+BatchNorm is the affine map z1 = a x + b, a = gamma / sqrt(var + eps), b = beta - a mu, so
+SE's pooled input is m = a ybar + b without another pass, the SE MLP runs on (N, C) values,
+and the output z = (a s) x + (b s) is one multiply-add pass (into the deviations' buffer).
+Saved: x and (N, C)-sized values only.
 
 Backward. With g = dL/dz, two per-(n, c) sums Sg = sum_p g and Sgx = sum_p g x give
 dL/ds = a Sgx + b Sg, SE's backward on (N, C) values gives dL/dm, and BatchNorm's
