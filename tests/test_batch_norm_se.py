@@ -70,7 +70,7 @@ def _check(n, c, h, w, dtype, channels_last, momentum, seed=0):
         xd = x.double()
         var = xd.var(dim=(0, 2, 3), unbiased=False)
         xhat = (xd - xd.mean(dim=(0, 2, 3), keepdim=True)) / (var + bn.eps).sqrt().view(1, -1, 1, 1)
-        x_scale = float((bn.weight.double().abs() / (var + bn.eps).sqrt()).max() * gz.abs().max()
+        x_scale = float((bn.weight.detach().double().abs() / (var + bn.eps).sqrt()).max() * gz.abs().max()
                         * (1 + xhat.abs().max()))
         for name, a, b in zip(["x", "bn.weight", "bn.bias", "down.weight", "down.bias", "up.weight", "up.bias"],
                               grads, grads_r):
