@@ -8,8 +8,8 @@ is a single process and nothing is initialised.
 **SyncBatchNorm**: PyTorch's ``nn.SyncBatchNorm`` refuses CPU tensors. On the CPU, BatchNorm
 layers are replaced by :class:`CPUSyncBatchNorm`, which computes the batch statistics over
 all ranks with a differentiable all-reduce (:class:`_AllReduceSum`: the sum over ranks
-forward, the sum of the ranks' gradients backward): first the per-channel sum and count, then the sum of squared deviations from the global
-mean, so the statistics are those of the global batch (the same two-pass formula a single
+forward, the sum of the ranks' gradients backward): first the per-channel sum and count,
+then the sum of squared deviations from the global mean, so the statistics are those of the global batch (the same two-pass formula a single
 process would use, up to the summation order). On CUDA, PyTorch's own ``SyncBatchNorm``.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "convert_sync_batchnorm", "CPUSyncBatchNorm", "all_reduce_sum",
