@@ -42,6 +42,14 @@ def sweep(max_examples: int):
     return settings(max_examples=max(1, int(round(max_examples * EXAMPLES_SCALE))))
 
 
+def pytest_collection_finish(session):
+    """Tell tests/cpp_harness.py which host C++ programs the selected tests check (after
+    -k / -m deselection), so its background builds start only those."""
+    import cpp_harness
+
+    cpp_harness.RUNNER.wanted = [m.args[0] for item in session.items for m in item.iter_markers("cpp_program")]
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -4,7 +4,8 @@ The kernels are compiled once per instruction set (generic, avx2, avx512: 32- or
 vectors) and core/cpu_features.cpp runs the best one the CPU supports. The rest of the
 suite tests that one; here the kernel test modules run again in a subprocess for each
 other compiled path the CPU can execute, capped with FASTVIS_CPU_ISA, with the hypothesis
-sweeps scaled down (FASTVIS_HYPOTHESIS_SCALE) to keep the time reasonable. Plans and
+sweeps scaled down (FASTVIS_HYPOTHESIS_SCALE) to keep the time reasonable; the paths'
+subprocesses run at the same time, one thread each. Plans and
 scratch sizes computed outside the per-ISA files depend on the selected vector width
 (cpu::vector_bytes()), so a mismatch between them and a path's kernels fails here.
 """
@@ -46,11 +47,14 @@ def _run(isa: str, code_or_args, timeout: int):
 
 
 def test_cap_selects_each_compiled_path():
-    for isa in _other_paths() + [SELECTED]:
-        proc = _run(isa, ["-c", "import fastvis; print(fastvis.build_info()['cpu_isa_selected'])"],
-                    timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == isa
+    code = "import fastvis; print(fastvis.build_info()['cpu_isa_selected'])"
+    procs = {isa: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=dict(os.environ, FASTVIS_CPU_ISA=isa))
+             for isa in _other_paths() + [SELECTED]}
+    for isa, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert out.strip() == isa
 
 
 def test_unknown_cap_is_ignored():
@@ -60,15 +64,61 @@ def test_unknown_cap_is_ignored():
     assert proc.stdout.strip() == SELECTED
 
 
+# Tests whose code does not depend on the instruction set (torch.compile graph capture,
+# opcheck's schema and fake-kernel checks, the bench commands, timm's own modules) run in
+# the main run only.
+NOT_PER_ISA = "not isa_path and not compile and not opcheck and not bench and not timm"
+
+
+class _Runs:
+    """The per-path runs, started together on first use: each is one pytest process with
+    one thread (OMP_NUM_THREADS=1; the thread-count tests set their own counts), so the
+    paths' runs share the machine's cores instead of queueing (most of these tests are
+    small problems that one thread runs as fast as two)."""
+
+    def __init__(self):
+        self.procs = {}
+
+    def start(self):
+        if self.procs:
+            return
+        args = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", NOT_PER_ISA,
+                *[os.path.join(HERE, m) for m in MODULES]]
+        for isa in _other_paths():
+            env = dict(os.environ, FASTVIS_CPU_ISA=isa, FASTVIS_HYPOTHESIS_SCALE="0.25", OMP_NUM_THREADS="1")
+            self.procs[isa] = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE, text=True)
+
+    def wait(self, isa, timeout):
+        self.start()
+        proc = self.procs[isa]
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"FASTVIS_CPU_ISA={isa}: timed out after {timeout} s\n{out[-3000:]}")
+        return proc.returncode, out, err
+
+
+_RUNS = _Runs()
+
+
+@pytest.fixture(scope="module")
+def isa_runs():
+    yield _RUNS
+    for proc in _RUNS.procs.values():  # a failed or interrupted module leaves none running
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("isa", [pytest.param(i, id=i) for i in ORDER])
-def test_kernel_modules_on_path(isa):
+def test_kernel_modules_on_path(isa, isa_runs):
     if isa not in _other_paths():
         pytest.skip(f"{isa}: not compiled, not runnable on this CPU, or already the selected "
                     f"path ({SELECTED}) that the rest of the suite tests")
-    # The modules' own subprocess tests of the generic path are left to the main run.
-    args = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not isa_path",
-            *[os.path.join(HERE, m) for m in MODULES]]
-    proc = _run(isa, args, timeout=1500)
-    tail = "\n".join(proc.stdout.splitlines()[-30:])
-    assert proc.returncode == 0, f"FASTVIS_CPU_ISA={isa}:\n{tail}\n{proc.stderr[-2000:]}"
+    returncode, out, err = isa_runs.wait(isa, timeout=1500)
+    tail = "\n".join(out.splitlines()[-30:])
+    assert returncode == 0, f"FASTVIS_CPU_ISA={isa}:\n{tail}\n{err[-2000:]}"
     assert " passed" in tail
