@@ -165,6 +165,16 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("blas_config", [] { return fastvis::core::blas_config(); });
+  // The float GEMM of the fused blocks: addresses of a Fortran-interface sgemm and of an
+  // optional per-thread thread-count setter (0 for none), checked by the core before use;
+  // fn = 0 goes back to OpenBLAS. fastvis._runtime passes PyTorch's MKL here.
+  m.def("set_sgemm_provider",
+        [](std::uintptr_t fn, std::uintptr_t threads, const std::string& name) {
+          fastvis::core::set_sgemm_provider(reinterpret_cast<fastvis::core::FortranSgemm>(fn),
+                                            reinterpret_cast<fastvis::core::SetThreadsLocal>(threads), name);
+        },
+        py::arg("fn"), py::arg("set_threads_local") = 0, py::arg("name") = "");
+  m.def("sgemm_provider", [] { return fastvis::core::sgemm_provider(); });
   // GFLOP/s of the core's BLAS on one thread for C[m x n] = A[m x k] B[k x n]^T (the fused
   // blocks' GEMM shape), best of `reps` calls: the ceiling the tile GEMMs are compared with.
   m.def("blas_sgemm_gflops",

@@ -3,10 +3,13 @@
 #include <cblas.h>  // scipy-openblas32: every symbol prefixed scipy_
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
-#include <vector>
 #include <climits>
+#include <cmath>
+#include <memory>
 #include <mutex>
+#include <vector>
 
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
@@ -29,11 +32,83 @@ inline blasint to_blas(int64_t v, const char* what) {
 
 inline CBLAS_TRANSPOSE tr(Op o) { return o == Op::N ? CblasNoTrans : CblasTrans; }
 
+struct Provider {
+  FortranSgemm fn = nullptr;
+  SetThreadsLocal threads = nullptr;
+  std::string name;
+};
+std::atomic<const Provider*> g_provider{nullptr};
+
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same call with the
+// operands (and their transposes) swapped.
+void provider_sgemm(const Provider& p, Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha,
+                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                    int64_t ldc) {
+  const int M = to_blas(m, "m"), N = to_blas(n, "n"), K = to_blas(k, "k");
+  const int LDA = to_blas(lda, "lda"), LDB = to_blas(ldb, "ldb"), LDC = to_blas(ldc, "ldc");
+  const char tra = ta == Op::N ? 'N' : 'T', trb = tb == Op::N ? 'N' : 'T';
+  const int prev = p.threads ? p.threads(1) : 0;
+  p.fn(&trb, &tra, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+  if (p.threads) p.threads(prev);
+}
+
 }  // namespace
+
+void set_sgemm_provider(FortranSgemm fn, SetThreadsLocal set_threads_local, const std::string& name) {
+  static std::mutex mu;
+  static std::vector<std::unique_ptr<Provider>> keep;  // installed providers stay valid
+  std::lock_guard<std::mutex> lock(mu);
+  if (!fn) {
+    g_provider.store(nullptr);
+    return;
+  }
+  auto p = std::make_unique<Provider>();
+  p->fn = fn;
+  p->threads = set_threads_local;
+  p->name = name.empty() ? std::string("custom sgemm") : name;
+  // Check: odd sizes, every transpose pair, padded leading dimensions, alpha and beta.
+  const int64_t m = 7, n = 5, k = 3, pad = 2;
+  std::vector<float> a((m + pad) * (k + pad)), b((k + pad) * (n + pad)), c0(m * (n + pad)), c1;
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>((i * 7 % 11) - 5) * 0.25f;
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<float>((i * 5 % 13) - 6) * 0.5f;
+  for (size_t i = 0; i < c0.size(); ++i) c0[i] = static_cast<float>(i % 3) - 1.0f;
+  for (Op ta : {Op::N, Op::T})
+    for (Op tb : {Op::N, Op::T}) {
+      const int64_t lda = (ta == Op::N ? k : m) + pad, ldb = (tb == Op::N ? n : k) + pad, ldc = n + pad;
+      c1 = c0;
+      provider_sgemm(*p, ta, tb, m, n, k, 1.5f, a.data(), lda, b.data(), ldb, 0.5f, c1.data(), ldc);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < ldc; ++j) {
+          double want = c0[i * ldc + j];
+          if (j < n) {
+            double acc = 0;
+            for (int64_t t = 0; t < k; ++t)
+              acc += double(ta == Op::N ? a[i * lda + t] : a[t * lda + i]) *
+                     double(tb == Op::N ? b[t * ldb + j] : b[j * ldb + t]);
+            want = 1.5 * acc + 0.5 * want;
+          }
+          FV_CHECK_RUNTIME(std::fabs(double(c1[i * ldc + j]) - want) <= 1e-4 * (1.0 + std::fabs(want)),
+                           "set_sgemm_provider: ", p->name, " computed a wrong product (transa ",
+                           ta == Op::N ? 'N' : 'T', ", transb ", tb == Op::N ? 'N' : 'T', ", element (", i,
+                           ", ", j, "): ", c1[i * ldc + j], " instead of ", want, "); not installed");
+        }
+    }
+  g_provider.store(p.get());
+  keep.push_back(std::move(p));
+}
+
+std::string sgemm_provider() {
+  const Provider* p = g_provider.load();
+  return p ? p->name : std::string("OpenBLAS");
+}
 
 void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (const Provider* p = g_provider.load(std::memory_order_acquire)) {
+    provider_sgemm(*p, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   single_threaded_here();
   scipy_cblas_sgemm(CblasRowMajor, tr(ta), tr(tb), to_blas(m, "m"), to_blas(n, "n"),
                     to_blas(k, "k"), alpha, a, to_blas(lda, "lda"), b, to_blas(ldb, "ldb"), beta,

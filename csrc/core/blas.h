@@ -1,5 +1,6 @@
 // Internal: the BLAS the fused blocks call on cache-sized tiles (OpenBLAS from the
-// scipy-openblas32 wheel, see third_party/cmake/fastvis_blas.cmake). Row-major GEMMs.
+// scipy-openblas32 wheel, see third_party/cmake/fastvis_blas.cmake, unless another float
+// GEMM is installed with set_sgemm_provider). Row-major GEMMs.
 //
 // fastvis' own pool provides the parallelism: each GEMM runs single-threaded in the
 // calling thread. The first GEMM sets this OpenBLAS to one thread. The setting is
@@ -36,6 +37,23 @@ double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps);
 
 // "OpenBLAS <version> <core>" as the library reports it.
 std::string blas_config();
+
+// Another single-precision GEMM for gemm(float) / gemm_split(float): a Fortran-interface
+// sgemm (the reference BLAS signature, 32-bit integers, column-major), e.g. the MKL that
+// PyTorch's CPU library carries (fastvis' Python layer installs it; the core links no
+// framework). `set_threads_local`, if given, is called with 1 before each GEMM and with its
+// return value after (MKL's mkl_set_num_threads_local), so the GEMM runs single-threaded in
+// the calling thread as OpenBLAS does. Before installing, a few small products with every
+// transpose combination are checked against a plain loop; a mismatch throws and leaves the
+// previous provider. fn = nullptr goes back to OpenBLAS. Not to be called while GEMMs run.
+using FortranSgemm = void (*)(const char* transa, const char* transb, const int* m, const int* n,
+                              const int* k, const float* alpha, const float* a, const int* lda,
+                              const float* b, const int* ldb, const float* beta, float* c,
+                              const int* ldc);
+using SetThreadsLocal = int (*)(int);
+void set_sgemm_provider(FortranSgemm fn, SetThreadsLocal set_threads_local, const std::string& name);
+// The float GEMM in use: "OpenBLAS" or the name given to set_sgemm_provider.
+std::string sgemm_provider();
 
 }  // namespace core
 }  // namespace fastvis

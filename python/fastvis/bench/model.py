@@ -15,7 +15,7 @@ Reported: images per second of each candidate and the ratios candidate-time / fa
 (> 1: fastvis is faster), and the largest difference between fastvis' and timm's logits.
 Then the machine's bound: the model's convolution and matrix-product FLOPs per image
 (torch.utils.flop_counter) at the sgemm rate measured in the same run (the thread count x
-one thread's OpenBLAS sgemm of 256x1536x384, as ``fastvis bench block``), in images per
+one thread's sgemm of 256x1536x384 in the fused blocks' BLAS, as ``fastvis bench block``), in images per
 second, with fastvis' rate and twice the baseline's (the issues' inference target) as
 fractions of it. Above 100 %: faster than every counted FLOP at the sgemm rate.
 Then a training step (forward, backward, SGD step; train mode) of fastvis against timm
@@ -153,7 +153,8 @@ def _print_bound_table(results: List[Result], sgemm: float, threads: int, fmt: s
         return
     head = ["model", "N", "GFLOP/img", "sgemm bound img/s", "fastvis img/s", "fastvis / bound",
             "baseline", "baseline img/s"]
-    rate = f"{sgemm:.0f} GFLOP/s ({threads} x one thread's OpenBLAS sgemm of 256x1536x384, this run)"
+    from .. import _C
+    rate = f"{sgemm:.0f} GFLOP/s ({threads} x one thread's {_C.sgemm_provider()} sgemm of 256x1536x384, this run)"
     print()
     if train:
         print_table(f"Training step against the machine's sgemm bound: {TRAIN_FLOP_FACTOR} x the forward's "
