@@ -50,6 +50,13 @@ def pytest_collection_finish(session):
     cpp_harness.RUNNER.wanted = [m.args[0] for item in session.items for m in item.iter_markers("cpp_program")]
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """An interrupted or -x session does not wait for host C++ programs it no longer needs."""
+    import cpp_harness
+
+    cpp_harness.RUNNER.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

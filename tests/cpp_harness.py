@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -121,6 +122,13 @@ _ORDER = ["block_cuda_emu_sanitized", "block_cuda_emu", "dwconv_tile_math_saniti
 assert sorted(_ORDER) == sorted(PROGRAMS)
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 @dataclasses.dataclass
 class Outcome:
     name: str
@@ -133,17 +141,50 @@ class Outcome:
 
 class _Runner:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # result() holds it while the sanitizer probe compiles
         self._futures: Dict[str, Future] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
         self._tmp = Path(tempfile.mkdtemp(prefix="fastvis-cpp-"))
         self._sanitizers = False
         self.wanted: Optional[List[str]] = None  # the collected tests' programs (conftest)
+        self._procs: set = set()
+        self._closed = False
         atexit.register(shutil.rmtree, self._tmp, True)
+
+    def _spawn(self, cmd: List[str], timeout: int, env=None) -> subprocess.CompletedProcess:
+        """subprocess.run, but tracked, so shutdown() can stop what is still running."""
+        with self._lock:
+            if self._closed:
+                return subprocess.CompletedProcess(cmd, -1, "", "not run: the test session ended")
+            # Own process group: stopping it stops the compiler's own children too (cc1plus).
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                    start_new_session=True)
+            self._procs.add(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err = proc.communicate()
+            err += f"\n(killed after {timeout} s)"
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def shutdown(self) -> None:
+        """End of the session: drop the programs not started, stop the running ones."""
+        with self._lock:
+            self._closed = True
+            procs = list(self._procs)
+            pool = self._pool
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            _kill_group(proc)
 
     def _compile(self, cxx: str, sources: Iterable[Path], flags: Sequence[str], exe: Path):
         cmd = [cxx, "-std=c++17", "-O1", "-I", str(ROOT / "csrc"), *flags, *map(str, sources), "-o", str(exe)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        return self._spawn(cmd, timeout=900)
 
     def _sanitizers_work(self, cxx: str) -> bool:
         probe = self._tmp / "probe.cpp"
@@ -175,7 +216,7 @@ class _Runner:
         built = self._compile(cxx, prog.sources, flags, exe)
         if built.returncode != 0:
             return Outcome(name, build_error=built.stderr[-6000:])
-        run = subprocess.run([str(exe), *prog.args], capture_output=True, text=True, timeout=1800, env=run_env())
+        run = self._spawn([str(exe), *prog.args], timeout=1800, env=run_env())
         return Outcome(name, returncode=run.returncode, stdout=run.stdout, stderr=run.stderr)
 
     def result(self, name: str) -> Outcome:
