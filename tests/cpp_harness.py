@@ -19,6 +19,7 @@ import atexit
 import dataclasses
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -253,7 +254,9 @@ def check(name: str) -> str:
     assert out.build_error is None, f"compiling {name} failed:\n{out.build_error}"
     report = f"stdout:\n{out.stdout[-4000:]}\nstderr:\n{out.stderr[-6000:]}"
     assert out.returncode == 0, f"{name} failed (exit {out.returncode})\n{report}"
-    assert " 0 failed" in out.stdout, report
+    # The summary line: "<k> passed, 0 failed" or "<k> cases, <m> checks, 0 failed", k > 0
+    # (a program that checked nothing does not pass).
+    assert re.search(r"(?m)\b[1-9]\d* (passed|cases), (\d+ checks, )?0 failed\b", out.stdout), report
     assert "runtime error" not in out.stderr, report
     assert "ERROR: AddressSanitizer" not in out.stderr, report
     return out.stdout
