@@ -1123,6 +1123,56 @@ def test_grn_block_matches_oracle(cfg):
                         cfg.dtype, cfg.short(), rtol=rtol)
 
 
+# --------------------------------------------------------------------------- k-major fc2
+
+
+def _kmajor(t):
+    """The same (C, hidden) values stored column by column: strides (1, C)."""
+    return t.detach().t().contiguous().t().requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("grn", [False, True])
+@pytest.mark.parametrize("c,h,w", [(24, 9, 7), (40, 5, 5)])
+def test_kmajor_fc2_weight_forward_and_gradients(dtype, grn, c, h, w):
+    """fc2_weight with strides (1, C) (what the modules' eval caches pass): the forward
+    multiplies it without a transpose, the backward works from a row-major copy; every
+    output and gradient meets the float64 oracle's bounds and matches the row-major call."""
+    cfg = BlockCfg(n=2, c=c, h=h, w=w, dtype=dtype, grn=grn, drop="mixed")
+    x, p, ds, g = make_inputs(cfg, requires_grad=True)
+    pk = dict(p, fc2_weight=_kmajor(p["fc2_weight"]))
+    assert pk["fc2_weight"].stride() == (1, c) and torch.equal(pk["fc2_weight"], p["fc2_weight"])
+    gy = make_grad_output(cfg)
+    y, grads = op_grads(x, pk, ds, cfg, gy, g)
+    assert grads["fc2_weight"].shape == (c, cfg.hd)
+    refs = oracle(x, p, ds, cfg.eps, cfg.approximate, gy, g)
+    for key, got in {"y": y, **grads}.items():
+        assert_close_to("k-major " + ("y" if key == "y" else f"grad_{key}"), got, refs[key], dtype, cfg.short())
+    y_row, grads_row = op_grads(x, p, ds, cfg, gy, g)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_row, **tol)
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_row[key], **tol, msg=lambda m: f"grad_{key}: {m}")
+    with torch.no_grad():
+        assert torch.equal(run(op, x, pk, ds, cfg, g), y.detach())
+
+
+def test_kmajor_fc2_weight_is_read_in_place():
+    """The forward's scratch holds no copy of a k-major float32 fc2 weight (the same size as
+    for a row-major one), but does for a strided layout that is neither."""
+    cfg = BlockCfg(n=1, c=32, h=6, w=6)
+    x, p, ds, _ = make_inputs(cfg)
+    ws_of = lambda w2: [p["dw_weight"], p["dw_bias"], p["norm_weight"], p["norm_bias"], p["fc1_weight"],
+                        p["fc1_bias"], w2, p["fc2_bias"], p["gamma"], None, None, None]
+    nb = lambda w2: _mod._C.convnext_block_forward_scratch_bytes(x.contiguous(memory_format=torch.channels_last),
+                                                                  ws_of(w2), cfg.eps, False, 1e-6)
+    w2 = p["fc2_weight"]
+    other = torch.zeros(cfg.c, 2 * cfg.hd)[:, ::2]
+    other.copy_(w2)
+    assert nb(_kmajor(w2)) == nb(w2)
+    assert nb(other) >= nb(w2) + 4 * cfg.c * cfg.hd
+
+
 def test_grn_oracle_is_timm_global_response_norm():
     """The oracle's GRN against a transcription of timm's GlobalResponseNorm
     (channels_last: torch.norm over H, W; x + bias + weight * (x * Nx))."""

@@ -198,12 +198,24 @@ Shape shape_of(const TensorView& x, const ConvNeXtBlockWeights& w) {
                dwconv::padded_channels(s.c, static_cast<int64_t>(acc_size(x.dtype)))};
 }
 
-// Row-major [rows][cols] copy of a 2-D (or 1-D when rows == 1) tensor in type A.
+// Row-major [rows][cols] copy of a 2-D (or 1-D when rows == 1) tensor in type A, in
+// 64 x 64 blocks (a transposed source is then read and written a cache line at a time).
 template <class A> void pack_matrix(const TensorView& t, int64_t rows, int64_t cols, A* out) {
   const int64_t sr = t.ndim == 2 ? t.strides[0] : 0, sc = t.strides[t.ndim - 1];
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      out[r * cols + c] = static_cast<A>(load_as_double(t.dtype, t.data, r * sr + c * sc));
+  constexpr int64_t B = 64;
+  for (int64_t r0 = 0; r0 < rows; r0 += B)
+    for (int64_t c0 = 0; c0 < cols; c0 += B)
+      for (int64_t r = r0; r < std::min(rows, r0 + B); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + B); ++c)
+          out[r * cols + c] = static_cast<A>(load_as_double(t.dtype, t.data, r * sr + c * sc));
+}
+
+// A (rows, cols) matrix stored column by column: strides (1, rows), as `w.t().contiguous().t()`
+// leaves a row-major (cols, rows) tensor. Not when it is also row-major (a single row or
+// column).
+bool is_kmajor(const TensorView& t, int64_t rows, int64_t cols) {
+  return t.ndim == 2 && t.shape[0] == rows && t.shape[1] == cols && rows > 1 && cols > 1 &&
+         t.strides[0] == 1 && t.strides[1] == rows;
 }
 
 // A depthwise weight (c, 1, kh, kw), any strides, as [kh][kw][cp] in A (padding zero).
@@ -223,10 +235,12 @@ template <class A> void pack_vector(const TensorView* t, int64_t n, int64_t len,
              : (i < n ? fill : A(0));
 }
 
-// The parameters in A: matrices used in place when they already are contiguous A.
+// The parameters in A: matrices used in place when they already are contiguous A. A
+// k-major fc2 weight (is_kmajor) gives w2t, used in place when it is of type A, and,
+// unless fwd_only (the forward reads only w2t), a row-major copy w2 for the backward.
 template <class A>
 Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
-                const ConvNeXtBlockParams& p, ScratchCarver& sc, bool dry) {
+                const ConvNeXtBlockParams& p, ScratchCarver& sc, bool dry, bool fwd_only) {
   Packed pk{};
   auto take = [&](int64_t n) { return static_cast<A*>(sc.take(static_cast<size_t>(n) * sizeof(A))); };
   const bool native = (x.dtype == DType::Float32 && sizeof(A) == 4) ||
@@ -252,7 +266,21 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
     if (!dry) pack_matrix<A>(*w.fc1_weight, s.hidden, s.c, m);
     w1 = m;
   }
-  if (native && w.fc2_weight->is_contiguous()) {
+  const A* w2t = nullptr;
+  if (is_kmajor(*w.fc2_weight, s.c, s.hidden)) {
+    if (native) {
+      w2t = static_cast<const A*>(w.fc2_weight->data);
+    } else {  // [hidden][C] in memory order: a flat conversion
+      A* m = take(s.hidden * s.c);
+      if (!dry)
+        for (int64_t i = 0; i < s.hidden * s.c; ++i)
+          m[i] = static_cast<A>(load_as_double(w.fc2_weight->dtype, w.fc2_weight->data, i));
+      w2t = m;
+    }
+  }
+  if (w2t && fwd_only) {
+    // the forward's fc2 reads w2t only
+  } else if (native && w.fc2_weight->is_contiguous()) {
     w2 = static_cast<const A*>(w.fc2_weight->data);
   } else {
     A* m = take(s.c * s.hidden);
@@ -280,6 +308,7 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
   pk.w1 = w1;
   pk.b1 = b1;
   pk.w2 = w2;
+  pk.w2t = w2t;
   pk.b2 = b2;
   pk.gamma = gm;
   pk.ds = ds;
@@ -291,9 +320,9 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
 }
 
 Packed pack(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
-            const ConvNeXtBlockParams& p, ScratchCarver& sc, bool dry) {
-  if (x.dtype == DType::Float64) return pack_all<double>(x, s, w, p, sc, dry);
-  return pack_all<float>(x, s, w, p, sc, dry);
+            const ConvNeXtBlockParams& p, ScratchCarver& sc, bool dry, bool fwd_only) {
+  if (x.dtype == DType::Float64) return pack_all<double>(x, s, w, p, sc, dry, fwd_only);
+  return pack_all<float>(x, s, w, p, sc, dry, fwd_only);
 }
 
 constexpr size_t kGrnStoreBytes = size_t(40) << 20;
@@ -305,7 +334,7 @@ size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
   const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   ScratchCarver sc(base, bytes);
-  const Packed packed = pack(x, s, w, p, sc, base == nullptr);
+  const Packed packed = pack(x, s, w, p, sc, base == nullptr, /*fwd_only=*/true);
   void* b = sc.take(static_cast<size_t>(pl.fwd_elems) * acc_size(x.dtype) *
                     static_cast<size_t>(get_num_threads()));
   void* rsq = w.grn_weight ? sc.take(static_cast<size_t>(s.n * s.h * s.hidden) * acc_size(x.dtype))
@@ -582,7 +611,7 @@ size_t backward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(a));
   ScratchCarver sc(base, bytes);
   BwdScratch bs;
-  bs.pk = pack(x, s, w, p, sc, base == nullptr);
+  bs.pk = pack(x, s, w, p, sc, base == nullptr, /*fwd_only=*/false);
   bs.d = sc.take(static_cast<size_t>(s.n * s.h * s.w * s.c) * dtype_size(x.dtype));
   bs.partials = sc.take(static_cast<size_t>(pl.chunks * pl.partial_elems) * a);
   bs.bufs = sc.take(static_cast<size_t>(pl.bwd_elems) * a * static_cast<size_t>(get_num_threads()));
@@ -973,7 +1002,7 @@ size_t metanext_layout(const TensorView& x, const MetaNeXtBlockWeights& w,
   const bool dry = base == nullptr;
   ConvNeXtBlockParams cp;
   cp.gelu_tanh = p.gelu_tanh;
-  Packed packed = pack(x, s, mlp_weights(w), cp, sc, dry);
+  Packed packed = pack(x, s, mlp_weights(w), cp, sc, dry, /*fwd_only=*/true);
   if (x.dtype == DType::Float64)
     pack_branches<double>(w, s, sc, dry, packed);
   else

@@ -339,7 +339,10 @@ void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const
       }
       {
         prof::Scope ps(prof::kFc2);
-        mm(pl, Op::N, Op::T, np, C, Hd, A(1), hb, Hd, w2, Hd, A(0), t, C);
+        if (pk.w2t)
+          mm(pl, Op::N, Op::N, np, C, Hd, A(1), hb, Hd, static_cast<const A*>(pk.w2t), C, A(0), t, C);
+        else
+          mm(pl, Op::N, Op::T, np, C, Hd, A(1), hb, Hd, w2, Hd, A(0), t, C);
       }
       prof::Scope ps(prof::kOutput);
       residual_out<T, A>(s, pk, g0 * s.w, np, x, t, y);

@@ -68,7 +68,11 @@ struct Packed {
   const void* nb;     // [C]
   const void* w1;     // [hidden][C]
   const void* b1;     // [hidden]
-  const void* w2;     // [C][hidden]
+  const void* w2;     // [C][hidden] (null in a forward given w2t)
+  // fc2's weight stored k-major, [hidden][C] (a (C, hidden) tensor with strides (1, C)),
+  // or null: the forward's fc2 then multiplies without transposing the weight, which MKL
+  // and OpenBLAS run faster than the transposed product at the tiles' row counts.
+  const void* w2t = nullptr;
   const void* b2;     // [C]
   const void* gamma;  // [C]
   const void* ds;     // [N]
