@@ -247,7 +247,7 @@ def test_metanext_module_uses_the_fused_op_in_inference(monkeypatch):
     import fastvis.nn.metanext as mn
     calls = []
     real = mn.metanext_block
-    monkeypatch.setattr(mn, "metanext_block", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(mn, "metanext_block", lambda *a, **k: (calls.append(a[9].stride()), real(*a, **k))[1])
     torch.manual_seed(5)
     blk = mn.MetaNeXtBlock(32, ls_init_value=0.5).eval()
     with torch.no_grad():
@@ -258,11 +258,20 @@ def test_metanext_module_uses_the_fused_op_in_inference(monkeypatch):
     x = torch.randn(2, 32, 10, 12).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         y = blk(x)
-        assert calls == [1]
+        assert calls == [(1, 32)]  # one fused call, fc2's weight (32, 128) passed k-major
         blk.fold_bn = False  # the modules: BatchNorm, the MLP, gamma
         ref = blk(x)
-        assert calls == [1]
+        assert len(calls) == 1
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # The cached k-major fc2 follows in-place changes of the parameter.
+    with torch.no_grad():
+        blk.mlp.fc2.weight.mul_(-2.0)
+        blk.fold_bn = True
+        y2 = blk(x)
+        blk.fold_bn = False
+        ref2 = blk(x)
+    assert len(calls) == 2 and not torch.allclose(y2, y)
+    torch.testing.assert_close(y2, ref2, rtol=1e-5, atol=1e-5 * float(ref2.abs().max()))
     blk.fold_bn = True
     blk(x).sum().backward()  # gradients needed: the modules run, gradients reach the BatchNorm
-    assert calls == [1] and blk.norm.weight.grad is not None
+    assert len(calls) == 2 and blk.norm.weight.grad is not None

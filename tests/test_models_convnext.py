@@ -599,3 +599,30 @@ def test_block_init_and_errors():
         fastvis.nn.ConvNeXtBlock(16, out_chs=32)
     with pytest.raises(ValueError, match="drop_path"):
         fastvis.nn.ConvNeXtBlock(16, drop_path=-0.1)
+
+
+@pytest.mark.parametrize("conv_mlp", [False, True])
+def test_block_inference_passes_a_kmajor_fc2_that_follows_the_parameter(monkeypatch, conv_mlp):
+    """Eval with nothing needing gradients: the block hands the fused op fc2's weight
+    k-major (strides (1, C), cached); an in-place change of the parameter reaches the next
+    call; with gradients the parameter itself goes in (and gets its gradient)."""
+    import fastvis.nn.convnext as cn
+    seen = []
+    real = cn.convnext_block
+    monkeypatch.setattr(cn, "convnext_block", lambda *a, **k: (seen.append(a[7]), real(*a, **k))[1])
+    torch.manual_seed(3)
+    blk = fastvis.nn.ConvNeXtBlock(32, conv_mlp=conv_mlp, ls_init_value=0.5).eval()
+    x = torch.randn(2, 32, 7, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y0 = blk(x)
+        assert seen[-1].stride() == (1, 32)
+        assert torch.equal(seen[-1], blk.mlp.fc2.weight.reshape(32, 128))
+        blk.mlp.fc2.weight.mul_(-2.0)
+        y1 = blk(x)
+        assert torch.equal(seen[-1], blk.mlp.fc2.weight.reshape(32, 128))
+        with fastvis.use_reference(True):
+            ref = blk(x)
+    assert not torch.allclose(y0, y1)
+    torch.testing.assert_close(y1, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    blk(x).sum().backward()
+    assert seen[-1].stride() == (128, 1) and blk.mlp.fc2.weight.grad is not None

@@ -32,7 +32,7 @@ def counted(monkeypatch):
     real = unimod.dwconv_mlp_block
 
     def spy(*a, **k):
-        calls.append(1)
+        calls.append(a)  # the positional arguments: a[5] is fc2's weight
         return real(*a, **k)
     monkeypatch.setattr(unimod, "dwconv_mlp_block", spy)
     return calls
@@ -47,6 +47,8 @@ def test_block_fused_equals_modules(kernel_size, counted):
     with torch.no_grad():
         y = blk(x)
         assert len(counted) == 1
+        # fc2 (BN2 and the layer scale folded in) reaches the op k-major: (C, 4C), strides (1, C)
+        assert counted[0][5].shape == (16, 64) and counted[0][5].stride() == (1, 16)
         with fastvis.use_reference(True):
             ref = blk(x)
         assert len(counted) == 1  # the reference path is the module's own ops
@@ -100,7 +102,7 @@ def test_replknet_convffn_fused_equals_modules(monkeypatch):
     import fastvis.nn.replk as replk
     calls = []
     real = replk.dwconv_mlp_block
-    monkeypatch.setattr(replk, "dwconv_mlp_block", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(replk, "dwconv_mlp_block", lambda *a, **k: (calls.append(a[5].stride()), real(*a, **k))[1])
     ffn = replk.ConvFFN(24, 96, 24).eval()
     _randomise(ffn)
     x = torch.randn(2, 24, 7, 9).contiguous(memory_format=torch.channels_last)
@@ -108,7 +110,7 @@ def test_replknet_convffn_fused_equals_modules(monkeypatch):
         y = ffn(x)
         with fastvis.use_reference(True):
             ref = ffn(x)
-    assert calls == [1]
+    assert calls == [(1, 24)]  # one fused call, fc2 (24, 96) k-major
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 

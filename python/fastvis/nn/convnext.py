@@ -33,6 +33,7 @@ from torch import nn
 from ..ops.convnext_block import convnext_block
 from .depthwise_conv import DepthwiseConv2d
 from .layer_norm import LayerNorm2d
+from .reparam import cached_fold, inference_only, kmajor
 
 from .grn import GlobalResponseNorm  # the GRN module; the block passes its parameters to the fused op
 
@@ -221,6 +222,9 @@ class ConvNeXtBlock(nn.Module):
         # references in the Linear form. Either way autograd reaches the stored tensors.
         fc1_weight = mlp.fc1.weight.reshape(self.hidden, self.dim)
         fc2_weight = mlp.fc2.weight.reshape(self.dim, self.hidden)
+        if inference_only(self, x):
+            # Inference: fc2's weight k-major (kmajor), cached until a parameter changes.
+            fc2_weight = cached_fold(self, x.dtype, lambda: kmajor(fc2_weight))
         grn = mlp.grn
         return convnext_block(
             x,

@@ -44,7 +44,7 @@ from ..ops.metanext_block import metanext_block
 from ..ops.mlp import mlp
 from .convnext import drop_path_scale
 from .inception_dwconv import InceptionDWConv2d
-from .reparam import cached_fold
+from .reparam import cached_fold, kmajor
 
 __all__ = ["ConvMlp", "MetaNeXtBlock"]
 
@@ -183,8 +183,10 @@ class MetaNeXtBlock(nn.Module):
             # The folded fc1, cached until a parameter or buffer changes: no torch op runs
             # between the fused blocks (a torch op wakes its OpenMP team, which then spins
             # on the cores fastvis' pool is about to use).
-            w1, b1 = cached_fold(self, x.dtype, lambda: fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()))
-            w2, b2 = self.mlp.fc2_matrix()
+            # fc2's weight k-major (kmajor: the fused forward's fastest fc2 GEMM).
+            w1, b1, w2 = cached_fold(self, x.dtype, lambda: (
+                *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()), kmajor(self.mlp.fc2_matrix()[0])))
+            b2 = self.mlp.fc2.bias
             return metanext_block(x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight,
                                   tm.dwconv_w.bias, tm.dwconv_h.weight, tm.dwconv_h.bias,
                                   w1, b1, w2, b2, self.gamma, None, tm.dilation)
