@@ -142,15 +142,40 @@ void reduce_weight_partials(DType dt, const Geom& g, const WgradPlan& plan, cons
     }
     return acc;
   };
-  parallel_for(g.c, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      if (grad_weight)
-        for (int64_t k = 0; k < KK; ++k)
-          store_from_double(grad_weight->dtype, grad_weight->data, wi(c, k / g.kw, k % g.kw),
-                            sum_at(k * g.cp + c));
+  // Blocks of 16 channels, tap after tap: the partials are read along channels (a cache
+  // line per tap and chunk) and the block's gradient rows stay in L1. Channel after channel
+  // with the taps inside read a line per element instead: at N=1 (640 x 7 x 7, 13x13) that
+  // took 45 % of the weight gradient's time. Same sums, same order per element.
+  constexpr int64_t kBlock = 16;
+  const bool f32 = !dbl && grad_weight && grad_weight->dtype == DType::Float32;
+  parallel_for(g.c, kBlock, [&](int64_t c0, int64_t c1) {
+    double acc[kBlock];
+    float facc[kBlock];
+    for (int64_t cb = c0; cb < c1; cb += kBlock) {
+      const int64_t ce = std::min(c1, cb + kBlock), nc = ce - cb;
+      if (f32) {  // float partials into a float gradient: the same float sums, typed
+        const float* pp = static_cast<const float*>(partial);
+        float* gw = static_cast<float*>(grad_weight->data);
+        for (int64_t k = 0; k < KK; ++k) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          const float* p0 = pp + k * g.cp + cb;
+          for (int64_t c = 0; c < nc; ++c) facc[c] = 0.f;
+          for (int64_t r = 0; r < RC; ++r)
+            for (int64_t c = 0; c < nc; ++c) facc[c] += p0[r * PE + c];
+          for (int64_t c = 0; c < nc; ++c) gw[wi(cb + c, i, j)] = facc[c];
+        }
+      } else if (grad_weight) {
+        for (int64_t k = 0; k < KK; ++k) {
+          const int64_t i = k / g.kw, j = k % g.kw;
+          for (int64_t c = cb; c < ce; ++c) acc[c - cb] = sum_at(k * g.cp + c);
+          for (int64_t c = cb; c < ce; ++c)
+            store_from_double(grad_weight->dtype, grad_weight->data, wi(c, i, j), acc[c - cb]);
+        }
+      }
       if (grad_bias)
-        store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0],
-                          sum_at(KK * g.cp + c));
+        for (int64_t c = cb; c < ce; ++c)
+          store_from_double(grad_bias->dtype, grad_bias->data, c * grad_bias->strides[0],
+                            sum_at(KK * g.cp + c));
     }
   });
 }
