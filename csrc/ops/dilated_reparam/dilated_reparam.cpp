@@ -332,16 +332,16 @@ void wgrad(const Shape& s, DType dt, const dwconv::Geom& g, const A* gy, const A
   kernels().dw_wgrad(dt, g, plan, gy, x, f.partial, f.bufs, get_num_threads());
   const A* pp = static_cast<const A*>(f.partial);
   const int64_t KK = g.kh * g.kw, RC = plan.row_chunks, PE = plan.partial_elems, C = s.c;
+  // Tap after tap over the channels of a chunk: the partials are read along channels (as
+  // dwconv::reduce_weight_partials; channel after channel read a cache line per element).
   parallel_for(C, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t t = 0; t <= KK; ++t) {
-        if (t == KK && !sum) break;
+    for (int64_t t = 0; t <= KK; ++t) {
+      if (t == KK && !sum) break;
+      double* o = t < KK ? out + t * C : sum;
+      for (int64_t c = c0; c < c1; ++c) {
         double acc = 0;
         for (int64_t r = 0; r < RC; ++r) acc += static_cast<double>(pp[r * PE + t * g.cp + c]);
-        if (t < KK)
-          out[t * C + c] = acc;
-        else
-          sum[c] = acc;
+        o[c] = acc;
       }
     }
   });
