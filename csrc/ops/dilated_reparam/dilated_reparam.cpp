@@ -160,16 +160,20 @@ template <class A>
 void pack_branch(const TensorView& w, int64_t C, int64_t cp, const double* scale, bool flip,
                  A* out) {
   const int64_t k = w.shape[w.ndim - 1];
-  std::fill(out, out + k * k * cp, A(0));
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t si = flip ? k - 1 - i : i, sj = flip ? k - 1 - j : j;
-      A* o = out + (i * k + j) * cp;
-      for (int64_t c = 0; c < C; ++c) {
-        const double v = load_as_double(w.dtype, w.data, widx(w, c, si, sj));
-        o[c] = static_cast<A>(scale ? scale[c] * v : v);
+  // Channel blocks over the pool (the packing is per channel; it ran serially between the
+  // backward's parallel passes, 12 times per call).
+  parallel_for(C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t si = flip ? k - 1 - i : i, sj = flip ? k - 1 - j : j;
+        A* o = out + (i * k + j) * cp;
+        for (int64_t c = c0; c < c1; ++c) {
+          const double v = load_as_double(w.dtype, w.data, widx(w, c, si, sj));
+          o[c] = static_cast<A>(scale ? scale[c] * v : v);
+        }
       }
-    }
+  });
+  for (int64_t t = 0; t < k * k; ++t) std::fill(out + t * cp + C, out + (t + 1) * cp, A(0));
 }
 
 // The merged kernel sum_b scale[b][c] expand(w_b), [E][E][cp] in A (flipped if asked),
@@ -178,20 +182,24 @@ template <class A>
 void pack_merged(const Shape& s, const DilatedReparamBranches& br, const double* scale, bool flip,
                  double* tmp, A* out) {
   const int64_t E = s.extent, C = s.c, cp = s.cp, half = (E - 1) / 2;
-  std::fill(tmp, tmp + E * E * cp, 0.0);
-  for (int64_t b = 0; b < s.nb; ++b) {
-    const TensorView& w = br.weight[b];
-    const int64_t k = s.k[b], d = s.d[b], o = half - pad_of(s, b);
-    for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t I = o + i * d, J = o + j * d;
-        const int64_t ti = flip ? E - 1 - I : I, tj = flip ? E - 1 - J : J;
-        double* t = tmp + (ti * E + tj) * cp;
-        for (int64_t c = 0; c < C; ++c)
-          t[c] += scale[b * C + c] * load_as_double(w.dtype, w.data, widx(w, c, i, j));
-      }
-  }
-  for (int64_t e = 0; e < E * E * cp; ++e) out[e] = static_cast<A>(tmp[e]);
+  // Per channel block over the pool, each element summed in branch order as before.
+  parallel_for(cp, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t e = 0; e < E * E; ++e) std::fill(tmp + e * cp + c0, tmp + e * cp + c1, 0.0);
+    for (int64_t b = 0; b < s.nb; ++b) {
+      const TensorView& w = br.weight[b];
+      const int64_t k = s.k[b], d = s.d[b], o = half - pad_of(s, b);
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t I = o + i * d, J = o + j * d;
+          const int64_t ti = flip ? E - 1 - I : I, tj = flip ? E - 1 - J : J;
+          double* t = tmp + (ti * E + tj) * cp;
+          for (int64_t c = c0; c < std::min(c1, C); ++c)
+            t[c] += scale[b * C + c] * load_as_double(w.dtype, w.data, widx(w, c, i, j));
+        }
+    }
+    for (int64_t e = 0; e < E * E; ++e)
+      for (int64_t c = c0; c < c1; ++c) out[e * cp + c] = static_cast<A>(tmp[e * cp + c]);
+  });
 }
 
 inline double chan(const TensorView& t, int64_t c) {
@@ -358,10 +366,12 @@ void backward_t(const Shape& s, DType dt, const DilatedReparamBranches& br, cons
   // G (E x E taps) and Sg from one weight-gradient pass of g against x.
   wgrad<A>(s, dt, same_geom(s, E, 1), gy, x, f, f.G, f.Sg);
   std::vector<double> coef_a(B * C), coef_u(B * C), coef_v(B * C);
+  // Per channel (over the pool: every (b, c) is independent).
+  parallel_for(C, 16, [&](int64_t c0, int64_t c1) {
   for (int64_t b = 0; b < B; ++b) {
     const TensorView& w = br.weight[b];
     const int64_t k = s.k[b], d = s.d[b], o = half - pad_of(s, b);
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       const double mu = load_as_double(mean_in.dtype, mean_in.data, b * C + c);
       const double var = load_as_double(var_in.dtype, var_in.data, b * C + c);
       const double sigma = std::sqrt(var + eps), gamma = chan(br.bn_weight[b], c);
@@ -383,6 +393,7 @@ void backward_t(const Shape& s, DType dt, const DilatedReparamBranches& br, cons
         store_from_double(grad_bt[b].dtype, grad_bt[b].data, c * grad_bt[b].strides[0], sg);
     }
   }
+  });
   if (!dx && !grad_w) return;
   const int64_t act = s.n * s.h * s.w * C;
   A* r = static_cast<A*>(f.r);
@@ -420,10 +431,12 @@ void backward_t(const Shape& s, DType dt, const DilatedReparamBranches& br, cons
     if (grad_w) {  // dw_b = corr(dz_b, x)
       wgrad<A>(s, dt, g, r, x, f, f.extra, nullptr);
       const TensorView& gw = grad_w[b];
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t j = 0; j < k; ++j)
-          for (int64_t c = 0; c < C; ++c)
-            store_from_double(gw.dtype, gw.data, widx(gw, c, i, j), f.extra[(i * k + j) * C + c]);
+      parallel_for(C, 16, [&](int64_t c0, int64_t c1) {
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t j = 0; j < k; ++j)
+            for (int64_t c = c0; c < c1; ++c)
+              store_from_double(gw.dtype, gw.data, widx(gw, c, i, j), f.extra[(i * k + j) * C + c]);
+      });
     }
   }
 }
