@@ -232,3 +232,46 @@ def test_bad_input_is_refused():
         call(mlp, t, approximate="fast")
     with pytest.raises(ValueError, match="grn_eps"):
         mlp(t["x"], t["fc1_weight"], None, t["fc2_weight"], grn_weight=t["grn_weight"], grn_eps=0.0)
+
+
+@pytest.mark.parametrize("grn", [False, True])
+def test_interleaved_graphs_do_not_share_temporaries(grn):
+    """The op's hidden-sized temporaries come from per-thread workspaces (_bridge.workspace):
+    two graphs interleaved (forward A, forward B, backward B, backward A, of different
+    sizes) get exactly the gradients each gets alone."""
+    torch.manual_seed(11)
+
+    def make(n, h):
+        x = torch.randn(n, h, h, 8, requires_grad=True)
+        ps = [torch.randn(32, 8) * 0.3, torch.randn(32), torch.randn(8, 32) * 0.3, torch.randn(8)]
+        ps = [p.requires_grad_() for p in ps]
+        g = dict(grn_weight=torch.randn(32, requires_grad=True), grn_bias=torch.randn(32, requires_grad=True)) if grn else {}
+        return x, ps, g, torch.randn(n, h, h, 8)
+
+    def leaves(case):
+        x, ps, g, _ = case
+        return [x, *ps, *g.values()]
+
+    a, b = make(2, 6), make(3, 9)
+    alone = []
+    for x, ps, g, gy in (a, b):
+        alone.append(torch.autograd.grad(fastvis.ops.mlp(x, *ps, **g), leaves((x, ps, g, gy)), gy))
+    ya = fastvis.ops.mlp(a[0], *a[1], **a[2])
+    yb = fastvis.ops.mlp(b[0], *b[1], **b[2])
+    gb = torch.autograd.grad(yb, leaves(b), b[3])
+    ga = torch.autograd.grad(ya, leaves(a), a[3])
+    for got, want in ((ga, alone[0]), (gb, alone[1])):
+        for u, v in zip(got, want):
+            assert torch.equal(u, v)
+
+
+def test_workspace_buffers():
+    from fastvis.ops._bridge import workspace
+    t1 = workspace("test.a", (4, 5), torch.float32, torch.device("cpu"))
+    t2 = workspace("test.b", (4, 5), torch.float32, torch.device("cpu"))
+    assert t1.shape == (4, 5) and t1.dtype == torch.float32 and t1.is_contiguous()
+    assert t1.data_ptr() != t2.data_ptr()  # distinct keys, distinct memory
+    again = workspace("test.a", (2, 3), torch.float64, torch.device("cpu"))
+    assert again.data_ptr() == t1.data_ptr()  # the same key reuses its buffer
+    big = workspace("test.a", (65 << 20,), torch.uint8, torch.device("cpu"))
+    assert big.numel() == 65 << 20 and big.data_ptr() != t1.data_ptr()  # above the cap: fresh

@@ -57,6 +57,29 @@ def scratch(nbytes: int, device: torch.device) -> torch.Tensor:
     return buf[:nbytes]
 
 
+def workspace(key: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised dense tensor for a temporary that never leaves one op call (it is
+    not returned, saved for the backward or aliased by anything returned), from a per-thread
+    grow-only buffer per ``key`` on the CPU (each buffer up to 64 MiB, like ``scratch``),
+    so that successive calls reuse pages instead of faulting fresh ones in: the MLP's
+    hidden-sized temporaries were ~1 GB of fresh memory per UniRepLKNet-T training step at
+    N=8. Distinct keys for temporaries alive at the same time. Other devices, or more
+    than the cap: a fresh tensor."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes > _CPU_SCRATCH_KEEP:
+        return torch.empty(shape, dtype=dtype, device=device)
+    bufs = getattr(_tls, "workspaces", None)
+    if bufs is None:
+        bufs = _tls.workspaces = {}
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < nbytes:
+        buf = bufs[key] = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+    return buf[:nbytes].view(dtype).view(shape)
+
+
 _scratch_sizes: dict = {}
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch, workspace
 from ._checks import CPU_DTYPES, CUDA_DTYPES, check_eps, check_param_tensors, cpu_core_serves
 from .grn import global_response_norm_reference
 
@@ -70,7 +70,7 @@ def _mlp_fwd(
     b2 = None if fc2_bias is None else fc2_bias.detach()
     h = F.linear(x, w1, b1)
     if grn_weight is not None:
-        a = torch.empty_like(h)
+        a = workspace("mlp.a", h.shape, h.dtype, h.device)  # fc2's input, used here only
         norm = torch.empty(h.shape[0], h.shape[-1], dtype=_stats_dtype(h.dtype), device=h.device)
         gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(grn_weight)
         nbytes = _C.global_response_norm_forward_scratch_bytes(_nchw(h))
@@ -115,12 +115,16 @@ def _mlp_bwd(
     # fc2's weight gradient needs the hidden activation a = GRN?(GELU(h)) again: with GRN
     # the core's backward writes it in its reduction pass (from the saved norms), without
     # GRN torch's gelu recomputes it.
-    a = torch.empty_like(h) if (n_w2 and grn) else None
+    # The hidden-sized temporaries (a, da, dh) never leave this call: per-thread workspaces.
+    a = workspace("mlp.a", h.shape, h.dtype, h.device) if (n_w2 and grn) else None
     dh = None
     if need_dh or a is not None:
-        da = torch.mm(gy2, w2).view(h.shape)
         if grn:
-            dh = torch.empty_like(h) if (n_x or n_w1 or n_b1) else None
+            da = torch.mm(gy2, w2, out=workspace("mlp.da", (gy2.shape[0], hidden), gy2.dtype, h.device)).view(h.shape)
+        else:
+            da = torch.mm(gy2, w2).view(h.shape)
+        if grn:
+            dh = workspace("mlp.dh", h.shape, h.dtype, h.device) if (n_x or n_w1 or n_b1) else None
             ggw = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gw else None
             ggb = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gb else None
             gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(gw)
