@@ -160,3 +160,15 @@ def test_training_branches_run_the_fused_op(make, momentum, monkeypatch):
     for (n, b), (_, c) in zip(m.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=n)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["unireplknet_a", "inception_next_atto", "convnext_atto", "replknet_31b"])
+def test_fold_cache_key_covers_every_parameter_and_buffer(name):
+    """cached_fold keys on _state_tensors: the same tensors as parameters() + buffers(), for
+    every submodule of the models that use it."""
+    from fastvis.nn.reparam import _state_tensors
+    m = fastvis.create_model(name)
+    for sub in m.modules():
+        want = list(sub.parameters()) + list(sub.buffers())
+        got = _state_tensors(sub)
+        assert {id(t) for t in got} == {id(t) for t in want} and len(got) == len(want)
