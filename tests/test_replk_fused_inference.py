@@ -172,3 +172,24 @@ def test_fold_cache_key_covers_every_parameter_and_buffer(name):
         want = list(sub.parameters()) + list(sub.buffers())
         got = _state_tensors(sub)
         assert {id(t) for t in got} == {id(t) for t in want} and len(got) == len(want)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (fastvis.nn.ConvNeXtBlock(32), 32),
+    lambda: (fastvis.nn.MetaNeXtBlock(32), 32),
+    lambda: (unimod.UniRepLKNetBlock(16, 5), 16),
+], ids=["convnext", "metanext", "unireplknet"])
+def test_eval_blocks_compile_fullgraph(make):
+    """torch.compile(fullgraph=True) of an eval block under no_grad: the fused inference
+    paths step aside while Dynamo traces (their fold caches key on data pointers, which it
+    cannot trace; it raised 'Data pointer comparison' before) and the module path computes
+    the same outputs."""
+    torch.manual_seed(4)
+    blk, c = make()
+    blk.eval()
+    _randomise(blk)
+    x = torch.randn(2, c, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = blk(x)
+        y = torch.compile(blk, fullgraph=True)(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -173,6 +173,8 @@ class MetaNeXtBlock(nn.Module):
             return False
         if type(self.token_mixer) is not InceptionDWConv2d or x.device.type != "cpu":
             return False
+        if torch.compiler.is_compiling():  # as inference_only: the fold cache is not traceable
+            return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         return True

@@ -143,6 +143,10 @@ def inference_only(module: nn.Module, x: torch.Tensor) -> bool:
     from .._reference import reference_enabled
     if module.training or reference_enabled() or not isinstance(x, torch.Tensor) or x.device.type != "cpu":
         return False
+    if torch.compiler.is_compiling():
+        # torch.compile traces the module path instead: the fold caches key on data
+        # pointers and versions, which Dynamo cannot trace (fullgraph=True failed).
+        return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
 
 
