@@ -83,18 +83,25 @@ def workspace(key: str, shape, dtype: torch.dtype, device: torch.device) -> torc
 _scratch_sizes: dict = {}
 
 
+def memoised_size(key: tuple, compute) -> int:
+    """``compute()`` (a core scratch-size query), remembered under ``key``: every op's
+    memo, in one bounded dict. The key must name the op and hold everything the size
+    depends on (shapes, strides, dtypes, arguments, the core's thread count). The core
+    checks each buffer against its own query, so a wrong key is an error, not an overrun."""
+    n = _scratch_sizes.get(key)
+    if n is None:
+        if len(_scratch_sizes) > 512:
+            _scratch_sizes.clear()
+        n = _scratch_sizes[key] = compute()
+    return n
+
+
 def scratch_bytes(kind: str, query, key_tensors, *args) -> int:
     """Memoised core scratch-size query; the size depends on shapes, strides, dtypes, the
     arguments and the core's thread count only."""
     key = (kind, _C.get_num_threads(), *(tuple(a) if isinstance(a, list) else a for a in args),
            *((tuple(t.shape), t.stride(), t.dtype, t.device.type) for t in key_tensors))
-    n = _scratch_sizes.get(key)
-    if n is None:
-        if len(_scratch_sizes) > 512:
-            _scratch_sizes.clear()
-        n = query(*key_tensors, *args)
-        _scratch_sizes[key] = n
-    return n
+    return memoised_size(key, lambda: query(*key_tensors, *args))
 
 
 def stream_of(x: torch.Tensor) -> int:

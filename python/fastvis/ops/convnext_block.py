@@ -22,7 +22,8 @@ from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_eps, check_param_tensors
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch, stream_of
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size, register_autograd,
+                      scratch, stream_of)
 
 _GELU = ("none", "tanh")
 
@@ -85,21 +86,12 @@ _GRAD_NAMES = ("x", "dw_weight", "dw_bias", "norm_weight", "norm_bias", "fc1_wei
                "fc1_bias", "fc2_weight", "fc2_bias", "gamma")
 
 
-_scratch_sizes: dict = {}
-
-
 def _scratch_bytes(kind, query, x, ws, eps, tanh_gelu, grn_eps) -> int:
     """Memoised core scratch query: the size depends on the shapes, dtypes and strides of x
     and the parameters present, and on the core's thread count, nothing else."""
     key = (kind, _C.get_num_threads(), x.device.type, tuple(x.shape), x.stride(), x.dtype,
            tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in ws))
-    n = _scratch_sizes.get(key)
-    if n is None:
-        if len(_scratch_sizes) > 512:
-            _scratch_sizes.clear()
-        n = query(x, ws, eps, tanh_gelu, grn_eps)
-        _scratch_sizes[key] = n
-    return n
+    return memoised_size(key, lambda: query(x, ws, eps, tanh_gelu, grn_eps))
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:

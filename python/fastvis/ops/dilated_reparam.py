@@ -32,7 +32,7 @@ from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, dl, empty_like_layout, forward_op,
-                      is_channels_last, like_layout, register_autograd, scratch)
+                      is_channels_last, like_layout, memoised_size, register_autograd, scratch)
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 from .depthwise_conv import depthwise_conv2d
 
@@ -44,22 +44,13 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_scratch_sizes: dict = {}
-
-
-def _scratch_bytes(query, x, ws, dilations, gs, bs) -> int:
+def _scratch_bytes(kind: str, query, x, ws, dilations, gs, bs) -> int:
     """Memoised scratch query: the size depends on the thread count, x's shape, strides and
-    dtype and the branches' kernel shapes and dilations only. The core checks the buffer
-    it is given against its own query, so a wrong size is an error, not an overrun."""
-    key = (query, _C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype, tuple(dilations),
+    dtype and the branches' kernel shapes and dilations only (the core packs every weight)."""
+    key = (kind, _C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype, tuple(dilations),
            tuple((tuple(w.shape), w.dtype) for w in ws), tuple(g.dtype for g in gs), tuple(b.dtype for b in bs))
-    n = _scratch_sizes.get(key)
-    if n is None:
-        if len(_scratch_sizes) > 512:
-            _scratch_sizes.clear()
-        n = _scratch_sizes[key] = query(dl(x), [dl(w) for w in ws], dilations, [dl(g) for g in gs],
-                                        [dl(b) for b in bs])
-    return n
+    return memoised_size(key, lambda: query(dl(x), [dl(w) for w in ws], dilations, [dl(g) for g in gs],
+                                            [dl(b) for b in bs]))
 
 
 # ---------------------------------------------------------------- custom ops
@@ -84,7 +75,7 @@ def _train_fwd(
     nb, c = len(ws), x.shape[1]
     mean = torch.empty(nb, c, dtype=_stats_dtype(x.dtype))
     var = torch.empty(nb, c, dtype=_stats_dtype(x.dtype))
-    nbytes = _scratch_bytes(_C.dilated_reparam_forward_scratch_bytes, x, ws, dilations, gs, bs)
+    nbytes = _scratch_bytes("dilated_reparam_fwd", _C.dilated_reparam_forward_scratch_bytes, x, ws, dilations, gs, bs)
     _C.dilated_reparam_forward(dl(x), [dl(w) for w in ws], dilations, [dl(g) for g in gs], [dl(b) for b in bs],
                                eps, dl(y), dl(mean), dl(var), dl(scratch(nbytes, x.device)))
     return y, mean, var
@@ -127,7 +118,7 @@ def _train_bwd(
     ggs = [torch.empty(g.shape, dtype=g.dtype) for g in gs] if need_bn else None
     gbs = [torch.empty(b.shape, dtype=b.dtype) for b in bs] if need_bn else None
     if need_input or need_weight or need_bn:
-        nbytes = _scratch_bytes(_C.dilated_reparam_backward_scratch_bytes, x, ws, dilations, gs, bs)
+        nbytes = _scratch_bytes("dilated_reparam_bwd", _C.dilated_reparam_backward_scratch_bytes, x, ws, dilations, gs, bs)
         dls = lambda ts: None if ts is None else [dl(t) for t in ts]  # noqa: E731
         _C.dilated_reparam_backward(dl(gy), dl(x), dls(ws), dilations, dls(gs), dls(bs), dl(mean.detach()),
                                     dl(var.detach()), eps, None if gx is None else dl(gx), dls(gws), dls(ggs),

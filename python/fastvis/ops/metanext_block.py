@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size, scratch
 from ._checks import check_activation, check_param_tensors, cpu_core_serves
 
 _GELU = ("none", "tanh")
@@ -75,8 +75,6 @@ def fold_affine_into_fc1(scale: torch.Tensor, shift: torch.Tensor, fc1_weight: t
     return wf.to(fc1_weight.dtype), bf.to(fc1_weight.dtype)
 
 
-_scratch_sizes: dict = {}
-
 
 @forward_op("fastvis::metanext_block")
 def _mn_fwd(
@@ -91,14 +89,9 @@ def _mn_fwd(
     ws = [None if t is None else t.detach() for t in (
         hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1_bias,
         fc2_weight, fc2_bias, gamma, drop_scale)]
-    key = (_C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype, dilation,
+    key = ("metanext_block_fwd", _C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype, dilation,
            tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in ws))
-    nbytes = _scratch_sizes.get(key)
-    if nbytes is None:
-        if len(_scratch_sizes) > 512:
-            _scratch_sizes.clear()
-        nbytes = _scratch_sizes[key] = _C.metanext_block_forward_scratch_bytes(
-            x, ws, dilation, tanh_gelu)
+    nbytes = memoised_size(key, lambda: _C.metanext_block_forward_scratch_bytes(x, ws, dilation, tanh_gelu))
     y = torch.empty_like(x, memory_format=torch.channels_last)
     _C.metanext_block_forward(dl(x), [None if t is None else dl(t) for t in ws], dilation,
                               tanh_gelu, dl(y), dl(scratch(nbytes, x.device)))
