@@ -198,6 +198,40 @@ def test_backward_band_kernels(kh, kw):
     check_backward(grads, x, w, b, gy, cfg)
 
 
+# k x 1 kernels take row bands (stride 1 and dilation 1 down the column, C a whole number
+# of vectors) for the input gradient (the forward's row bands, flipped kernel) and the
+# weight gradient (blocks of taps x grad_y rows read in place, zero rows outside the image
+# and past a row chunk). As the forward test: short images, asymmetric padding, kh up to 63
+# (several tap blocks), C of one and several vectors of the widest path and one that is
+# not; gradients from 1 and 3 threads must be bitwise equal (the row chunks are a function
+# of the shape).
+@pytest.mark.parametrize("kh,pads,dtype", [
+    (11, (5, 5, 0, 0), torch.float32), (2, (0, 1, 0, 0), torch.float32),
+    (15, (7, 7, 0, 0), torch.bfloat16), (9, (0, 0, 0, 0), torch.float64),
+    (5, (4, 3, 0, 0), torch.float32), (31, (15, 15, 0, 0), torch.float32),
+    (63, (31, 31, 0, 0), torch.float64), (3, (2, 0, 0, 0), torch.float32),
+])
+def test_backward_row_band(kh, pads, dtype):
+    vec = 8 if dtype == torch.float64 else 16
+    short = max(1, kh - min(3, pads[0] + pads[1]))
+    for n, h, c in ((2, short, 3 * vec), (1, kh, vec), (3, kh + 5, 2 * vec), (2, 29, vec),
+                    (2, 61, 5 * vec), (2, 13, 12)):
+        cfg = ConvCfg(n=n, c=c, h=h, w=7, kh=kh, kw=1, padding=pads, layout="nhwc", dtype=dtype)
+        x, w, b = make_inputs(cfg, requires_grad=True)
+        gy = make_grad_output(cfg)
+        runs = []
+        for threads in (1, 3):
+            fastvis.set_num_threads(threads)
+            try:
+                runs.append(torch.autograd.grad(run_op(x, w, b, cfg), (x, w, b), gy))
+            finally:
+                fastvis.set_num_threads(0)
+        grads = dict(zip(("x", "weight", "bias"), runs[0]))
+        check_backward(grads, x, w, b, gy, cfg)
+        for key, a, a3 in zip(grads, runs[0], runs[1]):
+            assert torch.equal(a, a3), (key, cfg.short())
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_backward_56x56_c32(layout):
     cfg = ConvCfg(n=2, c=32, h=56, w=56, kh=7, kw=7, padding="same", layout=layout)
@@ -316,11 +350,12 @@ def test_backward_register_window(kw, kh, c, w_in, dtype):
     check_backward(grads, x, w, b, gy, cfg)
 
 
-# The stride-1 input gradient of a k x 1 band runs the forward's column window (see
-# test_dwconv_forward.test_forward_column_window) on the flipped kernel.
+# The stride-1 input gradient of a k x 1 band runs the forward's row bands (see
+# test_dwconv_forward.test_forward_row_band) on the flipped kernel; C of two AVX2 vectors
+# (one vector of the AVX-512 path, or half of one for float32).
 @pytest.mark.parametrize("kh,padding", [(11, "same"), (4, (3, 0)), (7, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backward_column_window(kh, padding, dtype):
+def test_backward_kx1_bands(kh, padding, dtype):
     vec = 4 if dtype == torch.float64 else 8
     cfg = ConvCfg(n=2, c=2 * vec, h=40, w=6, kh=kh, kw=1, padding=padding, layout="nhwc", dtype=dtype)
     grads, (x, w, b, gy) = autograd_grads(cfg)

@@ -404,23 +404,28 @@ def test_forward_packed_row_reuse(threads, kh, kw, stride, dilation):
     check_forward(y, x, w, b, cfg)
 
 
-# k x 1 bands on the direct path (stride 1 and dilation 1 down the column): a register
-# window down each output column, in bands of 28 output rows copied column by column into
-# the thread's buffer. Heights kh, kh + 5, 29 and 61 (no interior row or a few, one band
-# and a bit, two bands and more), top / bottom padding apart (those rows keep the per-row
-# path), horizontal stride 2 and dilation, and 1-3 threads (a thread's rows starting
-# inside a band or an image).
+# k x 1 kernels in row bands (stride 1 and dilation 1 down the column, no horizontal
+# padding or stride, C a whole number of vectors: each output row a weighted sum of kh
+# input rows, bands of 4-6 rows). Heights below kh, at kh, a band and a bit, several bands;
+# padding apart, asymmetric, and up to kh - 1 (rows that read a single input row);
+# kh up to 63; C of one and several vectors of the widest path (16 floats, 8 doubles),
+# and C that is not (the other paths); 1-3 threads (a thread's rows starting inside a
+# band or an image). Horizontal stride 2 takes the tap-list path.
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("kh,pads,sw,dtype", [
     (11, (5, 5, 0, 0), 1, torch.float32), (2, (0, 1, 0, 0), 1, torch.float32),
     (7, (2, 6, 0, 0), 2, torch.float32), (15, (7, 7, 0, 0), 1, torch.bfloat16),
     (9, (0, 0, 0, 0), 1, torch.float64), (3, (1, 1, 0, 0), 2, torch.float64),
+    (5, (4, 3, 0, 0), 1, torch.float32), (31, (15, 15, 0, 0), 1, torch.float32),
+    (63, (31, 31, 0, 0), 1, torch.float64), (3, (2, 0, 0, 0), 1, torch.float32),
 ])
-def test_forward_column_window(threads, kh, pads, sw, dtype):
-    vec = 4 if dtype == torch.float64 else 8
+def test_forward_row_band(threads, kh, pads, sw, dtype):
+    vec = 8 if dtype == torch.float64 else 16
     fastvis.set_num_threads(threads)
     try:
-        for h, c in ((kh, 3 * vec), (kh + 5, vec), (29, 2 * vec), (61, 5 * vec)):
+        short = max(1, kh - min(3, pads[0] + pads[1]))  # the padded input still holds the kernel
+        for h, c in ((short, 3 * vec), (kh, vec), (kh + 5, 2 * vec), (29, vec),
+                     (61, 5 * vec), (13, 12)):
             cfg = ConvCfg(n=2, c=c, h=h, w=7, kh=kh, kw=1, stride=(1, sw), dilation=(1, 3),
                           padding=pads, layout="nhwc", dtype=dtype)
             x, w, b = make_inputs(cfg)

@@ -77,12 +77,13 @@ inline bool use_direct(const Geom& g, int64_t acc_bytes) {
   return g.kh * g.kw <= direct_max_taps() && g.c % (cpu::vector_bytes() / acc_bytes) == 0;
 }
 
-// k x 1 kernels on the direct path (stride 1 and dilation 1 down the column) run a
-// register window down each output column (cpu_kernels.cpp, column_rows), in bands of
-// kColumnBand output rows whose input column is first copied into the per-thread buffer.
-constexpr int64_t kColumnBand = 28;
-inline bool use_column_window(const Geom& g, int64_t acc_bytes) {
-  return use_direct(g, acc_bytes) && g.kw == 1 && g.kh > 1 && g.sh == 1 && g.dh == 1;
+// k x 1 kernels of any height (stride 1 and dilation 1 down the column, no horizontal
+// padding or stride, C a whole number of vectors) run in bands of whole output rows
+// (cpu_kernels.cpp, row_band_rows): each output row is a per-channel weighted sum of k
+// contiguous input rows. They take precedence over the direct and packed paths.
+inline bool use_row_band(const Geom& g, int64_t acc_bytes) {
+  return g.kw == 1 && g.kh > 1 && g.sh == 1 && g.dh == 1 && g.sw == 1 && g.pl == 0 &&
+         g.c % (cpu::vector_bytes() / acc_bytes) == 0;
 }
 
 // Two regimes. When a tile of input rows holding *all* channels fits the budget (small
@@ -132,8 +133,6 @@ inline FwdPlan fwd_plan(const Geom& g, int64_t acc_bytes, bool balance = true) {
   p.ntiles = (g.oh + rt - 1) / rt;
   p.block_elems = tile_rows_in(g, rt) * packed_width(g) * p.cb;
   p.buf_elems = p.gb * p.block_elems;
-  if (use_column_window(g, acc_bytes))  // a band's column window, in the storage type
-    p.buf_elems = std::max(p.buf_elems, (kColumnBand + g.kh - 1) * g.c);
   return p;
 }
 

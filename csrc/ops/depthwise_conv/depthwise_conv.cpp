@@ -71,6 +71,12 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes) {
   plan.rt = block_tile_rows(g, acc_bytes);
   plan.x_elems = (tile_rows_in(g, plan.rt) * packed_width(g) * cb + 15) / 16 * 16;
   plan.gy_elems = (plan.rt * g.ow * cb + 15) / 16 * 16;
+  if (use_row_band(g, acc_bytes)) {
+    // Row bands read x and grad_y in place; the buffer is one zero row of either, in the
+    // storage type (no wider than the accumulator type).
+    plan.x_elems = (std::max(g.w * in_pitch(g), g.ow * out_pitch(g)) + 15) / 16 * 16;
+    plan.gy_elems = 0;
+  }
   return plan;
 }
 
