@@ -23,7 +23,7 @@ from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_eps, check_param_tensors
 from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size, register_autograd,
-                      scratch, stream_of)
+                      scratch_arg_sized, stream_of)
 
 _GELU = ("none", "tanh")
 
@@ -113,10 +113,10 @@ def _cb_fwd(
           (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
            gamma, drop_scale, grn_weight, grn_bias)]
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    nbytes = _scratch_bytes("convnext_block_fwd", _C.convnext_block_forward_scratch_bytes, x, ws,
-                            eps, tanh_gelu, grn_eps)
+    nbytes = lambda: _scratch_bytes("convnext_block_fwd", _C.convnext_block_forward_scratch_bytes, x, ws,
+                                    eps, tanh_gelu, grn_eps)
     _C.convnext_block_forward(dl(x), [dl(t) for t in ws], eps, tanh_gelu, dl(y),
-                              dl(scratch(nbytes, x.device)), grn_eps, stream_of(x))
+                              scratch_arg_sized(x.device, nbytes), grn_eps, stream_of(x))
     return y
 
 
@@ -147,10 +147,10 @@ def _cb_bwd(
              else x.new_empty(0) for p, need in zip(params, needs[1:])]
     grads = [o if need else None for o, need in zip(outs, [needs[0]] + [
         n and p is not None for p, n in zip(params, needs[1:])])]
-    nbytes = _scratch_bytes("convnext_block_bwd", _C.convnext_block_backward_scratch_bytes, x, ws,
-                            eps, tanh_gelu, grn_eps)
+    nbytes = lambda: _scratch_bytes("convnext_block_bwd", _C.convnext_block_backward_scratch_bytes, x, ws,
+                                    eps, tanh_gelu, grn_eps)
     _C.convnext_block_backward(dl(gy), dl(x), [dl(t) for t in ws], eps, tanh_gelu,
-                               [dl(t) for t in grads], dl(scratch(nbytes, x.device)), grn_eps,
+                               [dl(t) for t in grads], scratch_arg_sized(x.device, nbytes), grn_eps,
                                stream_of(x))
     return outs
 
@@ -384,11 +384,11 @@ def _dmb_fwd(x: torch.Tensor, ws: List[Optional[torch.Tensor]], eps: float, tanh
     ws = [None if t is None else t.detach() for t in ws]
     y = torch.empty_like(x, memory_format=torch.channels_last)
     key_ws = list(ws)
-    nbytes = _scratch_bytes(("dwconv_mlp_block", layer_norm),
-                            lambda x_, w_, e_, t_, g_: _C.convnext_block_forward_scratch_bytes(x_, w_, e_, t_, g_, layer_norm),
-                            x, key_ws, eps, tanh_gelu, grn_eps)
+    nbytes = lambda: _scratch_bytes(("dwconv_mlp_block", layer_norm),
+                                    lambda x_, w_, e_, t_, g_: _C.convnext_block_forward_scratch_bytes(x_, w_, e_, t_, g_, layer_norm),
+                                    x, key_ws, eps, tanh_gelu, grn_eps)
     _C.convnext_block_forward(dl(x), [None if t is None else dl(t) for t in ws], eps, tanh_gelu,
-                              dl(y), dl(scratch(nbytes, x.device)), grn_eps, 0, layer_norm)
+                              dl(y), scratch_arg_sized(x.device, nbytes), grn_eps, 0, layer_norm)
     return y
 
 

@@ -16,7 +16,7 @@ from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
 from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, dl, empty_like_layout,
-                      forward_op, register_autograd, like_layout, scratch, scratch_bytes, stream_of)
+                      forward_op, register_autograd, like_layout, scratch_arg, stream_of)
 
 IntOrPair = Union[int, Sequence[int]]
 Padding = Union[int, str, Sequence[int]]
@@ -103,12 +103,12 @@ def _dwconv_fwd(
     x = dense_for_core(x)
     xd, wd = x.detach(), weight.detach()
     bd = None if bias is None else bias.detach()
-    # The (memoised) scratch query validates the arguments in the core first.
-    nbytes = scratch_bytes("fwd", _C.dwconv_forward_scratch_bytes, (xd, wd), stride, padding, dilation)
     y = empty_like_layout(_out_shape(x, weight, stride, padding, dilation), x)
     _C.dwconv_forward(dl(xd), dl(wd), dl(bd), dl(y), stride, padding, dilation,
-                      dl(scratch(nbytes, x.device)), stream_of(x))
+                      scratch_arg(x, "fwd", _C.dwconv_forward_scratch_bytes, (xd, wd), stride, padding, dilation),
+                      stream_of(x))
     return y
+
 
 
 def _out_shape(x, weight, stride, padding, dilation):
@@ -142,16 +142,16 @@ def _dwconv_bwd(
     stream = stream_of(x)
     gx = empty_like_layout(x.shape, x) if need_input else x.new_empty(0)
     if need_input:
-        nbytes = scratch_bytes("bwd_in", _C.dwconv_backward_input_scratch_bytes, (gy, wd, gx), stride, padding, dilation)
         _C.dwconv_backward_input(dl(gy), dl(wd), dl(gx), stride, padding, dilation,
-                                 dl(scratch(nbytes, x.device)), stream)
+                                 scratch_arg(x, "bwd_in", _C.dwconv_backward_input_scratch_bytes, (gy, wd, gx),
+                                              stride, padding, dilation), stream)
     gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight or need_bias else weight.new_empty(0)
     gb = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device) if need_bias else weight.new_empty(0)
     if need_weight or need_bias:
-        nbytes = scratch_bytes("bwd_w", _C.dwconv_backward_weight_scratch_bytes, (gy, x, gw), stride, padding, dilation)
         _C.dwconv_backward_weight(
             dl(gy), dl(x), dl(gw), dl(gb) if need_bias else None, stride, padding, dilation,
-            dl(scratch(nbytes, x.device)), stream
+            scratch_arg(x, "bwd_w", _C.dwconv_backward_weight_scratch_bytes, (gy, x, gw), stride, padding, dilation),
+            stream
         )
     if not need_weight:
         gw = weight.new_empty(0)

@@ -32,7 +32,7 @@ from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, dl, empty_like_layout, forward_op,
-                      is_channels_last, like_layout, memoised_size, register_autograd, scratch)
+                      is_channels_last, like_layout, memoised_size, register_autograd, scratch_arg_sized)
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 from .depthwise_conv import depthwise_conv2d
 
@@ -75,9 +75,9 @@ def _train_fwd(
     nb, c = len(ws), x.shape[1]
     mean = torch.empty(nb, c, dtype=_stats_dtype(x.dtype))
     var = torch.empty(nb, c, dtype=_stats_dtype(x.dtype))
-    nbytes = _scratch_bytes("dilated_reparam_fwd", _C.dilated_reparam_forward_scratch_bytes, x, ws, dilations, gs, bs)
+    nbytes = lambda: _scratch_bytes("dilated_reparam_fwd", _C.dilated_reparam_forward_scratch_bytes, x, ws, dilations, gs, bs)
     _C.dilated_reparam_forward(dl(x), [dl(w) for w in ws], dilations, [dl(g) for g in gs], [dl(b) for b in bs],
-                               eps, dl(y), dl(mean), dl(var), dl(scratch(nbytes, x.device)))
+                               eps, dl(y), dl(mean), dl(var), scratch_arg_sized(x.device, nbytes))
     return y, mean, var
 
 
@@ -118,11 +118,11 @@ def _train_bwd(
     ggs = [torch.empty(g.shape, dtype=g.dtype) for g in gs] if need_bn else None
     gbs = [torch.empty(b.shape, dtype=b.dtype) for b in bs] if need_bn else None
     if need_input or need_weight or need_bn:
-        nbytes = _scratch_bytes("dilated_reparam_bwd", _C.dilated_reparam_backward_scratch_bytes, x, ws, dilations, gs, bs)
+        nbytes = lambda: _scratch_bytes("dilated_reparam_bwd", _C.dilated_reparam_backward_scratch_bytes, x, ws, dilations, gs, bs)
         dls = lambda ts: None if ts is None else [dl(t) for t in ts]  # noqa: E731
         _C.dilated_reparam_backward(dl(gy), dl(x), dls(ws), dilations, dls(gs), dls(bs), dl(mean.detach()),
                                     dl(var.detach()), eps, None if gx is None else dl(gx), dls(gws), dls(ggs),
-                                    dls(gbs), dl(scratch(nbytes, x.device)))
+                                    dls(gbs), scratch_arg_sized(x.device, nbytes))
 
     def out(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         if t is None:

@@ -27,7 +27,7 @@ import torch
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, dl, forward_op, register_autograd, empty_like_layout, like_layout, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dense_for_core, dl, forward_op, register_autograd, empty_like_layout, like_layout, scratch_arg_sized
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 
 
@@ -55,9 +55,9 @@ def _grn_fwd(
     x = dense_for_core(x).detach()
     y = empty_like_layout(x.shape, x)
     norm = _empty_norm(x)
-    nbytes = _C.global_response_norm_forward_scratch_bytes(x)
+    nbytes = lambda: _C.global_response_norm_forward_scratch_bytes(x)
     _C.global_response_norm_forward(dl(x), dl(weight.detach()), dl(bias.detach()), eps, dl(y),
-                                    dl(norm), dl(scratch(nbytes, x.device)), activation)
+                                    dl(norm), scratch_arg_sized(x.device, nbytes), activation)
     return y, norm
 
 
@@ -86,11 +86,11 @@ def _grn_bwd(
     gw = torch.empty(c, dtype=x.dtype, device=x.device) if need_weight else x.new_empty(0)
     gb = torch.empty(c, dtype=x.dtype, device=x.device) if need_bias else x.new_empty(0)
     if need_input or need_weight or need_bias:
-        nbytes = _C.global_response_norm_backward_scratch_bytes(x)
+        nbytes = lambda: _C.global_response_norm_backward_scratch_bytes(x)
         _C.global_response_norm_backward(
             dl(gy), dl(x), dl(weight.detach()), dl(norm.detach()), eps,
             dl(gx) if need_input else None, dl(gw) if need_weight else None,
-            dl(gb) if need_bias else None, dl(scratch(nbytes, x.device)), activation,
+            dl(gb) if need_bias else None, scratch_arg_sized(x.device, nbytes), activation,
         )
     return gx, gw, gb
 

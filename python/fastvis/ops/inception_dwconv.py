@@ -20,7 +20,7 @@ from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
 from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, register_autograd, empty_like_layout, like_layout,
-                      scratch, stream_of)
+                      scratch_arg_sized, stream_of)
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,8 +53,8 @@ def _inc_fwd(
     y = empty_like_layout(x.shape, x)
     if x.shape[0] == 0:
         return y
-    nbytes = _C.inception_dwconv_forward_scratch_bytes(x, ws, dilation)
-    _C.inception_dwconv_forward(x, ws, dilation, y, scratch(nbytes, x.device), stream_of(x))
+    nbytes = lambda: _C.inception_dwconv_forward_scratch_bytes(x, ws, dilation)
+    _C.inception_dwconv_forward(x, ws, dilation, y, scratch_arg_sized(x.device, nbytes, export=False), stream_of(x))
     return y
 
 
@@ -84,8 +84,8 @@ def _inc_bwd(
         # do not enter the backward pass.
         ws = [hw_weight.detach(), None, w_weight.detach(), None, h_weight.detach(), None]
         grads = [o if n else None for o, n in zip(outs, need)]
-        nbytes = _C.inception_dwconv_backward_scratch_bytes(x, ws, dilation)
-        _C.inception_dwconv_backward(gy, x, ws, dilation, grads, scratch(nbytes, x.device), stream_of(x))
+        nbytes = lambda: _C.inception_dwconv_backward_scratch_bytes(x, ws, dilation)
+        _C.inception_dwconv_backward(gy, x, ws, dilation, grads, scratch_arg_sized(x.device, nbytes, export=False), stream_of(x))
     return tuple(outs)
 
 

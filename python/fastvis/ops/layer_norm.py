@@ -22,7 +22,7 @@ from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_channel_params, check_eps, cpu_core_serves
 from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, forward_op, register_autograd, dl, empty_like_layout,
-                      like_layout, scratch)
+                      like_layout, scratch_arg_sized)
 
 
 
@@ -48,9 +48,9 @@ def _ln_fwd(
     bd = None if bias is None else bias.detach()
     y = empty_like_layout(x.shape, x)
     mean, rstd = _empty_stats(x), _empty_stats(x)
-    nbytes = _C.layer_norm_channels_forward_scratch_bytes(x)
+    nbytes = lambda: _C.layer_norm_channels_forward_scratch_bytes(x)
     _C.layer_norm_channels_forward(dl(x), dl(wd), dl(bd), eps, dl(y), dl(mean), dl(rstd),
-                                   dl(scratch(nbytes, x.device)))
+                                   scratch_arg_sized(x.device, nbytes))
     return y, mean, rstd
 
 
@@ -79,11 +79,11 @@ def _ln_bwd(
     gw = torch.empty(c, dtype=x.dtype, device=x.device) if need_weight else x.new_empty(0)
     gb = torch.empty(c, dtype=x.dtype, device=x.device) if need_bias else x.new_empty(0)
     if need_input or need_weight or need_bias:
-        nbytes = _C.layer_norm_channels_backward_scratch_bytes(x)
+        nbytes = lambda: _C.layer_norm_channels_backward_scratch_bytes(x)
         _C.layer_norm_channels_backward(
             dl(gy), dl(x), dl(wd), dl(mean.detach()), dl(rstd.detach()),
             dl(gx) if need_input else None, dl(gw) if need_weight else None,
-            dl(gb) if need_bias else None, dl(scratch(nbytes, x.device)),
+            dl(gb) if need_bias else None, scratch_arg_sized(x.device, nbytes),
         )
     return gx, gw, gb
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size, scratch_arg_sized
 from ._checks import check_activation, check_param_tensors, cpu_core_serves
 
 _GELU = ("none", "tanh")
@@ -91,10 +91,10 @@ def _mn_fwd(
         fc2_weight, fc2_bias, gamma, drop_scale)]
     key = ("metanext_block_fwd", _C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype, dilation,
            tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in ws))
-    nbytes = memoised_size(key, lambda: _C.metanext_block_forward_scratch_bytes(x, ws, dilation, tanh_gelu))
+    nbytes = lambda: memoised_size(key, lambda: _C.metanext_block_forward_scratch_bytes(x, ws, dilation, tanh_gelu))
     y = torch.empty_like(x, memory_format=torch.channels_last)
     _C.metanext_block_forward(dl(x), [None if t is None else dl(t) for t in ws], dilation,
-                              tanh_gelu, dl(y), dl(scratch(nbytes, x.device)))
+                              tanh_gelu, dl(y), scratch_arg_sized(x.device, nbytes))
     return y
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch, workspace
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch_arg_sized, workspace
 from ._checks import CPU_DTYPES, CUDA_DTYPES, check_eps, check_param_tensors, cpu_core_serves
 from .grn import global_response_norm_reference
 
@@ -73,9 +73,9 @@ def _mlp_fwd(
         a = workspace("mlp.a", h.shape, h.dtype, h.device)  # fc2's input, used here only
         norm = torch.empty(h.shape[0], h.shape[-1], dtype=_stats_dtype(h.dtype), device=h.device)
         gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(grn_weight)
-        nbytes = _C.global_response_norm_forward_scratch_bytes(_nchw(h))
+        nbytes = lambda: _C.global_response_norm_forward_scratch_bytes(_nchw(h))
         _C.global_response_norm_forward(dl(_nchw(h)), dl(grn_weight.detach()), dl(gb), grn_eps,
-                                        dl(_nchw(a)), dl(norm), dl(scratch(nbytes, h.device)), act)
+                                        dl(_nchw(a)), dl(norm), scratch_arg_sized(h.device, nbytes), act)
     else:
         a = F.gelu(h, approximate=_gelu_name(act))
         norm = h.new_empty(0)
@@ -128,10 +128,10 @@ def _mlp_bwd(
             ggw = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gw else None
             ggb = torch.empty(hidden, dtype=h.dtype, device=h.device) if n_gb else None
             gb = grn_bias.detach() if grn_bias is not None else torch.zeros_like(gw)
-            nbytes = _C.global_response_norm_backward_scratch_bytes(_nchw(h))
+            nbytes = lambda: _C.global_response_norm_backward_scratch_bytes(_nchw(h))
             _C.global_response_norm_backward(dl(_nchw(da)), dl(_nchw(h)), dl(gw), dl(norm.detach()),
                                              grn_eps, dl(None if dh is None else _nchw(dh)), dl(ggw),
-                                             dl(ggb), dl(scratch(nbytes, h.device)), act, dl(gb),
+                                             dl(ggb), scratch_arg_sized(h.device, nbytes), act, dl(gb),
                                              dl(None if a is None else _nchw(a)))
             outs_grn = [empty if ggw is None else ggw, empty if ggb is None else ggb]
         elif need_dh:

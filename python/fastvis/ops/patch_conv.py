@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch
+from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch_arg_sized
 from ._checks import check_eps, check_param_tensors
 
 _CORE_DTYPES = (torch.float32, torch.float64)
@@ -38,11 +38,11 @@ def _pc_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     b = None if bias is None else bias.detach().contiguous()
     y = torch.empty(_out_shape(x, weight, stride, padding), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
-    nbytes = _C.patch_conv2d_forward_scratch_bytes(dl(x), dl(w), stride, padding)
+    nbytes = lambda: _C.patch_conv2d_forward_scratch_bytes(dl(x), dl(w), stride, padding)
     nw = None if norm_weight is None else norm_weight.detach().contiguous()
     nb = None if norm_bias is None else norm_bias.detach().contiguous()
     _C.patch_conv2d_forward(dl(x), dl(w), None if b is None else dl(b), dl(y),
-                            dl(scratch(nbytes, x.device)), stride, padding, norm, dl(nw), dl(nb),
+                            scratch_arg_sized(x.device, nbytes), stride, padding, norm, dl(nw), dl(nb),
                             norm_eps)
     return y
 
@@ -109,9 +109,9 @@ def _pc_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride:
     if need_weight or need_bias:
         gw = torch.empty_like(w)  # w's own memory order: the core's (the patches' order)
         gb = torch.empty(w.shape[0], dtype=w.dtype, device=w.device) if need_bias else None
-        nbytes = _C.patch_conv2d_backward_weight_scratch_bytes(dl(x), dl(w), stride, padding)
+        nbytes = lambda: _C.patch_conv2d_backward_weight_scratch_bytes(dl(x), dl(w), stride, padding)
         _C.patch_conv2d_backward_weight(dl(gy), dl(x), dl(w), dl(gw), dl(gb),
-                                        dl(scratch(nbytes, x.device)), stride, padding)
+                                        scratch_arg_sized(x.device, nbytes), stride, padding)
         if gb is None:
             gb = x.new_empty(0)
         gw = gw.contiguous(memory_format=_GW_FORMAT) if need_weight else x.new_empty(0)
