@@ -105,8 +105,11 @@ def scratch_bytes(kind: str, query, key_tensors, *args) -> int:
 
 
 def scratch_arg_sized(device: torch.device, nbytes, export: bool = True):
-    """As :func:`scratch_arg` with the size from ``nbytes()`` (called only off the CPU).
-    export=False: the buffer itself, for bindings that take tensors rather than capsules."""
+    """The scratch argument of a core call on ``device``: None on the CPU (the bindings then
+    use a per-thread buffer of their own, up to 64 MiB, which spares a size query, a slice
+    and a DLPack export per call: ~20 us of a 3x3 depthwise call's ~70 us of overhead),
+    else a buffer of ``nbytes()`` bytes from :func:`scratch` (``nbytes`` is called only
+    then). export=False: the buffer itself, for bindings that take tensors, not capsules."""
     if device.type == "cpu":
         return None
     buf = scratch(nbytes(), device)
@@ -114,13 +117,8 @@ def scratch_arg_sized(device: torch.device, nbytes, export: bool = True):
 
 
 def scratch_arg(x: torch.Tensor, kind: str, query, key_tensors, *args):
-    """The scratch argument of a core call on x's device: None on the CPU (the bindings then
-    use a per-thread buffer of their own, up to 64 MiB, which spares a size query, a slice
-    and a DLPack export per call: ~20 us of a 3x3 depthwise call's ~70 us of overhead),
-    else a buffer of the (memoised) size ``query`` gives, from :func:`scratch`."""
-    if x.device.type == "cpu":
-        return None
-    return dl(scratch(scratch_bytes(kind, query, key_tensors, *args), x.device))
+    """:func:`scratch_arg_sized` with the size from the memoised ``query`` (scratch_bytes)."""
+    return scratch_arg_sized(x.device, lambda: scratch_bytes(kind, query, key_tensors, *args))
 
 
 def stream_of(x: torch.Tensor) -> int:
