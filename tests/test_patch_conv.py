@@ -30,7 +30,7 @@ def problems(draw):
     w = draw(st.integers(max(1, kw - 2 * padding[1]), 3 * kw + 2))
     return dict(n=draw(st.integers(1, 3)), cin=draw(st.integers(1, 20)), cout=draw(st.integers(1, 24)),
                 kh=kh, kw=kw, h=h, w=w, layout=draw(st.sampled_from(["nchw", "nhwc", "view"])),
-                wlayout=draw(st.sampled_from(["contiguous", "channels_last", "transposed"])),
+                wlayout=draw(st.sampled_from(["contiguous", "channels_last", "kmajor", "transposed"])),
                 stride=stride, padding=padding,
                 bias=draw(st.booleans()), dtype=draw(st.sampled_from([torch.float32, torch.float64])))
 
@@ -48,6 +48,8 @@ def make(p, seed=0):
     wl = p.get("wlayout", "contiguous")
     if wl == "channels_last":  # as Module.to(memory_format=torch.channels_last) leaves it
         w = w.to(memory_format=torch.channels_last)
+    elif wl == "kmajor":  # (kh, kw, Cin, Cout) in memory, as the inference caches pass it
+        w = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     elif wl == "transposed":  # neither dense layout (unless a size is 1): the op copies it
         w = w.transpose(2, 3).contiguous().transpose(2, 3)
     b = torch.randn(p["cout"], generator=g, dtype=p["dtype"]) if p["bias"] else None
@@ -74,13 +76,17 @@ def test_forward_matches_conv2d(p):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(1, 96, 56, 56, 192, 2), (1, 384, 14, 14, 768, 2), (2, 3, 64, 64, 96, 4),
                                    (1, 768, 2, 2, 16, 2)])
-def test_model_shapes_and_thread_counts(shape, threads):
+@pytest.mark.parametrize("wlayout", ["contiguous", "kmajor"])
+def test_model_shapes_and_thread_counts(shape, threads, wlayout):
     """The stem / downsampling shapes (many tiles, few tiles with the GEMM split over the
-    pool, one tile), each thread count giving the same bits."""
+    pool, one tile) with the parameter's layout and the inference caches' k-major one, each
+    thread count agreeing with one thread."""
     n, cin, h, wd, cout, k = shape
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n, cin, h, wd, generator=g).to(memory_format=torch.channels_last)
     w = torch.randn(cout, cin, k, k, generator=g) * 0.05
+    if wlayout == "kmajor":
+        w = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     b = torch.randn(cout, generator=g)
     old = fastvis.get_num_threads()
     try:
@@ -150,16 +156,21 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, w, b: patch_conv2d(x, w, b, (2, 1), (1, 1)), (x, w, b))
 
 
-def test_weight_gradient_runs_in_the_core_and_is_thread_count_independent(monkeypatch):
+@pytest.mark.parametrize("wlayout", ["contiguous", "kmajor"])
+def test_weight_gradient_runs_in_the_core_and_is_thread_count_independent(monkeypatch, wlayout):
     """The weight / bias gradients come from the core (a spy sees the call), and do not
     depend on the thread count (the pixel chunks and the GEMM's column split are functions
-    of the shape): bitwise equal with 1 and 2 threads."""
+    of the shape): bitwise equal with 1 and 2 threads. A k-major weight gets its gradient
+    computed in its own memory order too."""
     calls = []
     real = _C.patch_conv2d_backward_weight
     monkeypatch.setattr(_C, "patch_conv2d_backward_weight", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     torch.manual_seed(5)
     x = torch.randn(3, 24, 40, 36).to(memory_format=torch.channels_last)
-    w = torch.randn(48, 24, 3, 3, requires_grad=True)
+    w = torch.randn(48, 24, 3, 3)
+    if wlayout == "kmajor":
+        w = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    w.requires_grad_()
     b = torch.randn(48, requires_grad=True)
     gy = torch.randn(3, 48, 20, 18)
     grads = []
@@ -282,9 +293,9 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("x_layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last", "kmajor"])
 def test_dense_weights_are_used_in_place(x_layout, w_layout):
-    """Both dense weight layouts go to the core as they are: no per-call copy (which cost
+    """The three dense weight layouts go to the core as they are: no per-call copy (which cost
     more than the convolution for ConvNeXt's downsampling layers in a channels_last model,
     and ran on PyTorch's OpenMP team whose spinning workers then slowed the next blocks)."""
     p = dict(n=1, cin=16, cout=24, kh=2, kw=2, h=8, w=8, layout=x_layout, wlayout=w_layout,
@@ -347,6 +358,30 @@ def test_stride_padding_errors():
         PatchConv2d(4, 6, 3, stride=1, padding="same")
     with pytest.raises(ValueError, match="cannot be folded"):
         fastvis.nn.PatchConvBN(torch.nn.BatchNorm2d(4), PatchConv2d(4, 6, 3, stride=2, padding=1))
+
+
+def test_module_inference_uses_a_cached_kmajor_weight(monkeypatch):
+    """PatchConv2d in inference passes its weight k-major ((kh, kw, Cin, Cout) in memory,
+    cached until the parameter changes in place); the output equals F.conv2d's."""
+    import fastvis.nn.patch_conv as mod
+    seen = []
+    real = mod.patch_conv2d
+    monkeypatch.setattr(mod, "patch_conv2d", lambda x, w, *a, **k: (seen.append(w), real(x, w, *a, **k))[1])
+    torch.manual_seed(4)
+    m = PatchConv2d(12, 20, 2).eval()
+    x = torch.randn(2, 12, 8, 6).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), F.conv2d(x, m.weight, m.bias, stride=2), rtol=1e-5, atol=1e-5)
+        assert seen[-1].permute(2, 3, 1, 0).is_contiguous() and not seen[-1].is_contiguous()
+        first = seen[-1]
+        m(x)
+        assert seen[-1] is first  # cached
+        m.weight.add_(1.0)
+        torch.testing.assert_close(m(x), F.conv2d(x, m.weight, m.bias, stride=2), rtol=1e-5, atol=1e-5)
+        assert seen[-1] is not first
+    m.train()
+    m(x)
+    assert seen[-1] is m.weight  # training: the parameter itself
 
 
 def test_strided_module_in_inference_and_training():
@@ -526,7 +561,9 @@ def test_patch_conv_ln_module(ln_first):
     with torch.no_grad():
         y = m(x)
         ref = torch.nn.Sequential.forward(m, x)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(-0.5)  # in place: the cached k-major weight follows
+        torch.testing.assert_close(m(x), torch.nn.Sequential.forward(m, x), rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
     m.train()
     y2 = m(x)

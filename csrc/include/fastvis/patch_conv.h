@@ -15,8 +15,10 @@
 //
 // Forward, and the weight / bias gradients for training (below; the Python layer takes
 // the input gradient from PyTorch). CPU, float32 and float64. x may have any strides (NCHW, NHWC, views: the
-// gather reads through them); weight must be dense, row-major or channels_last (the
-// gather follows its order); y is NHWC (channels_last) dense. Work is split into tiles of
+// gather reads through them); weight must be dense, row-major, channels_last or k-major
+// ((kh, kw, Cin, Cout) in memory: the GEMM then multiplies by a (K x Cout) row-major
+// matrix, the faster product for small tiles; the inference caches of the Python layer
+// pass this layout) -- the gather follows its order; y is NHWC (channels_last) dense. Work is split into tiles of
 // output pixels (the patch rows of a tile gathered into per-thread scratch, one BLAS GEMM
 // written straight into y); when there are too few tiles to share, each GEMM is split
 // over the pool instead.
@@ -57,6 +59,7 @@ struct PatchConv2dShape {
   int64_t sh = 0, sw = 0, ph = 0, pw = 0;  // stride, padding (stride resolved: >= 1)
   int64_t oh = 0, ow = 0;                // y
   bool weight_hwc = false;  // weight is channels_last: patches gathered in (i, j, ci) order
+  bool weight_kmajor = false;  // weight is (kh, kw, Cin, Cout) in memory (gathered as hwc)
 };
 
 // Validates x, weight, bias (may be null) and the params; throws fastvis::Error.

@@ -48,7 +48,7 @@ struct Plan {
   int64_t fwd_elems;    // per-thread forward buffers
   int64_t bwd_elems;    // per-thread backward buffers
   int64_t chunks;       // backward: partial-sum chunks (contiguous runs of tiles)
-  bool split_gemm;      // few tiles: each GEMM is split over the pool (core::gemm_split)
+  bool split_gemm;      // one tile: each GEMM is split over the pool (core::gemm_split)
   int64_t partial_elems;  // stride between chunks' partials (partial_layout().total rounded up)
   // Inception mixer: the per-thread buffer (dw_elems) holds a dense input slice of one
   // branch's g channels, the branch's dense output, then the depthwise tile buffer.

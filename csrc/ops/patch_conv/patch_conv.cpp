@@ -9,9 +9,11 @@
 
 #include "core/blas.h"
 #include "core/checks.h"
+#include "core/cpu_features.h"
 #include "core/scratch.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
+#include "ops/patch_conv/cpu_kernels.h"
 
 namespace fastvis {
 namespace patchconv {
@@ -46,71 +48,104 @@ TilePlan plan(const PatchConv2dShape& s, size_t acc, int threads) {
   else if (p.pixels > 0 && (p.pixels + rows - 1) / rows < want)
     rows = std::max<int64_t>(64, (p.pixels + want - 1) / want);
   p.rows = std::max<int64_t>(1, std::min(rows, std::max<int64_t>(p.pixels, 1)));
+  if (!p.split_gemm && threads > 1 && p.pixels > 0) {
+    // A whole number of tiles per thread, of equal size (5 tiles on 2 threads run as
+    // 3 + 2: ConvNeXt-T's first downsampling layer at batch 1).
+    int64_t nt = (p.pixels + p.rows - 1) / p.rows;
+    nt = (nt + threads - 1) / threads * threads;
+    p.rows = (p.pixels + nt - 1) / nt;
+  }
   p.ntiles = p.pixels > 0 ? (p.pixels + p.rows - 1) / p.rows : 0;
   return p;
 }
 
-// LayerNorm of n values v[0], v[st], ... in place: biased variance from the centred values
-// (two passes, accumulated in T), then (v - mean) * rstd * w + b (w / b null: 1 / 0).
-template <class T>
-inline void norm_values(T* v, int64_t n, int64_t st, const T* w, const T* b, T eps) {
-  T mean = 0;
-  for (int64_t c = 0; c < n; ++c) mean += v[c * st];
-  mean /= static_cast<T>(n);
-  T var = 0;
-  for (int64_t c = 0; c < n; ++c) {
-    const T d = v[c * st] - mean;
-    var += d * d;
-  }
-  const T rstd = T(1) / std::sqrt(var / static_cast<T>(n) + eps);
-  for (int64_t c = 0; c < n; ++c) {
-    const T y = (v[c * st] - mean) * rstd;
-    v[c * st] = (w ? y * w[c] : y) + (b ? b[c] : T(0));
-  }
+// The fused LayerNorm's per-pixel rows: the selected instruction set's kernel.
+using NormFn = void (*)(DType, int64_t, int64_t, const void*, void*, const void*, const void*,
+                        double);
+NormFn norm_kernel() {
+  static const NormFn f = [] {
+#if defined(FV_HAVE_ISA_AVX512)
+    if (cpu::selected_isa() == cpu::Isa::Avx512) return &avx512::norm_pixels;
+#endif
+#if defined(FV_HAVE_ISA_AVX2)
+    if (cpu::selected_isa() == cpu::Isa::Avx2) return &avx2::norm_pixels;
+#endif
+    return &generic::norm_pixels;
+  }();
+  return f;
 }
 
-// The norm's affine parameters as T pointers (validated dense, x's dtype).
+// The norm's affine parameters as T arrays of the normalised width (1 / 0 where the op
+// has none), and what the rows kernel needs besides.
 template <class T> struct NormArgs {
-  const T* w = nullptr;
-  const T* b = nullptr;
-  T eps = T(1e-6);
+  std::vector<T> w, b;
+  double eps = 1e-6;
+  NormFn fn = nullptr;
+  DType dt = DType::Float32;
+  // n contiguous pixels of w.size() values, normalised from src into dst (may be equal).
+  void operator()(int64_t n, const T* src, T* dst) const {
+    fn(dt, n, static_cast<int64_t>(w.size()), src, dst, w.data(), b.data(), eps);
+  }
 };
 
 // Patch rows of output pixels [p0, p1) into col, one row of kdim values per pixel, in the
 // weight's order: (ci, i, j) for a row-major weight, (i, j, ci) for a channels_last one.
-// Patch positions outside the image (padding) are zeros.
+// Patch positions outside the image (padding) are zeros; with `pre`, every input pixel's
+// Cin values are normalised on the way (the padding stays zero).
 template <class T>
 void gather(const PatchConv2dShape& s, const TensorView& x, int64_t p0, int64_t p1, T* col,
             const NormArgs<T>* pre) {
   const T* xd = static_cast<const T*>(x.data);
   const int64_t xn = x.strides[0], xc = x.strides[1], xh = x.strides[2], xw = x.strides[3];
   const int64_t K = s.cin * s.kh * s.kw, khw = s.kh * s.kw;
+  // One input pixel's channels, contiguous (strided inputs, or a strided destination).
+  std::vector<T> px(static_cast<size_t>(s.cin));
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n = p / (s.oh * s.ow), r = p % (s.oh * s.ow), oh = r / s.ow, ow = r % s.ow;
     T* row = col + (p - p0) * K;
     for (int64_t i = 0; i < s.kh; ++i) {
       const int64_t ih = oh * s.sh - s.ph + i;
       const bool row_in = ih >= 0 && ih < s.h;
+      const int64_t iw0 = ow * s.sw - s.pw;
+      if (s.weight_hwc && xc == 1 && xw == s.cin && row_in && iw0 >= 0 && iw0 + s.kw <= s.w) {
+        // NHWC input, patch row inside the image: its kw pixels are one run in x and in
+        // the row.
+        const T* src = xd + n * xn + ih * xh + iw0 * xw;
+        T* dst = row + i * s.kw * s.cin;
+        if (pre)
+          (*pre)(s.kw, src, dst);
+        else
+          std::copy(src, src + s.kw * s.cin, dst);
+        continue;
+      }
       for (int64_t j = 0; j < s.kw; ++j) {
-        const int64_t iw = ow * s.sw - s.pw + j;
+        const int64_t iw = iw0 + j;
         const bool in = row_in && iw >= 0 && iw < s.w;
         const T* src = in ? xd + n * xn + ih * xh + iw * xw : nullptr;
         if (s.weight_hwc) {  // row[(i * kw + j) * cin + c]
           T* dst = row + (i * s.kw + j) * s.cin;
-          if (!in)
+          if (!in) {
             std::fill(dst, dst + s.cin, T(0));
-          else if (xc == 1)  // NHWC input: one pixel's channels are one run
-            std::copy(src, src + s.cin, dst);
-          else
+          } else if (xc == 1) {  // NHWC input: one pixel's channels are one run
+            if (pre)
+              (*pre)(1, src, dst);
+            else
+              std::copy(src, src + s.cin, dst);
+          } else {
             for (int64_t c = 0; c < s.cin; ++c) dst[c] = src[c * xc];
-          if (in && pre) norm_values(dst, s.cin, 1, pre->w, pre->b, pre->eps);
+            if (pre) (*pre)(1, dst, dst);
+          }
         } else {  // row[(c * kh + i) * kw + j]
           T* dst = row + i * s.kw + j;
-          if (!in)
+          if (!in) {
             for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = T(0);
-          else
+          } else if (!pre) {
             for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = src[c * xc];
-          if (in && pre) norm_values(dst, s.cin, khw, pre->w, pre->b, pre->eps);
+          } else {
+            for (int64_t c = 0; c < s.cin; ++c) px[c] = src[c * xc];
+            (*pre)(1, px.data(), px.data());
+            for (int64_t c = 0; c < s.cin; ++c) dst[c * khw] = px[c];
+          }
         }
       }
     }
@@ -127,12 +162,14 @@ void tile(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& x, co
   if (b)
     for (int64_t r = 0; r < m; ++r) std::copy(b, b + C, out + r * C);
   const T beta = b ? T(1) : T(0);
+  // out (m x C) (+)= col (m x K) * W^T: W is (C x K) row-major, or (K x C) when k-major.
+  const core::Op tb = s.weight_kmajor ? core::Op::N : core::Op::T;
+  const int64_t ldw = s.weight_kmajor ? C : K;
   if (pl.split_gemm)
-    core::gemm_split(core::Op::N, core::Op::T, m, C, K, T(1), col, K, w, K, beta, out, C);
+    core::gemm_split(core::Op::N, tb, m, C, K, T(1), col, K, w, ldw, beta, out, C);
   else
-    core::gemm(core::Op::N, core::Op::T, m, C, K, T(1), col, K, w, K, beta, out, C);
-  if (post)
-    for (int64_t r = 0; r < m; ++r) norm_values(out + r * C, C, 1, post->w, post->b, post->eps);
+    core::gemm(core::Op::N, tb, m, C, K, T(1), col, K, w, ldw, beta, out, C);
+  if (post) (*post)(m, out, out);
 }
 
 template <class T>
@@ -140,9 +177,18 @@ void forward_t(const PatchConv2dShape& s, const TilePlan& pl, const TensorView& 
                const T* b, T* y, char* bufs, size_t buf_stride, int nbufs,
                const PatchConv2dParams& p) {
   NormArgs<T> na;
-  na.w = p.norm_weight ? static_cast<const T*>(p.norm_weight->data) : nullptr;
-  na.b = p.norm_bias ? static_cast<const T*>(p.norm_bias->data) : nullptr;
-  na.eps = static_cast<T>(p.norm_eps);
+  if (p.norm != PatchNorm::None) {
+    const int64_t c = p.norm == PatchNorm::Before ? s.cin : s.cout;
+    const T* nw = p.norm_weight ? static_cast<const T*>(p.norm_weight->data) : nullptr;
+    const T* nb = p.norm_bias ? static_cast<const T*>(p.norm_bias->data) : nullptr;
+    na.w.assign(static_cast<size_t>(c), T(1));
+    na.b.assign(static_cast<size_t>(c), T(0));
+    if (nw) std::copy(nw, nw + c, na.w.begin());
+    if (nb) std::copy(nb, nb + c, na.b.begin());
+    na.eps = p.norm_eps;
+    na.fn = norm_kernel();
+    na.dt = x.dtype;
+  }
   const NormArgs<T>* pre = p.norm == PatchNorm::Before ? &na : nullptr;
   const NormArgs<T>* post = p.norm == PatchNorm::After ? &na : nullptr;
   if (pl.split_gemm) {
@@ -181,9 +227,12 @@ void backward_weight_t(const PatchConv2dShape& s, const TensorView& gy, const Te
     parallel_for(m, 16, [&](int64_t q0, int64_t q1) {
       gather<T>(s, x, p0 + q0, p0 + q1, col + q0 * K, nullptr);
     });
-    // gw (C x K) (+)= gy_chunk^T (C x m) * col (m x K)
-    core::gemm_split(core::Op::T, core::Op::N, C, K, m, T(1), g + p0 * C, C, col, K,
-                     p0 == 0 ? T(0) : T(1), gw, K);
+    if (s.weight_kmajor)  // gw (K x C) (+)= col^T (K x m) * gy_chunk (m x C)
+      core::gemm_split(core::Op::T, core::Op::N, K, C, m, T(1), col, K, g + p0 * C, C,
+                       p0 == 0 ? T(0) : T(1), gw, C);
+    else  // gw (C x K) (+)= gy_chunk^T (C x m) * col (m x K)
+      core::gemm_split(core::Op::T, core::Op::N, C, K, m, T(1), g + p0 * C, C, col, K,
+                       p0 == 0 ? T(0) : T(1), gw, K);
   }
   if (gb)  // column sums of gy, each in pixel order (in double)
     parallel_for(C, 8, [&](int64_t c0, int64_t c1) {
@@ -262,12 +311,26 @@ PatchConv2dShape patch_conv2d_shape(const TensorView& x, const TensorView& weigh
   // memory, what Module.to(memory_format=torch.channels_last) makes of it): the gather
   // follows the weight's order, so neither needs a copy.
   const int wl = core::dense_layouts(weight);
-  FV_CHECK_VALUE(wl != 0, "weight: must be dense, row-major (contiguous) or channels_last, got ",
-                 weight.describe());
+  // K-major: (kh, kw, Cin, Cout) in memory, the GEMM's B operand as a (K x Cout) row-major
+  // matrix (what the inference caches pass: the faster product for small tiles).
+  // (Strides of size-1 dimensions do not matter.)
+  {
+    const int order[4] = {0, 1, 3, 2};  // innermost first: Cout, Cin, kw, kh
+    int64_t want = 1;
+    bool km = wl == 0;
+    for (int d : order) {
+      km = km && (weight.shape[d] == 1 || weight.strides[d] == want);
+      want *= weight.shape[d];
+    }
+    s.weight_kmajor = km;
+  }
+  FV_CHECK_VALUE(wl != 0 || s.weight_kmajor,
+                 "weight: must be dense, row-major (contiguous), channels_last or k-major "
+                 "((kh, kw, Cin, Cout) in memory), got ", weight.describe());
   FV_CHECK_VALUE(weight.data != nullptr || weight.numel() == 0, "weight: null data pointer");
   // Both layouts match when they coincide in memory (Cin == 1 or a 1x1 patch): then the
   // (i, j, ci) order, whose gather copies whole pixels from an NHWC input.
-  s.weight_hwc = (wl & 2) != 0 && (wl == 2 || x.strides[1] == 1 || s.cin == 1);
+  s.weight_hwc = s.weight_kmajor || ((wl & 2) != 0 && (wl == 2 || x.strides[1] == 1 || s.cin == 1));
   if (bias) {
     const int64_t want_b[1] = {s.cout};
     core::check_row_major(*bias, x, want_b, 1, x.dtype, "bias", "one value per output channel");

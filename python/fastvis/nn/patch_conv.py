@@ -6,7 +6,7 @@ from torch import nn
 
 from ..ops.patch_conv import patch_conv2d
 from .layer_norm import LayerNorm2d
-from .reparam import bn_scale_shift, cached_fold, fuse_conv_bn, inference_only
+from .reparam import bn_scale_shift, cached_fold, fuse_conv_bn, inference_only, kmajor_conv
 
 
 class PatchConv2d(nn.Conv2d):
@@ -29,7 +29,11 @@ class PatchConv2d(nn.Conv2d):
                          bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = patch_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        w = self.weight
+        if inference_only(self, x) and x.dtype == w.dtype:
+            # Inference: the weight k-major (kmajor_conv), cached until it changes.
+            w = cached_fold(self, x.dtype, lambda: kmajor_conv(self.weight))
+        y = patch_conv2d(x, w, self.bias, self.stride, self.padding)
         return y.contiguous(memory_format=torch.channels_last)  # no copy when already so
 
 
@@ -71,7 +75,7 @@ class PatchConvBN(nn.Sequential):
             w = w * scale.view(1, -1, 1, 1)
         else:  # bn(conv(x))
             w, b = fuse_conv_bn(conv.weight, conv.bias, bn)
-        return w.to(dtype).contiguous(), b.to(dtype).contiguous()
+        return kmajor_conv(w.to(dtype)), b.to(dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, bn = self._parts()
@@ -105,7 +109,10 @@ class PatchConvLN(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv, ln = (self[1], self[0]) if self.ln_first else (self[0], self[1])
         if inference_only(self, x) and x.dtype in (torch.float32, torch.float64):
-            y = patch_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding,
+            w = conv.weight
+            if w.dtype == x.dtype:  # k-major (kmajor_conv), cached until it changes
+                w = cached_fold(self, x.dtype, lambda: kmajor_conv(conv.weight))
+            y = patch_conv2d(x, w, conv.bias, conv.stride, conv.padding,
                              norm="before" if self.ln_first else "after",
                              norm_weight=ln.weight, norm_bias=ln.bias, norm_eps=ln.eps)
             return y.contiguous(memory_format=torch.channels_last)

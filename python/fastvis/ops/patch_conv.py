@@ -61,8 +61,9 @@ def _(x, weight, bias, stride, padding, norm, norm_weight, norm_bias, norm_eps):
 
 def _dense_weight(weight: torch.Tensor) -> torch.Tensor:
     w = weight.detach()
-    if not (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)):
-        w = w.contiguous()  # the core takes either dense layout as it is
+    if not (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)
+            or w.permute(2, 3, 1, 0).is_contiguous()):
+        w = w.contiguous()  # the core takes the three dense layouts as they are
     return w
 
 
