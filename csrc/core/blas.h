@@ -23,7 +23,8 @@ void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const dou
           int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
 // The same product split into column blocks of op(B) / C whose width depends only on n
-// (at most 8 blocks of >= 64 columns, multiples of 16), computed on fastvis' pool (serially
+// (multiples of 16: up to 8 blocks, but at least two and, where n allows, 384 columns
+// wide), computed on fastvis' pool (serially
 // when called from inside a parallel region). Each block is one GEMM call whatever the
 // thread count, so results do not depend on it.
 void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
