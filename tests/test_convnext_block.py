@@ -1267,3 +1267,43 @@ def test_lowlevel_nchw_input_is_value_error(monkeypatch):
             call=lambda: _C.convnext_block_backward(ba[0], xn, *ba[2:]))
     _raises(ValueError, r"^grad_y: ", r"channels-last",
             call=lambda: _C.convnext_block_backward(ba[0].contiguous(), *ba[1:]))
+
+
+# --------------------------------------------------------------------------- prepared arguments
+
+
+@pytest.mark.parametrize("cfg", [
+    BlockCfg(n=2, c=24, h=9, w=7),
+    BlockCfg(n=1, c=40, h=5, w=6, layout="nchw", grn=True, approximate="tanh", gamma=False),
+    BlockCfg(n=2, c=16, h=6, w=6, dtype=torch.float64, strided_params=True, k=5),
+], ids=lambda c: c.short())
+def test_prepared_arguments_match_the_op(cfg):
+    """convnext_block_prepared (the eval modules' path: arguments checked once) gives the
+    op's bits, keeps x's memory format, and falls back to the op itself (its reference
+    here) in reference mode and for an input it was not prepared for."""
+    from fastvis.ops.convnext_block import PreparedConvNeXtBlock, convnext_block_prepared
+    x, p, _, grn = make_inputs(cfg)
+    prep = PreparedConvNeXtBlock(x, *p.values(), cfg.eps, approximate=cfg.approximate, **grn)
+    with torch.no_grad():
+        want = run(fastvis.ops.convnext_block, x, p, None, cfg, grn)
+        got = convnext_block_prepared(x, prep)
+        assert torch.equal(got, want)
+        assert got.is_contiguous(memory_format=cfg.memory_format)
+        with fastvis.use_reference(True):
+            ref = convnext_block_prepared(x, prep)
+            assert torch.equal(ref, run(fastvis.ops.convnext_block, x, p, None, cfg, grn))
+        with pytest.raises(ValueError, match=r"dw_weight: expected shape"):
+            convnext_block_prepared(torch.randn(1, cfg.c + 1, 4, 4, dtype=cfg.dtype), prep)
+        with pytest.raises(TypeError, match=r"dtype"):
+            convnext_block_prepared(x.to(torch.bfloat16 if cfg.dtype != torch.bfloat16 else torch.float32), prep)
+
+
+def test_prepared_arguments_are_checked_when_prepared():
+    from fastvis.ops.convnext_block import PreparedConvNeXtBlock
+    cfg = BlockCfg(n=1, c=8, h=4, w=4)
+    x, p, _, _ = make_inputs(cfg)
+    bad = dict(p, fc2_weight=torch.randn(8, 31))
+    with pytest.raises(ValueError, match=r"fc2_weight: expected shape \(8, 32\)"):
+        PreparedConvNeXtBlock(x, *bad.values())
+    with pytest.raises(ValueError, match=r"eps"):
+        PreparedConvNeXtBlock(x, *p.values(), -1.0)

@@ -244,10 +244,12 @@ def test_bad_input():
 def test_metanext_module_uses_the_fused_op_in_inference(monkeypatch):
     """fastvis.nn.MetaNeXtBlock in eval mode with nothing needing gradients is one fused
     call; its output equals the block's own modules (BatchNorm folded or not)."""
+    import importlib
     import fastvis.nn.metanext as mn
+    op = importlib.import_module("fastvis.ops.metanext_block")._mn_fwd
     calls = []
-    real = mn.metanext_block
-    monkeypatch.setattr(mn, "metanext_block", lambda *a, **k: (calls.append(a[9].stride()), real(*a, **k))[1])
+    real = op.fastvis_impl  # the fused kernel's entry, however the module reaches it
+    monkeypatch.setattr(op, "fastvis_impl", lambda *a, **k: (calls.append(a[9].stride()), real(*a, **k))[1])
     torch.manual_seed(5)
     blk = mn.MetaNeXtBlock(32, ls_init_value=0.5).eval()
     with torch.no_grad():
@@ -275,3 +277,27 @@ def test_metanext_module_uses_the_fused_op_in_inference(monkeypatch):
     blk.fold_bn = True
     blk(x).sum().backward()  # gradients needed: the modules run, gradients reach the BatchNorm
     assert len(calls) == 2 and blk.norm.weight.grad is not None
+
+
+@pytest.mark.parametrize("nchw", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepared_arguments_match_the_op(nchw, dtype):
+    """metanext_block_prepared (the eval module's path: arguments checked once) gives the
+    op's bits and x's memory format; reference mode and inputs it was not prepared for go
+    through the op (and its errors)."""
+    from fastvis.ops.metanext_block import PreparedMetaNeXtBlock, metanext_block_prepared
+    torch.manual_seed(11)
+    x, p = _make(2, 24, 9, 8, 3, 3, 11, 40, dtype, nchw=nchw)
+    p.pop("drop_scale")
+    prep = PreparedMetaNeXtBlock(x, *p.values(), dilation=1, approximate="tanh")
+    with torch.no_grad():
+        want = mb(x, **p, approximate="tanh")
+        got = metanext_block_prepared(x, prep)
+        assert torch.equal(got, want)
+        assert got.is_contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
+        with fastvis.use_reference(True):
+            assert torch.equal(metanext_block_prepared(x, prep), mb(x, **p, approximate="tanh"))
+        with pytest.raises(ValueError, match=r"fc1_weight: expected"):
+            metanext_block_prepared(torch.randn(1, 25, 4, 4, dtype=dtype), prep)
+    with pytest.raises(ValueError, match=r"fc2_weight: expected"):
+        PreparedMetaNeXtBlock(x, *dict(p, fc2_weight=torch.randn(24, 39, dtype=dtype)).values())

@@ -195,21 +195,26 @@ def test_drop_path_rates_follow_timm():
 
 
 def test_blocks_call_the_fused_op(monkeypatch):
-    # The block body must be exactly one fastvis.ops.convnext_block call per block.
-    import fastvis.nn.convnext as block_mod
+    # The block body must be exactly one fused convnext_block kernel call per block, in
+    # inference (the prepared-arguments path) and in training (the op with its autograd).
+    import importlib
 
+    op = importlib.import_module("fastvis.ops.convnext_block")._cb_fwd
     calls = []
-    real = block_mod.convnext_block
+    real = op.fastvis_impl
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(block_mod, "convnext_block", spy)
+    monkeypatch.setattr(op, "fastvis_impl", spy)
     m = fastvis.create_model("convnextv2_atto").eval()
     with torch.no_grad():
         m(torch.zeros(1, 3, 32, 32))
     assert len(calls) == sum(m.depths) == 12
+    m.train()
+    m(torch.zeros(2, 3, 32, 32)).sum().backward()
+    assert len(calls) == 2 * 12
 
 
 # --------------------------------------------------------------------------- numerics
@@ -606,10 +611,11 @@ def test_block_inference_passes_a_kmajor_fc2_that_follows_the_parameter(monkeypa
     """Eval with nothing needing gradients: the block hands the fused op fc2's weight
     k-major (strides (1, C), cached); an in-place change of the parameter reaches the next
     call; with gradients the parameter itself goes in (and gets its gradient)."""
-    import fastvis.nn.convnext as cn
+    import importlib
+    op = importlib.import_module("fastvis.ops.convnext_block")._cb_fwd
     seen = []
-    real = cn.convnext_block
-    monkeypatch.setattr(cn, "convnext_block", lambda *a, **k: (seen.append(a[7]), real(*a, **k))[1])
+    real = op.fastvis_impl  # the fused kernel's entry (fc2_weight is its 8th argument)
+    monkeypatch.setattr(op, "fastvis_impl", lambda *a, **k: (seen.append(a[7]), real(*a, **k))[1])
     torch.manual_seed(3)
     blk = fastvis.nn.ConvNeXtBlock(32, conv_mlp=conv_mlp, ls_init_value=0.5).eval()
     x = torch.randn(2, 32, 7, 9).contiguous(memory_format=torch.channels_last)

@@ -30,7 +30,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..ops.convnext_block import convnext_block
+from ..ops._bridge import autocast_dtype
+from ..ops.convnext_block import PreparedConvNeXtBlock, convnext_block, convnext_block_prepared
 from .depthwise_conv import DepthwiseConv2d
 from .layer_norm import LayerNorm2d
 from .reparam import cached_fold, inference_only, kmajor
@@ -220,11 +221,12 @@ class ConvNeXtBlock(nn.Module):
         mlp = self.mlp
         # (hidden, C) / (C, hidden) views of the conv_mlp form's 1x1 kernels; plain
         # references in the Linear form. Either way autograd reaches the stored tensors.
+        if inference_only(self, x) and autocast_dtype(x) is None:
+            # Inference: the op's arguments checked once and cached until a parameter
+            # changes, with fc2's weight k-major (kmajor).
+            return convnext_block_prepared(x, cached_fold(self, x.dtype, lambda: self._prepared(x)))
         fc1_weight = mlp.fc1.weight.reshape(self.hidden, self.dim)
         fc2_weight = mlp.fc2.weight.reshape(self.dim, self.hidden)
-        if inference_only(self, x):
-            # Inference: fc2's weight k-major (kmajor), cached until a parameter changes.
-            fc2_weight = cached_fold(self, x.dtype, lambda: kmajor(fc2_weight))
         grn = mlp.grn
         return convnext_block(
             x,
@@ -240,6 +242,18 @@ class ConvNeXtBlock(nn.Module):
             grn_eps=1e-6 if grn is None else grn.eps,
             approximate=self.approximate,
         )
+
+    def _prepared(self, x: torch.Tensor) -> PreparedConvNeXtBlock:
+        mlp, grn = self.mlp, self.mlp.grn
+        return PreparedConvNeXtBlock(
+            x, self.conv_dw.weight, self.conv_dw.bias, self.norm.weight, self.norm.bias,
+            mlp.fc1.weight.reshape(self.hidden, self.dim), mlp.fc1.bias,
+            kmajor(mlp.fc2.weight.reshape(self.dim, self.hidden)), mlp.fc2.bias, self.gamma,
+            self.norm.eps,
+            grn_weight=None if grn is None else grn.weight,
+            grn_bias=None if grn is None else grn.bias,
+            grn_eps=1e-6 if grn is None else grn.eps,
+            approximate=self.approximate)
 
     def extra_repr(self) -> str:
         return (

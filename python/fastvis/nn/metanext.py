@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._reference import reference_enabled
-from ..ops.metanext_block import metanext_block
+from ..ops._bridge import autocast_dtype
+from ..ops.metanext_block import PreparedMetaNeXtBlock, metanext_block, metanext_block_prepared
 from ..ops.mlp import mlp
 from .convnext import drop_path_scale
 from .inception_dwconv import InceptionDWConv2d
@@ -186,8 +187,16 @@ class MetaNeXtBlock(nn.Module):
             # between the fused blocks (a torch op wakes its OpenMP team, which then spins
             # on the cores fastvis' pool is about to use).
             # fc2's weight k-major (kmajor: the fused forward's fastest fc2 GEMM).
-            w1, b1, w2 = cached_fold(self, x.dtype, lambda: (
-                *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()), kmajor(self.mlp.fc2_matrix()[0])))
+            # The op's arguments are checked once with the fold (PreparedMetaNeXtBlock).
+            if autocast_dtype(x) is None:
+                return metanext_block_prepared(x, cached_fold(self, x.dtype, lambda: PreparedMetaNeXtBlock(
+                    x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight, tm.dwconv_w.bias,
+                    tm.dwconv_h.weight, tm.dwconv_h.bias,
+                    *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()),
+                    kmajor(self.mlp.fc2_matrix()[0]), self.mlp.fc2.bias, self.gamma, tm.dilation)))
+            w1, b1, w2 = cached_fold(self, x.dtype, lambda: (  # autocast
+                *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()), kmajor(self.mlp.fc2_matrix()[0])),
+                slot="_autocast")
             b2 = self.mlp.fc2.bias
             return metanext_block(x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight,
                                   tm.dwconv_w.bias, tm.dwconv_h.weight, tm.dwconv_h.bias,

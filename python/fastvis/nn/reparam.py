@@ -114,18 +114,20 @@ def _state_tensors(module: nn.Module) -> list:
     return out
 
 
-def cached_fold(module: nn.Module, dtype: torch.dtype, compute):
+def cached_fold(module: nn.Module, dtype: torch.dtype, compute, slot: str = ""):
     """``compute()`` (folded eval-form parameters of ``module``, any object), cached on the
     module until one of its parameters or buffers changes (storage or in-place version) or
     another dtype is asked for. For the fused inference paths, which fold BatchNorms into
-    neighbouring weights on the fly instead of mutating the module."""
+    neighbouring weights on the fly instead of mutating the module. A module caching two
+    kinds of value names each one's ``slot``."""
     key = (dtype,) + tuple((t.data_ptr(), t._version) for t in _state_tensors(module))
-    cached = module.__dict__.get("_fastvis_fold_cache")
+    name = "_fastvis_fold_cache" + slot
+    cached = module.__dict__.get(name)
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
         value = compute()
-    module.__dict__["_fastvis_fold_cache"] = (key, value)
+    module.__dict__[name] = (key, value)
     return value
 
 

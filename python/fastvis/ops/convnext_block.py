@@ -22,7 +22,7 @@ from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_eps, check_param_tensors
-from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size, register_autograd,
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, eager_direct_ok, forward_op, memoised_size, register_autograd,
                       scratch_arg_sized, stream_of)
 
 _GELU = ("none", "tanh")
@@ -338,6 +338,48 @@ def convnext_block(
         gamma, drop_scale, e, grn_weight=grn_weight, grn_bias=grn_bias, grn_eps=ge,
         approximate=approximate,
     )
+
+
+# ---------------------------------------------------------------- repeated inference
+
+class PreparedConvNeXtBlock:
+    """The arguments of :func:`convnext_block` validated and detached once, for repeated
+    inference calls (:func:`convnext_block_prepared`): the eval-mode modules cache one per
+    parameter state, so a call does not re-check a dozen parameters each time (at batch 1
+    the per-call Python work is a visible part of a ConvNeXt's forward)."""
+
+    __slots__ = ("args", "kwargs", "impl_args", "c", "dtype", "device")
+
+    def __init__(self, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                 fc2_weight, fc2_bias, gamma=None, eps=1e-6, *, grn_weight=None, grn_bias=None,
+                 grn_eps=1e-6, approximate="none"):
+        _validate(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                  fc2_weight, fc2_bias, gamma, None, grn_weight, grn_bias, approximate)
+        e, ge = check_eps(eps, "eps"), check_eps(grn_eps, "grn_eps")
+        d = [None if t is None else t.detach() for t in
+             (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+              fc2_bias, gamma, grn_weight, grn_bias)]
+        self.args = tuple(d[:9])
+        self.kwargs = dict(eps=e, grn_weight=d[9], grn_bias=d[10], grn_eps=ge, approximate=approximate)
+        # _cb_fwd's arguments after x (drop_scale None)
+        self.impl_args = tuple(d[:9]) + (None, d[9], d[10], e, approximate == "tanh", ge)
+        self.c, self.dtype, self.device = x.shape[1], x.dtype, x.device
+
+
+def convnext_block_prepared(x: torch.Tensor, p: PreparedConvNeXtBlock) -> torch.Tensor:
+    """``convnext_block(x, *args)`` for the arguments ``p`` holds, without gradients (the
+    parameters are detached) and without drop path. Calls the fused kernel directly when
+    nothing else is needed (eager mode, a plain CPU tensor like the one ``p`` was prepared
+    for, no autocast, no reference mode); otherwise runs :func:`convnext_block`, which
+    checks and dispatches as usual."""
+    if (type(x) is torch.Tensor and x.dtype == p.dtype and x.device.type == "cpu"
+            and x.device == p.device and x.dim() == 4 and x.shape[1] == p.c
+            and not reference_enabled() and autocast_dtype(x) is None and eager_direct_ok(x)):
+        y = _cb_fwd.fastvis_impl(x, *p.impl_args)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous()
+        return y
+    return convnext_block(x, *p.args, **p.kwargs)
 
 
 # ---------------------------------------------------------------- inference-only forms

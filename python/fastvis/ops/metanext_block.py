@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size, scratch_arg_sized
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, eager_direct_ok, forward_op, memoised_size,
+                      scratch_arg_sized)
 from ._checks import check_activation, check_param_tensors, cpu_core_serves
 
 _GELU = ("none", "tanh")
@@ -192,3 +193,39 @@ def metanext_block(
                                     fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma,
                                     None if drop_scale is None else drop_scale.detach(),
                                     dilation, approximate)
+
+
+class PreparedMetaNeXtBlock:
+    """The arguments of :func:`metanext_block` (without drop path) validated and detached
+    once, for repeated inference calls (:func:`metanext_block_prepared`), as
+    :class:`fastvis.ops.convnext_block.PreparedConvNeXtBlock` for the ConvNeXt block."""
+
+    __slots__ = ("args", "kwargs", "impl_args", "c", "dtype", "device")
+
+    def __init__(self, x, hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight,
+                 fc1_bias, fc2_weight, fc2_bias, gamma=None, dilation=1, approximate="none"):
+        names = ("hw_weight", "hw_bias", "w_weight", "w_bias", "h_weight", "h_bias",
+                 "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma")
+        ts = (hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1_bias,
+              fc2_weight, fc2_bias, gamma)
+        _validate(x, tuple(zip(names, ts)) + (("drop_scale", None),), dilation, approximate)
+        d = tuple(None if t is None else t.detach() for t in ts)
+        self.args = d
+        self.kwargs = dict(dilation=dilation, approximate=approximate)
+        self.impl_args = d + (None, int(dilation), approximate == "tanh")  # _mn_fwd's after x
+        self.c, self.dtype, self.device = x.shape[1], x.dtype, x.device
+
+
+def metanext_block_prepared(x: torch.Tensor, p: PreparedMetaNeXtBlock) -> torch.Tensor:
+    """``metanext_block(x, *args)`` for the arguments ``p`` holds, without gradients and
+    without drop path: the fused kernel directly when nothing else is needed (eager mode, a
+    plain CPU tensor like the one ``p`` was prepared for, no autocast, no reference mode),
+    otherwise :func:`metanext_block` with its checks and dispatch."""
+    if (type(x) is torch.Tensor and x.dtype == p.dtype and x.device.type == "cpu"
+            and x.device == p.device and x.dim() == 4 and x.shape[1] == p.c
+            and not reference_enabled() and autocast_dtype(x) is None and eager_direct_ok(x)):
+        y = _mn_fwd.fastvis_impl(x, *p.impl_args)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous()
+        return y
+    return metanext_block(x, *p.args, **p.kwargs)
