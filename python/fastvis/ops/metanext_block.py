@@ -90,9 +90,12 @@ def _mn_fwd(
     ws = [None if t is None else t.detach() for t in (
         hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1_bias,
         fc2_weight, fc2_bias, gamma, drop_scale)]
-    key = ("metanext_block_fwd", _C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype, dilation,
-           tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in ws))
-    nbytes = lambda: memoised_size(key, lambda: _C.metanext_block_forward_scratch_bytes(x, ws, dilation, tanh_gelu))
+    # The size query's memo key is built only where scratch is asked for (CUDA); the CPU
+    # core takes its scratch from the bindings' per-thread buffer.
+    nbytes = lambda: memoised_size(
+        ("metanext_block_fwd", _C.get_num_threads(), tuple(x.shape), x.stride(), x.dtype, dilation,
+         tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype) for t in ws)),
+        lambda: _C.metanext_block_forward_scratch_bytes(x, ws, dilation, tanh_gelu))
     y = torch.empty_like(x, memory_format=torch.channels_last)
     _C.metanext_block_forward(dl(x), [None if t is None else dl(t) for t in ws], dilation,
                               tanh_gelu, dl(y), scratch_arg_sized(x.device, nbytes))
