@@ -208,13 +208,20 @@ def test_blocks_call_the_fused_op(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(op, "fastvis_impl", spy)
+    from fastvis import _C
+    chained = []
+    real_chain = _C.convnext_block_forward_chain
+    monkeypatch.setattr(_C, "convnext_block_forward_chain",
+                        lambda x, blocks, ys: (chained.extend([None] * len(blocks)), real_chain(x, blocks, ys))[1])
     m = fastvis.create_model("convnextv2_atto").eval()
     with torch.no_grad():
         m(torch.zeros(1, 3, 32, 32))
-    assert len(calls) == sum(m.depths) == 12
+    # eval: each stage's blocks in one chained core call (single-block stages: the op)
+    assert len(calls) + len(chained) == sum(m.depths) == 12
+    calls.clear()
     m.train()
     m(torch.zeros(2, 3, 32, 32)).sum().backward()
-    assert len(calls) == 2 * 12
+    assert len(calls) == 12
 
 
 # --------------------------------------------------------------------------- numerics
@@ -632,3 +639,52 @@ def test_block_inference_passes_a_kmajor_fc2_that_follows_the_parameter(monkeypa
     torch.testing.assert_close(y1, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     blk(x).sum().backward()
     assert seen[-1].stride() == (128, 1) and blk.mlp.fc2.weight.grad is not None
+
+
+def test_eval_stage_runs_its_blocks_in_one_core_call(monkeypatch):
+    """Eval inference: each stage's ConvNeXt blocks go to the core in one
+    convnext_block_forward_chain call, with the bits of block-by-block calls; a forward hook
+    on a block (or on the stage's Sequential) keeps the per-block path, so the hook runs."""
+    from fastvis import _C
+    torch.manual_seed(0)
+    m = fastvis.create_model("convnext_atto").eval()
+    x = torch.randn(2, 3, 64, 64)
+    chains = []
+    real = _C.convnext_block_forward_chain
+    monkeypatch.setattr(_C, "convnext_block_forward_chain",
+                        lambda x, blocks, ys: (chains.append(len(blocks)), real(x, blocks, ys))[1])
+    with torch.no_grad():
+        y = m(x)
+        assert chains == list(m.depths)
+        seen = []
+        h = m.stages[1].blocks[0].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+        y_hooked = m(x)
+        h.remove()
+        assert seen == [torch.Size([2, 80, 8, 8])]
+        assert chains == list(m.depths) + [m.depths[0], m.depths[2], m.depths[3]]  # stage 1 per block
+        with fastvis.use_reference(True):
+            ref = m(x)
+    assert torch.equal(y, y_hooked)
+    assert_close_scaled(y, ref, "chained stages vs reference")
+
+
+def test_block_chain_rejects_bad_arguments():
+    from fastvis import _C
+    from fastvis.ops.convnext_block import PreparedConvNeXtBlock, convnext_block_chain
+    torch.manual_seed(1)
+    blk = fastvis.nn.ConvNeXtBlock(16).eval()
+    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    p = PreparedConvNeXtBlock(x, blk.conv_dw.weight, blk.conv_dw.bias, blk.norm.weight, blk.norm.bias,
+                              blk.mlp.fc1.weight, blk.mlp.fc1.bias, blk.mlp.fc2.weight, blk.mlp.fc2.bias,
+                              blk.gamma)
+    with torch.no_grad():
+        want = blk(blk(x))
+        assert torch.equal(convnext_block_chain(x, [p, p]), want)
+        assert torch.equal(convnext_block_chain(x.contiguous(), [p, p]), want.contiguous())
+    entry = (list(p.core_ws), 1e-6, False, 1e-6)
+    with pytest.raises(ValueError, match="one output per block"):
+        _C.convnext_block_forward_chain(x, [entry, entry], [torch.empty_like(x)])
+    with pytest.raises(ValueError, match="expected \\(weights, eps"):
+        _C.convnext_block_forward_chain(x, [entry[:2]], [torch.empty_like(x)])
+    with pytest.raises(ValueError, match="must not overlap x"):
+        _C.convnext_block_forward_chain(x, [entry], [x])

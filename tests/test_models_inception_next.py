@@ -631,3 +631,34 @@ def test_block_drop_path_follows_the_trainer_hook():
     # kept samples are scaled by 1 / keep = 2
     assert ref[1::2].abs().max() > 0
     torch.testing.assert_close(r[1::2], 2 * ref[1::2], rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_eval_stage_runs_its_blocks_in_one_core_call(monkeypatch):
+    """Eval inference: each stage's MetaNeXt blocks go to the core in one
+    metanext_block_forward_chain call (a stage of one block: the single call), with the
+    bits of block-by-block calls; a forward hook on a block keeps the per-block path."""
+    from fastvis import _C
+    torch.manual_seed(0)
+    m = fastvis.create_model("inception_next_atto").eval()
+    for mod in m.modules():  # running statistics that are not the identity
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64)
+    chains = []
+    real = _C.metanext_block_forward_chain
+    monkeypatch.setattr(_C, "metanext_block_forward_chain",
+                        lambda x, blocks, ys: (chains.append(len(blocks)), real(x, blocks, ys))[1])
+    depths = [len(s.blocks) for s in m.stages]
+    with torch.no_grad():
+        y = m(x)
+        assert chains == [d for d in depths if d > 1]
+        seen = []
+        h = m.stages[2].blocks[1].register_forward_hook(lambda mod, i, o: seen.append(1))
+        y_hooked = m(x)
+        h.remove()
+        assert seen == [1]
+        with fastvis.use_reference(True):
+            ref = m(x)
+    assert torch.equal(y, y_hooked)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

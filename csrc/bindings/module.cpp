@@ -618,6 +618,40 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"), py::arg("y"),
       py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6, py::arg("stream") = 0,
       py::arg("layer_norm") = true);
+  // A chain of blocks for inference, one call: block i reads ys[i - 1] (x for i = 0) and
+  // writes ys[i]; blocks[i] = (weights, eps, tanh_gelu, grn_eps) as for
+  // convnext_block_forward. An output may be reused two blocks later (ping-pong buffers),
+  // never by the block that reads it (the core refuses overlapping x and y).
+  m.def(
+      "convnext_block_forward_chain",
+      [](py::object x, py::sequence blocks, py::sequence ys) {
+        const size_t n = py::len(blocks);
+        FV_CHECK_VALUE(n >= 1, "blocks: expected at least one block");
+        FV_CHECK_VALUE(py::len(ys) == n, "ys: expected one output per block (", n, "), got ",
+                       py::len(ys));
+        std::vector<std::unique_ptr<BlockArgs>> args;
+        std::vector<TensorView> yv(n);
+        size_t need = 0;
+        for (size_t i = 0; i < n; ++i) {
+          py::sequence blk = blocks[i];
+          FV_CHECK_VALUE(py::len(blk) == 4, "blocks[", i,
+                         "]: expected (weights, eps, tanh_gelu, grn_eps), got ", py::len(blk),
+                         " entries");
+          py::object xi = i == 0 ? x : py::object(ys[i - 1]);
+          args.emplace_back(new BlockArgs(xi, blk[0], blk[1].cast<double>(), blk[2].cast<bool>(),
+                                          blk[3].cast<double>()));
+          FV_CHECK_VALUE(args[i]->x.device.type == DeviceType::CPU,
+                         "convnext_block_forward_chain: CPU tensors only");
+          yv[i] = args[i]->b.view(ys[i], "y");
+          need = std::max(need, convnext_block_forward_scratch_bytes(args[i]->x, args[i]->w,
+                                                                     args[i]->p));
+        }
+        Scratch sc(args[0]->b, py::none(), need, args[0]->x);
+        py::gil_scoped_release nogil;
+        for (size_t i = 0; i < n; ++i)
+          convnext_block_forward(args[i]->x, args[i]->w, args[i]->p, yv[i], sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("blocks"), py::arg("ys"));
   m.def("convnext_block_backward_scratch_bytes",
         [](py::object x, py::sequence ws, double eps, bool tanh_gelu, double grn_eps) {
           BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
@@ -684,6 +718,36 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("weights"), py::arg("dilation"), py::arg("tanh_gelu"), py::arg("y"),
       py::arg("scratch") = py::none());
+  // A chain of MetaNeXt blocks, as convnext_block_forward_chain: blocks[i] = (weights,
+  // dilation, tanh_gelu).
+  m.def(
+      "metanext_block_forward_chain",
+      [](py::object x, py::sequence blocks, py::sequence ys) {
+        const size_t n = py::len(blocks);
+        FV_CHECK_VALUE(n >= 1, "blocks: expected at least one block");
+        FV_CHECK_VALUE(py::len(ys) == n, "ys: expected one output per block (", n, "), got ",
+                       py::len(ys));
+        std::vector<std::unique_ptr<MetaNeXtArgs>> args;
+        std::vector<TensorView> yv(n);
+        size_t need = 0;
+        for (size_t i = 0; i < n; ++i) {
+          py::sequence blk = blocks[i];
+          FV_CHECK_VALUE(py::len(blk) == 3, "blocks[", i,
+                         "]: expected (weights, dilation, tanh_gelu), got ", py::len(blk),
+                         " entries");
+          py::object xi = i == 0 ? x : py::object(ys[i - 1]);
+          args.emplace_back(
+              new MetaNeXtArgs(xi, blk[0], blk[1].cast<int64_t>(), blk[2].cast<bool>()));
+          yv[i] = args[i]->b.view(ys[i], "y");
+          need = std::max(need, metanext_block_forward_scratch_bytes(args[i]->x, args[i]->w,
+                                                                     args[i]->p));
+        }
+        Scratch sc(args[0]->b, py::none(), need, args[0]->x);
+        py::gil_scoped_release nogil;
+        for (size_t i = 0; i < n; ++i)
+          metanext_block_forward(args[i]->x, args[i]->w, args[i]->p, yv[i], sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("blocks"), py::arg("ys"));
   // ------------------------------------------------------------ global_response_norm
   // weight and bias are required; norm is (N, C) in the statistics dtype; activation is
   // GrnActivation's value (0 none, 1 exact GELU, 2 tanh GELU) applied to x first.

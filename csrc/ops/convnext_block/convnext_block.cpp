@@ -195,6 +195,17 @@ void check_param(const TensorView* t, const TensorView& x, std::initializer_list
 
 bool is_nhwc(const TensorView& t) { return (core::dense_layouts(t) & 2) != 0; }
 
+// x and y (both dense) must not share memory: each tile reads rows of x around the rows
+// it writes.
+void check_no_overlap(const TensorView& x, const TensorView& y) {
+  const char* xb = static_cast<const char*>(x.data);
+  const char* yb = static_cast<const char*>(y.data);
+  const size_t xn = static_cast<size_t>(x.numel()) * dtype_size(x.dtype);
+  const size_t yn = static_cast<size_t>(y.numel()) * dtype_size(y.dtype);
+  FV_CHECK_VALUE(yb + yn <= xb || xb + xn <= yb,
+                 "y: must not overlap x (each tile reads rows of x around the rows it writes)");
+}
+
 Shape shape_of(const TensorView& x, const ConvNeXtBlockWeights& w) {
   const ConvNeXtBlockShape s = convnext_block_shape(x, w, ConvNeXtBlockParams{});
   return Shape{s.n, s.c, s.h, s.w, s.k, s.hidden,
@@ -537,6 +548,7 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                  "y: expected a channels-last ", dtype_name(x.dtype), " tensor of x's shape, got ",
                  y.describe());
   if (s0.n * s0.h * s0.w == 0) return;
+  check_no_overlap(x, y);
   FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
   Packed pk;
   void* bufs;
@@ -1093,6 +1105,7 @@ void metanext_block_forward(const TensorView& x, const MetaNeXtBlockWeights& w,
                  "y: expected a channels-last ", dtype_name(x.dtype), " tensor of x's shape, got ",
                  y.describe());
   if (m.n * m.h * m.w == 0) return;
+  check_no_overlap(x, y);
   FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
   const Shape s = metanext_shape(m, p, x.dtype);
   Packed pk;

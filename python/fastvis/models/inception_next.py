@@ -30,7 +30,7 @@ from torch import nn
 from ..nn.convnext import trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
 from ..nn.inception_dwconv import InceptionDWConv2d
-from ..nn.metanext import MetaNeXtBlock
+from ..nn.metanext import MetaNeXtBlock, run_blocks
 from ..nn.patch_conv import PatchConv2d, PatchConvBN
 from ._backbone import StagedBackbone, positive_int, probability
 from ._features import FeatureInfo
@@ -118,7 +118,7 @@ class MetaNeXtStage(nn.Module):
         x = self.downsample(x)
         # The depthwise kernels' native layout; a no-op when the convolution kept it.
         x = x.contiguous(memory_format=torch.channels_last)
-        return self.blocks(x)
+        return run_blocks(self.blocks, x)  # self.blocks(x), the eval blocks in one core call
 
 
 class MlpClassifierHead(nn.Module):

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..ops._bridge import autocast_dtype
-from ..ops.convnext_block import PreparedConvNeXtBlock, convnext_block, convnext_block_prepared
+from ..ops.convnext_block import (PreparedConvNeXtBlock, convnext_block, convnext_block_chain,
+                                 convnext_block_prepared)
 from .depthwise_conv import DepthwiseConv2d
 from .layer_norm import LayerNorm2d
 from .reparam import cached_fold, inference_only, kmajor
@@ -224,7 +225,7 @@ class ConvNeXtBlock(nn.Module):
         if inference_only(self, x) and autocast_dtype(x) is None:
             # Inference: the op's arguments checked once and cached until a parameter
             # changes, with fc2's weight k-major (kmajor).
-            return convnext_block_prepared(x, cached_fold(self, x.dtype, lambda: self._prepared(x)))
+            return convnext_block_prepared(x, self._prepared_for(x))
         fc1_weight = mlp.fc1.weight.reshape(self.hidden, self.dim)
         fc2_weight = mlp.fc2.weight.reshape(self.dim, self.hidden)
         grn = mlp.grn
@@ -242,6 +243,9 @@ class ConvNeXtBlock(nn.Module):
             grn_eps=1e-6 if grn is None else grn.eps,
             approximate=self.approximate,
         )
+
+    def _prepared_for(self, x: torch.Tensor) -> PreparedConvNeXtBlock:
+        return cached_fold(self, x.dtype, lambda: self._prepared(x))
 
     def _prepared(self, x: torch.Tensor) -> PreparedConvNeXtBlock:
         mlp, grn = self.mlp, self.mlp.grn
@@ -261,3 +265,26 @@ class ConvNeXtBlock(nn.Module):
             f"conv_mlp={self.use_conv_mlp}, grn={self.use_grn}, layer_scale={self.gamma is not None}, "
             f"drop_path={self.drop_path:g}"
         )
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _global_forward_hooks() -> bool:
+    from torch.nn.modules import module as _mod
+    return bool(getattr(_mod, "_global_forward_hooks", None) or getattr(_mod, "_global_forward_pre_hooks", None))
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``blocks(x)``. In eval inference (each block's fused path applies, see
+    :class:`ConvNeXtBlock`) a run of ConvNeXt blocks with no forward hook on them goes to
+    the core in one call (:func:`fastvis.ops.convnext_block.convnext_block_chain`, the same
+    bits as block after block): at batch 1 the Python work between two fused block calls
+    was a visible part of the forward."""
+    mods = list(blocks._modules.values())
+    if (len(mods) > 1 and not _hooked(blocks) and autocast_dtype(x) is None
+            and all(type(b) is ConvNeXtBlock and not _hooked(b) and inference_only(b, x) for b in mods)
+            and not _global_forward_hooks()):
+        return convnext_block_chain(x, [b._prepared_for(x) for b in mods])
+    return blocks(x)

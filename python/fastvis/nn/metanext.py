@@ -41,7 +41,8 @@ from torch import nn
 
 from .._reference import reference_enabled
 from ..ops._bridge import autocast_dtype
-from ..ops.metanext_block import PreparedMetaNeXtBlock, metanext_block, metanext_block_prepared
+from ..ops.metanext_block import (PreparedMetaNeXtBlock, metanext_block, metanext_block_chain,
+                                  metanext_block_prepared)
 from ..ops.mlp import mlp
 from .convnext import drop_path_scale
 from .inception_dwconv import InceptionDWConv2d
@@ -189,11 +190,7 @@ class MetaNeXtBlock(nn.Module):
             # fc2's weight k-major (kmajor: the fused forward's fastest fc2 GEMM).
             # The op's arguments are checked once with the fold (PreparedMetaNeXtBlock).
             if autocast_dtype(x) is None:
-                return metanext_block_prepared(x, cached_fold(self, x.dtype, lambda: PreparedMetaNeXtBlock(
-                    x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight, tm.dwconv_w.bias,
-                    tm.dwconv_h.weight, tm.dwconv_h.bias,
-                    *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()),
-                    kmajor(self.mlp.fc2_matrix()[0]), self.mlp.fc2.bias, self.gamma, tm.dilation)))
+                return metanext_block_prepared(x, self._prepared_for(x))
             w1, b1, w2 = cached_fold(self, x.dtype, lambda: (  # autocast
                 *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()), kmajor(self.mlp.fc2_matrix()[0])),
                 slot="_autocast")
@@ -220,6 +217,16 @@ class MetaNeXtBlock(nn.Module):
             y = y * scale.view(-1, 1, 1, 1)
         return shortcut + y
 
+    def _prepared_for(self, x: torch.Tensor) -> PreparedMetaNeXtBlock:
+        """The fused call's arguments, the BatchNorm folded into fc1 and fc2's weight k-major,
+        checked once and cached until a parameter or buffer changes."""
+        tm = self.token_mixer
+        return cached_fold(self, x.dtype, lambda: PreparedMetaNeXtBlock(
+            x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight, tm.dwconv_w.bias,
+            tm.dwconv_h.weight, tm.dwconv_h.bias,
+            *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()),
+            kmajor(self.mlp.fc2_matrix()[0]), self.mlp.fc2.bias, self.gamma, tm.dilation))
+
     def _fc2_scaled(self) -> Optional[_Linear]:
         """fc2 with the layer scale folded in, ``(gamma W2, gamma b2)``; None without gamma."""
         if self.gamma is None:
@@ -231,3 +238,17 @@ class MetaNeXtBlock(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden={self.hidden}, layer_scale={self.gamma is not None}, "
                 f"drop_path={self.drop_path:g}, fold_bn={self.fold_bn}")
+
+
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``blocks(x)``; in eval inference (each block's fused path applies, see
+    :class:`MetaNeXtBlock`) a run of MetaNeXt blocks with no forward hook on them is one core
+    call (:func:`fastvis.ops.metanext_block.metanext_block_chain`, the same bits as block
+    after block), as :func:`fastvis.nn.convnext.run_blocks` for ConvNeXt blocks."""
+    from .convnext import _global_forward_hooks, _hooked
+    mods = list(blocks._modules.values())
+    if (len(mods) > 1 and not _hooked(blocks) and autocast_dtype(x) is None
+            and all(type(b) is MetaNeXtBlock and not _hooked(b) and b._fused_inference(x) for b in mods)
+            and not _global_forward_hooks()):
+        return metanext_block_chain(x, [b._prepared_for(x) for b in mods])
+    return blocks(x)

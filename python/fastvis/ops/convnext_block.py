@@ -13,7 +13,7 @@ activations after GELU.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -348,7 +348,7 @@ class PreparedConvNeXtBlock:
     parameter state, so a call does not re-check a dozen parameters each time (at batch 1
     the per-call Python work is a visible part of a ConvNeXt's forward)."""
 
-    __slots__ = ("args", "kwargs", "impl_args", "c", "dtype", "device")
+    __slots__ = ("args", "kwargs", "impl_args", "core_ws", "c", "dtype", "device")
 
     def __init__(self, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
                  fc2_weight, fc2_bias, gamma=None, eps=1e-6, *, grn_weight=None, grn_bias=None,
@@ -361,9 +361,48 @@ class PreparedConvNeXtBlock:
               fc2_bias, gamma, grn_weight, grn_bias)]
         self.args = tuple(d[:9])
         self.kwargs = dict(eps=e, grn_weight=d[9], grn_bias=d[10], grn_eps=ge, approximate=approximate)
+        # the core's weight list (drop_scale None) for convnext_block_chain
+        self.core_ws = tuple(d[:9]) + (None, d[9], d[10])
         # _cb_fwd's arguments after x (drop_scale None)
         self.impl_args = tuple(d[:9]) + (None, d[9], d[10], e, approximate == "tanh", ge)
         self.c, self.dtype, self.device = x.shape[1], x.dtype, x.device
+
+
+def _direct(x: torch.Tensor, p: PreparedConvNeXtBlock) -> bool:
+    return (type(x) is torch.Tensor and x.dtype == p.dtype and x.device.type == "cpu"
+            and x.device == p.device and x.dim() == 4 and x.shape[1] == p.c
+            and not reference_enabled() and autocast_dtype(x) is None and eager_direct_ok(x))
+
+
+def convnext_block_chain(x: torch.Tensor, blocks: Sequence[PreparedConvNeXtBlock]) -> torch.Tensor:
+    """The prepared blocks applied one after the other (``convnext_block_prepared`` block
+    after block), in a single core call when the direct conditions hold for x and every
+    block takes what the one before gives (same channels, dtype and device): the per-block
+    Python work is gone, and two buffers take turns as the blocks' outputs. Otherwise block
+    after block through :func:`convnext_block_prepared`. Same bits either way."""
+    blocks = list(blocks)
+    if not blocks:
+        return x
+    p0 = blocks[0]
+    if len(blocks) == 1 or not _direct(x, p0) or any(
+            p.c != p0.c or p.dtype != p0.dtype or p.device != p0.device for p in blocks):
+        for p in blocks:
+            x = convnext_block_prepared(x, p)
+        return x
+    _sync_threads()
+    xin = _nhwc(x.detach())
+    bufs = [torch.empty_like(xin, memory_format=torch.channels_last) for _ in range(2)]
+    ys = [bufs[i % 2] for i in range(len(blocks))]
+    tanh = [p.kwargs["approximate"] == "tanh" for p in blocks]
+    _C.convnext_block_forward_chain(
+        dl(xin),
+        [([None if t is None else dl(t) for t in p.core_ws], p.kwargs["eps"], th, p.kwargs["grn_eps"])
+         for p, th in zip(blocks, tanh)],
+        [dl(y) for y in ys])
+    y = ys[-1]
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous()
+    return y
 
 
 def convnext_block_prepared(x: torch.Tensor, p: PreparedConvNeXtBlock) -> torch.Tensor:
@@ -372,9 +411,7 @@ def convnext_block_prepared(x: torch.Tensor, p: PreparedConvNeXtBlock) -> torch.
     nothing else is needed (eager mode, a plain CPU tensor like the one ``p`` was prepared
     for, no autocast, no reference mode); otherwise runs :func:`convnext_block`, which
     checks and dispatches as usual."""
-    if (type(x) is torch.Tensor and x.dtype == p.dtype and x.device.type == "cpu"
-            and x.device == p.device and x.dim() == 4 and x.shape[1] == p.c
-            and not reference_enabled() and autocast_dtype(x) is None and eager_direct_ok(x)):
+    if _direct(x, p):
         y = _cb_fwd.fastvis_impl(x, *p.impl_args)
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()
