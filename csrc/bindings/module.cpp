@@ -167,6 +167,34 @@ struct Scratch {
 
 void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
+// A chain of fused-block forwards in one call (CPU inference): block i reads ys[i - 1] (x
+// for i = 0) and writes ys[i]. Args holds one block's views (built by make from the input
+// and the block's entry of `entries` items); need gives its scratch size, run runs it. All
+// views are taken with the GIL, then the blocks run without it, one scratch for all.
+template <class Args, class Make, class Need, class Run>
+void run_chain(const py::object& x, const py::sequence& blocks, const py::sequence& ys,
+               size_t entries, const char* entry_doc, Make make, Need need, Run run) {
+  const size_t n = py::len(blocks);
+  FV_CHECK_VALUE(n >= 1, "blocks: expected at least one block");
+  FV_CHECK_VALUE(py::len(ys) == n, "ys: expected one output per block (", n, "), got ",
+                 py::len(ys));
+  std::vector<std::unique_ptr<Args>> args;
+  std::vector<TensorView> yv(n);
+  size_t bytes = 0;
+  for (size_t i = 0; i < n; ++i) {
+    py::sequence blk = blocks[i];
+    FV_CHECK_VALUE(py::len(blk) == entries, "blocks[", i, "]: expected ", entry_doc, ", got ",
+                   py::len(blk), " entries");
+    args.emplace_back(make(i == 0 ? x : py::object(ys[i - 1]), blk));
+    FV_CHECK_VALUE(args[i]->x.device.type == DeviceType::CPU, "blocks: CPU tensors only");
+    yv[i] = args[i]->b.view(ys[i], "y");
+    bytes = std::max(bytes, need(*args[i]));
+  }
+  Scratch sc(args[0]->b, py::none(), bytes, args[0]->x);
+  py::gil_scoped_release nogil;
+  for (size_t i = 0; i < n; ++i) run(*args[i], yv[i], sc.ptr, sc.bytes);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -621,35 +649,20 @@ PYBIND11_MODULE(_C, m) {
   // A chain of blocks for inference, one call: block i reads ys[i - 1] (x for i = 0) and
   // writes ys[i]; blocks[i] = (weights, eps, tanh_gelu, grn_eps) as for
   // convnext_block_forward. An output may be reused two blocks later (ping-pong buffers),
-  // never by the block that reads it (the core refuses overlapping x and y).
+  // never by the block that reads it (the core refuses a y overlapping its x).
   m.def(
       "convnext_block_forward_chain",
       [](py::object x, py::sequence blocks, py::sequence ys) {
-        const size_t n = py::len(blocks);
-        FV_CHECK_VALUE(n >= 1, "blocks: expected at least one block");
-        FV_CHECK_VALUE(py::len(ys) == n, "ys: expected one output per block (", n, "), got ",
-                       py::len(ys));
-        std::vector<std::unique_ptr<BlockArgs>> args;
-        std::vector<TensorView> yv(n);
-        size_t need = 0;
-        for (size_t i = 0; i < n; ++i) {
-          py::sequence blk = blocks[i];
-          FV_CHECK_VALUE(py::len(blk) == 4, "blocks[", i,
-                         "]: expected (weights, eps, tanh_gelu, grn_eps), got ", py::len(blk),
-                         " entries");
-          py::object xi = i == 0 ? x : py::object(ys[i - 1]);
-          args.emplace_back(new BlockArgs(xi, blk[0], blk[1].cast<double>(), blk[2].cast<bool>(),
-                                          blk[3].cast<double>()));
-          FV_CHECK_VALUE(args[i]->x.device.type == DeviceType::CPU,
-                         "convnext_block_forward_chain: CPU tensors only");
-          yv[i] = args[i]->b.view(ys[i], "y");
-          need = std::max(need, convnext_block_forward_scratch_bytes(args[i]->x, args[i]->w,
-                                                                     args[i]->p));
-        }
-        Scratch sc(args[0]->b, py::none(), need, args[0]->x);
-        py::gil_scoped_release nogil;
-        for (size_t i = 0; i < n; ++i)
-          convnext_block_forward(args[i]->x, args[i]->w, args[i]->p, yv[i], sc.ptr, sc.bytes);
+        run_chain<BlockArgs>(
+            x, blocks, ys, 4, "(weights, eps, tanh_gelu, grn_eps)",
+            [](const py::object& xi, const py::sequence& blk) {
+              return new BlockArgs(xi, blk[0], blk[1].cast<double>(), blk[2].cast<bool>(),
+                                   blk[3].cast<double>());
+            },
+            [](const BlockArgs& a) { return convnext_block_forward_scratch_bytes(a.x, a.w, a.p); },
+            [](const BlockArgs& a, const TensorView& y, void* sp, size_t sb) {
+              convnext_block_forward(a.x, a.w, a.p, y, sp, sb);
+            });
       },
       py::arg("x"), py::arg("blocks"), py::arg("ys"));
   m.def("convnext_block_backward_scratch_bytes",
@@ -723,29 +736,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "metanext_block_forward_chain",
       [](py::object x, py::sequence blocks, py::sequence ys) {
-        const size_t n = py::len(blocks);
-        FV_CHECK_VALUE(n >= 1, "blocks: expected at least one block");
-        FV_CHECK_VALUE(py::len(ys) == n, "ys: expected one output per block (", n, "), got ",
-                       py::len(ys));
-        std::vector<std::unique_ptr<MetaNeXtArgs>> args;
-        std::vector<TensorView> yv(n);
-        size_t need = 0;
-        for (size_t i = 0; i < n; ++i) {
-          py::sequence blk = blocks[i];
-          FV_CHECK_VALUE(py::len(blk) == 3, "blocks[", i,
-                         "]: expected (weights, dilation, tanh_gelu), got ", py::len(blk),
-                         " entries");
-          py::object xi = i == 0 ? x : py::object(ys[i - 1]);
-          args.emplace_back(
-              new MetaNeXtArgs(xi, blk[0], blk[1].cast<int64_t>(), blk[2].cast<bool>()));
-          yv[i] = args[i]->b.view(ys[i], "y");
-          need = std::max(need, metanext_block_forward_scratch_bytes(args[i]->x, args[i]->w,
-                                                                     args[i]->p));
-        }
-        Scratch sc(args[0]->b, py::none(), need, args[0]->x);
-        py::gil_scoped_release nogil;
-        for (size_t i = 0; i < n; ++i)
-          metanext_block_forward(args[i]->x, args[i]->w, args[i]->p, yv[i], sc.ptr, sc.bytes);
+        run_chain<MetaNeXtArgs>(
+            x, blocks, ys, 3, "(weights, dilation, tanh_gelu)",
+            [](const py::object& xi, const py::sequence& blk) {
+              return new MetaNeXtArgs(xi, blk[0], blk[1].cast<int64_t>(), blk[2].cast<bool>());
+            },
+            [](const MetaNeXtArgs& a) { return metanext_block_forward_scratch_bytes(a.x, a.w, a.p); },
+            [](const MetaNeXtArgs& a, const TensorView& y, void* sp, size_t sb) {
+              metanext_block_forward(a.x, a.w, a.p, y, sp, sb);
+            });
       },
       py::arg("x"), py::arg("blocks"), py::arg("ys"));
   // ------------------------------------------------------------ global_response_norm

@@ -268,3 +268,40 @@ def dl(t):
     which torch makes ~20x faster than the protocol's __dlpack__/__dlpack_device__ calls.
     t must not require grad (pass detached tensors)."""
     return None if t is None else _to_dlpack(t)
+
+
+def prepared_direct(x, p) -> bool:
+    """True when a prepared block ``p`` (an op's arguments checked once: ``c``, ``dtype``,
+    ``device``) may run its kernel on x directly: a plain CPU tensor of the prepared dtype
+    and channel count, no reference mode, no autocast, nothing for the dispatcher to do."""
+    from .._reference import reference_enabled
+    return (type(x) is torch.Tensor and x.dtype == p.dtype and x.device.type == "cpu"
+            and x.device == p.device and x.dim() == 4 and x.shape[1] == p.c
+            and not reference_enabled() and autocast_dtype(x) is None and eager_direct_ok(x))
+
+
+def run_prepared_chain(x, blocks, direct, one, call_chain, entry):
+    """Prepared blocks (objects with ``c``, ``dtype``, ``device``) applied one after the
+    other. One core call ``call_chain(x, [entry(p) ...], ys)`` when ``direct(x, blocks[0])``
+    holds and every block takes what the one before gives (same channels, dtype, device):
+    block i reads block i-1's output, two channels_last buffers take turns. Otherwise
+    ``one(x, p)`` block after block. The result keeps x's memory format."""
+    blocks = list(blocks)
+    if not blocks:
+        return x
+    p0 = blocks[0]
+    if len(blocks) == 1 or not direct(x, p0) or any(
+            p.c != p0.c or p.dtype != p0.dtype or p.device != p0.device for p in blocks):
+        for p in blocks:
+            x = one(x, p)
+        return x
+    from .._runtime import _sync_threads
+    _sync_threads()
+    xin = x.detach().contiguous(memory_format=torch.channels_last)
+    bufs = [torch.empty_like(xin, memory_format=torch.channels_last) for _ in range(2)]
+    ys = [bufs[i % 2] for i in range(len(blocks))]
+    call_chain(dl(xin), [entry(p) for p in blocks], [dl(y) for y in ys])
+    y = ys[-1]
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous()
+    return y

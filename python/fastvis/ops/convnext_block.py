@@ -22,8 +22,8 @@ from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads
 from ._checks import check_activation, check_eps, check_param_tensors
-from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, eager_direct_ok, forward_op, memoised_size, register_autograd,
-                      scratch_arg_sized, stream_of)
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size, register_autograd,
+                      prepared_direct, run_prepared_chain, scratch_arg_sized, stream_of)
 
 _GELU = ("none", "tanh")
 
@@ -368,41 +368,17 @@ class PreparedConvNeXtBlock:
         self.c, self.dtype, self.device = x.shape[1], x.dtype, x.device
 
 
-def _direct(x: torch.Tensor, p: PreparedConvNeXtBlock) -> bool:
-    return (type(x) is torch.Tensor and x.dtype == p.dtype and x.device.type == "cpu"
-            and x.device == p.device and x.dim() == 4 and x.shape[1] == p.c
-            and not reference_enabled() and autocast_dtype(x) is None and eager_direct_ok(x))
-
-
 def convnext_block_chain(x: torch.Tensor, blocks: Sequence[PreparedConvNeXtBlock]) -> torch.Tensor:
     """The prepared blocks applied one after the other (``convnext_block_prepared`` block
     after block), in a single core call when the direct conditions hold for x and every
     block takes what the one before gives (same channels, dtype and device): the per-block
     Python work is gone, and two buffers take turns as the blocks' outputs. Otherwise block
     after block through :func:`convnext_block_prepared`. Same bits either way."""
-    blocks = list(blocks)
-    if not blocks:
-        return x
-    p0 = blocks[0]
-    if len(blocks) == 1 or not _direct(x, p0) or any(
-            p.c != p0.c or p.dtype != p0.dtype or p.device != p0.device for p in blocks):
-        for p in blocks:
-            x = convnext_block_prepared(x, p)
-        return x
-    _sync_threads()
-    xin = _nhwc(x.detach())
-    bufs = [torch.empty_like(xin, memory_format=torch.channels_last) for _ in range(2)]
-    ys = [bufs[i % 2] for i in range(len(blocks))]
-    tanh = [p.kwargs["approximate"] == "tanh" for p in blocks]
-    _C.convnext_block_forward_chain(
-        dl(xin),
-        [([None if t is None else dl(t) for t in p.core_ws], p.kwargs["eps"], th, p.kwargs["grn_eps"])
-         for p, th in zip(blocks, tanh)],
-        [dl(y) for y in ys])
-    y = ys[-1]
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous()
-    return y
+    return run_prepared_chain(
+        x, blocks, prepared_direct, convnext_block_prepared,
+        lambda *a: _C.convnext_block_forward_chain(*a),
+        lambda p: ([None if t is None else dl(t) for t in p.core_ws], p.kwargs["eps"],
+                   p.kwargs["approximate"] == "tanh", p.kwargs["grn_eps"]))
 
 
 def convnext_block_prepared(x: torch.Tensor, p: PreparedConvNeXtBlock) -> torch.Tensor:
@@ -411,7 +387,7 @@ def convnext_block_prepared(x: torch.Tensor, p: PreparedConvNeXtBlock) -> torch.
     nothing else is needed (eager mode, a plain CPU tensor like the one ``p`` was prepared
     for, no autocast, no reference mode); otherwise runs :func:`convnext_block`, which
     checks and dispatches as usual."""
-    if _direct(x, p):
+    if prepared_direct(x, p):
         y = _cb_fwd.fastvis_impl(x, *p.impl_args)
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, eager_direct_ok, forward_op, memoised_size,
-                      scratch_arg_sized)
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size,
+                      prepared_direct, run_prepared_chain, scratch_arg_sized)
 from ._checks import check_activation, check_param_tensors, cpu_core_serves
 
 _GELU = ("none", "tanh")
@@ -220,38 +220,14 @@ class PreparedMetaNeXtBlock:
         self.c, self.dtype, self.device = x.shape[1], x.dtype, x.device
 
 
-def _direct(x: torch.Tensor, p: PreparedMetaNeXtBlock) -> bool:
-    return (type(x) is torch.Tensor and x.dtype == p.dtype and x.device.type == "cpu"
-            and x.device == p.device and x.dim() == 4 and x.shape[1] == p.c
-            and not reference_enabled() and autocast_dtype(x) is None and eager_direct_ok(x))
-
-
 def metanext_block_chain(x: torch.Tensor, blocks: Sequence[PreparedMetaNeXtBlock]) -> torch.Tensor:
     """The prepared blocks applied one after the other, in a single core call when the
     direct conditions hold (as :func:`fastvis.ops.convnext_block.convnext_block_chain`);
     otherwise block after block through :func:`metanext_block_prepared`. Same bits."""
-    blocks = list(blocks)
-    if not blocks:
-        return x
-    p0 = blocks[0]
-    if len(blocks) == 1 or not _direct(x, p0) or any(
-            p.c != p0.c or p.dtype != p0.dtype or p.device != p0.device for p in blocks):
-        for p in blocks:
-            x = metanext_block_prepared(x, p)
-        return x
-    _sync_threads()
-    xin = x.detach().contiguous(memory_format=torch.channels_last)
-    bufs = [torch.empty_like(xin, memory_format=torch.channels_last) for _ in range(2)]
-    ys = [bufs[i % 2] for i in range(len(blocks))]
-    _C.metanext_block_forward_chain(
-        dl(xin),
-        [([None if t is None else dl(t) for t in p.core_ws], p.impl_args[-2], p.impl_args[-1])
-         for p in blocks],
-        [dl(y) for y in ys])
-    y = ys[-1]
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous()
-    return y
+    return run_prepared_chain(
+        x, blocks, prepared_direct, metanext_block_prepared,
+        lambda *a: _C.metanext_block_forward_chain(*a),
+        lambda p: ([None if t is None else dl(t) for t in p.core_ws], p.impl_args[-2], p.impl_args[-1]))
 
 
 def metanext_block_prepared(x: torch.Tensor, p: PreparedMetaNeXtBlock) -> torch.Tensor:
@@ -259,7 +235,7 @@ def metanext_block_prepared(x: torch.Tensor, p: PreparedMetaNeXtBlock) -> torch.
     without drop path: the fused kernel directly when nothing else is needed (eager mode, a
     plain CPU tensor like the one ``p`` was prepared for, no autocast, no reference mode),
     otherwise :func:`metanext_block` with its checks and dispatch."""
-    if _direct(x, p):
+    if prepared_direct(x, p):
         y = _mn_fwd.fastvis_impl(x, *p.impl_args)
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()
