@@ -220,12 +220,12 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
-        # (hidden, C) / (C, hidden) views of the conv_mlp form's 1x1 kernels; plain
-        # references in the Linear form. Either way autograd reaches the stored tensors.
         if inference_only(self, x) and autocast_dtype(x) is None:
             # Inference: the op's arguments checked once and cached until a parameter
             # changes, with fc2's weight k-major (kmajor).
             return convnext_block_prepared(x, self._prepared_for(x))
+        # (hidden, C) / (C, hidden) views of the conv_mlp form's 1x1 kernels; plain
+        # references in the Linear form. Either way autograd reaches the stored tensors.
         fc1_weight = mlp.fc1.weight.reshape(self.hidden, self.dim)
         fc2_weight = mlp.fc2.weight.reshape(self.dim, self.hidden)
         grn = mlp.grn
