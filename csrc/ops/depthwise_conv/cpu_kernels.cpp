@@ -39,6 +39,16 @@ inline void prefetch_line(const char* p) {
 #endif
 }
 
+// The same for a line about to be written: prefetchw (fetched in exclusive state) where
+// the instruction set has it (every AVX-512 CPU does), else a plain prefetch.
+inline void prefetch_line_w(const char* p) {
+#if defined(__AVX512F__)
+  asm volatile("prefetchw %0" : : "m"(*p));
+#else
+  prefetch_line(p);
+#endif
+}
+
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 
@@ -167,9 +177,16 @@ void window_pixels(const T* xb, int64_t step, const A* wb, int64_t wstep, const 
       const T* x = xb + p0 * step;
       Y* y = yb + p0 * YP;
       int64_t c0 = 0;
-      for (; c0 + L <= C; c0 += L)
+      for (; c0 + L <= C; c0 += L) {
+        // The output lines of the next vector of channels, fetched for writing while this
+        // one computes. An output not in cache (a fresh tensor) otherwise costs a read for
+        // ownership per line at the store: N=8, C=128, 56x56 forward with the caches
+        // flushed first, 3x3 1.74 -> 1.47 ms, 1x11 1.87 -> 1.44-1.49 ms.
+        if (c0 + L < C)
+          for (int o = 0; o < B; ++o) prefetch_line_w(reinterpret_cast<const char*>(y + o * YP + c0 + L));
         window_block<T, A, Y, B, KT, false, NF>(x + c0, step, wb + c0, wstep, xo, wo, nr, nfull,
                                             bias ? bias + c0 : nullptr, y + c0, YP, L, pf, pf_step);
+      }
       if (c0 < C)
         window_block<T, A, Y, B, KT, true, NF>(x + c0, step, wb + c0, wstep, xo, wo, nr, nfull,
                                            bias ? bias + c0 : nullptr, y + c0, YP, C - c0, pf, pf_step);

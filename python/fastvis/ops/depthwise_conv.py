@@ -101,9 +101,9 @@ def _dwconv_fwd(
 ) -> torch.Tensor:
     _sync_threads()  # here, not in the traced wrapper: torch.compile sees only the op
     x = dense_for_core(x)
+    y = empty_like_layout(_out_shape(x, weight, stride, padding, dilation), x)
     xd, wd = x.detach(), weight.detach()
     bd = None if bias is None else bias.detach()
-    y = empty_like_layout(_out_shape(x, weight, stride, padding, dilation), x)
     _C.dwconv_forward(dl(xd), dl(wd), dl(bd), dl(y), stride, padding, dilation,
                       scratch_arg(x, "fwd", _C.dwconv_forward_scratch_bytes, (xd, wd), stride, padding, dilation),
                       stream_of(x))
