@@ -53,6 +53,7 @@ def _count_impl_calls(monkeypatch, op):
 
 def test_no_grad_inference_skips_the_dispatcher(monkeypatch):
     mod = importlib.import_module("fastvis.ops.depthwise_conv")
+    monkeypatch.setattr(mod, "_CHECKED", {})  # a first call: through call_op
     calls = _count_impl_calls(monkeypatch, mod._dwconv_fwd)
     x, w, b = _inputs()
     with torch.no_grad():
@@ -61,6 +62,48 @@ def test_no_grad_inference_skips_the_dispatcher(monkeypatch):
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=1, groups=16)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_depthwise_repeat_calls_take_the_checked_fast_path(monkeypatch):
+    """depthwise_conv2d remembers argument shapes that passed its checks; a later no-grad
+    CPU call with the same ones runs the core directly (neither the checks nor call_op),
+    with the same bits, and every case the fast path must not serve still goes the long
+    way (autograd, reference mode, autocast, non-dense or unhashable arguments)."""
+    mod = importlib.import_module("fastvis.ops.depthwise_conv")
+    monkeypatch.setattr(mod, "_CHECKED", {})
+    calls = _count_impl_calls(monkeypatch, mod._dwconv_fwd)
+    x, w, b = _inputs()
+    xn = x.contiguous()
+    wp = torch.nn.Parameter(w.clone())  # requires grad; plain under no_grad
+    with torch.no_grad():
+        first = [mod.depthwise_conv2d(x, w, b, padding=1), mod.depthwise_conv2d(xn, wp, None, stride=2, padding=1)]
+        assert calls == [1, 1]
+        again = [mod.depthwise_conv2d(x, w, b, padding=1), mod.depthwise_conv2d(xn, wp, None, stride=2, padding=1)]
+        assert calls == [1, 1]  # the fast path: no implementation call
+        for a, g in zip(first, again):
+            assert torch.equal(a, g) and a.stride() == g.stride()
+        assert again[0].is_contiguous(memory_format=torch.channels_last) and again[1].is_contiguous()
+        assert tuple(again[1].shape) == (2, 16, 5, 5)
+        # Lists are unhashable: the general path each time.
+        mod.depthwise_conv2d(x, w, b, padding=[1, 1])
+        mod.depthwise_conv2d(x, w, b, padding=[1, 1])
+        assert calls == [1, 1, 1, 1]
+        # A layout the core does not take in place (copied first by the general path).
+        xs = x.permute(0, 1, 3, 2)
+        torch.testing.assert_close(mod.depthwise_conv2d(xs, w, b, padding=1),
+                                   F.conv2d(xs, w, b, padding=1, groups=16), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 5
+        with fastvis.use_reference():
+            mod.depthwise_conv2d(x, w, b, padding=1)
+        assert len(calls) == 5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert mod.depthwise_conv2d(x, w, b, padding=1).dtype == torch.bfloat16
+        assert len(calls) == 6
+    y = mod.depthwise_conv2d(x.requires_grad_(), w, b, padding=1)  # autograd records
+    assert len(calls) == 7 and y.grad_fn is not None
+    # A bad argument is still refused after the same shapes passed.
+    with torch.no_grad(), pytest.raises(TypeError):
+        mod.depthwise_conv2d(x.detach().double(), w, b, padding=1)
 
 
 def test_autograd_uses_the_eager_function(monkeypatch):

@@ -40,7 +40,7 @@ class DepthwiseConv2d(nn.Module):
         s, p, d = normalize_conv_args(self.kernel_size, stride, padding, dilation)
         self.stride, self.dilation = tuple(s), tuple(d)
         self.padding = padding
-        self._pads = p
+        self._pads = tuple(p)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(channels, 1, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(channels, **factory)) if bias else None

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled, warn_fallback_once
 from .._runtime import _sync_threads, cuda_available
-from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, dl, empty_like_layout,
-                      forward_op, register_autograd, like_layout, scratch_arg, stream_of)
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dense_for_core, dl, eager_direct_ok,
+                      empty_like_layout, forward_op, register_autograd, like_layout, scratch_arg, stream_of)
 
 IntOrPair = Union[int, Sequence[int]]
 Padding = Union[int, str, Sequence[int]]
@@ -275,6 +275,63 @@ def _core_serves(x: torch.Tensor) -> bool:
     return False
 
 
+# Arguments already checked, by what they are checked on: (x's shape and dtype, the
+# weight's, the bias's or None, stride, padding, dilation) -> (stride, pads, dilation).
+_CHECKED: dict = {}
+_CHECKED_MAX = 512
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_cpu_fast(x, weight, bias, stride, padding, dilation) -> Optional[torch.Tensor]:
+    """The op on the common inference call, or None for the general path: plain CPU tensors,
+    x NHWC- or NCHW-dense, no autograd graph to record, no reference mode, autocast or
+    anything intercepting dispatch (eager_direct_ok), and arguments this shape and dtype
+    already passed _validate. The same core call as the custom op's implementation, minus
+    ~25-30 us of Python per call (a 3x3 layer at N=1, 56x56, C=128 is ~0.2 ms in all)."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or type(weight) not in _PLAIN_TENSORS or not x.is_cpu:
+        return None
+    if bias is not None and type(bias) not in _PLAIN_TENSORS:
+        return None
+    try:
+        key = (x.shape, x.dtype, weight.shape, weight.dtype,
+               None if bias is None else (bias.shape, bias.dtype), stride, padding, dilation)
+        args = _CHECKED.get(key)
+    except TypeError:  # unhashable arguments (lists): the general path
+        return None
+    if args is None or not weight.is_cpu or (bias is not None and not bias.is_cpu):
+        return None
+    if reference_enabled() or torch.is_autocast_enabled("cpu") or not eager_direct_ok(x, weight, bias):
+        return None
+    cl = x.is_contiguous(memory_format=torch.channels_last)
+    if not cl and not x.is_contiguous():
+        return None
+    s, p, d, out_shape = args
+    _sync_threads()
+    if out_shape == x.shape:
+        y = torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
+    else:
+        y = torch.empty(out_shape, dtype=x.dtype, memory_format=torch.channels_last if cl else torch.contiguous_format)
+    _C.dwconv_forward(dl(x), dl(weight.detach() if weight.requires_grad else weight),
+                      None if bias is None else dl(bias.detach() if bias.requires_grad else bias),
+                      dl(y), s, p, d, None, 0)
+    return y
+
+
+def _remember_checked(x, weight, bias, stride, padding, dilation, s, p, d) -> None:
+    """Records arguments that passed _validate for _eager_cpu_fast (CPU only)."""
+    if not (x.is_cpu and type(x) is torch.Tensor):
+        return
+    try:
+        key = (x.shape, x.dtype, weight.shape, weight.dtype,
+               None if bias is None else (bias.shape, bias.dtype), stride, padding, dilation)
+        hash(key)
+    except TypeError:
+        return
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = (list(s), list(p), list(d), torch.Size(_out_shape(x, weight, s, p, d)))
+
+
 def depthwise_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -299,6 +356,9 @@ def depthwise_conv2d(
         (N, C, OH, OW) in x's memory format. CPU: float32, float64, bfloat16 (float32
         accumulation). CUDA (if built): float32, float16, bfloat16 -- unverified on hardware.
     """
+    y = _eager_cpu_fast(x, weight, bias, stride, padding, dilation)
+    if y is not None:
+        return y
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("depthwise_conv2d: x and weight must be torch.Tensor")
     if x.dim() != 4:
@@ -311,6 +371,8 @@ def depthwise_conv2d(
     if ac is not None:  # as F.conv2d under autocast: input and parameters in the autocast dtype
         x, weight, bias = autocast_cast(ac, [x, weight, bias])
     _validate(x, weight, bias, s, p, d)
+    if ac is None:
+        _remember_checked(x, weight, bias, stride, padding, dilation, s, p, d)
     if reference_enabled() or not _core_serves(x):
         return depthwise_conv2d_reference(x, weight, bias, s, p, d)
     return call_op(_dwconv_fwd, x, weight, bias, s, p, d)
