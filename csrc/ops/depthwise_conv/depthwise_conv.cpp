@@ -83,20 +83,34 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes) {
 void pack_weight(const TensorView& w, int64_t C, int64_t kh, int64_t kw, int64_t cp, bool flip,
                  void* out) {
   const WeightIndex wi(w);
-  const bool dbl = w.dtype == DType::Float64;
-  std::memset(out, 0, kh * kw * cp * acc_size(w.dtype));
-  for (int64_t i = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j) {
-      const int64_t si = flip ? kh - 1 - i : i, sj = flip ? kw - 1 - j : j;
-      for (int64_t c = 0; c < C; ++c) {
-        const double v = load_as_double(w.dtype, w.data, wi(c, si, sj));
-        const int64_t o = (i * kw + j) * cp + c;
-        if (dbl)
-          static_cast<double*>(out)[o] = v;
-        else
-          static_cast<float*>(out)[o] = static_cast<float>(v);
+  const size_t a = acc_size(w.dtype);
+  // Channels [C, cp) of every tap are zero padding.
+  if (cp > C)
+    for (int64_t t = 0; t < kh * kw; ++t)
+      std::memset(static_cast<char*>(out) + (t * cp + C) * a, 0, static_cast<size_t>(cp - C) * a);
+  // Channel after channel (a contiguous weight is read in order), every tap of it. Typed
+  // loops: through load_as_double this serial copy took ~1 ms of a 6 ms 31x31 forward at
+  // N=1 (961 taps x 128 channels).
+  auto copy = [&](auto* o, auto load) {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t si = flip ? kh - 1 - i : i;
+        for (int64_t j = 0; j < kw; ++j) {
+          const int64_t sj = flip ? kw - 1 - j : j;
+          o[(i * kw + j) * cp + c] = load(wi(c, si, sj));
+        }
       }
-    }
+  };
+  if (w.dtype == DType::Float32) {
+    const float* src = static_cast<const float*>(w.data);
+    copy(static_cast<float*>(out), [src](int64_t k) { return src[k]; });
+  } else if (w.dtype == DType::Float64) {
+    const double* src = static_cast<const double*>(w.data);
+    copy(static_cast<double*>(out), [src](int64_t k) { return src[k]; });
+  } else {
+    copy(static_cast<float*>(out),
+         [&w](int64_t k) { return static_cast<float>(load_as_double(w.dtype, w.data, k)); });
+  }
 }
 
 void pack_bias(const TensorView& b, int64_t C, int64_t cp, void* out) {
