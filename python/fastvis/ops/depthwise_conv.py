@@ -276,7 +276,8 @@ def _core_serves(x: torch.Tensor) -> bool:
 
 
 # Arguments already checked, by what they are checked on: (x's shape and dtype, the
-# weight's, the bias's or None, stride, padding, dilation) -> (stride, pads, dilation).
+# weight's, the bias's or None, stride, padding, dilation) -> (stride, pads, dilation as
+# the core takes them, the output shape).
 _CHECKED: dict = {}
 _CHECKED_MAX = 512
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
