@@ -170,6 +170,15 @@ def test_forward_large_kernels_same(k, c, hw, layout):
     check_forward(run_op(x, w, b, cfg), x, w, b, cfg)
 
 
+@pytest.mark.parametrize("k,c,hw", [(31, 100, (40, 37)), (13, 70, (30, 29))])
+def test_forward_large_kernels_ring_of_rows(k, c, hw):
+    """Several images, channel blocks (with a tail) and one-row tiles: each tile of a
+    channel block packs only the rows its predecessor did not, in a ring of rows."""
+    cfg = ConvCfg(n=2, c=c, h=hw[0], w=hw[1], kh=k, kw=k, padding="same", layout="nhwc")
+    x, w, b = make_inputs(cfg)
+    check_forward(run_op(x, w, b, cfg), x, w, b, cfg)
+
+
 @pytest.mark.parametrize("kh,kw,stride,dilation,padding,hw", [
     (13, 13, (2, 2), (1, 1), 6, (20, 17)),
     (31, 31, (2, 1), (1, 1), (15, 15, 15, 20), (5, 20)),

@@ -751,8 +751,11 @@ void forward_t(const Geom& g, const T* x, const A* wpk, const A* bias, Y* y, A* 
     A* buf = bufs + std::min(slot, nbufs - 1) * pl.buf_elems;
     PackedRows held;
     for (int64_t it = begin; it < end; ++it) {
-      const int64_t grp = it % pl.ngroups, t = it / pl.ngroups, tile = t % pl.ntiles,
-                    n = t / pl.ntiles;
+      // Tiles of one channel block follow each other, so each packs only the rows its
+      // predecessor did not (fwd_item's `held`); with the channel block fastest, a
+      // large kernel's one-row tiles repacked every row of their window each time.
+      const int64_t tile = it % pl.ntiles, t = it / pl.ntiles, grp = t % pl.ngroups,
+                    n = t / pl.ngroups;
       const int64_t b0 = grp * pl.gb, b1 = std::min(pl.nb, b0 + pl.gb);
       const int64_t oh0 = tile * pl.rt, oh1 = std::min(g.oh, oh0 + pl.rt);
       fwd_item<T, A, Y>(g, pl, x, wpk, bias, y, buf, held, n, oh0, oh1, b0, b1);
@@ -774,11 +777,11 @@ void forward_rows_t(const Geom& g, const T* x, const A* wpk, const A* bias, T* y
     return direct_rows<T, A, T>(g, x, wpk, bias, y, n * g.oh + r0, n * g.oh + r1);
   const FwdPlan pl = fwd_plan(g, sizeof(A), false);
   PackedRows held;
-  for (int64_t oh0 = r0; oh0 < r1; oh0 += pl.rt)
-    for (int64_t grp = 0; grp < pl.ngroups; ++grp) {
-      const int64_t b0 = grp * pl.gb, b1 = std::min(pl.nb, b0 + pl.gb);
+  for (int64_t grp = 0; grp < pl.ngroups; ++grp) {  // channel block outer: as forward_t
+    const int64_t b0 = grp * pl.gb, b1 = std::min(pl.nb, b0 + pl.gb);
+    for (int64_t oh0 = r0; oh0 < r1; oh0 += pl.rt)
       fwd_item<T, A, T>(g, pl, x, wpk, bias, y, buf, held, n, oh0, std::min(r1, oh0 + pl.rt), b0, b1);
-    }
+  }
 }
 
 // ------------------------------------------------------------------ backward input (gather)
