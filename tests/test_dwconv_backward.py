@@ -162,6 +162,22 @@ def test_backward_large_kernels(k, c, hw, padding, stride, layout):
     check_backward(grads, x, w, b, gy, cfg)
 
 
+@pytest.mark.parametrize("k,c,hw,stride,dilation", [
+    (31, 100, (37, 33), (1, 1), (1, 1)),
+    (13, 70, (37, 29), (2, 2), (1, 1)),
+    (9, 40, (37, 30), (1, 1), (2, 2)),
+])
+def test_backward_large_kernels_ring_of_rows(k, c, hw, stride, dilation):
+    """Three images in weight-gradient row chunks that cross image boundaries, several
+    channel blocks with a tail, tiles of few rows: each tile packs only the input rows its
+    predecessor in the chunk did not, into a ring of rows (and the forward likewise)."""
+    pad = (k - 1) * dilation[0] // 2
+    cfg = ConvCfg(n=3, c=c, h=hw[0], w=hw[1], kh=k, kw=k, padding=(pad, pad, pad, pad),
+                  stride=stride, dilation=dilation, layout="nhwc")
+    grads, (x, w, b, gy) = autograd_grads(cfg)
+    check_backward(grads, x, w, b, gy, cfg)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kh,kw", [(3, 14), (5, 17), (31, 31), (7, 13)])
 def test_register_window_blocks(kh, kw, dtype):

@@ -899,10 +899,11 @@ inline void wg_group(int r, const A* gyrow, const A* xt, const int64_t* off, A* 
 }
 
 // One output row: its taps in (i, j) order, six at a time, each group sweeping the
-// whole row (the packed tile holds the padding as zeros).
+// whole row (the packed tile holds the padding as zeros). Input row ih sits at packed
+// row row_slot(ih, ih_base, ring).
 template <class A>
-void wg_row(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, A* partial, int64_t oh,
-            int64_t c0) {
+void wg_row(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, int64_t ring,
+            A* partial, int64_t oh, int64_t c0) {
   constexpr int JB = 6, CB = 2 * VT<A>::L;
   const int64_t wp = packed_width(g), sps = g.sw * CB, ih0 = oh * g.sh - g.pt;
   int64_t i_lo, i_hi;
@@ -911,7 +912,7 @@ void wg_row(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, A* part
   A* part[JB];
   int nt = 0;
   for (int64_t i = i_lo; i < i_hi; ++i) {
-    const int64_t r = ih0 + i * g.dh - ih_base;
+    const int64_t r = row_slot(ih0 + i * g.dh, ih_base, ring);
     for (int64_t j = 0; j < g.kw; ++j) {
       off[nt] = (r * wp + j * g.dw) * CB;
       part[nt] = partial + (i * g.kw + j) * g.cp + c0;
@@ -964,14 +965,14 @@ inline void wg_window(const A* gy, const A* xr, int64_t n_out, A* part, int64_t 
 // wg_row for stride 1 and dilation 1 along the row: every kernel row in chunks of at
 // most 7 taps, each chunk one wg_window sweep per channel vector.
 template <class A>
-void wg_row_window(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, A* partial,
-                   int64_t oh, int64_t c0) {
+void wg_row_window(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, int64_t ring,
+                   A* partial, int64_t oh, int64_t c0) {
   constexpr int L = VT<A>::L, CB = 2 * L, B = 7;
   const int64_t wp = packed_width(g), ih0 = oh * g.sh - g.pt;
   int64_t i_lo, i_hi;
   tap_range(ih0, g.dh, g.kh, g.h, i_lo, i_hi);
   for (int64_t i = i_lo; i < i_hi; ++i) {
-    const A* xrow = xt + (ih0 + i * g.dh - ih_base) * wp * CB;
+    const A* xrow = xt + row_slot(ih0 + i * g.dh, ih_base, ring) * wp * CB;
     for (int64_t j0 = 0; j0 < g.kw; j0 += 7) {
       const int64_t kc = std::min<int64_t>(7, g.kw - j0);
       for (int v = 0; v < 2; ++v) {
@@ -1122,10 +1123,15 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
     });
     return;
   }
+  // The input tile's rows sit in a ring of `ring` slots (row_slot), so a tile packs only
+  // the rows the previous tile of the item did not: a 31x31 kernel's one-row tiles
+  // otherwise repacked all 31 rows of their window each.
+  const int64_t ring = tile_rows_in(g, plan.rt);
   parallel_for_indexed(nb * RC, 1, [&](int slot, int64_t begin, int64_t end) {
     A* xbuf = bufs + std::min(slot, nbufs - 1) * (plan.x_elems + plan.gy_elems);
     A* gbuf = xbuf + plan.x_elems;
     for (int64_t it = begin; it < end; ++it) {
+      int64_t held_n = -1, held_hi = 0;  // the ring holds rows [.., held_hi) of image held_n
       const int64_t bi = it % nb, rc = it / nb;  // a chunk's channel blocks back to back
       const int64_t c0 = bi * CB, cw = std::min<int64_t>(CB, g.c - c0);
       A* part = partial + rc * plan.partial_elems;
@@ -1139,15 +1145,23 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
         const int64_t ih_lo = std::max<int64_t>(0, oh0 * g.sh - g.pt);
         const int64_t ih_hi =
             std::min<int64_t>(g.h, (oh1 - 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
-        if (ih_hi > ih_lo)
-          pack_rows<T, A>(g, x + n * g.h * g.w * in_pitch(g), ih_lo, ih_hi, c0, cw, xbuf);
+        if (ih_hi > ih_lo) {
+          // Tiles move down the image, so rows below held_hi are in the ring and those
+          // from it overwrite only slots of rows above ih_lo (ih_hi - ih_lo <= ring).
+          const bool same = held_n == n;
+          const int64_t from = same ? std::min(ih_hi, std::max(ih_lo, held_hi)) : ih_lo;
+          if (from < ih_hi)
+            pack_rows<T, A>(g, x + n * g.h * g.w * in_pitch(g), from, ih_hi, c0, cw, xbuf, ring);
+          held_hi = same ? std::max(held_hi, ih_hi) : ih_hi;
+          held_n = n;
+        }
         pack_rows<T, A>(gg, gy + n * g.oh * g.ow * out_pitch(g), oh0, oh1, c0, cw, gbuf);
         for (int64_t oh = oh0; oh < oh1; ++oh) {
           const A* gyrow = gbuf + (oh - oh0) * g.ow * CB;
           if (use_window(g))
-            wg_row_window<A>(g, gyrow, xbuf, ih_lo, part, oh, c0);
+            wg_row_window<A>(g, gyrow, xbuf, ih_lo, ring, part, oh, c0);
           else
-            wg_row<A>(g, gyrow, xbuf, ih_lo, part, oh, c0);
+            wg_row<A>(g, gyrow, xbuf, ih_lo, ring, part, oh, c0);
           for (int64_t ow = 0; ow < g.ow; ++ow) {
             bacc[0] += vload<A, A>(gyrow + ow * CB);
             bacc[1] += vload<A, A>(gyrow + ow * CB + L);
