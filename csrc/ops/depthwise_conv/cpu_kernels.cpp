@@ -249,6 +249,97 @@ void window_pixels_any(const T* xb, int64_t step, const A* wb, int64_t wstep, co
 #undef FV_WINDOW_ARGS
 }
 
+// Large kernels, kernel row outermost. window_block keeps a block's accumulators in
+// registers across all kernel rows, so every block streams the whole kernel (kh x kw
+// weight lines per channel vector) and its kh input rows from L2 (31x31: ~75 lines per
+// 434 multiply-adds). Here a segment of up to kSegment pixels keeps its accumulators in
+// an L1 buffer instead and runs one kernel row at a time over all of its blocks: that
+// row's kw weight lines stay in L1 for the whole segment and consecutive blocks share
+// their input lines, at the cost of loading and storing the accumulators once per block
+// and kernel row. Packed tiles only (zero-padded channel blocks and weights): vectors are
+// whole, only the store to y is masked.
+constexpr int64_t kSegment = 56;
+constexpr int kRowsBlock = FV_VEC_BYTES == 64 ? 14 : 7;  // pixels per block (as window_owb)
+
+template <class A, int OWB, int KT, int STEP>
+inline void window_row_acc(const A* xp, const A* wp, int64_t wstep, int64_t nfull, A* acc_buf) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  V acc[OWB];
+  for (int o = 0; o < OWB; ++o) acc[o] = vload<A, A>(acc_buf + o * L);
+  for (int64_t c = 0; c < nfull; ++c, xp += 7 * STEP, wp += 7 * wstep)
+    window_chunk<A, A, 7, OWB, false>(acc, xp, STEP, wp, wstep, L);
+  if (KT > 0) window_chunk<A, A, (KT > 0 ? KT : 1), OWB, false>(acc, xp, STEP, wp, wstep, L);
+  for (int o = 0; o < OWB; ++o) vstore<A, A>(acc_buf + o * L, acc[o]);
+}
+
+// window_pixels for packed tiles (pixels STEP apart), kernel row outermost per segment.
+template <class A, class Y, int KT, int STEP>
+void window_pixels_rows(const A* xb, const A* wb, int64_t wstep, const int64_t* xo,
+                        const int64_t* wo, int nr, int64_t kw, const A* bias, Y* yb, int64_t YP,
+                        int64_t C, int64_t npix) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const int64_t nfull = kw / 7;
+  alignas(64) A acc_buf[kSegment * L];
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    const int64_t cn = std::min<int64_t>(L, C - c0);
+    const V b = bias ? vload<A, A>(bias + c0) : V{};
+    for (int64_t s0 = 0; s0 < npix; s0 += kSegment) {
+      const int64_t np = std::min(kSegment, npix - s0);
+      for (int64_t p = 0; p < np; ++p) vstore<A, A>(acc_buf + p * L, b);
+      for (int r = 0; r < nr; ++r) {
+        const A* x = xb + xo[r] + s0 * STEP + c0;
+        const A* w = wb + wo[r] + c0;
+        auto span = [&](auto owb, int64_t p0) {
+          constexpr int B = decltype(owb)::value;
+          for (; p0 + B <= np; p0 += B)
+            window_row_acc<A, B, KT, STEP>(x + p0 * STEP, w, wstep, nfull, acc_buf + p0 * L);
+          return p0;
+        };
+        int64_t p = span(std::integral_constant<int, kRowsBlock>{}, 0);
+        if (kRowsBlock > 7) p = span(std::integral_constant<int, 7>{}, p);
+        p = span(std::integral_constant<int, 4>{}, p);
+        p = span(std::integral_constant<int, 2>{}, p);
+        span(std::integral_constant<int, 1>{}, p);
+      }
+      Y* y = yb + s0 * YP + c0;
+      if (cn == L)
+        for (int64_t p = 0; p < np; ++p) vstore<Y, A>(y + p * YP, vload<A, A>(acc_buf + p * L));
+      else
+        for (int64_t p = 0; p < np; ++p) vstore_n<Y, A>(y + p * YP, vload<A, A>(acc_buf + p * L), cn);
+    }
+  }
+}
+
+// Where the kernel-row-outer order wins (single thread, N=1, C=128, 56x56, forward). AVX-512
+// (14-pixel blocks both ways): 31x31 10.7 -> 9.3 ms, 51x51 38 -> 26, 13x13 2.9 -> 2.3,
+// 9x9 1.80 -> 1.38, 31x7 4.5 -> 3.2, 8x8 and 3x31 4-5 %; 7x7 3 % slower, 6x6, 2x14, 3x9
+// and 9x3 13-30 % slower (few multiply-adds per kernel row against the accumulators'
+// loads and stores). AVX2 (7-pixel blocks): 31x31 19.5 -> 14.3, 3x31 2.09 -> 1.81, 13x13
+// and 31x7 3-4 %; 9x9 2 % and 8x8 12 % slower.
+constexpr int64_t kRowsMinTaps = FV_VEC_BYTES == 64 ? 64 : 90;
+inline bool use_window_rows(const Geom& g) {
+  return g.kh >= 3 && g.kw >= 7 && g.kh * g.kw >= kRowsMinTaps;
+}
+
+template <class A, class Y, int STEP>
+void window_pixels_rows_any(const A* xb, const A* wb, int64_t wstep, const int64_t* xo,
+                            const int64_t* wo, int nr, int64_t kw, const A* bias, Y* yb,
+                            int64_t YP, int64_t C, int64_t npix) {
+#define FV_ROWS_ARGS xb, wb, wstep, xo, wo, nr, kw, bias, yb, YP, C, npix
+  switch (kw % 7) {
+    case 0: return window_pixels_rows<A, Y, 0, STEP>(FV_ROWS_ARGS);
+    case 1: return window_pixels_rows<A, Y, 1, STEP>(FV_ROWS_ARGS);
+    case 2: return window_pixels_rows<A, Y, 2, STEP>(FV_ROWS_ARGS);
+    case 3: return window_pixels_rows<A, Y, 3, STEP>(FV_ROWS_ARGS);
+    case 4: return window_pixels_rows<A, Y, 4, STEP>(FV_ROWS_ARGS);
+    case 5: return window_pixels_rows<A, Y, 5, STEP>(FV_ROWS_ARGS);
+    default: return window_pixels_rows<A, Y, 6, STEP>(FV_ROWS_ARGS);
+  }
+#undef FV_ROWS_ARGS
+}
+
 // ------------------------------------------------------------------ forward
 
 // Packed row slots: row ih of a tile lives at slot ih - ih_lo, or, in a ring of `ring`
@@ -352,6 +443,11 @@ void fwd_row_sw(const Geom& g, const A* buf, int64_t ring, const A* wpk, const A
     for (int64_t i = i_lo; i < i_hi; ++i, ++nr) {
       rxo[nr] = row_slot(ih0 + i * g.dh, 0, ring) * wp * CB;
       rwo[nr] = i * g.kw * g.cp;
+    }
+    if (use_window_rows(g)) {
+      window_pixels_rows_any<A, Y, CB>(buf, wb, g.cp, rxo, rwo, nr, g.kw, bias ? bias + c0 : nullptr,
+                                       yrow + c0, P, cw, g.ow);
+      return;
     }
     window_pixels_any<A, A, Y, CB>(buf, CB, wb, g.cp, rxo, rwo, nr, g.kw, bias ? bias + c0 : nullptr,
                                yrow + c0, P, cw, g.ow);
