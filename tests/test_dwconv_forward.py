@@ -172,14 +172,15 @@ def test_forward_large_kernels_same(k, c, hw, layout):
 
 @pytest.mark.parametrize("k,c,hw,dtype", [
     (31, 100, (40, 37), torch.float32), (13, 70, (30, 29), torch.float32),
-    ((9, 8), 24, (12, 130), torch.float32), ((9, 8), 24, (12, 130), torch.bfloat16),
-    ((3, 31), 40, (5, 125), torch.float64),
+    ((51, 24), 24, (12, 130), torch.float32), ((51, 24), 24, (12, 130), torch.bfloat16),
+    ((51, 15), 40, (5, 125), torch.float64),
 ])
 def test_forward_large_kernels_ring_of_rows(k, c, hw, dtype):
     """Several images, channel blocks (with a tail) and one-row tiles: each tile of a
-    channel block packs only the rows its predecessor did not, in a ring of rows. Kernels
-    of 64 taps or more run kernel row outermost over segments of 56 pixels: rows of 130
-    and 125 pixels take two whole segments and a partial one."""
+    channel block packs only the rows its predecessor did not, in a ring of rows. The
+    51-row kernels run kernel row outermost (use_window_rows, on AVX2 and AVX-512) over
+    segments of 56 pixels: rows of 130 and 125 pixels take two whole segments and a
+    partial one."""
     kh, kw = k if isinstance(k, tuple) else (k, k)
     cfg = ConvCfg(n=2, c=c, h=hw[0], w=hw[1], kh=kh, kw=kw, padding="same", layout="nhwc",
                   dtype=dtype)

@@ -251,8 +251,8 @@ void window_pixels_any(const T* xb, int64_t step, const A* wb, int64_t wstep, co
 
 // Large kernels, kernel row outermost. window_block keeps a block's accumulators in
 // registers across all kernel rows, so every block streams the whole kernel (kh x kw
-// weight lines per channel vector) and its kh input rows from L2 (31x31: ~75 lines per
-// 434 multiply-adds). Here a segment of up to kSegment pixels keeps its accumulators in
+// weight lines per channel vector) and its kh input rows through L1, from L2 while a
+// channel block's window fits there and from L3 once it does not (51x51). Here a segment of up to kSegment pixels keeps its accumulators in
 // an L1 buffer instead and runs one kernel row at a time over all of its blocks: that
 // row's kw weight lines stay in L1 for the whole segment and consecutive blocks share
 // their input lines, at the cost of loading and storing the accumulators once per block
@@ -312,15 +312,20 @@ void window_pixels_rows(const A* xb, const A* wb, int64_t wstep, const int64_t* 
   }
 }
 
-// Where the kernel-row-outer order wins (single thread, N=1, C=128, 56x56, forward). AVX-512
-// (14-pixel blocks both ways): 31x31 10.7 -> 9.3 ms, 51x51 38 -> 26, 13x13 2.9 -> 2.3,
-// 9x9 1.80 -> 1.38, 31x7 4.5 -> 3.2, 8x8 and 3x31 4-5 %; 7x7 3 % slower, 6x6, 2x14, 3x9
-// and 9x3 13-30 % slower (few multiply-adds per kernel row against the accumulators'
-// loads and stores). AVX2 (7-pixel blocks): 31x31 19.5 -> 14.3, 3x31 2.09 -> 1.81, 13x13
-// and 31x7 3-4 %; 9x9 2 % and 8x8 12 % slower.
-constexpr int64_t kRowsMinTaps = FV_VEC_BYTES == 64 ? 64 : 90;
+// Where the kernel-row-outer order wins: A/B within one process, C=128, 56x56, forward,
+// calls alternating between the two orders. AVX-512 (14-pixel blocks both ways), two
+// threads: 51x51 N=8 113 -> 90 ms, N=1 15.4 -> 12.6; 41x41 68 -> 59 and 9.3 -> 8.2; 35x35
+// N=1 5.8 -> 5.3; 31x31 and smaller equal or 2-4 % slower, 9x9 9 % slower. The gain comes
+// once one channel block's window (kh packed rows and the kh x kw weight lines) outgrows
+// half of the 1 MB L2: 31x31 at 56 pixels holds 464 KB, 35x35 560 KB, 51x51 1 MB. AVX2
+// (7-pixel blocks, half the bytes per pixel, twice the weight passes of the register
+// order): 31x31 N=1 7.8 -> 6.8 ms, 27x27 10 %, 21x21 6 %, 17x17 2 % faster; 13x13 12 %,
+// 31x7 19 % slower, 7x31 equal.
 inline bool use_window_rows(const Geom& g) {
-  return g.kh >= 3 && g.kw >= 7 && g.kh * g.kw >= kRowsMinTaps;
+  if (g.kh < 3 || g.kw < 7) return false;
+  if (FV_VEC_BYTES == 64)
+    return (g.kh * packed_width(g) + g.kh * g.kw) * 2 * FV_VEC_BYTES > (512 << 10);
+  return g.kw >= 14 && g.kh * g.kw >= 256;
 }
 
 template <class A, class Y, int STEP>
