@@ -89,8 +89,8 @@ int main(int argc, char** argv) {
   const TensorView gyv = make_nhwc_view(gy.data(), DType::Float32, N, C, S, S);
   const TensorView gxv = make_nhwc_view(gx.data(), DType::Float32, N, C, S, S);
   const ConvNeXtBlockParams prm;
-  std::vector<char> fsc(convnext_block_forward_scratch_bytes(xv, bl[0].w, prm) + 64);
-  std::vector<char> bsc(convnext_block_backward_scratch_bytes(xv, bl[0].w, prm) + 64);
+  fastvis_bench::Scratch fsc(convnext_block_forward_scratch_bytes(xv, bl[0].w, prm));
+  fastvis_bench::Scratch bsc(convnext_block_backward_scratch_bytes(xv, bl[0].w, prm));
   // Parameter gradients (shared by the blocks: only the time matters here).
   std::vector<float> gdw(C * K * K), gdwb(C), gnw(C), gnb(C), gw1(H * C), gb1(H), gw2(C * H), gb2(C), gg(C);
   const TensorView v_dw = make_view(gdw.data(), DType::Float32, {C, 1, K, K});

@@ -65,9 +65,9 @@ int main(int argc, char** argv) {
   const TensorView gbv = make_view(gb.data(), DType::Float32, {C});
   DepthwiseConv2dParams p;
   p.pad_top = (KH - 1) / 2, p.pad_bottom = KH / 2, p.pad_left = (KW - 1) / 2, p.pad_right = KW / 2;
-  std::vector<char> sf(depthwise_conv2d_forward_scratch_bytes(xv, wv, p) + 64);
-  std::vector<char> si(depthwise_conv2d_backward_input_scratch_bytes(gyv, wv, gxv, p) + 64);
-  std::vector<char> sw(depthwise_conv2d_backward_weight_scratch_bytes(gyv, xv, gwv, p) + 64);
+  fastvis_bench::Scratch sf(depthwise_conv2d_forward_scratch_bytes(xv, wv, p));
+  fastvis_bench::Scratch si(depthwise_conv2d_backward_input_scratch_bytes(gyv, wv, gxv, p));
+  fastvis_bench::Scratch sw(depthwise_conv2d_backward_weight_scratch_bytes(gyv, xv, gwv, p));
 
   auto stream = [&](int ti) {
     const int64_t h = E / 2 / 8 * 8, lo = ti ? h : 0, hi = ti ? E : h;
