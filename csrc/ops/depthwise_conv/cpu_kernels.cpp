@@ -252,12 +252,13 @@ void window_pixels_any(const T* xb, int64_t step, const A* wb, int64_t wstep, co
 // Large kernels, kernel row outermost. window_block keeps a block's accumulators in
 // registers across all kernel rows, so every block streams the whole kernel (kh x kw
 // weight lines per channel vector) and its kh input rows through L1, from L2 while a
-// channel block's window fits there and from L3 once it does not (51x51). Here a segment of up to kSegment pixels keeps its accumulators in
-// an L1 buffer instead and runs one kernel row at a time over all of its blocks: that
-// row's kw weight lines stay in L1 for the whole segment and consecutive blocks share
-// their input lines, at the cost of loading and storing the accumulators once per block
-// and kernel row. Packed tiles only (zero-padded channel blocks and weights): vectors are
-// whole, only the store to y is masked.
+// channel block's window fits there and from L3 once it does not (51x51). Here a segment
+// of up to kSegment pixels keeps its accumulators in an L1 buffer instead and runs one
+// kernel row at a time over all of its blocks: that row's kw weight lines stay in L1 for
+// the whole segment and consecutive blocks share their input lines, at the cost of
+// loading and storing the accumulators once per block and kernel row. Packed tiles only
+// (zero-padded channel blocks and weights): vectors are whole, only the store to y is
+// masked. use_window_rows (below) says where this wins.
 constexpr int64_t kSegment = 56;
 constexpr int kRowsBlock = FV_VEC_BYTES == 64 ? 14 : 7;  // pixels per block (as window_owb)
 
