@@ -316,9 +316,9 @@ void window_pixels_rows(const A* xb, const A* wb, int64_t wstep, const int64_t* 
 // Where the kernel-row-outer order wins: A/B within one process, C=128, 56x56, forward,
 // calls alternating between the two orders. AVX-512 (14-pixel blocks both ways), two
 // threads: 51x51 N=8 113 -> 90 ms, N=1 15.4 -> 12.6; 41x41 68 -> 59 and 9.3 -> 8.2; 35x35
-// N=1 5.8 -> 5.3; 31x31 and smaller equal or 2-4 % slower, 9x9 9 % slower. The gain comes
-// once one channel block's window (kh packed rows and the kh x kw weight lines) outgrows
-// half of the 1 MB L2: 31x31 at 56 pixels holds 464 KB, 35x35 560 KB, 51x51 1 MB. AVX2
+// N=1 5.8 -> 5.3; 31x31 down to 13x13 within 5 % either way (run to run), 9x9 9 % slower.
+// The gain comes once one channel block's window (kh packed rows and the kh x kw weight
+// lines) outgrows half of the 1 MB L2: 31x31 at 56 pixels holds 464 KB, 35x35 560 KB, 51x51 1 MB. AVX2
 // (7-pixel blocks, half the bytes per pixel, twice the weight passes of the register
 // order): 31x31 N=1 7.8 -> 6.8 ms, 27x27 10 %, 21x21 6 %, 17x17 2 % faster; 13x13 12 %,
 // 31x7 19 % slower, 7x31 equal.
