@@ -6,7 +6,15 @@
 
 #include <cmath>
 #include <cstdio>
+#include <memory>
+#include <new>
 #include <vector>
+
+// 64-byte-aligned scratch memory (what the core's entry points want).
+struct AlignedFree {
+  void operator()(void* p) const { ::operator delete(p, std::align_val_t(64)); }
+};
+using Scratch = std::unique_ptr<void, AlignedFree>;
 
 int main() {
   using namespace fastvis;
@@ -27,8 +35,11 @@ int main() {
 
   try {
     set_num_threads(2);
-    std::vector<unsigned char> scratch(depthwise_conv2d_forward_scratch_bytes(xv, wv, p));
-    depthwise_conv2d_forward(xv, wv, &bv, yv, p, scratch.data(), scratch.size());
+    // Scratch: at least the queried size, 64-byte aligned (a misaligned buffer works but
+    // makes the packed tiles' vector loads straddle cache lines).
+    const size_t need = depthwise_conv2d_forward_scratch_bytes(xv, wv, p);
+    Scratch scratch(::operator new(need ? need : 1, std::align_val_t(64)));
+    depthwise_conv2d_forward(xv, wv, &bv, yv, p, scratch.get(), need);
   } catch (const Error& e) {
     std::fprintf(stderr, "fastvis error: %s\n", e.what());
     return 1;
