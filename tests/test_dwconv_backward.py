@@ -248,6 +248,21 @@ def test_backward_row_band(kh, pads, dtype):
             assert torch.equal(a, a3), (key, cfg.short())
 
 
+# The k x 1 weight gradient walks a band's rows in memory order, in strips of a row's
+# vectors whose band rows fit ~384 KB: rows of 40 (72 for bfloat16) pixels x 128 channels
+# are longer than one strip, so a row is split across strips (and across the 16-wide
+# vectors of a pixel, on the AVX-512 path). Several tap blocks (31 taps), image boundaries
+# inside a row chunk (3 images of 11 rows).
+@pytest.mark.parametrize("kh,n,h,w,dtype", [
+    (11, 2, 20, 40, torch.float32), (31, 3, 11, 40, torch.float32),
+    (11, 1, 12, 72, torch.bfloat16), (13, 2, 9, 40, torch.float64),
+])
+def test_backward_kx1_band_strips(kh, n, h, w, dtype):
+    cfg = ConvCfg(n=n, c=128, h=h, w=w, kh=kh, kw=1, padding="same", layout="nhwc", dtype=dtype)
+    grads, (x, w_, b, gy) = autograd_grads(cfg)
+    check_backward(grads, x, w_, b, gy, cfg)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_backward_56x56_c32(layout):
     cfg = ConvCfg(n=2, c=32, h=56, w=56, kh=7, kw=7, padding="same", layout=layout)

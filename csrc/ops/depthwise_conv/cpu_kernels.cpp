@@ -1095,100 +1095,115 @@ void wg_row_window(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, 
 }
 
 // k x 1 kernels (use_row_band): the weight gradient of tap i is, per channel, the sum over
-// output pixels of grad_y(oh, ow) * x(oh - pt + i, ow). One vector of channels at a time,
-// TI taps at a time, KR grad_y rows at a time: per output column the block loads KR grad_y
-// vectors and KR + TI - 1 input vectors (rows oh0 - pt + i0 ...) and makes KR * TI
-// multiply-adds into TI register accumulators, summed over the whole chunk of rows.
-// Rows outside the image (and grad_y rows past the chunk) point at a zero row, so no
-// branch is needed: they add zeros. No packing: rows are read in place, column by column.
+// output pixels of grad_y(oh, ow) * x(oh - pt + i, ow). A band of KR grad_y rows runs over
+// its rows in memory order, one vector at a time (unit u: pixel u / m, channel vector
+// u % m), as the forward's row bands do: per unit it loads the KR grad_y vectors and the
+// KR + TI - 1 input vectors of the same unit in rows oh0 - pt + i0 ..., and adds the KR * TI
+// products into the accumulators of taps [i0, i0 + nt) of that channel vector, which live
+// in the row chunk's partial (kh x C accumulators: L1) and are loaded and stored per unit.
+// (The column order this replaced read one vector per pixel down each column of a chunk,
+// channel vector after channel vector: 11x1 at N=8, C=128, 56x56 took 1.9-2.7 ms.)
+// Rows outside the image (and grad_y rows past the band) point at a zero row and add
+// zeros, so no branch is needed.
 template <class T, class A, int KR, int TI>
-void wg_band_cols(const T* const* xr, const T* const* gr, int64_t ow, int64_t XP, int64_t YP,
-                  typename VT<A>::V (&acc)[TI], typename VT<A>::V* bacc) {
+void wg_band_units(const T* const* xr, const T* const* gr, int64_t u0, int64_t u1, int64_t m,
+                   int64_t XP, int64_t YP, int64_t cp, int nt, A* part, A* pbias) {
   using V = typename VT<A>::V;
-  for (int64_t p = 0; p < ow; ++p) {
+  constexpr int64_t L = VT<A>::L;
+  int64_t p = u0 / m, cv = u0 % m;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t xo = p * XP + cv * L, go = p * YP + cv * L, wo = cv * L;
     V gv[KR];
 #pragma GCC unroll 8
-    for (int r = 0; r < KR; ++r) gv[r] = vload<T, A>(gr[r] + p * YP);
-    if (bacc) {
-#pragma GCC unroll 8
-      for (int r = 0; r < KR; ++r) *bacc += gv[r];
-    }
+    for (int r = 0; r < KR; ++r) gv[r] = vload<T, A>(gr[r] + go);
+    V acc[TI];
+#pragma GCC unroll 16
+    for (int i = 0; i < TI; ++i) acc[i] = i < nt ? vload<A, A>(part + i * cp + wo) : V{};
 #pragma GCC unroll 32
     for (int s = 0; s < KR + TI - 1; ++s) {
-      const V xv = vload<T, A>(xr[s] + p * XP);
+      const V xv = vload<T, A>(xr[s] + xo);
 #pragma GCC unroll 8
       for (int r = 0; r < KR; ++r) {
         const int i = s - r;
         if (i >= 0 && i < TI) acc[i] += gv[r] * xv;
       }
     }
-  }
-}
-
-// Rows [r0, r1) of the flattened (image, output row) index, channels [c, c + L): adds the
-// gradient of taps [i0, i1) (i1 - i0 <= TI) into part (taps g.cp apart) and, if pbias is not
-// null, the bias gradient into pbias. zero: a zero row of max(w * XP, ow * YP) elements.
-template <class T, class A, int KR, int TI>
-void wg_band_taps(const Geom& g, const T* gy, const T* x, int64_t r0, int64_t r1, int64_t c,
-                  int64_t i0, int64_t i1, const T* zero, A* part, A* pbias) {
-  using V = typename VT<A>::V;
-  const int64_t XP = in_pitch(g), YP = out_pitch(g);
-  V acc[TI];
-  for (int i = 0; i < TI; ++i) acc[i] = V{};
-  V bacc = V{};
-  const T* xr[KR + TI - 1];
-  const T* gr[KR];
-  for (int64_t r = r0; r < r1;) {
-    const int64_t n = r / g.oh, oh = r % g.oh, nrows = std::min(r1 - r, g.oh - oh);
-    const T* xn = x + n * g.h * g.w * XP + c;
-    const T* gn = gy + n * g.oh * g.ow * YP + c;
-    for (int64_t b0 = oh; b0 < oh + nrows; b0 += KR) {
-      const int64_t nr = std::min<int64_t>(KR, oh + nrows - b0);
-      for (int q = 0; q < KR; ++q) gr[q] = q < nr ? gn + (b0 + q) * g.ow * YP : zero;
-      const int64_t ih0 = b0 - g.pt + i0;  // the input row of slot 0
-      for (int q = 0; q < KR + TI - 1; ++q) {
-        const int64_t ih = ih0 + q;
-        xr[q] = ih >= 0 && ih < g.h ? xn + ih * g.w * XP : zero;
-      }
-      wg_band_cols<T, A, KR, TI>(xr, gr, g.ow, XP, YP, acc, pbias ? &bacc : nullptr);
+#pragma GCC unroll 16
+    for (int i = 0; i < TI; ++i)
+      if (i < nt) vstore<A, A>(part + i * cp + wo, acc[i]);
+    if (pbias) {
+      V b = vload<A, A>(pbias + wo);
+#pragma GCC unroll 8
+      for (int r = 0; r < KR; ++r) b += gv[r];
+      vstore<A, A>(pbias + wo, b);
     }
-    r += nrows;
+    if (++cv == m) {
+      cv = 0;
+      ++p;
+    }
   }
-  for (int i = 0; i < TI && i0 + i < i1; ++i) {
-    A* q = part + (i0 + i) * g.cp;
-    vstore<A, A>(q, vload<A, A>(q) + acc[i]);
-  }
-  if (pbias) vstore<A, A>(pbias, vload<A, A>(pbias) + bacc);
 }
 
 // Taps per block of the k x 1 weight gradient: TI accumulators next to KR grad_y vectors.
 constexpr int kWgBandRows = FV_VEC_BYTES == 64 ? 6 : 4;
 constexpr int kWgBandTaps = FV_VEC_BYTES == 64 ? 12 : 7;
 
+// Rows [r0, r1) of the flattened (image, output row) index, all channels: adds the
+// gradient of every tap into part (taps g.cp apart) and the bias gradient into pbias.
+// zero: a zero row of max(w * XP, ow * YP) elements. Tap blocks are balanced (31 taps as
+// 3 x 11, not 12 + 12 + 7: a block's work is TI taps whatever its count) and run one after
+// another on the same band, whose rows are then in L1 / L2. The units of a row run in
+// strips whose band rows fit ~384 KB, so the rows a band shares with the next stay in L2.
 template <class T, class A>
-void wg_band(const Geom& g, const T* gy, const T* x, int64_t r0, int64_t r1, int64_t c,
-             const T* zero, A* part, A* pbias) {
+void wg_band(const Geom& g, const T* gy, const T* x, int64_t r0, int64_t r1, const T* zero,
+             A* part, A* pbias) {
   constexpr int KR = kWgBandRows;
-  // Balanced blocks: 31 taps as 3 x 11, not 12 + 12 + 7 (the last block's work is TI taps
-  // whatever its count).
+  constexpr int64_t L = VT<A>::L;
+  const int64_t XP = in_pitch(g), YP = out_pitch(g), m = g.c / L, units = g.ow * m;
   const int64_t nblk = (g.kh + kWgBandTaps - 1) / kWgBandTaps;
   const int64_t ti = (g.kh + nblk - 1) / nblk;
-  for (int64_t b = 0; b < nblk; ++b) {
-    const int64_t i0 = b * ti;
-    if (i0 >= g.kh) break;
-    A* pb = b == 0 ? pbias : nullptr;
-    const int64_t i1 = std::min(g.kh, i0 + ti);
-#define FV_WG_BAND(TI) wg_band_taps<T, A, KR, TI>(g, gy, x, r0, r1, c, i0, i1, zero, part, pb)
-    if (ti <= 2) FV_WG_BAND(2);
-    else if (ti <= 3) FV_WG_BAND(3);
-    else if (ti <= 5) FV_WG_BAND(5);
-    else if (ti <= 7) FV_WG_BAND(7);
+  const int64_t band_rows = 2 * KR + ti - 1, unit_bytes = L * static_cast<int64_t>(sizeof(T));
+  const int64_t strip = std::max<int64_t>(1, 384 * 1024 / (band_rows * unit_bytes));
+  const T* xr[KR + kWgBandTaps - 1];
+  const T* gr[KR];
+  for (int64_t r = r0; r < r1;) {
+    const int64_t n = r / g.oh, oh = r % g.oh, nrows = std::min(r1 - r, g.oh - oh);
+    const T* xn = x + n * g.h * g.w * XP;
+    const T* gn = gy + n * g.oh * g.ow * YP;
+    for (int64_t u0 = 0; u0 < units; u0 += strip) {
+      const int64_t u1 = std::min(units, u0 + strip);
+      for (int64_t b0 = oh; b0 < oh + nrows; b0 += KR) {
+        const int64_t nr = std::min<int64_t>(KR, oh + nrows - b0);
+        for (int q = 0; q < KR; ++q) gr[q] = q < nr ? gn + (b0 + q) * g.ow * YP : zero;
+        for (int64_t b = 0; b < nblk; ++b) {
+          const int64_t i0 = b * ti;
+          if (i0 >= g.kh) break;
+          const int nt = static_cast<int>(std::min(g.kh, i0 + ti) - i0);
+          const int64_t ih0 = b0 - g.pt + i0;  // the input row of slot 0
+          // Every slot: the block's TI (the dispatch below) may exceed ti; the rows of
+          // the extra taps are read and their products dropped (nt).
+          for (int q = 0; q < KR + kWgBandTaps - 1; ++q) {
+            const int64_t ih = ih0 + q;
+            xr[q] = ih >= 0 && ih < g.h ? xn + ih * g.w * XP : zero;
+          }
+          A* pt = part + i0 * g.cp;
+          A* pb = b == 0 ? pbias : nullptr;
+#define FV_WG_BAND(TI) \
+  wg_band_units<T, A, KR, TI>(xr, gr, u0, u1, m, XP, YP, g.cp, nt, pt, pb)
+          if (ti <= 2) FV_WG_BAND(2);
+          else if (ti <= 3) FV_WG_BAND(3);
+          else if (ti <= 5) FV_WG_BAND(5);
+          else if (ti <= 7) FV_WG_BAND(7);
 #if FV_VEC_BYTES == 64
-    else if (ti <= 9) FV_WG_BAND(9);
-    else if (ti <= 11) FV_WG_BAND(11);
-    else FV_WG_BAND(12);
+          else if (ti <= 9) FV_WG_BAND(9);
+          else if (ti <= 11) FV_WG_BAND(11);
+          else FV_WG_BAND(12);
 #endif
 #undef FV_WG_BAND
+        }
+      }
+    }
+    r += nrows;
   }
 }
 
@@ -1207,20 +1222,16 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
   gg.pt = gg.pl = 0;
   gg.xpitch = out_pitch(g);
   if (use_row_band(g, sizeof(A))) {
-    // Row bands in place (wg_band); the thread's buffer holds the zero row.
-    parallel_for_indexed(nb * RC, 1, [&](int slot, int64_t begin, int64_t end) {
+    // Row bands in place (wg_band), a row chunk (all channels) per item; the thread's
+    // buffer holds the zero row.
+    parallel_for_indexed(RC, 1, [&](int slot, int64_t begin, int64_t end) {
       A* buf = bufs + std::min(slot, nbufs - 1) * (plan.x_elems + plan.gy_elems);
       std::memset(buf, 0, plan.x_elems * sizeof(A));
       const T* zero = reinterpret_cast<const T*>(buf);
-      for (int64_t it = begin; it < end; ++it) {
-        const int64_t bi = it % nb, rc = it / nb;
-        const int64_t c0 = bi * CB, c1 = std::min<int64_t>(g.c, c0 + CB);
+      for (int64_t rc = begin; rc < end; ++rc) {
         A* part = partial + rc * plan.partial_elems;
-        for (int64_t k = 0; k < KK; ++k) std::fill(part + k * g.cp + c0, part + k * g.cp + c0 + CB, A(0));
-        A* pbias = part + KK * g.cp;
-        std::fill(pbias + c0, pbias + c0 + CB, A(0));
-        for (int64_t c = c0; c < c1; c += L)
-          wg_band<T, A>(g, gy, x, rc * R / RC, (rc + 1) * R / RC, c, zero, part + c, pbias + c);
+        std::fill(part, part + plan.partial_elems, A(0));
+        wg_band<T, A>(g, gy, x, rc * R / RC, (rc + 1) * R / RC, zero, part, part + KK * g.cp);
       }
     });
     return;
