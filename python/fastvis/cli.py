@@ -174,10 +174,22 @@ def _bench_add_arguments(p: argparse.ArgumentParser) -> None:
         bp = sub.add_parser(name, help=help_line, description=module.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(bp)
+        bp.add_argument("--malloc", choices=("pinned", "system"), default="pinned",
+                        help="pinned (default): fix glibc malloc's trim and mmap thresholds "
+                             "for the run, so that freed tensors are reused instead of being "
+                             "page-faulted in again, which otherwise happens or not from "
+                             "process to process (fastvis.bench.pin_malloc); system: leave "
+                             "glibc's adaptive thresholds")
         bp.set_defaults(_run_benchmark=module.run, _parser=bp)
 
 
 def _bench_run(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if getattr(args, "malloc", "pinned") == "pinned":
+        print(bench.pin_malloc(), flush=True)
+    else:
+        print("allocator: as the system set it up (--malloc system)", flush=True)
     return args._run_benchmark(args)
 
 
