@@ -263,6 +263,37 @@ def test_backward_kx1_band_strips(kh, n, h, w, dtype):
     check_backward(grads, x, w_, b, gy, cfg)
 
 
+# Kernels up to 5x5 at stride 1 and dilation 1 (C a whole number of vectors) take the same
+# row-order weight gradient as the k x 1 bands, with kernel columns that pass a row's left
+# or right end checked per pixel: paddings of zero (the output narrower than the input),
+# "same", asymmetric and as wide as allowed (kernel - 1); rows of 40 pixels x 128 channels (longer
+# than one strip), image boundaries inside a row chunk, several blocks of kernel rows
+# (5 rows at the AVX2 path's 2 a block); gradients from 1 and 3 threads bitwise equal.
+@pytest.mark.parametrize("kh,kw,pads,dtype", [
+    (3, 3, (1, 1, 1, 1), torch.float32), (3, 3, (0, 0, 0, 0), torch.float32),
+    (5, 5, (2, 2, 2, 2), torch.float32), (2, 2, (1, 0, 0, 1), torch.float32),
+    (1, 3, (0, 0, 2, 1), torch.float32), (5, 3, (1, 3, 2, 0), torch.float64),
+    (3, 5, (2, 2, 4, 1), torch.bfloat16), (4, 4, (3, 0, 1, 2), torch.float32),
+])
+def test_backward_small_kernels_row_order(kh, kw, pads, dtype):
+    vec = 8 if dtype == torch.float64 else 16
+    for n, h, w, c in ((3, 7, 9, 2 * vec), (1, 11, 40, 128), (2, 6, 5, vec)):
+        cfg = ConvCfg(n=n, c=c, h=h, w=w, kh=kh, kw=kw, padding=pads, layout="nhwc", dtype=dtype)
+        x, w_, b = make_inputs(cfg, requires_grad=True)
+        gy = make_grad_output(cfg)
+        runs = []
+        for threads in (1, 3):
+            fastvis.set_num_threads(threads)
+            try:
+                runs.append(torch.autograd.grad(run_op(x, w_, b, cfg), (x, w_, b), gy))
+            finally:
+                fastvis.set_num_threads(0)
+        grads = dict(zip(("x", "weight", "bias"), runs[0]))
+        check_backward(grads, x, w_, b, gy, cfg)
+        for key, a, a3 in zip(grads, runs[0], runs[1]):
+            assert torch.equal(a, a3), (key, cfg.short())
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_backward_56x56_c32(layout):
     cfg = ConvCfg(n=2, c=32, h=56, w=56, kh=7, kw=7, padding="same", layout=layout)

@@ -1094,43 +1094,69 @@ void wg_row_window(const Geom& g, const A* gyrow, const A* xt, int64_t ih_base, 
   }
 }
 
-// k x 1 kernels (use_row_band): the weight gradient of tap i is, per channel, the sum over
-// output pixels of grad_y(oh, ow) * x(oh - pt + i, ow). A band of KR grad_y rows runs over
-// its rows in memory order, one vector at a time (unit u: pixel u / m, channel vector
-// u % m), as the forward's row bands do: per unit it loads the KR grad_y vectors and the
-// KR + TI - 1 input vectors of the same unit in rows oh0 - pt + i0 ..., and adds the KR * TI
-// products into the accumulators of taps [i0, i0 + nt) of that channel vector, which live
-// in the row chunk's partial (kh x C accumulators: L1) and are loaded and stored per unit.
-// (The column order this replaced read one vector per pixel down each column of a chunk,
-// channel vector after channel vector: 11x1 at N=8, C=128, 56x56 took 1.9-2.7 ms.)
-// Rows outside the image (and grad_y rows past the band) point at a zero row and add
-// zeros, so no branch is needed.
-template <class T, class A, int KR, int TI>
-void wg_band_units(const T* const* xr, const T* const* gr, int64_t u0, int64_t u1, int64_t m,
-                   int64_t XP, int64_t YP, int64_t cp, int nt, A* part, A* pbias) {
+// The weight gradient in row order (use_row_wgrad: k x 1 bands, and kernels up to 5x5 at
+// stride 1 and dilation 1). Tap (i, j)'s gradient is, per channel, the sum over output
+// pixels of grad_y(oh, ow) * x(oh - pt + i, ow - pl + j). A band of KR grad_y rows runs over
+// its rows in memory order, one vector at a time (unit u: pixel u / m, channel vector u % m),
+// as the forward's row bands do: per unit it loads the KR grad_y vectors and, for each of
+// the KR + TI - 1 input rows the band's taps [i0, i0 + TI) reach, the KW input vectors of
+// the same channels at pixels ow - pl .. ow - pl + KW - 1, and adds the KR * TI * KW
+// products into the accumulators of those taps of that channel vector, which live in the
+// row chunk's partial (kh x kw x C accumulators: L1) and are loaded and stored per unit.
+// Input pixels left or right of the row add nothing (edge units check each column); rows
+// outside the image (and grad_y rows past the band) point at a zero row. (The k x 1 path
+// this started from replaced a column walk that read one vector per pixel down each
+// column of a chunk: 11x1 at N=8, C=128, 56x56 took 1.9-2.7 ms, then 0.97.)
+template <class T, class A, int KR, int TI, int KW>
+void wg_rows_units(const T* const* xr, const T* const* gr, int64_t u0, int64_t u1, int64_t m,
+                   int64_t XP, int64_t YP, int64_t cp, int nt, int64_t pl, int64_t w, A* part,
+                   A* pbias) {
   using V = typename VT<A>::V;
   constexpr int64_t L = VT<A>::L;
   int64_t p = u0 / m, cv = u0 % m;
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t xo = p * XP + cv * L, go = p * YP + cv * L, wo = cv * L;
+    const int64_t q0 = p - pl;  // the input pixel of kernel column 0
+    const int64_t xo = q0 * XP + cv * L, go = p * YP + cv * L, wo = cv * L;
     V gv[KR];
 #pragma GCC unroll 8
     for (int r = 0; r < KR; ++r) gv[r] = vload<T, A>(gr[r] + go);
-    V acc[TI];
+    V acc[TI][KW];
 #pragma GCC unroll 16
-    for (int i = 0; i < TI; ++i) acc[i] = i < nt ? vload<A, A>(part + i * cp + wo) : V{};
-#pragma GCC unroll 32
-    for (int s = 0; s < KR + TI - 1; ++s) {
-      const V xv = vload<T, A>(xr[s] + xo);
+    for (int i = 0; i < TI; ++i)
 #pragma GCC unroll 8
-      for (int r = 0; r < KR; ++r) {
-        const int i = s - r;
-        if (i >= 0 && i < TI) acc[i] += gv[r] * xv;
+      for (int j = 0; j < KW; ++j)
+        acc[i][j] = i < nt ? vload<A, A>(part + (i * KW + j) * cp + wo) : V{};
+    if (KW == 1 || (q0 >= 0 && q0 + KW <= w)) {  // k x 1: pl is 0, every pixel inside
+#pragma GCC unroll 32
+      for (int s = 0; s < KR + TI - 1; ++s) {
+#pragma GCC unroll 8
+        for (int j = 0; j < KW; ++j) {
+          const V xv = vload<T, A>(xr[s] + (xo + j * XP));
+#pragma GCC unroll 8
+          for (int r = 0; r < KR; ++r) {
+            const int i = s - r;
+            if (i >= 0 && i < TI) acc[i][j] += gv[r] * xv;
+          }
+        }
+      }
+    } else if constexpr (KW > 1) {  // a pixel whose kernel columns pass the row's ends
+      for (int s = 0; s < KR + TI - 1; ++s) {
+        for (int j = 0; j < KW; ++j) {
+          if (q0 + j < 0 || q0 + j >= w) continue;
+          const V xv = vload<T, A>(xr[s] + (xo + j * XP));
+#pragma GCC unroll 8
+          for (int r = 0; r < KR; ++r) {
+            const int i = s - r;
+            if (i >= 0 && i < TI) acc[i][j] += gv[r] * xv;
+          }
+        }
       }
     }
 #pragma GCC unroll 16
     for (int i = 0; i < TI; ++i)
-      if (i < nt) vstore<A, A>(part + i * cp + wo, acc[i]);
+      if (i < nt)
+#pragma GCC unroll 8
+        for (int j = 0; j < KW; ++j) vstore<A, A>(part + (i * KW + j) * cp + wo, acc[i][j]);
     if (pbias) {
       V b = vload<A, A>(pbias + wo);
 #pragma GCC unroll 8
@@ -1144,27 +1170,69 @@ void wg_band_units(const T* const* xr, const T* const* gr, int64_t u0, int64_t u
   }
 }
 
-// Taps per block of the k x 1 weight gradient: TI accumulators next to KR grad_y vectors.
+// grad_y rows per band, kernel rows per block of a k x 1 band (TI accumulators next to KR
+// grad_y vectors), and the most accumulators (TI * kw) of a block of a wider kernel.
 constexpr int kWgBandRows = FV_VEC_BYTES == 64 ? 6 : 4;
 constexpr int kWgBandTaps = FV_VEC_BYTES == 64 ? 12 : 7;
+constexpr int kWgRowsAcc = FV_VEC_BYTES == 64 ? 24 : 10;
+constexpr int kWgRowsMaxTi = 4;  // kernel rows per block of a kernel 2..5 wide
+constexpr int kWgSlots = kWgBandRows + (kWgBandTaps > kWgRowsMaxTi ? kWgBandTaps : kWgRowsMaxTi) - 1;
+
+// Kernel rows per block for a kernel kw wide: at most kWgRowsAcc accumulators (and
+// kWgRowsMaxTi rows) a block, blocks balanced (a block's work is TI rows whatever its count).
+inline int64_t wg_rows_ti(int64_t kh, int64_t kw) {
+  const int64_t tmax = kw == 1 ? kWgBandTaps : std::max<int64_t>(1, std::min<int64_t>(kWgRowsMaxTi, kWgRowsAcc / kw));
+  const int64_t nblk = (kh + tmax - 1) / tmax;
+  return (kh + nblk - 1) / nblk;
+}
+
+template <class T, class A, int KR, int KW>
+void wg_rows_block(int64_t ti, const T* const* xr, const T* const* gr, int64_t u0, int64_t u1,
+                   int64_t m, int64_t XP, int64_t YP, int64_t cp, int nt, int64_t pl, int64_t w,
+                   A* part, A* pbias) {
+#define FV_WG_ROWS(TI) \
+  wg_rows_units<T, A, KR, TI, KW>(xr, gr, u0, u1, m, XP, YP, cp, nt, pl, w, part, pbias)
+  if constexpr (KW == 1) {
+    if (ti <= 2) FV_WG_ROWS(2);
+    else if (ti <= 3) FV_WG_ROWS(3);
+    else if (ti <= 5) FV_WG_ROWS(5);
+    else if (ti <= 7) FV_WG_ROWS(7);
+#if FV_VEC_BYTES == 64
+    else if (ti <= 9) FV_WG_ROWS(9);
+    else if (ti <= 11) FV_WG_ROWS(11);
+    else FV_WG_ROWS(12);
+#endif
+  } else {
+    constexpr int tmax = kWgRowsAcc / KW < kWgRowsMaxTi ? (kWgRowsAcc / KW > 1 ? kWgRowsAcc / KW : 1)
+                                                        : kWgRowsMaxTi;
+    if (ti <= 1 || tmax == 1) FV_WG_ROWS(1);
+    else if constexpr (tmax >= 2) {
+      if (ti <= 2 || tmax == 2) FV_WG_ROWS(2);
+      else if constexpr (tmax >= 3) {
+        if (ti <= 3 || tmax == 3) FV_WG_ROWS(3);
+        else FV_WG_ROWS(4);
+      }
+    }
+  }
+#undef FV_WG_ROWS
+}
 
 // Rows [r0, r1) of the flattened (image, output row) index, all channels: adds the
-// gradient of every tap into part (taps g.cp apart) and the bias gradient into pbias.
-// zero: a zero row of max(w * XP, ow * YP) elements. Tap blocks are balanced (31 taps as
-// 3 x 11, not 12 + 12 + 7: a block's work is TI taps whatever its count) and run one after
-// another on the same band, whose rows are then in L1 / L2. The units of a row run in
-// strips whose band rows fit ~384 KB, so the rows a band shares with the next stay in L2.
+// gradient of every tap into part (taps g.cp apart, k = i * kw + j) and the bias gradient
+// into pbias. zero: a zero row of max(w * XP, ow * YP) elements. Blocks of kernel rows
+// (wg_rows_ti) run one after another on the same band, whose rows are then in L1 / L2.
+// The units of a row run in strips whose band rows fit ~384 KB, so the rows a band shares
+// with the next stay in L2.
 template <class T, class A>
-void wg_band(const Geom& g, const T* gy, const T* x, int64_t r0, int64_t r1, const T* zero,
+void wg_rows(const Geom& g, const T* gy, const T* x, int64_t r0, int64_t r1, const T* zero,
              A* part, A* pbias) {
   constexpr int KR = kWgBandRows;
   constexpr int64_t L = VT<A>::L;
   const int64_t XP = in_pitch(g), YP = out_pitch(g), m = g.c / L, units = g.ow * m;
-  const int64_t nblk = (g.kh + kWgBandTaps - 1) / kWgBandTaps;
-  const int64_t ti = (g.kh + nblk - 1) / nblk;
+  const int64_t ti = wg_rows_ti(g.kh, g.kw), nblk = (g.kh + ti - 1) / ti;
   const int64_t band_rows = 2 * KR + ti - 1, unit_bytes = L * static_cast<int64_t>(sizeof(T));
   const int64_t strip = std::max<int64_t>(1, 384 * 1024 / (band_rows * unit_bytes));
-  const T* xr[KR + kWgBandTaps - 1];
+  const T* xr[kWgSlots];
   const T* gr[KR];
   for (int64_t r = r0; r < r1;) {
     const int64_t n = r / g.oh, oh = r % g.oh, nrows = std::min(r1 - r, g.oh - oh);
@@ -1180,26 +1248,24 @@ void wg_band(const Geom& g, const T* gy, const T* x, int64_t r0, int64_t r1, con
           if (i0 >= g.kh) break;
           const int nt = static_cast<int>(std::min(g.kh, i0 + ti) - i0);
           const int64_t ih0 = b0 - g.pt + i0;  // the input row of slot 0
-          // Every slot: the block's TI (the dispatch below) may exceed ti; the rows of
-          // the extra taps are read and their products dropped (nt).
-          for (int q = 0; q < KR + kWgBandTaps - 1; ++q) {
+          // Every slot: the block's TI (the dispatch) may exceed ti; the rows of the
+          // extra kernel rows are read and their products dropped (nt).
+          for (int q = 0; q < kWgSlots; ++q) {
             const int64_t ih = ih0 + q;
             xr[q] = ih >= 0 && ih < g.h ? xn + ih * g.w * XP : zero;
           }
-          A* pt = part + i0 * g.cp;
+          A* pt = part + i0 * g.kw * g.cp;
           A* pb = b == 0 ? pbias : nullptr;
-#define FV_WG_BAND(TI) \
-  wg_band_units<T, A, KR, TI>(xr, gr, u0, u1, m, XP, YP, g.cp, nt, pt, pb)
-          if (ti <= 2) FV_WG_BAND(2);
-          else if (ti <= 3) FV_WG_BAND(3);
-          else if (ti <= 5) FV_WG_BAND(5);
-          else if (ti <= 7) FV_WG_BAND(7);
-#if FV_VEC_BYTES == 64
-          else if (ti <= 9) FV_WG_BAND(9);
-          else if (ti <= 11) FV_WG_BAND(11);
-          else FV_WG_BAND(12);
-#endif
-#undef FV_WG_BAND
+#define FV_WG_KW(KW) \
+  wg_rows_block<T, A, KR, KW>(ti, xr, gr, u0, u1, m, XP, YP, g.cp, nt, g.pl, g.w, pt, pb)
+          switch (g.kw) {
+            case 1: FV_WG_KW(1); break;
+            case 2: FV_WG_KW(2); break;
+            case 3: FV_WG_KW(3); break;
+            case 4: FV_WG_KW(4); break;
+            default: FV_WG_KW(5); break;  // use_row_wgrad: kw <= 5
+          }
+#undef FV_WG_KW
         }
       }
     }
@@ -1221,9 +1287,9 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
   gg.kh = gg.kw = gg.sh = gg.sw = gg.dh = gg.dw = 1;
   gg.pt = gg.pl = 0;
   gg.xpitch = out_pitch(g);
-  if (use_row_band(g, sizeof(A))) {
-    // Row bands in place (wg_band), a row chunk (all channels) per item; the thread's
-    // buffer holds the zero row.
+  if (use_row_wgrad(g, sizeof(A))) {
+    // Rows in place (wg_rows), a row chunk (all channels) per item; the thread's buffer
+    // holds the zero row.
     parallel_for_indexed(RC, 1, [&](int slot, int64_t begin, int64_t end) {
       A* buf = bufs + std::min(slot, nbufs - 1) * (plan.x_elems + plan.gy_elems);
       std::memset(buf, 0, plan.x_elems * sizeof(A));
@@ -1231,7 +1297,7 @@ void backward_weight_t(const Geom& g, const WgradPlan& plan, const T* gy, const 
       for (int64_t rc = begin; rc < end; ++rc) {
         A* part = partial + rc * plan.partial_elems;
         std::fill(part, part + plan.partial_elems, A(0));
-        wg_band<T, A>(g, gy, x, rc * R / RC, (rc + 1) * R / RC, zero, part, part + KK * g.cp);
+        wg_rows<T, A>(g, gy, x, rc * R / RC, (rc + 1) * R / RC, zero, part, part + KK * g.cp);
       }
     });
     return;
