@@ -37,6 +37,24 @@ def autograd_grads(cfg: ConvCfg):
     return out, (x, w, b, gy)
 
 
+def check_backward_thread_invariant(cfg: ConvCfg) -> None:
+    """Gradients through the op against the float64 oracle, and bitwise equal from 1 and 3
+    threads (the weight gradient's row chunks are a function of the shape)."""
+    x, w, b = make_inputs(cfg, requires_grad=True)
+    gy = make_grad_output(cfg)
+    runs = []
+    for threads in (1, 3):
+        fastvis.set_num_threads(threads)
+        try:
+            runs.append(torch.autograd.grad(run_op(x, w, b, cfg), (x, w, b), gy))
+        finally:
+            fastvis.set_num_threads(0)
+    grads = dict(zip(("x", "weight", "bias"), runs[0]))
+    check_backward(grads, x, w, b, gy, cfg)
+    for key, a, a3 in zip(grads, runs[0], runs[1]):
+        assert torch.equal(a, a3), (key, cfg.short())
+
+
 def check_grad_shapes(grads, x, w, b):
     assert grads["x"].shape == x.shape
     assert grads["weight"].shape == w.shape
@@ -232,20 +250,8 @@ def test_backward_row_band(kh, pads, dtype):
     short = max(1, kh - min(3, pads[0] + pads[1]))
     for n, h, c in ((2, short, 3 * vec), (1, kh, vec), (3, kh + 5, 2 * vec), (2, 29, vec),
                     (2, 61, 5 * vec), (2, 13, 12)):
-        cfg = ConvCfg(n=n, c=c, h=h, w=7, kh=kh, kw=1, padding=pads, layout="nhwc", dtype=dtype)
-        x, w, b = make_inputs(cfg, requires_grad=True)
-        gy = make_grad_output(cfg)
-        runs = []
-        for threads in (1, 3):
-            fastvis.set_num_threads(threads)
-            try:
-                runs.append(torch.autograd.grad(run_op(x, w, b, cfg), (x, w, b), gy))
-            finally:
-                fastvis.set_num_threads(0)
-        grads = dict(zip(("x", "weight", "bias"), runs[0]))
-        check_backward(grads, x, w, b, gy, cfg)
-        for key, a, a3 in zip(grads, runs[0], runs[1]):
-            assert torch.equal(a, a3), (key, cfg.short())
+        check_backward_thread_invariant(
+            ConvCfg(n=n, c=c, h=h, w=7, kh=kh, kw=1, padding=pads, layout="nhwc", dtype=dtype))
 
 
 # The k x 1 weight gradient walks a band's rows in memory order, in strips of a row's
@@ -278,20 +284,8 @@ def test_backward_kx1_band_strips(kh, n, h, w, dtype):
 def test_backward_small_kernels_row_order(kh, kw, pads, dtype):
     vec = 8 if dtype == torch.float64 else 16
     for n, h, w, c in ((3, 7, 9, 2 * vec), (1, 11, 40, 128), (2, 6, 5, vec)):
-        cfg = ConvCfg(n=n, c=c, h=h, w=w, kh=kh, kw=kw, padding=pads, layout="nhwc", dtype=dtype)
-        x, w_, b = make_inputs(cfg, requires_grad=True)
-        gy = make_grad_output(cfg)
-        runs = []
-        for threads in (1, 3):
-            fastvis.set_num_threads(threads)
-            try:
-                runs.append(torch.autograd.grad(run_op(x, w_, b, cfg), (x, w_, b), gy))
-            finally:
-                fastvis.set_num_threads(0)
-        grads = dict(zip(("x", "weight", "bias"), runs[0]))
-        check_backward(grads, x, w_, b, gy, cfg)
-        for key, a, a3 in zip(grads, runs[0], runs[1]):
-            assert torch.equal(a, a3), (key, cfg.short())
+        check_backward_thread_invariant(
+            ConvCfg(n=n, c=c, h=h, w=w, kh=kh, kw=kw, padding=pads, layout="nhwc", dtype=dtype))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
