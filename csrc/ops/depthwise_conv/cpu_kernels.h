@@ -89,7 +89,7 @@ inline bool use_row_band(const Geom& g, int64_t acc_bytes) {
 // The weight gradient reads x and grad_y in place, in row order (cpu_kernels.cpp, wg_rows),
 // for k x 1 bands (use_row_band) and for kernels up to 5x5 at stride 1 and dilation 1 (C a
 // whole number of vectors); other shapes pack tiles of rows. (N=8, C=128, 56x56, two
-// threads: 3x3 2.54 -> 1.01 ms, 5x5 3.00 -> 2.79; 7x7 ran 5.8 ms in row order against 3.8
+// threads: 3x3 2.54 -> 0.99 ms, 5x5 3.00 -> 2.40; 7x7 ran 5.8 ms in row order against 3.7
 // packed: its blocks of 3 kernel rows re-read every input vector three times.)
 inline bool use_row_wgrad(const Geom& g, int64_t acc_bytes) {
   if (use_row_band(g, acc_bytes)) return true;

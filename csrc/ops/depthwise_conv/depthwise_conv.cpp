@@ -72,10 +72,10 @@ WgradPlan wgrad_plan(const Geom& g, int64_t acc_bytes) {
   plan.x_elems = (tile_rows_in(g, plan.rt) * packed_width(g) * cb + 15) / 16 * 16;
   plan.gy_elems = (plan.rt * g.ow * cb + 15) / 16 * 16;
   if (use_row_wgrad(g, acc_bytes)) {
-    // Rows in place (bands and small kernels): an item is a chunk of rows over all channels. Chunks of at least ~12
-    // rows (two bands of 6), at most 16 of them, an even count so that two threads share
-    // them evenly (N=1, 56 rows: 4 chunks of 14; N=8: 16 of 28). A function of the shape
-    // only, as every plan here.
+    // Rows in place (bands and small kernels): an item is a chunk of rows over all
+    // channels. Chunks of at least ~12 rows (two bands of 6), at most 16 of them, an even
+    // count so that two threads share them evenly (N=1, 56 rows: 4 chunks of 14; N=8: 16
+    // of 28). A function of the shape only, as every plan here.
     rc = std::min<int64_t>(16, std::max<int64_t>(1, rows / 12));
     if (rc > 1 && rc % 2) ++rc;
     plan.row_chunks = std::min(rc, std::max<int64_t>(rows, 1));
