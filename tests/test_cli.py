@@ -286,7 +286,11 @@ def test_print_table(fmt, capsys):
 # fastvis bench pins glibc malloc's thresholds (fastvis.bench.pin_malloc). Two 12.8 MB
 # tensors allocated and freed per step: with glibc's adaptive thresholds the freed top of
 # the heap passes the trim threshold and goes back to the system, so every step faults both
-# in again (~6,200 minor faults a step with glibc 2.36 here); pinned, the memory is reused.
+# in again (~6,200 minor faults a step with glibc 2.36 here, 3,125 pages a tensor); pinned,
+# the memory is reused. A pinned run can still fault one tensor's pages once in a while (the
+# heap grown again when another allocation took a freed block, or idle pages reclaimed):
+# 0 a step in one run here, 312 (one tensor once in the ten steps) in a clean-clone CI run.
+# The bound, half of one tensor's pages a step, tells that from faulting both every step.
 _PIN_CHECK = """
 import resource, sys, torch
 import fastvis.bench as b
@@ -310,7 +314,7 @@ def test_pin_malloc_reuses_freed_tensors():
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("allocator: glibc malloc with fixed thresholds"), lines
     faults = float(lines[-1].split()[1])
-    assert faults < 100, lines  # 3,125 pages a tensor when they are faulted in again
+    assert faults < 3125 / 2, lines
 
 
 def test_bench_malloc_option():
