@@ -272,9 +272,10 @@ def test_backward_kx1_band_strips(kh, n, h, w, dtype):
 # Kernels up to 5x5 at stride 1 and dilation 1 (C a whole number of vectors) take the same
 # row-order weight gradient as the k x 1 bands, with kernel columns that pass a row's left
 # or right end checked per pixel: paddings of zero (the output narrower than the input),
-# "same", asymmetric and as wide as allowed (kernel - 1); rows of 40 pixels x 128 channels (longer
-# than one strip), image boundaries inside a row chunk, several blocks of kernel rows
-# (5 rows at the AVX2 path's 2 a block); gradients from 1 and 3 threads bitwise equal.
+# "same", asymmetric and as wide as allowed (kernel - 1); rows of 72 pixels x 128 channels
+# (576 vectors in float32, 1152 in float64: longer than one strip of 438-512 on the AVX-512
+# path; the bfloat16 case's strip of 877 holds its row), image boundaries inside a row chunk (3 images of 7 rows), several blocks of kernel
+# rows (5 rows: 3 + 2, 2 + 2 + 1 on AVX2); gradients from 1 and 3 threads bitwise equal.
 @pytest.mark.parametrize("kh,kw,pads,dtype", [
     (3, 3, (1, 1, 1, 1), torch.float32), (3, 3, (0, 0, 0, 0), torch.float32),
     (5, 5, (2, 2, 2, 2), torch.float32), (2, 2, (1, 0, 0, 1), torch.float32),
@@ -283,7 +284,7 @@ def test_backward_kx1_band_strips(kh, n, h, w, dtype):
 ])
 def test_backward_small_kernels_row_order(kh, kw, pads, dtype):
     vec = 8 if dtype == torch.float64 else 16
-    for n, h, w, c in ((3, 7, 9, 2 * vec), (1, 11, 40, 128), (2, 6, 5, vec)):
+    for n, h, w, c in ((3, 7, 9, 2 * vec), (1, 11, 72, 128), (2, 6, 5, vec)):
         check_backward_thread_invariant(
             ConvCfg(n=n, c=c, h=h, w=w, kh=kh, kw=kw, padding=pads, layout="nhwc", dtype=dtype))
 
