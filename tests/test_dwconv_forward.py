@@ -451,3 +451,47 @@ def test_forward_row_band(threads, kh, pads, sw, dtype):
             check_forward(y, x, w, b, cfg)
     finally:
         fastvis.set_num_threads(0)  # back to following torch
+
+
+# Square 3x3 / 5x5 / 7x7 kernels at stride 1 and dilation 1 with C a whole number of vectors
+# take the direct path in groups of output rows on AVX-512 (3 rows for 3x3 and 5x5, 2 for
+# 7x7; blocks of 6 / 4 / 6 pixels, then 4, 2, 1), the image's top and bottom rows and a
+# thread's last rows one at a time. Heights from one output row to several groups and a
+# remainder, zero / "same" / asymmetric / kernel - 1 paddings (rows and columns that read
+# only part of the kernel), widths leaving no interior column up to several blocks; 1-3
+# threads (a thread's rows starting inside a group). On other instruction sets the same
+# shapes run the one-row paths, checked all the same.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("k,pads,dtype", [
+    (3, (1, 1, 1, 1), torch.float32), (3, (0, 0, 0, 0), torch.float64),
+    (3, (2, 0, 1, 2), torch.bfloat16), (5, (2, 2, 2, 2), torch.float32),
+    (5, (4, 1, 0, 3), torch.float32), (7, (3, 3, 3, 3), torch.float32),
+    (7, (6, 0, 2, 5), torch.float64), (7, (0, 0, 6, 0), torch.bfloat16),
+])
+def test_forward_row_groups(threads, k, pads, dtype):
+    vec = 8 if dtype == torch.float64 else 16
+    fastvis.set_num_threads(threads)
+    try:
+        # the least height / width the padding leaves room for the kernel in
+        hmin, wmin = max(1, k - pads[0] - pads[1]), max(1, k - pads[2] - pads[3])
+        for n, h, w, c in ((2, hmin, 9, vec), (1, hmin + 1, wmin, 2 * vec), (3, 11, 13, vec),
+                           (2, 29, 30, 3 * vec), (1, 17, 56, 8 * vec), (2, 9, 7, 12)):
+            cfg = ConvCfg(n=n, c=c, h=h, w=w, kh=k, kw=k, padding=pads, layout="nhwc", dtype=dtype)
+            x, wt, b = make_inputs(cfg)
+            y = run_op(x, wt, b, cfg)
+            check_forward(y, x, wt, b, cfg)
+    finally:
+        fastvis.set_num_threads(0)  # back to following torch
+
+
+def test_forward_row_groups_channel_slice():
+    """The Inception op runs its square branch on a channel slice of the NHWC input (pixel
+    pitch > channels): 16 channels of 128, a whole vector, take the row groups."""
+    g, c, h, w = 16, 128, 13, 20
+    x = torch.randn(2, c, h, w).to(memory_format=torch.channels_last)
+    hw_w, hw_b = torch.randn(g, 1, 3, 3), torch.randn(g)
+    w_w, w_b = torch.randn(g, 1, 1, 11), torch.randn(g)
+    h_w, h_b = torch.randn(g, 1, 11, 1), torch.randn(g)
+    y = fastvis.ops.inception_depthwise_conv2d(x, hw_w, hw_b, w_w, w_b, h_w, h_b)
+    ref = F.conv2d(x[:, c - 3 * g:c - 2 * g].double(), hw_w.double(), hw_b.double(), padding=1, groups=g)
+    torch.testing.assert_close(y[:, c - 3 * g:c - 2 * g].double(), ref, rtol=1e-5, atol=1e-5)
