@@ -495,3 +495,27 @@ def test_forward_row_groups_channel_slice():
     y = fastvis.ops.inception_depthwise_conv2d(x, hw_w, hw_b, w_w, w_b, h_w, h_b)
     ref = F.conv2d(x[:, c - 3 * g:c - 2 * g].double(), hw_w.double(), hw_b.double(), padding=1, groups=g)
     torch.testing.assert_close(y[:, c - 3 * g:c - 2 * g].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# Packed tiles of kernels 7 to ~30 columns wide at stride 1 and dilation 1 run their output
+# rows in pairs on AVX-512 (pair_pixels: chunks of 7 columns then kw % 7, blocks of 7 / 4 /
+# 2 / 1 pixels, masked stores for a channel tail); rows whose kernel reaches outside the
+# image, and a tile's odd last row, one at a time. Tall images (several tiles per image),
+# asymmetric and zero paddings, C with and without a tail, 1-3 threads.
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("kh,kw,pads,dtype", [
+    (13, 13, (6, 6, 6, 6), torch.float32), (9, 9, (0, 0, 0, 0), torch.float32),
+    (11, 8, (10, 0, 3, 4), torch.float64), (15, 15, (7, 7, 7, 7), torch.bfloat16),
+    (13, 21, (2, 9, 10, 10), torch.float32), (2, 9, (1, 0, 4, 4), torch.float32),
+])
+def test_forward_tile_row_pairs(threads, kh, kw, pads, dtype):
+    vec = 8 if dtype == torch.float64 else 16
+    fastvis.set_num_threads(threads)
+    try:
+        for n, h, w, c in ((2, 45, 17, 2 * vec + 8), (1, kh + 2, kw + 5, 8 * vec), (3, 30, 56, vec)):
+            cfg = ConvCfg(n=n, c=c, h=h, w=w, kh=kh, kw=kw, padding=pads, layout="nhwc", dtype=dtype)
+            x, wt, b = make_inputs(cfg)
+            y = run_op(x, wt, b, cfg)
+            check_forward(y, x, wt, b, cfg)
+    finally:
+        fastvis.set_num_threads(0)  # back to following torch

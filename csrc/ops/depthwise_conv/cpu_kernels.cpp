@@ -249,6 +249,131 @@ void window_pixels_any(const T* xb, int64_t step, const A* wb, int64_t wstep, co
 #undef FV_WINDOW_ARGS
 }
 
+// Packed tiles, two output rows at once (fwd_item, use_tile_pairs): rows oh and oh + 1 read
+// kh + 1 packed rows, each loaded once for both, as direct_row_group does for small kernels
+// on the NHWC rows. Per input row and chunk of KC <= 7 columns the block holds the weights
+// of kernel row r (for row oh, DO0) and r - 1 (for row oh + 1, DO1): 2 OWB accumulators and
+// 2 KC weights, 29 of AVX-512's 32 registers with OWB = KC = 7.
+template <class A, int KC, int OWB, int STEP, bool DO0, bool DO1>
+__attribute__((always_inline)) inline void pair_chunk(typename VT<A>::V (&acc0)[OWB],
+                                                      typename VT<A>::V (&acc1)[OWB], const A* xp,
+                                                      const A* w0p, const A* w1p, int64_t wstep) {
+  using V = typename VT<A>::V;
+  V w0[KC], w1[KC];
+#pragma GCC unroll 8
+  for (int j = 0; j < KC; ++j) {
+    if (DO0) w0[j] = vload<A, A>(w0p + j * wstep);
+    if (DO1) w1[j] = vload<A, A>(w1p + j * wstep);
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < OWB + KC - 1; ++p) {
+    const V xv = vload<A, A>(xp + p * STEP);
+#pragma GCC unroll 8
+    for (int j = 0; j < KC; ++j) {
+      const int o = p - j;
+      if (o < 0 || o >= OWB) continue;
+      if (DO0) acc0[o] += xv * w0[j];
+      if (DO1) acc1[o] += xv * w1[j];
+    }
+  }
+}
+
+// One kernel row's pass of pair_block: nfull chunks of 7 columns, then one of KT.
+template <class A, int OWB, int KT, int NF, int STEP, bool DO0, bool DO1>
+__attribute__((always_inline)) inline void pair_row(typename VT<A>::V (&acc0)[OWB],
+                                                    typename VT<A>::V (&acc1)[OWB], const A* xp,
+                                                    const A* w0p, const A* w1p, int64_t wstep,
+                                                    int64_t nfull_rt) {
+  const int64_t nfull = NF >= 0 ? NF : nfull_rt;
+  for (int64_t c = 0; c < nfull; ++c, xp += 7 * STEP, w0p += 7 * wstep, w1p += 7 * wstep)
+    pair_chunk<A, 7, OWB, STEP, DO0, DO1>(acc0, acc1, xp, w0p, w1p, wstep);
+  if (KT > 0) pair_chunk<A, (KT > 0 ? KT : 1), OWB, STEP, DO0, DO1>(acc0, acc1, xp, w0p, w1p, wstep);
+}
+
+// OWB pixels x one vector of channels of both rows. xo[r]: packed row r of the kh + 1 (from
+// the top kernel row of row oh); wo[i]: kernel row i's weights. TAIL: `tail` channels valid
+// (only the stores are masked: packed rows and weights are zero-padded).
+template <class A, class Y, int OWB, int KT, int NF, int STEP, bool TAIL>
+inline void pair_block(const A* xb, const A* wb, int64_t wstep, const int64_t* xo,
+                       const int64_t* wo, int kh, int64_t nfull, const A* bias, Y* y0, Y* y1,
+                       int64_t YP, int64_t tail) {
+  using V = typename VT<A>::V;
+  V acc0[OWB], acc1[OWB];
+  const V b = bias ? vload<A, A>(bias) : V{};
+  for (int o = 0; o < OWB; ++o) acc0[o] = acc1[o] = b;
+  pair_row<A, OWB, KT, NF, STEP, true, false>(acc0, acc1, xb + xo[0], wb + wo[0], wb, wstep, nfull);
+  for (int r = 1; r < kh; ++r)
+    pair_row<A, OWB, KT, NF, STEP, true, true>(acc0, acc1, xb + xo[r], wb + wo[r], wb + wo[r - 1],
+                                              wstep, nfull);
+  pair_row<A, OWB, KT, NF, STEP, false, true>(acc0, acc1, xb + xo[kh], wb, wb + wo[kh - 1], wstep,
+                                             nfull);
+  for (int o = 0; o < OWB; ++o) {
+    if (TAIL) {
+      vstore_n<Y, A>(y0 + o * YP, acc0[o], tail);
+      vstore_n<Y, A>(y1 + o * YP, acc1[o], tail);
+    } else {
+      vstore<Y, A>(y0 + o * YP, acc0[o]);
+      vstore<Y, A>(y1 + o * YP, acc1[o]);
+    }
+  }
+}
+
+// Pixels [0, npix) of both rows, channels [0, C) of a packed block (C <= STEP).
+template <class A, class Y, int KT, int NF, int STEP>
+void pair_pixels(const A* xb, const A* wb, int64_t wstep, const int64_t* xo, const int64_t* wo,
+                 int kh, int64_t kw, const A* bias, Y* y0, Y* y1, int64_t YP, int64_t C,
+                 int64_t npix) {
+  constexpr int64_t L = VT<A>::L;
+  const int64_t nfull = kw / 7;
+  auto span = [&](auto owb, int64_t p0) {
+    constexpr int B = decltype(owb)::value;
+    for (; p0 + B <= npix; p0 += B) {
+      int64_t c0 = 0;
+      for (; c0 + L <= C; c0 += L)
+        pair_block<A, Y, B, KT, NF, STEP, false>(xb + p0 * STEP + c0, wb + c0, wstep, xo, wo, kh,
+                                                 nfull, bias ? bias + c0 : nullptr,
+                                                 y0 + p0 * YP + c0, y1 + p0 * YP + c0, YP, L);
+      if (c0 < C)
+        pair_block<A, Y, B, KT, NF, STEP, true>(xb + p0 * STEP + c0, wb + c0, wstep, xo, wo, kh,
+                                                nfull, bias ? bias + c0 : nullptr,
+                                                y0 + p0 * YP + c0, y1 + p0 * YP + c0, YP, C - c0);
+    }
+    return p0;
+  };
+  int64_t p = span(std::integral_constant<int, 7>{}, 0);
+  p = span(std::integral_constant<int, 4>{}, p);
+  p = span(std::integral_constant<int, 2>{}, p);
+  span(std::integral_constant<int, 1>{}, p);
+}
+
+template <class A, class Y, int STEP>
+void pair_pixels_any(const A* xb, const A* wb, int64_t wstep, const int64_t* xo, const int64_t* wo,
+                     int kh, int64_t kw, const A* bias, Y* y0, Y* y1, int64_t YP, int64_t C,
+                     int64_t npix) {
+#define FV_PAIR_ARGS xb, wb, wstep, xo, wo, kh, kw, bias, y0, y1, YP, C, npix
+  if (kw < 14) {
+    switch (kw) {
+      case 8: return pair_pixels<A, Y, 1, 1, STEP>(FV_PAIR_ARGS);
+      case 9: return pair_pixels<A, Y, 2, 1, STEP>(FV_PAIR_ARGS);
+      case 10: return pair_pixels<A, Y, 3, 1, STEP>(FV_PAIR_ARGS);
+      case 11: return pair_pixels<A, Y, 4, 1, STEP>(FV_PAIR_ARGS);
+      case 12: return pair_pixels<A, Y, 5, 1, STEP>(FV_PAIR_ARGS);
+      case 13: return pair_pixels<A, Y, 6, 1, STEP>(FV_PAIR_ARGS);
+      default: break;
+    }
+  }
+  switch (kw % 7) {
+    case 0: return pair_pixels<A, Y, 0, -1, STEP>(FV_PAIR_ARGS);
+    case 1: return pair_pixels<A, Y, 1, -1, STEP>(FV_PAIR_ARGS);
+    case 2: return pair_pixels<A, Y, 2, -1, STEP>(FV_PAIR_ARGS);
+    case 3: return pair_pixels<A, Y, 3, -1, STEP>(FV_PAIR_ARGS);
+    case 4: return pair_pixels<A, Y, 4, -1, STEP>(FV_PAIR_ARGS);
+    case 5: return pair_pixels<A, Y, 5, -1, STEP>(FV_PAIR_ARGS);
+    default: return pair_pixels<A, Y, 6, -1, STEP>(FV_PAIR_ARGS);
+  }
+#undef FV_PAIR_ARGS
+}
+
 // Large kernels, kernel row outermost. window_block keeps a block's accumulators in
 // registers across all kernel rows, so every block streams the whole kernel (kh x kw
 // weight lines per channel vector) and its kh input rows through L1, from L2 while a
@@ -523,6 +648,30 @@ void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, 
 
 // What a thread's buffer holds: rows [lo, hi) of image n, channel blocks from b0, in
 // their ring slots (n = -1: nothing).
+// Where fwd_item runs output rows in pairs (pair_pixels): the packed register windows
+// (stride 1, dilation 1) of kernels 7 to 13 columns wide, and wider ones up to where
+// use_window_rows takes over, AVX-512 only (29 registers). Measured (session 25, Zen 5, C=128,
+// 56x56, 13x13 forward, one row at a time against pairs, each against PyTorch's
+// channels_last in the same process): N=1 0.605 -> 0.531 ms, N=8 4.26 -> 3.89 ms.
+inline bool use_tile_pairs(const Geom& g) {
+  return FV_VEC_BYTES == 64 && use_window(g) && g.sh == 1 && g.dh == 1 && g.kh >= 2 &&
+         g.kw >= 7 && !use_window_rows(g);
+}
+
+// Output rows oh and oh + 1 (both with every kernel row inside the image) of one channel
+// block [c0, c0 + cw) from its packed tile.
+template <class Y, class A>
+void fwd_row_pair(const Geom& g, const A* buf, int64_t ring, const A* wpk, const A* bias, Y* y0,
+                  Y* y1, int64_t oh, int64_t c0, int64_t cw) {
+  constexpr int CB = 2 * VT<A>::L;
+  const int64_t wp = packed_width(g), ih0 = oh - g.pt;
+  int64_t rxo[65], rwo[64];  // kh <= 63
+  for (int64_t r = 0; r <= g.kh; ++r) rxo[r] = row_slot(ih0 + r, 0, ring) * wp * CB;
+  for (int64_t i = 0; i < g.kh; ++i) rwo[i] = i * g.kw * g.cp;
+  pair_pixels_any<A, Y, CB>(buf, wpk + c0, g.cp, rxo, rwo, static_cast<int>(g.kh), g.kw,
+                            bias ? bias + c0 : nullptr, y0 + c0, y1 + c0, out_pitch(g), cw, g.ow);
+}
+
 struct PackedRows {
   int64_t n = -1, b0 = -1, lo = 0, hi = 0;
 };
@@ -550,11 +699,20 @@ void fwd_item(const Geom& g, const FwdPlan& pl, const T* x, const A* wpk, const 
     if (from == ih_lo || held.hi < ih_hi) held = PackedRows{n, b0, ih_lo, ih_hi};
     else held.lo = ih_lo;
   }
+  const bool pairs = use_tile_pairs(g);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t c0 = b * CB, cw = std::min<int64_t>(CB, g.c - c0);
     const A* tile_buf = buf + (b - b0) * pl.block_elems;
-    for (int64_t oh = oh0; oh < oh1; ++oh)
-      fwd_row<Y, A>(g, tile_buf, ring, wpk, bias, y + (n * g.oh + oh) * g.ow * yp, oh, c0, cw);
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      Y* yrow = y + (n * g.oh + oh) * g.ow * yp;
+      // Both rows' kernel rows inside the image (and so in the tile's packed rows).
+      if (pairs && oh + 1 < oh1 && oh >= g.pt && oh - g.pt + g.kh < g.h) {
+        fwd_row_pair<Y, A>(g, tile_buf, ring, wpk, bias, yrow, yrow + g.ow * yp, oh, c0, cw);
+        ++oh;
+        continue;
+      }
+      fwd_row<Y, A>(g, tile_buf, ring, wpk, bias, yrow, oh, c0, cw);
+    }
   }
 }
 
@@ -753,18 +911,23 @@ __attribute__((always_inline)) inline void group_block(const T* xb, int64_t step
 }
 
 // Output pixels [0, npix) of the KR rows, every channel (C a whole number of vectors):
-// xb = the first pixel's window (top kernel row of the first row), yb = its output.
+// xb = the first pixel's window (top kernel row of the first row), yb = its output; npf:
+// input rows below the group's to prefetch, a block's pixels of them with the block.
 template <class T, class A, class Y, int KR, int OWB, int KH, int KW>
 void group_pixels(const T* xb, int64_t step, int64_t xrow, const A* wb, int64_t wstep,
                   int64_t wrow, const A* bias, Y* yb, int64_t yrow, int64_t YP, int64_t C,
-                  int64_t npix) {
+                  int64_t npix, int npf) {
   constexpr int64_t L = VT<A>::L;
   auto span = [&](auto owb, int64_t p0) {
     constexpr int B = decltype(owb)::value;
     for (; p0 + B <= npix; p0 += B)
-      for (int64_t c0 = 0; c0 < C; c0 += L)
+      for (int64_t c0 = 0; c0 < C; c0 += L) {
+        for (int q = 0; q < npf; ++q)
+          for (int o = 0; o < B; ++o)
+            prefetch_line(reinterpret_cast<const char*>(xb + (p0 + o) * step + c0 + (KH + KR - 1 + q) * xrow));
         group_block<T, A, Y, KR, B, KH, KW>(xb + p0 * step + c0, step, xrow, wb + c0, wstep, wrow,
                                             bias ? bias + c0 : nullptr, yb + p0 * YP + c0, yrow, YP);
+      }
     return p0;
   };
   int64_t p = span(std::integral_constant<int, OWB>{}, 0);
@@ -794,7 +957,15 @@ void direct_row_group(const Geom& g, int kr, const T* xn, const A* wpk, const A*
   if (ow_hi <= ow_lo) return;
   const T* xb = xn + ((oh - g.pt) * g.w + ow_lo - g.pl) * XP;
   const int64_t xrow = g.w * XP, wrow = g.kw * g.cp;
-#define FV_GROUP_ARGS xb, XP, xrow, wpk, g.cp, wrow, bias, yrow + ow_lo * YP, yrs, YP, g.c, ow_hi - ow_lo
+  // The next group's new input rows (those that exist), fetched a slice per block when the
+  // input outgrows the caches closest to the cores (N=8, C=128, 56x56, session 25, one
+  // process, with / without: 3x3 0.37-0.40 / 0.43-0.49 ms, 5x5 0.63 / 0.80, 7x7 1.21 / 1.49;
+  // at N=1, in L2, they cost 3x3 0.036 -> 0.042 ms and are left out).
+  const bool pf = g.n * g.h * g.w * XP * static_cast<int64_t>(sizeof(T)) > (int64_t{4} << 20);
+  const int npf = pf ? static_cast<int>(std::max<int64_t>(
+                           0, std::min<int64_t>(kr, g.h - (oh - g.pt + g.kh + kr - 1))))
+                     : 0;
+#define FV_GROUP_ARGS xb, XP, xrow, wpk, g.cp, wrow, bias, yrow + ow_lo * YP, yrs, YP, g.c, ow_hi - ow_lo, npf
   if (g.kh == 3)
     group_pixels<T, A, Y, 3, 6, 3, 3>(FV_GROUP_ARGS);
   else if (g.kh == 5)
