@@ -1,5 +1,6 @@
-"""The fused blocks' float GEMM: PyTorch's MKL when its CPU library exports one, OpenBLAS
-otherwise or with FASTVIS_BLAS=openblas (fastvis/_runtime.py, core/blas.cpp).
+"""The fused blocks' float GEMM: PyTorch's MKL when its CPU library exports one (except on
+AMD CPUs), OpenBLAS otherwise or with FASTVIS_BLAS=openblas (fastvis/_runtime.py,
+fastvis/_cpu.py, core/blas.cpp), and the kernels the core's OpenBLAS loads with.
 
 The rest of the suite runs the blocks on the default choice; here the choice itself, the
 core's check of a provider, and the block ops again on OpenBLAS in a subprocess."""
@@ -13,7 +14,7 @@ import sys
 import pytest
 
 import fastvis
-from fastvis import _C
+from fastvis import _C, _cpu
 from fastvis._runtime import MKL_NAME, _torch_mkl_symbols
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,11 +31,61 @@ def _blas_in_subprocess(value):
     return proc.stdout.strip(), proc.stderr
 
 
-def test_default_is_torch_mkl_when_exported():
+def test_default_is_torch_mkl_when_exported_except_on_amd():
     symbols = _torch_mkl_symbols()
     name, _ = _blas_in_subprocess(None)
-    assert name == (MKL_NAME if symbols is not None else "OpenBLAS")
+    amd = _cpu.prefer_openblas(_cpu.cpu_facts()[0])
+    assert name == (MKL_NAME if symbols is not None and not amd else "OpenBLAS")
     assert fastvis.build_info()["openblas"].startswith("OpenBLAS")
+
+
+AVX512 = frozenset(_cpu.AVX512_FLAGS) | {"avx2", "fma"}
+
+
+@pytest.mark.parametrize("vendor,flags,env,want", [
+    ("AuthenticAMD", AVX512, {}, "SKYLAKEX"),
+    ("AuthenticAMD", frozenset({"avx2", "fma"}), {}, None),            # Zen 2/3: OpenBLAS decides
+    ("AuthenticAMD", AVX512 - {"avx512bw"}, {}, None),                 # SkylakeX kernels need all five
+    ("GenuineIntel", AVX512, {}, None),                                # OpenBLAS detects Intel itself
+    ("AuthenticAMD", AVX512, {"OPENBLAS_CORETYPE": "Haswell"}, None),  # the user's choice stands
+    ("AuthenticAMD", AVX512, {"FASTVIS_CPU_ISA": "avx2"}, None),       # capped below AVX-512
+    ("AuthenticAMD", AVX512, {"OPENBLAS_CORETYPE": "Haswell", "FASTVIS_OPENBLAS_CORETYPE": "skylakex"},
+     "SKYLAKEX"),                                                      # fastvis' own override
+    ("GenuineIntel", frozenset({"avx2"}), {"FASTVIS_OPENBLAS_CORETYPE": "SkylakeX"}, None),  # no AVX-512
+    ("GenuineIntel", frozenset({"avx2"}), {"FASTVIS_OPENBLAS_CORETYPE": "haswell"}, "HASWELL"),
+    ("AuthenticAMD", AVX512, {"FASTVIS_OPENBLAS_CORETYPE": "auto", "OPENBLAS_CORETYPE": "Zen"}, None),
+    ("", frozenset(), {}, None),                                       # no /proc/cpuinfo
+])
+def test_openblas_coretype_decision(vendor, flags, env, want):
+    assert _cpu.openblas_coretype(vendor, flags, env) == want
+
+
+def test_cpu_facts_reads_the_first_processor(tmp_path):
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f\n\n"
+                 "processor\t: 1\nvendor_id\t: GenuineIntel\nflags\t\t: fpu\n")
+    assert _cpu.cpu_facts(str(f)) == ("AuthenticAMD", frozenset({"fpu", "avx2", "avx512f"}))
+    assert _cpu.cpu_facts(str(tmp_path / "missing")) == ("", frozenset())
+    assert _cpu.prefer_openblas("AuthenticAMD") and not _cpu.prefer_openblas("GenuineIntel")
+
+
+def test_import_sets_the_coretype_for_the_core_only():
+    """FASTVIS_OPENBLAS_CORETYPE reaches the core's OpenBLAS (its config names the kernels)
+    and the process' OPENBLAS_CORETYPE is as it was after the import."""
+    if not all(f in _cpu.cpu_facts()[1] for f in _cpu.AVX512_FLAGS):
+        pytest.skip("needs a CPU with AVX-512 (OpenBLAS' SkylakeX kernels)")
+    code = ("import os, fastvis; print(fastvis.build_info()['openblas']); "
+            "print(os.environ.get('OPENBLAS_CORETYPE'))")
+    for before, want in (("Haswell", "Haswell"), (None, "None")):
+        env = dict(os.environ, FASTVIS_OPENBLAS_CORETYPE="SkylakeX")
+        env.pop("OPENBLAS_CORETYPE", None)
+        if before is not None:
+            env["OPENBLAS_CORETYPE"] = before
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        config, after = proc.stdout.split("\n")[:2]
+        assert "SkylakeX" in config and after == want, proc.stdout
 
 
 def test_env_selects_openblas_and_unknown_values_warn():
@@ -120,13 +171,15 @@ def test_a_provider_computing_the_right_product_is_installed_and_used():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_block_ops_on_openblas():
-    """The fused blocks' test modules again with FASTVIS_BLAS=openblas (the default run uses
-    MKL when PyTorch exports it); sweeps scaled down, BLAS-independent tests (torch.compile,
-    opcheck, bench, timm, the ISA-path subprocesses) left to the main run."""
-    if _C.sgemm_provider() == "OpenBLAS":
-        pytest.skip("the main run already uses OpenBLAS")
-    env = dict(os.environ, FASTVIS_BLAS="openblas", FASTVIS_HYPOTHESIS_SCALE="0.25")
+def test_block_ops_on_the_other_blas():
+    """The fused blocks' test modules again on the GEMM the main run does not use (OpenBLAS
+    where the default is MKL, MKL where it is OpenBLAS: AMD CPUs); sweeps scaled down,
+    BLAS-independent tests (torch.compile, opcheck, bench, timm, the ISA-path subprocesses)
+    left to the main run."""
+    other = "openblas" if _C.sgemm_provider() != "OpenBLAS" else "mkl"
+    if other == "mkl" and _torch_mkl_symbols() is None:
+        pytest.skip("the main run uses OpenBLAS and this PyTorch exports no MKL sgemm")
+    env = dict(os.environ, FASTVIS_BLAS=other, FASTVIS_HYPOTHESIS_SCALE="0.25")
     args = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
             "not compile and not opcheck and not bench and not timm and not isa_path",
             *[os.path.join(HERE, m) for m in ("test_convnext_block.py", "test_dwconv_mlp_block.py",

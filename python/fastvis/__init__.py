@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os as _os
 
+from . import _cpu
+
+# The core's OpenBLAS picks its kernels while it loads (with the core): see fastvis._cpu.
+_coretype_set = _cpu.set_coretype_for_load()
 try:
     from . import _C  # noqa: F401
 except ImportError as _e:  # pragma: no cover - only on a broken install
@@ -17,6 +21,8 @@ except ImportError as _e:  # pragma: no cover - only on a broken install
         "with `pip install .` (or build it in place with CMake, see ARCHITECTURE.md). "
         f"Original error: {_e}"
     ) from _e
+finally:
+    _cpu.restore_coretype(_coretype_set)  # the process' environment as it was
 
 __version__ = _C.version()
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from . import _C
+from . import _C, _cpu
 
 _explicit_threads = False
 
@@ -90,7 +90,9 @@ def get_library_dir() -> str:
 # that sgemm instead, with ``mkl_set_num_threads_local`` (its C entry ``MKL_Set_Num_Threads_Local``)
 # so each call stays on its thread:
 # measured 1.0-1.5x OpenBLAS' rate on the blocks' tile shapes on an AVX-512 Xeon (bench/README,
-# session 18). FASTVIS_BLAS=openblas keeps OpenBLAS; FASTVIS_BLAS=mkl asks for MKL (a warning
+# session 18). On AMD CPUs ``auto`` keeps OpenBLAS (loaded with its AVX-512 kernels where the
+# CPU has them; MKL runs its AVX2 code there: fastvis._cpu, session 25).
+# FASTVIS_BLAS=openblas keeps OpenBLAS; FASTVIS_BLAS=mkl asks for MKL (a warning
 # if it is not found). The core checks a provider on small products before using it.
 
 _BLAS_ENV = "FASTVIS_BLAS"
@@ -121,7 +123,7 @@ def _select_blas() -> str:
         warnings.warn(f"{_BLAS_ENV}={os.environ.get(_BLAS_ENV)!r} is not one of {', '.join(_BLAS_CHOICES)}; "
                       f"using 'auto'", RuntimeWarning, stacklevel=2)
         choice = "auto"
-    if choice == "openblas":
+    if choice == "openblas" or (choice == "auto" and _cpu.prefer_openblas(_cpu.cpu_facts()[0])):
         _C.set_sgemm_provider(0)
         return _C.sgemm_provider()
     symbols = _torch_mkl_symbols()
