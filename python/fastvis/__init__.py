@@ -7,8 +7,6 @@ benchmarks.
 """
 from __future__ import annotations
 
-import os as _os
-
 from . import _cpu
 
 # The core's OpenBLAS picks its kernels while it loads (with the core): see fastvis._cpu.
