@@ -470,13 +470,19 @@ def test_forward_row_band(threads, kh, pads, sw, dtype):
 ])
 def test_forward_row_groups(threads, k, pads, dtype):
     vec = 8 if dtype == torch.float64 else 16
+    # the least height / width the padding leaves room for the kernel in
+    hmin, wmin = max(1, k - pads[0] - pads[1]), max(1, k - pads[2] - pads[3])
+    _check_nhwc_shapes(threads, k, k, pads, dtype,
+                       ((2, hmin, 9, vec), (1, hmin + 1, wmin, 2 * vec), (3, 11, 13, vec),
+                        (2, 29, 30, 3 * vec), (1, 17, 56, 8 * vec), (2, 9, 7, 12)))
+
+
+def _check_nhwc_shapes(threads, kh, kw, pads, dtype, shapes):
+    """The forward of NHWC problems (n, h, w, c) against the oracle on `threads` threads."""
     fastvis.set_num_threads(threads)
     try:
-        # the least height / width the padding leaves room for the kernel in
-        hmin, wmin = max(1, k - pads[0] - pads[1]), max(1, k - pads[2] - pads[3])
-        for n, h, w, c in ((2, hmin, 9, vec), (1, hmin + 1, wmin, 2 * vec), (3, 11, 13, vec),
-                           (2, 29, 30, 3 * vec), (1, 17, 56, 8 * vec), (2, 9, 7, 12)):
-            cfg = ConvCfg(n=n, c=c, h=h, w=w, kh=k, kw=k, padding=pads, layout="nhwc", dtype=dtype)
+        for n, h, w, c in shapes:
+            cfg = ConvCfg(n=n, c=c, h=h, w=w, kh=kh, kw=kw, padding=pads, layout="nhwc", dtype=dtype)
             x, wt, b = make_inputs(cfg)
             y = run_op(x, wt, b, cfg)
             check_forward(y, x, wt, b, cfg)
@@ -510,12 +516,5 @@ def test_forward_row_groups_channel_slice():
 ])
 def test_forward_tile_row_pairs(threads, kh, kw, pads, dtype):
     vec = 8 if dtype == torch.float64 else 16
-    fastvis.set_num_threads(threads)
-    try:
-        for n, h, w, c in ((2, 45, 17, 2 * vec + 8), (1, kh + 2, kw + 5, 8 * vec), (3, 30, 56, vec)):
-            cfg = ConvCfg(n=n, c=c, h=h, w=w, kh=kh, kw=kw, padding=pads, layout="nhwc", dtype=dtype)
-            x, wt, b = make_inputs(cfg)
-            y = run_op(x, wt, b, cfg)
-            check_forward(y, x, wt, b, cfg)
-    finally:
-        fastvis.set_num_threads(0)  # back to following torch
+    _check_nhwc_shapes(threads, kh, kw, pads, dtype,
+                       ((2, 45, 17, 2 * vec + 8), (1, kh + 2, kw + 5, 8 * vec), (3, 30, 56, vec)))
