@@ -102,6 +102,13 @@ def test_bench_model_flop_count_matches_the_formula():
     assert bench_model._model_gflop(m, s) == pytest.approx(2 * macs * 1e-9, rel=1e-12)
 
 
+def test_bench_gemm_line_names_the_gemm_and_the_openblas_kernels():
+    """`bench model` / `bench block` headers say which GEMM and OpenBLAS kernels ran."""
+    line = timing.gemm_line()
+    assert f"fused blocks' GEMM: {fastvis._C.sgemm_provider()};" in line
+    assert fastvis.build_info()["openblas"] in line and "OpenBLAS" in line
+
+
 def test_bench_model_bound_rows():
     """The bound tables' arithmetic on made-up timings: inference sets every counted FLOP at
     the sgemm rate against fastvis and twice the baseline; the training step counts 3x the

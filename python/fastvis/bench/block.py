@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
 
 from . import print_table, table_format_choices
-from .timing import measure_interleaved
+from .timing import gemm_line, measure_interleaved
 
 HELP = "the fused ConvNeXt block vs the same block in PyTorch eager and torch.compile"
 
@@ -279,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"fastvis {fastvis.__version__}, torch {torch.__version__}, {threads} thread(s), "
           f"{args.dtype}, kernel {args.kernel}, {'ConvNeXt-V2 (GRN)' if args.v2 else 'ConvNeXt (layer scale)'} blocks")
+    print(gemm_line())
     print(f"sgemm ceiling: {sgemm:.0f} GFLOP/s ({threads} x one thread's {_C.sgemm_provider()} sgemm of "
           f"256x1536x384, measured in this run); GFLOP/s below count model FLOPs "
           f"(4*C*hidden + 2*k^2*C per pixel, training 3x)")

@@ -51,7 +51,7 @@ from typing import Callable, Dict, List
 
 from . import print_table
 from .block import _pos_int, add_measure_arguments, add_output_arguments
-from .timing import measure_interleaved
+from .timing import gemm_line, measure_interleaved
 
 HELP = ("whole-model inference and training step: fastvis vs timm eager, torch.compile and ONNX Runtime "
         "(models timm lacks: vs their own PyTorch reference)")
@@ -415,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
     cands = ["fastvis", "timm eager", "timm channels_last", "timm compile", "onnxruntime"]
     print(f"fastvis {fastvis.__version__}, torch {torch.__version__}, timm "
           f"{getattr(timm, '__version__', 'missing')}, {threads} thread(s), float32, inference")
+    print(gemm_line())
     header = ["model", "N", "size"] + [f"{c} img/s" for c in cands] + \
              [f"{c} / fastvis" for c in cands[1:]] + ["max |logit diff|"]
     timm_results = [r for r in results if r.baseline == "timm"]

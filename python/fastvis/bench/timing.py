@@ -197,3 +197,13 @@ def measure_interleaved(
 def measure(fn: Callable[[], object], **kwargs) -> Stats:
     """Times one callable (see :func:`measure_interleaved` for the keyword arguments)."""
     return measure_interleaved({"fn": fn}, **kwargs)["fn"]
+
+
+def gemm_line() -> str:
+    """Which GEMM the fused blocks use in this process and which kernels the core's OpenBLAS
+    loaded (the two decide the models' figures: fastvis._cpu), for a benchmark's header."""
+    import fastvis
+    from fastvis import _C
+
+    info = fastvis.build_info()
+    return f"fused blocks' GEMM: {_C.sgemm_provider()}; core OpenBLAS: {info.get('openblas', '?')}"
