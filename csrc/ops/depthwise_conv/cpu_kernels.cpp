@@ -646,8 +646,6 @@ void pack_rows_blocks(const Geom& g, const T* xn, int64_t ih_lo, int64_t ih_hi, 
   }
 }
 
-// What a thread's buffer holds: rows [lo, hi) of image n, channel blocks from b0, in
-// their ring slots (n = -1: nothing).
 // Where fwd_item runs output rows in pairs (pair_pixels): the packed register windows
 // (stride 1, dilation 1) of kernels 7 to 13 columns wide, and wider ones up to where
 // use_window_rows takes over, AVX-512 only (29 registers). Measured (session 25, Zen 5, C=128,
@@ -672,6 +670,8 @@ void fwd_row_pair(const Geom& g, const A* buf, int64_t ring, const A* wpk, const
                             bias ? bias + c0 : nullptr, y0 + c0, y1 + c0, out_pitch(g), cw, g.ow);
 }
 
+// What a thread's buffer holds: rows [lo, hi) of image n, channel blocks from b0, in
+// their ring slots (n = -1: nothing).
 struct PackedRows {
   int64_t n = -1, b0 = -1, lo = 0, hi = 0;
 };
@@ -868,9 +868,9 @@ void direct_row(const Geom& g, const T* xn, const A* wpk, const A* bias, Y* yrow
   for (int64_t ow = std::max(ow_lo, ow_hi); ow < g.ow; ++ow) edge(ow);
 }
 
-// KR output rows at once (use_row_groups: square 3x3, 5x5, 7x7 at stride 1 and dilation 1;
-// every kernel row inside the image for all KR rows): output rows oh .. oh + KR - 1 read KH + KR - 1
-// input rows, each loaded once for all of them, so a block of OWB pixels loads
+// KR output rows at once (square 3x3, 5x5, 7x7 at stride 1 and dilation 1, see row_group;
+// every kernel row inside the image for all KR rows): output rows oh .. oh + KR - 1 read
+// KH + KR - 1 input rows, each loaded once for all of them, so a block of OWB pixels loads
 // (KH + KR - 1) (OWB + KW - 1) input vectors for KR OWB KH KW multiply-adds (one row at a
 // time: KH (OWB + KW - 1) for OWB KH KW), and an output row brings in (KH + KR - 1) / KR
 // input rows from L2 instead of KH. Per input row r the block holds the weights of kernel
@@ -924,7 +924,8 @@ void group_pixels(const T* xb, int64_t step, int64_t xrow, const A* wb, int64_t 
       for (int64_t c0 = 0; c0 < C; c0 += L) {
         for (int q = 0; q < npf; ++q)
           for (int o = 0; o < B; ++o)
-            prefetch_line(reinterpret_cast<const char*>(xb + (p0 + o) * step + c0 + (KH + KR - 1 + q) * xrow));
+            prefetch_line(reinterpret_cast<const char*>(xb + (p0 + o) * step + c0 +
+                                                        (KH + KR - 1 + q) * xrow));
         group_block<T, A, Y, KR, B, KH, KW>(xb + p0 * step + c0, step, xrow, wb + c0, wstep, wrow,
                                             bias ? bias + c0 : nullptr, yb + p0 * YP + c0, yrow, YP);
       }
@@ -972,7 +973,9 @@ void direct_row_group(const Geom& g, int kr, const T* xn, const A* wpk, const A*
   const int npf = pf ? static_cast<int>(std::max<int64_t>(
                            0, std::min<int64_t>(kr, g.h - (oh - g.pt + g.kh + kr - 1))))
                      : 0;
-#define FV_GROUP_ARGS xb, XP, xrow, wpk, g.cp, wrow, bias, yrow + ow_lo * YP, yrs, YP, g.c, ow_hi - ow_lo, npf
+#define FV_GROUP_ARGS \
+  xb, XP, xrow, wpk, g.cp, wrow, bias, yrow + ow_lo * YP, yrs, YP, g.c, ow_hi - ow_lo, npf
+  // kr comes from row_group, which fixes it per shape and instruction set: 3x3 2 (AVX2) or 3.
   if (g.kh == 3 && kr == 2)
     group_pixels<T, A, Y, 2, 4, 3, 3>(FV_GROUP_ARGS);
   else if (g.kh == 3)
