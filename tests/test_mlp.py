@@ -1,5 +1,8 @@
-"""fastvis.ops.mlp: fc2(GRN?(GELU(fc1(x)))) on (N, H, W, C) tokens, saving only x and
-fc1's output for the backward.
+"""fastvis.ops.mlp: fc2(GRN?(GELU(fc1(x)))) on (N, H, W, C) tokens, on both of its CPU
+paths: the core's tiled MLP (fastvis/mlp.h: saves only x, recomputes fc1 in the backward)
+and the torch-GEMM path (saves x and fc1's output). Tests that depend on the path run on
+both (``force_path``); the op picks the tiled one where fc2 maps back to C (with GRN only
+on AVX-512 OpenBLAS kernels, ``tiled_grn_preferred``).
 
 Oracle: fastvis.ops.mlp_reference (F.linear, F.gelu, the GRN formula, F.linear) in float64
 on exactly the values the op saw, and torch.autograd through it. The op's GEMMs are
@@ -14,6 +17,9 @@ also checked exactly by float64 gradcheck.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +31,26 @@ import fastvis.ops
 from conftest import single_threaded_torch, sweep
 
 mlp, mlp_reference = fastvis.ops.mlp, fastvis.ops.mlp_reference
+MLP_MODULE = sys.modules["fastvis.ops.mlp"]  # the module (fastvis.ops.mlp is the function)
+PATHS = ("tiled", "gemm")
+
+
+@contextlib.contextmanager
+def force_path(path: str):
+    """Run fastvis.ops.mlp on one CPU path: "tiled" (the core's tiled MLP wherever it
+    applies, GRN included) or "gemm" (the torch-GEMM path)."""
+    real = MLP_MODULE._tiled_serves
+    if path == "tiled":
+        def serves(x, w1, w2, gw):
+            return w2.shape[0] == x.shape[-1]
+    else:
+        def serves(x, w1, w2, gw):
+            return False
+    MLP_MODULE._tiled_serves = serves
+    try:
+        yield
+    finally:
+        MLP_MODULE._tiled_serves = real
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2.0 ** -6}
 NAMES = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "grn_weight", "grn_bias")
 
@@ -96,33 +122,77 @@ def cases(draw):
                 dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.float64, torch.bfloat16])),
                 grn=draw(st.booleans()), bias1=draw(st.booleans()), bias2=draw(st.booleans()),
                 grn_bias=draw(st.booleans()), x_offset=draw(st.sampled_from([0.0, -1.0]))), \
-        draw(st.sampled_from(["none", "tanh"]))
+        draw(st.sampled_from(["none", "tanh"])), draw(st.sampled_from(PATHS))
 
 
-@sweep(60)
+@sweep(80)
 @given(case=cases())
 def test_forward_backward_sweep(case):
-    kw, approximate = case
+    kw, approximate, path = case
     t = make(**kw)
     leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t.items()}
-    y = call(mlp, leaves, approximate)
-    assert y.shape == (kw["n"], kw["h"], kw["w"], kw["cout"]) and y.is_contiguous()
-    gy = torch.randn(y.shape).to(kw["dtype"])
-    present = [k for k in NAMES if leaves[k] is not None]
-    grads = dict(zip(present, torch.autograd.grad(y, [leaves[k] for k in present], gy)))
-    check({"y": y, **grads}, oracle(t, gy, approximate), kw["dtype"], f"{kw} approximate={approximate}")
+    with force_path(path):
+        y = call(mlp, leaves, approximate)
+        assert y.shape == (kw["n"], kw["h"], kw["w"], kw["cout"]) and y.is_contiguous()
+        gy = torch.randn(y.shape).to(kw["dtype"])
+        present = [k for k in NAMES if leaves[k] is not None]
+        grads = dict(zip(present, torch.autograd.grad(y, [leaves[k] for k in present], gy)))
+    check({"y": y, **grads}, oracle(t, gy, approximate), kw["dtype"],
+          f"{kw} approximate={approximate} path={path}")
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("grn", [True, False])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gradcheck_float64(grn, approximate):
-    t = make(2, 3, 2, 3, 6, 4, dtype=torch.float64, grn=grn)
+def test_gradcheck_float64(grn, approximate, path):
+    t = make(2, 3, 2, 3, 6, 3, dtype=torch.float64, grn=grn)
     present = [k for k in NAMES if t[k] is not None]
 
     def f(*args):
         d = dict(t, **dict(zip(present, args)))
         return call(mlp, d, approximate)
-    assert torch.autograd.gradcheck(f, [t[k].clone().requires_grad_(True) for k in present])
+    with force_path(path):
+        assert torch.autograd.gradcheck(f, [t[k].clone().requires_grad_(True) for k in present])
+
+
+@pytest.mark.parametrize("grn", [False, True])
+def test_tiled_path_is_taken_and_thread_invariant(grn):
+    """With C_out == C the tiled op runs (fastvis::mlp_tiled in the graph, only x saved);
+    its outputs and gradients are bitwise the same for 1 and 2 threads (the tile plan and
+    the reduction order depend on the shape only), over several tiles and partial-sum runs."""
+    t = make(3, 17, 20, 24, 96, 24, grn=grn)
+    gy = torch.randn(3, 17, 20, 24)
+    results = []
+    old = fastvis.get_num_threads()
+    try:
+        for nt in (1, 2):
+            fastvis.set_num_threads(nt)
+            leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t.items()}
+            with force_path("tiled"):
+                y = call(mlp, leaves)
+            assert "mlp_tiled" in str(y.grad_fn.name())
+            present = [k for k in NAMES if leaves[k] is not None]
+            results.append([y] + list(torch.autograd.grad(y, [leaves[k] for k in present], gy)))
+    finally:
+        fastvis.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    check(dict(zip(["y"] + [k for k in NAMES if t[k] is not None], results[0])),
+          oracle(t, gy, "none"), torch.float32, f"grn={grn}")
+
+
+def test_default_path_choice():
+    """C_out != C, or GRN without AVX-512 OpenBLAS kernels: the torch-GEMM path."""
+    t = make(1, 3, 3, 8, 16, 8, grn=False)
+    leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t.items()}
+    assert "mlp_tiled" in str(call(mlp, leaves).grad_fn.name())
+    t5 = make(1, 3, 3, 8, 16, 5, grn=False)
+    leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t5.items()}
+    assert "mlp_tiled" not in str(call(mlp, leaves).grad_fn.name())
+    tg = make(1, 3, 3, 8, 16, 8, grn=True)
+    leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in tg.items()}
+    tiled = "mlp_tiled" in str(call(mlp, leaves).grad_fn.name())
+    assert tiled == MLP_MODULE.tiled_grn_preferred()
 
 
 def _saved_bytes(fn, params):
@@ -141,30 +211,35 @@ def _saved_bytes(fn, params):
     return total
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("grn", [True, False])
-def test_saves_only_x_and_fc1_output(grn):
-    """What autograd keeps: x (C) and h (hidden) per pixel plus GRN's (N, hidden) norms;
-    the reference (eager PyTorch) keeps GELU's output and GRN's output as well."""
+def test_saved_activations(grn, path):
+    """What autograd keeps: the tiled path x only (C values a pixel); the torch-GEMM path x
+    and h (C + hidden) plus GRN's (N, hidden) norms; the reference (eager PyTorch) keeps
+    GELU's output and GRN's output as well."""
     n, h, w, c, hidden = 2, 6, 5, 8, 32
     t = {k: (None if v is None else v.requires_grad_(True)) for k, v in make(n, h, w, c, hidden, c, grn=grn).items()}
     params = [v for k, v in t.items() if v is not None and k != "x"]
-    got = _saved_bytes(lambda: call(mlp, t), params)
+    with force_path(path):
+        got = _saved_bytes(lambda: call(mlp, t), params)
     px = n * h * w
-    want = 4 * (px * (c + hidden) + (n * hidden if grn else 0))
+    want = 4 * px * c if path == "tiled" else 4 * (px * (c + hidden) + (n * hidden if grn else 0))
     assert got == want
     ref = _saved_bytes(lambda: call(mlp_reference, t), params)
     assert ref >= 4 * px * (c + 2 * hidden) and got < 0.7 * ref
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("which", ["x", "fc1_weight", "fc2_weight", "grn_weight", "grn_bias", "fc1_bias"])
-def test_partial_requires_grad(which):
+def test_partial_requires_grad(which, path):
     t = make(2, 4, 3, 8, 16, 8)
     full = {k: v.clone().requires_grad_(True) for k, v in t.items()}
     gy = torch.randn(2, 4, 3, 8)
-    y = call(mlp, full)
-    g_all = dict(zip(NAMES, torch.autograd.grad(y, [full[k] for k in NAMES], gy)))
-    part = {k: (v.clone().requires_grad_(True) if k == which else v.clone()) for k, v in t.items()}
-    (g,) = torch.autograd.grad(call(mlp, part), part[which], gy)
+    with force_path(path):
+        y = call(mlp, full)
+        g_all = dict(zip(NAMES, torch.autograd.grad(y, [full[k] for k in NAMES], gy)))
+        part = {k: (v.clone().requires_grad_(True) if k == which else v.clone()) for k, v in t.items()}
+        (g,) = torch.autograd.grad(call(mlp, part), part[which], gy)
     assert torch.equal(g, g_all[which])
 
 
@@ -210,6 +285,37 @@ def test_torch_compile_fullgraph_and_opcheck():
             t["grn_bias"], 1e-6, 1)
     torch.library.opcheck(torch.ops.fastvis.mlp.default, args)
     torch.library.opcheck(torch.ops.fastvis.mlp.default, args[:5] + (None, None, 1e-6, 2))
+    torch.library.opcheck(torch.ops.fastvis.mlp_tiled.default, args)
+    torch.library.opcheck(torch.ops.fastvis.mlp_tiled.default, args[:5] + (None, None, 1e-6, 2))
+
+
+def test_core_tiled_mlp_refuses_bad_input():
+    """The core's entry points (fastvis/mlp.h) check what the Python layer would not send."""
+    from fastvis import _C
+    t = make(1, 4, 3, 8, 16, 8, grn=False)
+    x = t["x"].permute(0, 3, 1, 2)  # the NHWC-dense logical NCHW view
+    ws = [t["fc1_weight"], t["fc1_bias"], t["fc2_weight"], t["fc2_bias"], None, None]
+    y = torch.empty_like(t["x"]).permute(0, 3, 1, 2)
+    _C.mlp_forward(x, ws, False, 1e-6, y)
+    torch.testing.assert_close(y.permute(0, 2, 3, 1), call(mlp_reference, t), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channels-last"):
+        _C.mlp_forward(x.contiguous(), ws, False, 1e-6, y)
+    with pytest.raises(ValueError, match="must not overlap"):
+        _C.mlp_forward(x, ws, False, 1e-6, x)
+    with pytest.raises(ValueError, match="fc2_weight"):
+        _C.mlp_forward(x, ws[:2] + [torch.randn(5, 16)] + ws[3:], False, 1e-6, y)
+    with pytest.raises(ValueError, match="grn_weight and grn_bias"):
+        _C.mlp_forward(x, ws[:4] + [torch.ones(16), None], False, 1e-6, y)
+    with pytest.raises(ValueError, match="scratch buffer too small|scratch"):
+        _C.mlp_forward(x, ws, False, 1e-6, y, torch.empty(8, dtype=torch.uint8))
+    gy = torch.randn_like(t["x"]).permute(0, 3, 1, 2)
+    grads = [gy, None, None, None, None, None, None]
+    with pytest.raises(ValueError, match="must not overlap"):
+        _C.mlp_backward(gy, x, ws, False, 1e-6, grads)
+    with pytest.raises(ValueError, match="no GRN"):
+        _C.mlp_backward(gy, x, ws, False, 1e-6, [None] * 5 + [torch.empty(16), None])
+    with pytest.raises(ValueError, match="grad_fc1_weight"):
+        _C.mlp_backward(gy, x, ws, False, 1e-6, [None, torch.empty(16, 9)] + [None] * 5)
 
 
 def test_bad_input_is_refused():
@@ -234,8 +340,9 @@ def test_bad_input_is_refused():
         mlp(t["x"], t["fc1_weight"], None, t["fc2_weight"], grn_weight=t["grn_weight"], grn_eps=0.0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("grn", [False, True])
-def test_interleaved_graphs_do_not_share_temporaries(grn):
+def test_interleaved_graphs_do_not_share_temporaries(grn, path):
     """The op's hidden-sized temporaries come from per-thread workspaces (_bridge.workspace):
     two graphs interleaved (forward A, forward B, backward B, backward A, of different
     sizes) get exactly the gradients each gets alone."""
@@ -253,6 +360,11 @@ def test_interleaved_graphs_do_not_share_temporaries(grn):
         return [x, *ps, *g.values()]
 
     a, b = make(2, 6), make(3, 9)
+    with force_path(path):
+        _interleave(a, b, leaves)
+
+
+def _interleave(a, b, leaves):
     alone = []
     for x, ps, g, gy in (a, b):
         alone.append(torch.autograd.grad(fastvis.ops.mlp(x, *ps, **g), leaves((x, ps, g, gy)), gy))

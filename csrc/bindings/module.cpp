@@ -747,6 +747,82 @@ PYBIND11_MODULE(_C, m) {
             });
       },
       py::arg("x"), py::arg("blocks"), py::arg("ys"));
+  // ------------------------------------------------------------ mlp (tiled, no mixer)
+  // weights: (fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias), None where
+  // absent; grads: (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias),
+  // None where not wanted.
+  struct MlpArgs {
+    Borrowed b;
+    TensorView x, wv[6], gv[7];
+    MlpWeights w;
+    MlpGrads g;
+    MlpParams p;
+    MlpArgs(const py::object& xo, const py::sequence& ws, bool tanh_gelu, double grn_eps) {
+      static const char* names[6] = {"fc1_weight", "fc1_bias", "fc2_weight",
+                                     "fc2_bias",   "grn_weight", "grn_bias"};
+      FV_CHECK_VALUE(py::len(ws) == 6, "weights: expected 6 entries, got ", py::len(ws));
+      x = b.view(xo, "x");
+      const TensorView* ptr[6];
+      for (int i = 0; i < 6; ++i) {
+        py::object o = ws[i];
+        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
+      }
+      w = MlpWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5]};
+      p.gelu_tanh = tanh_gelu;
+      p.grn_eps = grn_eps;
+    }
+    void grads(const py::sequence& gs) {
+      static const char* names[7] = {"grad_x",          "grad_fc1_weight", "grad_fc1_bias",
+                                     "grad_fc2_weight", "grad_fc2_bias",   "grad_grn_weight",
+                                     "grad_grn_bias"};
+      FV_CHECK_VALUE(py::len(gs) == 7, "grads: expected 7 entries, got ", py::len(gs));
+      const TensorView* ptr[7];
+      for (int i = 0; i < 7; ++i) {
+        py::object o = gs[i];
+        ptr[i] = o.is_none() ? nullptr : (gv[i] = b.view(o, names[i]), &gv[i]);
+      }
+      g = MlpGrads{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6]};
+    }
+  };
+  m.def("mlp_forward_scratch_bytes",
+        [](py::object x, py::sequence ws, bool tanh_gelu, double grn_eps) {
+          MlpArgs a(x, ws, tanh_gelu, grn_eps);
+          return mlp_forward_scratch_bytes(a.x, a.w, a.p);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("tanh_gelu"), py::arg("grn_eps") = 1e-6);
+  m.def(
+      "mlp_forward",
+      [](py::object x, py::sequence ws, bool tanh_gelu, double grn_eps, py::object y,
+         py::object scratch) {
+        MlpArgs a(x, ws, tanh_gelu, grn_eps);
+        TensorView yv = a.b.view(y, "y");
+        const size_t need = mlp_forward_scratch_bytes(a.x, a.w, a.p);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        mlp_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes);
+      },
+      py::arg("x"), py::arg("weights"), py::arg("tanh_gelu"), py::arg("grn_eps"), py::arg("y"),
+      py::arg("scratch") = py::none());
+  m.def("mlp_backward_scratch_bytes",
+        [](py::object x, py::sequence ws, bool tanh_gelu, double grn_eps) {
+          MlpArgs a(x, ws, tanh_gelu, grn_eps);
+          return mlp_backward_scratch_bytes(a.x, a.w, a.p);
+        },
+        py::arg("x"), py::arg("weights"), py::arg("tanh_gelu"), py::arg("grn_eps") = 1e-6);
+  m.def(
+      "mlp_backward",
+      [](py::object gy, py::object x, py::sequence ws, bool tanh_gelu, double grn_eps,
+         py::sequence grads, py::object scratch) {
+        MlpArgs a(x, ws, tanh_gelu, grn_eps);
+        a.grads(grads);
+        TensorView gyv = a.b.view(gy, "grad_y");
+        const size_t need = mlp_backward_scratch_bytes(a.x, a.w, a.p);
+        Scratch sc(a.b, scratch, need, a.x);
+        py::gil_scoped_release nogil;
+        mlp_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes);
+      },
+      py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("tanh_gelu"),
+      py::arg("grn_eps"), py::arg("grads"), py::arg("scratch") = py::none());
   // ------------------------------------------------------------ global_response_norm
   // weight and bias are required; norm is (N, C) in the statistics dtype; activation is
   // GrnActivation's value (0 none, 1 exact GELU, 2 tanh GELU) applied to x first.

@@ -9,6 +9,7 @@
 #include "fastvis/inception_dwconv.h"
 #include "fastvis/layer_norm.h"
 #include "fastvis/metanext_block.h"
+#include "fastvis/mlp.h"
 #include "fastvis/patch_conv.h"
 #include "fastvis/tensor.h"
 #include "fastvis/threading.h"

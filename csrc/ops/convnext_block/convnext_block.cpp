@@ -1,6 +1,8 @@
 // The fused ConvNeXt block: validation, planning, parameter packing, scratch carving,
 // dispatch to the per-ISA tile kernels, the fixed-order reduction of the parameter
 // gradients, and the depthwise backward (through the depthwise family's entry points).
+// The same tile engine serves the MetaNeXt block (inference, the inception mixer) and the
+// MLP op (training and inference, no mixer): their entry points are at the end.
 #include "fastvis/convnext_block.h"
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include "core/profile.h"
 #include "fastvis/depthwise_conv.h"
 #include "fastvis/metanext_block.h"
+#include "fastvis/mlp.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
 #include "ops/convnext_block/cpu_kernels.h"
@@ -101,6 +104,8 @@ Plan plan(const Shape& s, int64_t acc) {
     p.inc_slice_elems = up(rows_in * s.w * m.g);  // storage type T fits in an accumulator slot
     p.inc_out_elems = up(rt * s.w * m.g);
     p.dw_elems = p.inc_slice_elems + p.inc_out_elems + dwb;
+  } else if (s.mix.kind == Mixer::Identity) {
+    p.dw_elems = 0;
   } else {
     p.dw_elems = dw_buf(s.c, s.k, s.k, 1, s.cp);
   }
@@ -342,10 +347,9 @@ Packed pack(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
 constexpr size_t kGrnStoreBytes = size_t(40) << 20;
 
 // Forward scratch: packed parameters, then one tile buffer set per thread.
-size_t forward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
+size_t forward_layout(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
                       const ConvNeXtBlockParams& p, void* base, size_t bytes, Packed* pk,
                       void** bufs, void** rowsq = nullptr, void** serows = nullptr) {
-  const Shape s = shape_of(x, w);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   ScratchCarver sc(base, bytes);
   const Packed packed = pack(x, s, w, p, sc, base == nullptr, /*fwd_only=*/true);
@@ -434,6 +438,39 @@ void se_scales(const Shape& s, const A* rowsum, const ConvNeXtBlockWeights& w, A
       out[n * C + c] = static_cast<A>(1.0 / (1.0 + std::exp(-a)));
     }
   }
+}
+
+// The forward's passes over the tiles (SE statistics, GRN statistics, then the output
+// pass) on the scratch forward_layout carved.
+void run_forward(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
+                 const ConvNeXtBlockParams& p, Packed pk, void* bufs, void* rowsq, void* serows,
+                 void* y) {
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+  const int nt = get_num_threads();
+  if (pk.se_scale) {  // channel means of the mixer output, then the SE scales
+    const void* scale = pk.se_scale;
+    pk.se_scale = nullptr;  // the statistics pass sees the unscaled mixer output
+    kernels().se_stats(x.dtype, s, pl, pk, x.data, serows, bufs, nt);
+    if (x.dtype == DType::Float64)
+      se_scales<double>(s, static_cast<const double*>(serows), w,
+                        static_cast<double*>(const_cast<void*>(scale)));
+    else
+      se_scales<float>(s, static_cast<const float*>(serows), w,
+                       static_cast<float*>(const_cast<void*>(scale)));
+    pk.se_scale = scale;
+  }
+  if (w.grn_weight) {  // statistics pass, then the output pass
+    prof::Scope ps(prof::kGrnStats);
+    kernels().grn_forward_stats(x.dtype, s, pl, pk, x.data, rowsq, bufs, nt);
+    std::vector<double> G, den;
+    if (x.dtype == DType::Float64)
+      grn_norms<double>(s, static_cast<const double*>(rowsq), *w.grn_weight, p.grn_eps, G, den,
+                        static_cast<double*>(const_cast<void*>(pk.grn_f)));
+    else
+      grn_norms<float>(s, static_cast<const float*>(rowsq), *w.grn_weight, p.grn_eps, G, den,
+                       static_cast<float*>(const_cast<void*>(pk.grn_f)));
+  }
+  kernels().forward(x.dtype, s, pl, pk, x.data, y, bufs, nt);
 }
 
 // Blocks only the forward path serves (no LayerNorm, SE): refused by the backward and
@@ -526,7 +563,7 @@ size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtB
   }
   const ConvNeXtBlockShape s = convnext_block_shape(x, w, p);
   if (s.n * s.h * s.w == 0) return 0;
-  return forward_layout(x, w, p, nullptr, 0, nullptr, nullptr);
+  return forward_layout(x, shape_of(x, w), w, p, nullptr, 0, nullptr, nullptr);
 }
 
 void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
@@ -550,39 +587,14 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
   if (s0.n * s0.h * s0.w == 0) return;
   check_no_overlap(x, y);
   FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
+  const Shape s = shape_of(x, w);
   Packed pk;
   void* bufs;
   void* rowsq = nullptr;
   void* serows = nullptr;
   // Carving checks the size as it goes (before anything is written).
-  forward_layout(x, w, p, scratch, scratch_bytes, &pk, &bufs, &rowsq, &serows);
-  const Shape s = shape_of(x, w);
-  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
-  const int nt = get_num_threads();
-  if (pk.se_scale) {  // channel means of the mixer output, then the SE scales
-    const void* scale = pk.se_scale;
-    pk.se_scale = nullptr;  // the statistics pass sees the unscaled mixer output
-    kernels().se_stats(x.dtype, s, pl, pk, x.data, serows, bufs, nt);
-    if (x.dtype == DType::Float64)
-      se_scales<double>(s, static_cast<const double*>(serows), w,
-                        static_cast<double*>(const_cast<void*>(scale)));
-    else
-      se_scales<float>(s, static_cast<const float*>(serows), w,
-                       static_cast<float*>(const_cast<void*>(scale)));
-    pk.se_scale = scale;
-  }
-  if (w.grn_weight) {  // statistics pass, then the output pass
-    prof::Scope ps(prof::kGrnStats);
-    kernels().grn_forward_stats(x.dtype, s, pl, pk, x.data, rowsq, bufs, nt);
-    std::vector<double> G, den;
-    if (x.dtype == DType::Float64)
-      grn_norms<double>(s, static_cast<const double*>(rowsq), *w.grn_weight, p.grn_eps, G, den,
-                        static_cast<double*>(const_cast<void*>(pk.grn_f)));
-    else
-      grn_norms<float>(s, static_cast<const float*>(rowsq), *w.grn_weight, p.grn_eps, G, den,
-                       static_cast<float*>(const_cast<void*>(pk.grn_f)));
-  }
-  kernels().forward(x.dtype, s, pl, pk, x.data, y.data, bufs, nt);
+  forward_layout(x, s, w, p, scratch, scratch_bytes, &pk, &bufs, &rowsq, &serows);
+  run_forward(x, s, w, p, pk, bufs, rowsq, serows, y.data);
 }
 
 // ------------------------------------------------------------------ backward
@@ -618,16 +630,19 @@ DepthwiseConv2dParams dw_params(int64_t k) {
   return dp;
 }
 
-size_t backward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
+// Backward scratch: packed parameters, D, the partials, the tile buffers, GRN's row sums
+// and the depthwise backward's scratch. Without a mixer (the MLP op) D is the caller's
+// input gradient and there is no depthwise backward: neither is reserved.
+size_t backward_layout(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
                        const ConvNeXtBlockParams& p, const ConvNeXtBlockGrads* g, void* base,
                        size_t bytes, BwdScratch* out) {
-  const Shape s = shape_of(x, w);
   const size_t a = acc_size(x.dtype);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(a));
   ScratchCarver sc(base, bytes);
   BwdScratch bs;
   bs.pk = pack(x, s, w, p, sc, base == nullptr, /*fwd_only=*/false);
-  bs.d = sc.take(static_cast<size_t>(s.n * s.h * s.w * s.c) * dtype_size(x.dtype));
+  const bool dw = s.mix.kind == cnblock::Mixer::Dwconv;
+  if (dw) bs.d = sc.take(static_cast<size_t>(s.n * s.h * s.w * s.c) * dtype_size(x.dtype));
   bs.partials = sc.take(static_cast<size_t>(pl.chunks * pl.partial_elems) * a);
   bs.bufs = sc.take(static_cast<size_t>(pl.bwd_elems) * a * static_cast<size_t>(get_num_threads()));
   if (w.grn_weight) {
@@ -635,6 +650,10 @@ size_t backward_layout(const TensorView& x, const ConvNeXtBlockWeights& w,
     bs.rowsq = sc.take(rb);
     bs.rowt = sc.take(rb);
     bs.rowdb = sc.take(rb);
+  }
+  if (!dw) {
+    if (out) *out = bs;
+    return sc.used();
   }
   // The depthwise backward's scratch (its size does not depend on D's address).
   const TensorView dv = make_nhwc_view(bs.d ? bs.d : reinterpret_cast<void*>(64), x.dtype, s.n,
@@ -833,6 +852,38 @@ void grn_backward_prepare(const Shape& s, const Plan& pl, const BwdScratch& bs,
   }
 }
 
+// The backward's passes over the tiles (GRN's statistics passes, then the gradient pass
+// writing D and the partials) and the reduction of the parameter gradients, on the
+// scratch backward_layout carved. d: where D goes (null: not wanted, see backward_tiles).
+void run_backward_tiles(const TensorView& grad_y, const TensorView& x, const Shape& s,
+                        const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
+                        const ConvNeXtBlockGrads& g, const BwdScratch& bs, void* d) {
+  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
+  if (w.grn_weight) {
+    prof::Scope ps(prof::kGrnStats);
+    if (x.dtype == DType::Float64)
+      grn_backward_prepare<double>(s, pl, bs, x, grad_y, w, p, g);
+    else
+      grn_backward_prepare<float>(s, pl, bs, x, grad_y, w, p, g);
+  }
+  // Run 0's weight-gradient sums straight into the gradient tensors where they can be.
+  const bool f64 = x.dtype == DType::Float64;
+  void* w1_0 = f64 ? static_cast<void*>(direct_grad<double>(g.fc1_weight))
+                   : static_cast<void*>(direct_grad<float>(g.fc1_weight));
+  void* w2_0 = f64 ? static_cast<void*>(direct_grad<double>(g.fc2_weight))
+                   : static_cast<void*>(direct_grad<float>(g.fc2_weight));
+  // Phase A: the tiles -> D and the per-chunk partial sums.
+  kernels().backward_tiles(x.dtype, s, pl, bs.pk, x.data, grad_y.data, d, bs.partials, w1_0,
+                           w2_0, bs.bufs, get_num_threads(), g.gamma != nullptr);
+  prof::Scope ps(prof::kReduce);
+  if (f64)
+    reduce_partials<double>(s, pl, bs.pk, static_cast<double*>(bs.partials),
+                            static_cast<double*>(w1_0), static_cast<double*>(w2_0), g);
+  else
+    reduce_partials<float>(s, pl, bs.pk, static_cast<float*>(bs.partials),
+                           static_cast<float*>(w1_0), static_cast<float*>(w2_0), g);
+}
+
 }  // namespace
 
 size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
@@ -849,7 +900,7 @@ size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXt
   }
   const ConvNeXtBlockShape s = convnext_block_shape(x, w, p);
   if (s.n * s.h * s.w == 0) return 0;
-  return backward_layout(x, w, p, nullptr, nullptr, 0, nullptr);
+  return backward_layout(x, shape_of(x, w), w, p, nullptr, nullptr, 0, nullptr);
 }
 
 void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
@@ -899,40 +950,13 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
     return;
   }
   FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
-  const size_t need = backward_layout(x, w, p, &g, nullptr, 0, nullptr);
+  const Shape s = shape_of(x, w);
+  const size_t need = backward_layout(x, s, w, p, &g, nullptr, 0, nullptr);
   FV_CHECK_VALUE(scratch_bytes >= need, "scratch buffer too small: need at least ", need,
                  " bytes, got ", scratch_bytes);
   BwdScratch bs;
-  backward_layout(x, w, p, &g, scratch, scratch_bytes, &bs);
-  const Shape s = shape_of(x, w);
-  const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
-
-  if (w.grn_weight) {
-    prof::Scope ps(prof::kGrnStats);
-    if (x.dtype == DType::Float64)
-      grn_backward_prepare<double>(s, pl, bs, x, grad_y, w, p, g);
-    else
-      grn_backward_prepare<float>(s, pl, bs, x, grad_y, w, p, g);
-  }
-  // Phase A: the tiles -> D and the per-chunk partial sums.
-  // Run 0's weight-gradient sums straight into the gradient tensors where they can be.
-  const bool f64 = x.dtype == DType::Float64;
-  void* w1_0 = f64 ? static_cast<void*>(direct_grad<double>(g.fc1_weight))
-                   : static_cast<void*>(direct_grad<float>(g.fc1_weight));
-  void* w2_0 = f64 ? static_cast<void*>(direct_grad<double>(g.fc2_weight))
-                   : static_cast<void*>(direct_grad<float>(g.fc2_weight));
-  // Phase A: the tiles -> D and the per-chunk partial sums.
-  kernels().backward_tiles(x.dtype, s, pl, bs.pk, x.data, grad_y.data, bs.d, bs.partials, w1_0,
-                           w2_0, bs.bufs, get_num_threads(), g.gamma != nullptr);
-  {
-    prof::Scope ps(prof::kReduce);
-    if (f64)
-      reduce_partials<double>(s, pl, bs.pk, static_cast<double*>(bs.partials),
-                              static_cast<double*>(w1_0), static_cast<double*>(w2_0), g);
-    else
-      reduce_partials<float>(s, pl, bs.pk, static_cast<float*>(bs.partials),
-                             static_cast<float*>(w1_0), static_cast<float*>(w2_0), g);
-  }
+  backward_layout(x, s, w, p, &g, scratch, scratch_bytes, &bs);
+  run_backward_tiles(grad_y, x, s, w, p, g, bs, bs.d);
   prof::Scope ps_dw(prof::kDwconvBwd);
 
   // Phase B: the depthwise convolution's backward on D, and the residual.
@@ -1113,6 +1137,158 @@ void metanext_block_forward(const TensorView& x, const MetaNeXtBlockWeights& w,
   metanext_layout(x, w, p, s, scratch, scratch_bytes, &pk, &bufs);
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   kernels().forward(x.dtype, s, pl, pk, x.data, y.data, bufs, get_num_threads());
+}
+
+
+// ------------------------------------------------------------------ MLP (no mixer)
+
+namespace {
+
+ConvNeXtBlockWeights block_weights(const MlpWeights& w) {
+  ConvNeXtBlockWeights c;
+  c.fc1_weight = w.fc1_weight;
+  c.fc1_bias = w.fc1_bias;
+  c.fc2_weight = w.fc2_weight;
+  c.fc2_bias = w.fc2_bias;
+  c.grn_weight = w.grn_weight;
+  c.grn_bias = w.grn_bias;
+  return c;
+}
+
+ConvNeXtBlockParams block_params(const MlpParams& p) {
+  ConvNeXtBlockParams c;
+  c.gelu_tanh = p.gelu_tanh;
+  c.grn_eps = p.grn_eps;
+  c.layer_norm = false;
+  return c;
+}
+
+Shape mlp_engine_shape(const MlpShape& m, DType dt) {
+  Shape s{m.n, m.c, m.h, m.w, 1, m.hidden, padded(m.c, dt)};
+  s.mix.kind = cnblock::Mixer::Identity;
+  return s;
+}
+
+void check_disjoint(const TensorView& a, const TensorView& b, const char* an, const char* bn) {
+  const char* ab = static_cast<const char*>(a.data);
+  const char* bb = static_cast<const char*>(b.data);
+  const size_t na = static_cast<size_t>(a.numel()) * dtype_size(a.dtype);
+  const size_t nb = static_cast<size_t>(b.numel()) * dtype_size(b.dtype);
+  FV_CHECK_VALUE(ab + na <= bb || bb + nb <= ab, an, ": must not overlap ", bn);
+}
+
+void check_mlp_act(const TensorView& t, const MlpShape& m, DType dt, const char* name) {
+  core::check_cpu(t, name);
+  FV_CHECK_VALUE(t.ndim == 4 && t.shape[0] == m.n && t.shape[1] == m.c && t.shape[2] == m.h &&
+                     t.shape[3] == m.w && t.dtype == dt && is_nhwc(t),
+                 name, ": expected a channels-last ", dtype_name(dt), " tensor of x's shape, got ",
+                 t.describe());
+}
+
+}  // namespace
+
+MlpShape mlp_shape(const TensorView& x, const MlpWeights& w, const MlpParams& p) {
+  const core::NchwDims d = core::activation_dims(x, "x");
+  FV_CHECK_VALUE(x.device.type == DeviceType::CPU,
+                 "mlp: CPU only (no CUDA kernels for the tiled MLP), got ", x.describe());
+  core::check_cpu(x, "x");
+  FV_CHECK_VALUE(is_nhwc(x), "x: the tiled MLP needs dense channels-last (NHWC) tokens, got ",
+                 x.describe(), " with other strides");
+  FV_CHECK_TYPE(w.fc1_weight != nullptr, "fc1_weight: required, got none");
+  FV_CHECK_VALUE(w.fc1_weight->ndim == 2 && w.fc1_weight->shape[1] == d.c &&
+                     w.fc1_weight->shape[0] >= 1,
+                 "fc1_weight: expected shape [hidden, ", d.c, "], got ", w.fc1_weight->describe());
+  const int64_t hidden = w.fc1_weight->shape[0];
+  FV_CHECK_VALUE(hidden * d.c < (int64_t(1) << 31), "fc1_weight: hidden x C = ", hidden * d.c,
+                 " is too large for the 32-bit BLAS interface");
+  check_param(w.fc1_weight, x, {hidden, d.c}, "fc1_weight", true);
+  check_param(w.fc2_weight, x, {d.c, hidden}, "fc2_weight", true);
+  check_param(w.fc1_bias, x, {hidden}, "fc1_bias", false);
+  check_param(w.fc2_bias, x, {d.c}, "fc2_bias", false);
+  check_param(w.grn_weight, x, {hidden}, "grn_weight", false);
+  check_param(w.grn_bias, x, {hidden}, "grn_bias", false);
+  FV_CHECK_VALUE((w.grn_weight == nullptr) == (w.grn_bias == nullptr),
+                 "grn_weight and grn_bias: give both (GRN) or neither");
+  FV_CHECK_VALUE(std::isfinite(p.grn_eps) && p.grn_eps > 0,
+                 "grn_eps: expected a positive finite number, got ", p.grn_eps);
+  return MlpShape{d.n, d.c, d.h, d.w, hidden};
+}
+
+size_t mlp_forward_scratch_bytes(const TensorView& x, const MlpWeights& w, const MlpParams& p) {
+  const MlpShape m = mlp_shape(x, w, p);
+  if (m.n * m.h * m.w == 0) return 0;
+  return forward_layout(x, mlp_engine_shape(m, x.dtype), block_weights(w), block_params(p),
+                        nullptr, 0, nullptr, nullptr);
+}
+
+void mlp_forward(const TensorView& x, const MlpWeights& w, const MlpParams& p,
+                 const TensorView& y, void* scratch, size_t scratch_bytes) {
+  const MlpShape m = mlp_shape(x, w, p);
+  check_mlp_act(y, m, x.dtype, "y");
+  if (m.n * m.h * m.w == 0) return;
+  check_disjoint(y, x, "y", "x");
+  FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
+  const Shape s = mlp_engine_shape(m, x.dtype);
+  const ConvNeXtBlockWeights bw = block_weights(w);
+  const ConvNeXtBlockParams bp = block_params(p);
+  Packed pk;
+  void* bufs;
+  void* rowsq = nullptr;
+  forward_layout(x, s, bw, bp, scratch, scratch_bytes, &pk, &bufs, &rowsq);
+  pk.residual = false;
+  run_forward(x, s, bw, bp, pk, bufs, rowsq, nullptr, y.data);
+}
+
+size_t mlp_backward_scratch_bytes(const TensorView& x, const MlpWeights& w, const MlpParams& p) {
+  const MlpShape m = mlp_shape(x, w, p);
+  if (m.n * m.h * m.w == 0) return 0;
+  return backward_layout(x, mlp_engine_shape(m, x.dtype), block_weights(w), block_params(p),
+                         nullptr, nullptr, 0, nullptr);
+}
+
+void mlp_backward(const TensorView& grad_y, const TensorView& x, const MlpWeights& w,
+                  const MlpParams& p, const MlpGrads& g, void* scratch, size_t scratch_bytes) {
+  const MlpShape m = mlp_shape(x, w, p);
+  const int64_t C = m.c, Hd = m.hidden;
+  check_mlp_act(grad_y, m, x.dtype, "grad_y");
+  if (g.x) check_mlp_act(*g.x, m, x.dtype, "grad_x");
+  check_grad(g.fc1_weight, nullptr, x, {Hd, C}, "grad_fc1_weight");
+  check_grad(g.fc1_bias, nullptr, x, {Hd}, "grad_fc1_bias");
+  check_grad(g.fc2_weight, nullptr, x, {C, Hd}, "grad_fc2_weight");
+  check_grad(g.fc2_bias, nullptr, x, {C}, "grad_fc2_bias");
+  check_grad(g.grn_weight, nullptr, x, {Hd}, "grad_grn_weight");
+  check_grad(g.grn_bias, nullptr, x, {Hd}, "grad_grn_bias");
+  FV_CHECK_VALUE(w.grn_weight || (!g.grn_weight && !g.grn_bias),
+                 "grad_grn_weight / grad_grn_bias: the MLP has no GRN");
+  if (m.n * m.h * m.w == 0) {  // nothing flows: zero parameter gradients
+    for (const TensorView* t : {g.fc1_weight, g.fc1_bias, g.fc2_weight, g.fc2_bias, g.grn_weight,
+                                g.grn_bias})
+      zero_grad(t);
+    return;
+  }
+  if (g.x) {
+    check_disjoint(*g.x, x, "grad_x", "x");
+    check_disjoint(*g.x, grad_y, "grad_x", "grad_y");
+  }
+  FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
+  const Shape s = mlp_engine_shape(m, x.dtype);
+  const ConvNeXtBlockWeights bw = block_weights(w);
+  const ConvNeXtBlockParams bp = block_params(p);
+  ConvNeXtBlockGrads bg;
+  bg.x = g.x;
+  bg.fc1_weight = g.fc1_weight;
+  bg.fc1_bias = g.fc1_bias;
+  bg.fc2_weight = g.fc2_weight;
+  bg.fc2_bias = g.fc2_bias;
+  bg.grn_weight = g.grn_weight;
+  bg.grn_bias = g.grn_bias;
+  const size_t need = backward_layout(x, s, bw, bp, &bg, nullptr, 0, nullptr);
+  FV_CHECK_VALUE(scratch_bytes >= need, "scratch buffer too small: need at least ", need,
+                 " bytes, got ", scratch_bytes);
+  BwdScratch bs;
+  backward_layout(x, s, bw, bp, &bg, scratch, scratch_bytes, &bs);
+  bs.pk.residual = false;
+  run_backward_tiles(grad_y, x, s, bw, bp, bg, bs, g.x ? g.x->data : nullptr);
 }
 
 }  // namespace fastvis

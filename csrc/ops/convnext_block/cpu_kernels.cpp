@@ -154,6 +154,15 @@ void dw_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T
     inception_tile<T, A>(dt, s, pk, x, g0, g1, out, dwbuf, pl.inc_slice_elems, pl.inc_out_elems);
     return;
   }
+  if (s.mix.kind == Mixer::Identity) {  // the rows of x themselves, in A
+    constexpr int L = VT<A>::L;
+    const T* src = x + g0 * s.w * s.c;
+    const int64_t ne = (g1 - g0) * s.w * s.c;
+    int64_t i = 0;
+    for (; i + L <= ne; i += L) vstore<A, A>(out + i, vload<T, A>(src + i));
+    for (; i < ne; ++i) out[i] = sload<T, A>(src + i);
+    return;
+  }
   for (int64_t gr = g0; gr < g1;) {
     const int64_t n = gr / s.h, r0 = gr % s.h, r1 = std::min(s.h, r0 + (g1 - gr));
     int64_t s0;
@@ -164,10 +173,36 @@ void dw_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T
   }
 }
 
-// y = x + ds[n] * gamma * (o + b2) for the np pixels starting at global pixel p0.
+// y = ds[n] * gamma * (o + b2) for the np pixels starting at global pixel p0.
+template <class T, class A>
+void plain_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const A* o, T* y) {
+  using V = typename VT<A>::V;
+  constexpr int L = VT<A>::L;
+  const A* gamma = static_cast<const A*>(pk.gamma);
+  const A* b2 = static_cast<const A*>(pk.b2);
+  const A* ds = static_cast<const A*>(pk.ds);
+  const int64_t C = s.c, hw = s.h * s.w;
+  for (int64_t p = 0; p < np; ++p) {
+    const A sc = ds[(p0 + p) / hw];
+    const V scv = V{} + sc;
+    T* yp = y + (p0 + p) * C;
+    const A* op = o + p * C;
+    int64_t c = 0;
+    for (; c + L <= C; c += L)
+      vstore<T, A>(yp + c, scv * vload<A, A>(gamma + c) * (vload<A, A>(op + c) + vload<A, A>(b2 + c)));
+    for (; c < C; ++c) sstore<T, A>(yp + c, sc * gamma[c] * (op[c] + b2[c]));
+  }
+}
+
+// y = x + ds[n] * gamma * (o + b2) for the np pixels starting at global pixel p0 (without
+// the x term when the block has no residual, pk.residual false).
 template <class T, class A>
 void residual_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const T* x,
                   const A* o, T* y) {
+  if (!pk.residual) {
+    plain_out<T, A>(s, pk, p0, np, o, y);
+    return;
+  }
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   const A* gamma = static_cast<const A*>(pk.gamma);
@@ -358,6 +393,8 @@ void forward_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const
 //   dW2 += do^T g                     dg = do W2
 //   da = dg * gelu'(a)               db1 += sum da     dW1 += da^T t2     dt2 = da W1
 //   dt1 = LN backward (dnorm_w += sum dt2 * xhat, dnorm_b += sum dt2)  -> D
+// Without a LayerNorm (pk.norm false) t2 = t1 and D = dt2; without D (null: no gradient of
+// the mixer output wanted, the MLP op when x needs none) the last GEMM is skipped.
 // Tiles are grouped in plan.chunks contiguous runs; each run sums into its own partials
 // in tile order, and the caller reduces the runs in order: the result does not depend on
 // which thread ran which run.
@@ -408,14 +445,16 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
           prof::Scope ps(prof::kDwconv);
           dw_tile<T, A>(dt, s, pl, pk, x, g0, g1, t1, dwb);
         }
-        {
+        A* z = t1;  // fc1's input
+        if (pk.norm) {
           prof::Scope ps(prof::kLayerNorm);
           ::fastvis::layernorm::FV_ISA::fwd_nhwc<A, A>(np, C, t1, nw, nb, static_cast<A>(pk.eps),
                                                        t2, mean, rstd);
+          z = t2;
         }
         {
           prof::Scope ps(prof::kFc1);
-          mm(pl, Op::N, Op::T, np, Hd, C, A(1), t2, C, w1, C, A(0), ab, Hd);
+          mm(pl, Op::N, Op::T, np, Hd, C, A(1), z, C, w1, C, A(0), ab, Hd);
         }
         {
           prof::Scope ps(prof::kGelu);
@@ -478,23 +517,26 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         }
         {
           prof::Scope ps(prof::kWgrad);
-          mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, t2, C, wbeta, pw1, C);
+          mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, z, C, wbeta, pw1, C);
         }
+        if (!D) continue;
         {
           prof::Scope ps(prof::kDgrad);
           mm(pl, Op::N, Op::N, np, C, Hd, A(1), ab, Hd, w1, C, A(0), dt2, C);
         }
-        {
+        const A* dz = dt2;  // the gradient stored as D
+        if (pk.norm) {
           prof::Scope ps(prof::kLayerNormBwd);
           ::fastvis::layernorm::FV_ISA::bwd_nhwc<A, A>(np, C, dt2, t1, nw, mean, rstd, dob,
                                                        part + lay.nw, part + lay.nb);
+          dz = dob;
         }
         prof::Scope ps_store(prof::kStoreD);
         T* Dp = D + p0 * C;
         const int64_t ne = np * C;
         int64_t i = 0;
-        for (; i + L <= ne; i += L) vstore<T, A>(Dp + i, vload<A, A>(dob + i));
-        for (; i < ne; ++i) sstore<T, A>(Dp + i, dob[i]);
+        for (; i + L <= ne; i += L) vstore<T, A>(Dp + i, vload<A, A>(dz + i));
+        for (; i < ne; ++i) sstore<T, A>(Dp + i, dz[i]);
       }
     }
   });

@@ -19,9 +19,10 @@ namespace cnblock {
 // The token mixer in front of the MLP. Dwconv: one depthwise k x k conv over all C
 // channels (ConvNeXt). Inception (InceptionNeXt's MetaNeXt block, forward only): channels
 // [0, cid) pass through, then three depthwise branches of g channels each: ks x ks,
-// 1 x kb and kb x 1, all at dilation `dil` with "same" padding.
+// 1 x kb and kb x 1, all at dilation `dil` with "same" padding. Identity: no mixer, the
+// tile is x itself (the MLP op, fastvis/mlp.h: no norm, no residual).
 struct Mixer {
-  enum Kind { Dwconv = 0, Inception = 1 } kind = Dwconv;
+  enum Kind { Dwconv = 0, Inception = 1, Identity = 2 } kind = Dwconv;
   int64_t cid = 0, g = 0, ks = 0, kb = 0, dil = 1;
   int64_t cpg = 0;  // channel stride of a branch's packed weights (g rounded up to a block)
 };
@@ -87,6 +88,8 @@ struct Packed {
   double eps;
   bool tanh;
   bool norm;  // LayerNorm between the mixer and fc1 (false: none; any affine is in fc1)
+  // false: y = ds * gamma * (o + b2), x is not added (the MLP op); true: the residual block.
+  bool residual = true;
   // Squeeze-and-excitation (UniRepLKNet): the mixer(+norm) output is scaled per image and
   // channel, z *= se_scale[n][c], before fc1 (null: no SE). Filled by the caller from the
   // se_stats pass.
@@ -102,6 +105,8 @@ struct Packed {
 #define FV_CNBLOCK_KERNEL_DECLS                                                               \
   void forward(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const void* x,     \
                void* y, void* bufs, int nbufs);                                               \
+  /* d: null when no gradient of the mixer output is wanted (the fc1 input-gradient */      \
+  /* GEMM is then skipped; blocks with a LayerNorm always need it). */                        \
   /* w1_0 / w2_0: where run 0 writes its fc1 / fc2 weight-gradient sums (hidden x C and */ \
   /* C x hidden accumulators, dense) instead of its partial slots; null: the slots. */         \
   void backward_tiles(DType dt, const Shape& s, const Plan& pl, const Packed& pk,             \

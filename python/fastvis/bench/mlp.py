@@ -5,7 +5,8 @@ The token MLP of a block, ``fc2(GRN?(GELU(fc1(x))))`` on (N, H, W, C) tokens wit
 at 56/28/14/7) or InceptionNeXt's / ConvNeXt's (``--no-grn``). Times in the same run,
 interleaved:
 
-* fastvis: ``fastvis.ops.mlp`` (autograd keeps fc1's input and output only);
+* fastvis: ``fastvis.ops.mlp`` (its tiled path keeps fc1's input only, its torch-GEMM
+  path fc1's input and output; which one runs: ``fastvis.ops.mlp`` docstring);
 * eager: ``fastvis.ops.mlp_reference`` (F.linear, F.gelu, the GRN formula, F.linear) in
   PyTorch eager mode, what the module-by-module block runs;
 * compile: that reference under ``torch.compile`` (inductor).

@@ -86,8 +86,8 @@ class ConvMlp(nn.Module):
         w2, b2 = self.fc2_matrix() if fc2 is None else fc2
         h = x.permute(0, 2, 3, 1)  # (N, H, W, C): a dense view when x is channels_last
         if type(self.act) is nn.GELU and (self.drop.p == 0 or not self.training):
-            # One fastvis.ops.mlp call: autograd keeps fc1's input and output, not GELU's
-            # output too; the backward recomputes GELU (no GEMM is recomputed).
+            # One fastvis.ops.mlp call: on the CPU the core's tiled MLP, whose autograd
+            # keeps fc1's input only (the backward recomputes fc1 tile by tile in cache).
             h = mlp(h, w1, b1, w2, b2, approximate=self.act.approximate)
         else:
             h = F.linear(h, w1, b1)

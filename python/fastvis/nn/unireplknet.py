@@ -198,9 +198,10 @@ class UniRepLKNetBlock(Reparameterizable, nn.Module):
 
     def _mlp(self, z: torch.Tensor) -> torch.Tensor:
         """pwconv1 -> GELU -> GRN -> pwconv2's Linear on the (N, C, H, W) SE output, as one
-        fastvis.ops.mlp call: autograd keeps fc1's input and output (5C values a pixel),
-        not GELU's and GRN's outputs too (13C in the module-by-module form); the backward
-        recomputes them in one pass. The submodules' parameters are used directly, so
+        fastvis.ops.mlp call: autograd keeps fc1's input only (C values a pixel: the tiled
+        path, chosen with GRN where the core's GEMM runs AVX-512 kernels) or fc1's input and
+        output (5C: the torch-GEMM path), not GELU's and GRN's outputs too (13C in the
+        module-by-module form). The submodules' parameters are used directly, so
         forward hooks on pwconv1 / act / pwconv2's Linear (and on BN2 when forward folds
         the layer scale into it) do not run."""
         lin1, gelu, grn, lin2 = self.pwconv1[1], self.act[0], self.act[1], self.pwconv2[0]

@@ -8,18 +8,27 @@ of a channels_last activation), fc1 / fc2 as ``nn.Linear`` weights (hidden, C) a
 (C_out, hidden), GELU exact or tanh-approximated, and optionally the ConvNeXt-V2 / UniRepLKNet
 Global Response Normalization on the hidden activations (per image, hence the 4-D input).
 
-What autograd keeps: ``x`` and the hidden pre-activation ``h = fc1(x)`` (plus GRN's (N,
-hidden) norms), C + hidden values per pixel. Eager PyTorch keeps x, h and GELU's output
-(C + 2 hidden), with GRN also GRN's output (C + 3 hidden): for hidden = 4C that is 5C
-against 9C or 13C. The backward pass recomputes GELU's output (and GRN's, from the saved
-norms, in one pass over h) instead of reading it back, then runs the same four GEMMs as
-eager PyTorch. No GEMM is recomputed.
+Two CPU paths, the same results within rounding:
 
-Where the work runs: the GEMMs are torch's (``F.linear`` / ``mm`` on 2-D views of the
-tokens); GELU + GRN forward and backward are the core's GRN family with its fused GELU
-prologue (:func:`fastvis.ops.global_response_norm` with ``activation="gelu"``: gelu(h) is
-recomputed in each pass and never stored); without GRN, torch's ``gelu`` and
-``gelu_backward``. CPU only for the fused form; other devices run the reference.
+- **Tiled** (the default where fc2 maps back to C): the core's tiled MLP
+  (``fastvis/mlp.h``), the fused blocks' tile engine without a mixer. Tiles of image rows go
+  through fc1 -> GELU (-> GRN) -> fc2 as the core's GEMMs in cache; autograd keeps x only (C
+  values a pixel against eager PyTorch's C + 2 hidden, 9C for hidden = 4C); the backward
+  recomputes fc1 per tile (5 GEMMs a tile instead of 4, all on cache-resident tiles) and
+  reduces the parameter gradients in a fixed order (bit-identical for any thread count).
+  With GRN it takes extra statistics passes (two more GEMMs a tile in the backward), so it
+  is chosen for GRN only where the core's GEMM runs AVX-512 kernels
+  (:func:`tiled_grn_preferred`).
+- **Torch GEMMs** (C_out != C, or GRN on AVX2 / MKL GEMMs): autograd keeps ``x`` and the
+  hidden pre-activation ``h = fc1(x)`` (plus GRN's (N, hidden) norms), C + hidden values
+  per pixel; the backward recomputes GELU's output (and GRN's, from the saved norms, in one
+  pass over h) instead of reading it back, then runs the same four GEMMs as eager PyTorch.
+  The GEMMs are torch's (``F.linear`` / ``mm`` on 2-D views of the tokens); GELU + GRN
+  forward and backward are the core's GRN family with its fused GELU prologue
+  (:func:`fastvis.ops.global_response_norm` with ``activation="gelu"``); without GRN,
+  torch's ``gelu`` and ``gelu_backward``.
+
+Other devices run the reference.
 """
 from __future__ import annotations
 
@@ -31,7 +40,8 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd, scratch_arg_sized, workspace
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size,
+                      register_autograd, scratch_arg_sized, workspace)
 from ._checks import CPU_DTYPES, CUDA_DTYPES, check_eps, check_param_tensors, cpu_core_serves
 from .grn import global_response_norm_reference
 
@@ -195,6 +205,136 @@ def _backward(ctx, grad_y, _grad_h, _grad_norm):
 register_autograd(_mlp_fwd, _backward, _setup_context)
 
 
+# ---------------------------------------------------------------- tiled custom ops
+#
+# The core's tiled MLP (fastvis/mlp.h): the fused blocks' tile engine without a mixer.
+# Autograd keeps x only; the backward recomputes fc1 tile by tile in cache.
+
+
+@forward_op("fastvis::mlp_tiled")
+def _tiled_fwd(
+    x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
+    grn_weight: Optional[torch.Tensor], grn_bias: Optional[torch.Tensor], grn_eps: float,
+    act: int,
+) -> torch.Tensor:
+    _sync_threads()
+    x = x.detach().contiguous()
+    gb = grn_bias if (grn_weight is not None and grn_bias is not None) else (
+        None if grn_weight is None else torch.zeros_like(grn_weight))
+    ws = [None if t is None else t.detach() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                       grn_weight, gb)]
+    y = torch.empty_like(x)
+    tanh = act == 2
+    nbytes = lambda: memoised_size(
+        ("mlp_tiled_fwd", _C.get_num_threads(), tuple(x.shape), x.dtype,
+         tuple(None if t is None else tuple(t.shape) for t in ws)),
+        lambda: _C.mlp_forward_scratch_bytes(_nchw(x), ws, tanh, grn_eps))
+    _C.mlp_forward(dl(_nchw(x)), [None if t is None else dl(t) for t in ws], tanh, grn_eps,
+                   dl(_nchw(y)), scratch_arg_sized(x.device, nbytes))
+    return y
+
+
+@_tiled_fwd.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps, act):
+    return x.new_empty(x.shape)
+
+
+@forward_op("fastvis::mlp_tiled_backward")
+def _tiled_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
+    grn_weight: Optional[torch.Tensor], grn_bias: Optional[torch.Tensor], grn_eps: float,
+    act: int, needs: List[bool],
+) -> List[torch.Tensor]:
+    """Gradients [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias];
+    an empty tensor where ``needs`` is False (or the parameter is absent)."""
+    _sync_threads()
+    gy = grad_y.detach().contiguous()
+    x = x.detach().contiguous()
+    gb = grn_bias if (grn_weight is not None and grn_bias is not None) else (
+        None if grn_weight is None else torch.zeros_like(grn_weight))
+    ws = [None if t is None else t.detach() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                       grn_weight, gb)]
+    like = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias]
+    outs = [torch.empty(t.shape, dtype=x.dtype, device=x.device) if (t is not None and need)
+            else x.new_empty(0) for t, need in zip(like, needs)]
+    grads = [o if (t is not None and need) else None for o, t, need in zip(outs, like, needs)]
+    if grads[0] is not None:
+        grads[0] = _nchw(grads[0])
+    tanh = act == 2
+    nbytes = lambda: memoised_size(
+        ("mlp_tiled_bwd", _C.get_num_threads(), tuple(x.shape), x.dtype,
+         tuple(None if t is None else tuple(t.shape) for t in ws)),
+        lambda: _C.mlp_backward_scratch_bytes(_nchw(x), ws, tanh, grn_eps))
+    _C.mlp_backward(dl(_nchw(gy)), dl(_nchw(x)), [None if t is None else dl(t) for t in ws], tanh,
+                    grn_eps, [None if t is None else dl(t) for t in grads],
+                    scratch_arg_sized(x.device, nbytes))
+    return outs
+
+
+@_tiled_bwd.register_fake
+def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps, act,
+      needs):
+    like = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias]
+    return [x.new_empty(t.shape) if (t is not None and need) else x.new_empty(0)
+            for t, need in zip(like, needs)]
+
+
+def _tiled_setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps, act = inputs
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias)
+    ctx.grn_eps = grn_eps
+    ctx.act = act
+
+
+def _tiled_backward(ctx, grad_y):
+    saved = ctx.saved_tensors
+    ni = ctx.needs_input_grad
+    needs = [bool(ni[i]) and saved[i] is not None for i in range(7)]
+    if not any(needs):
+        return (None,) * 9
+    outs = call_op(_tiled_bwd, grad_y, *saved, ctx.grn_eps, ctx.act, needs)
+    return (*[o if need else None for o, need in zip(outs, needs)], None, None)
+
+
+register_autograd(_tiled_fwd, _tiled_backward, _tiled_setup_context)
+
+
+_AVX512_OPENBLAS = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+def _avx512_openblas_gemm() -> bool:
+    """The core's float GEMM is OpenBLAS on AVX-512 kernels (fastvis._cpu, _runtime)."""
+    return _C.sgemm_provider().lower().startswith("openblas") and any(
+        k in _C.blas_config().lower() for k in _AVX512_OPENBLAS)
+
+
+# Decided once, at import (after fastvis._runtime installed the GEMM), so torch.compile
+# traces a constant.
+_GRN_TILED = _avx512_openblas_gemm()
+
+
+def tiled_grn_preferred() -> bool:
+    """Whether :func:`mlp` with GRN runs the core's tiled MLP: when the core's float GEMM is
+    OpenBLAS on AVX-512 kernels. GRN costs the tiled backward two extra GEMMs per tile (its
+    statistics pass), which those kernels pay for and AVX2 ones do not: measured on a Zen 5
+    core, UniRepLKNet-T's MLP shapes at N=8 ran fwd+bwd 1.25-1.6x faster than the torch-GEMM
+    path with OpenBLAS' SkylakeX kernels and 0.7-0.97x with its Haswell kernels
+    (bench/README.md). Elsewhere (MKL, AVX2) GRN keeps the torch-GEMM path."""
+    return _GRN_TILED
+
+
+def _tiled_serves(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
+                  grn_weight: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`mlp` runs the core's tiled MLP (CPU, checked by the caller): fc2 maps
+    back to x's width, and, with GRN, only where the core's GEMM runs AVX-512 kernels
+    (:func:`tiled_grn_preferred`)."""
+    if fc2_weight.shape[0] != x.shape[-1] or fc1_weight.shape[0] * x.shape[-1] >= 2 ** 31:
+        return False
+    return grn_weight is None or tiled_grn_preferred()
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -280,6 +420,9 @@ def mlp(
     kw = dict(grn_weight=grn_weight, grn_bias=grn_bias, grn_eps=e, approximate=approximate)
     if reference_enabled() or not cpu_core_serves("mlp", x):
         return mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kw)
+    if _tiled_serves(x, fc1_weight, fc2_weight, grn_weight):
+        return call_op(_tiled_fwd, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight,
+                       grn_bias, e, _APPROX[approximate])
     y, _, _ = call_op(_mlp_fwd, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight,
                       grn_bias, e, _APPROX[approximate])
     return y
