@@ -1123,6 +1123,35 @@ def test_grn_block_matches_oracle(cfg):
                         cfg.dtype, cfg.short(), rtol=rtol)
 
 
+@pytest.mark.parametrize("budget", ["none", "dz", "default"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grn_store_budget_changes_no_bit(budget, dtype):
+    """GRN blocks keep hidden-sized values between their passes within a scratch budget
+    (fastvis._C.set_grn_store_bytes): the forward's activations, the backward's dz (then
+    also a). Outputs and gradients are bitwise the same with nothing kept, dz only, and
+    everything, over several tiles and partial-sum runs."""
+    from fastvis import _C
+    cfg = BlockCfg(n=2, c=24, h=13, w=11, k=7, hidden=96, layout="nhwc", dtype=dtype, grn=True)
+    hb = cfg.pixels * cfg.hd * (8 if dtype == torch.float64 else 4)
+    torch.manual_seed(5)
+    x, p, ds, grn = make_inputs(cfg, requires_grad=True)
+    gy = make_grad_output(cfg)
+    default = _C.grn_store_bytes()
+    results = {}
+    try:
+        for name, cap in (("none", 0), ("dz", hb), ("default", default)):
+            _C.set_grn_store_bytes(cap)
+            results[name] = op_grads(x, p, ds, cfg, gy, grn)
+    finally:
+        _C.set_grn_store_bytes(default)
+    y0, g0 = results["none"]
+    y1, g1 = results[budget]
+    assert torch.equal(y0, y1)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        assert torch.equal(g0[k], g1[k]), k
+
+
 # --------------------------------------------------------------------------- k-major fc2
 
 

@@ -181,6 +181,31 @@ def test_tiled_path_is_taken_and_thread_invariant(grn):
           oracle(t, gy, "none"), torch.float32, f"grn={grn}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_grn_store_budget_changes_no_bit(dtype):
+    """The tiled path with GRN keeps hidden-sized values between its passes within
+    fastvis._C.set_grn_store_bytes' budget; nothing kept, dz only and everything give
+    bitwise the same outputs and gradients."""
+    from fastvis import _C
+    t = make(2, 11, 13, 16, 64, 16, dtype=dtype, grn=True)
+    gy = torch.randn(2, 11, 13, 16).to(dtype)
+    hb = 2 * 11 * 13 * 64 * 4
+    default = _C.grn_store_bytes()
+    results = []
+    try:
+        for cap in (0, hb, default):
+            _C.set_grn_store_bytes(cap)
+            leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+            with force_path("tiled"):
+                y = call(mlp, leaves)
+            results.append([y] + list(torch.autograd.grad(y, [leaves[k] for k in NAMES], gy)))
+    finally:
+        _C.set_grn_store_bytes(default)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_default_path_choice():
     """C_out != C, or GRN without AVX-512 OpenBLAS kernels: the torch-GEMM path."""
     t = make(1, 3, 3, 8, 16, 8, grn=False)

@@ -113,7 +113,10 @@ DepthwiseConv2dParams make_params(const std::array<int64_t, 2>& stride,
 // 64-byte aligned, as torch's buffers are: the core carves its regions at 64-byte offsets
 // from the base, and a misaligned base split every vector load of its packed tiles across
 // two cache lines (13x13 depthwise, N=8: 8.7 -> 15 ms before this was aligned).
-constexpr size_t kKeepScratch = size_t(64) << 20;
+// 128 MiB: the tiled MLP's backward with GRN at UniRepLKNet-T's last stage, N=8, needs
+// ~69 MB (two runs of 2 x 768 x 3072 weight-gradient partials plus GRN's stores), and a
+// fresh buffer that size costs its page faults on every call (~10 ms per 20 MB here).
+constexpr size_t kKeepScratch = size_t(128) << 20;
 struct AlignedFree {
   void operator()(void* p) const { ::operator delete(p, std::align_val_t(64)); }
 };
@@ -665,6 +668,9 @@ PYBIND11_MODULE(_C, m) {
             });
       },
       py::arg("x"), py::arg("blocks"), py::arg("ys"));
+  // The GRN blocks' store budget (fastvis/convnext_block.h: set_grn_store_bytes).
+  m.def("set_grn_store_bytes", [](size_t bytes) { set_grn_store_bytes(bytes); }, py::arg("bytes"));
+  m.def("grn_store_bytes", [] { return grn_store_bytes(); });
   m.def("convnext_block_backward_scratch_bytes",
         [](py::object x, py::sequence ws, double eps, bool tanh_gelu, double grn_eps) {
           BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);

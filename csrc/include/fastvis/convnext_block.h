@@ -107,6 +107,16 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                             const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
                             size_t scratch_bytes, void* stream = nullptr);
 
+// GRN blocks (here, fastvis/mlp.h) keep per-pixel hidden-sized values between their passes
+// over the tiles when these fit in this many bytes of scratch (default 40 MB): the
+// forward the statistics pass's activations (the output pass then skips the mixer and
+// fc1), the backward the statistics pass's GRN-output gradients and fc1 pre-activations
+// (two GEMMs a tile fewer in the gradient pass). Larger values trade scratch for time; 0
+// recomputes everything. Results are bitwise the same either way. Process-wide; a scratch
+// size queried before a change is stale after it.
+void set_grn_store_bytes(size_t bytes);
+size_t grn_store_bytes();
+
 size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                              const ConvNeXtBlockParams& p);
 void convnext_block_backward(const TensorView& grad_y, const TensorView& x,

@@ -6,6 +6,7 @@
 #include "fastvis/convnext_block.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -344,7 +345,8 @@ Packed pack(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
   return pack_all<float>(x, s, w, p, sc, dry, fwd_only);
 }
 
-constexpr size_t kGrnStoreBytes = size_t(40) << 20;
+// See set_grn_store_bytes (fastvis/convnext_block.h).
+std::atomic<size_t> g_grn_store_bytes{size_t(40) << 20};
 
 // Forward scratch: packed parameters, then one tile buffer set per thread.
 size_t forward_layout(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
@@ -361,12 +363,12 @@ size_t forward_layout(const TensorView& x, const Shape& s, const ConvNeXtBlockWe
                   ? sc.take(static_cast<size_t>(s.n * s.h * s.c) * acc_size(x.dtype))
                   : nullptr;
   // GRN: keep the statistics pass's hidden activations for the output pass when they fit
-  // in kGrnStoreBytes (the Python layer keeps up to 64 MiB of scratch per thread, so a
+  // in grn_store_bytes() (the Python layer keeps up to 64 MiB of scratch per thread, so a
   // buffer this size is reused, not faulted in, from call to call): the output pass then
   // skips the mixer, SE and fc1 (a third of the block's GEMM work).
   const size_t hidden_bytes =
       static_cast<size_t>(s.n * s.h * s.w * s.hidden) * acc_size(x.dtype);
-  void* hid = (w.grn_weight && hidden_bytes <= kGrnStoreBytes) ? sc.take(hidden_bytes) : nullptr;
+  void* hid = (w.grn_weight && hidden_bytes <= grn_store_bytes()) ? sc.take(hidden_bytes) : nullptr;
   if (pk) {
     *pk = packed;
     pk->hidden = hid;
@@ -490,6 +492,9 @@ namespace {
 }
 }  // namespace
 #endif
+
+void set_grn_store_bytes(size_t bytes) { g_grn_store_bytes.store(bytes); }
+size_t grn_store_bytes() { return g_grn_store_bytes.load(); }
 
 ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlockWeights& w,
                                         const ConvNeXtBlockParams& p) {
@@ -650,6 +655,12 @@ size_t backward_layout(const TensorView& x, const Shape& s, const ConvNeXtBlockW
     bs.rowsq = sc.take(rb);
     bs.rowt = sc.take(rb);
     bs.rowdb = sc.take(rb);
+    // The statistics pass keeps dz (then also a) for the gradient pass when they fit in
+    // grn_store_bytes(): one GEMM fewer per tile each (of the seven GRN costs).
+    const size_t hb = static_cast<size_t>(s.n * s.h * s.w * s.hidden) * a;
+    const size_t cap = grn_store_bytes();
+    if (hb <= cap) bs.pk.grn_dz = sc.take(hb);
+    if (2 * hb <= cap) bs.pk.grn_a = sc.take(hb);
   }
   if (!dw) {
     if (out) *out = bs;

@@ -107,6 +107,19 @@ void gelu_backward(int64_t np, int64_t n, double* h, const double* dg, bool tanh
     }
 }
 
+// g[p][j] = gelu(a[p][j]) over np rows of n (a already biased).
+void gelu_of(int64_t np, int64_t n, const float* a, bool tanh_form, float* g) {
+  constexpr int L = VT<float>::L;
+  const int64_t ne = np * n;
+  int64_t i = 0;
+  for (; i + L <= ne; i += L) vstore<float, float>(g + i, vgelu(vload<float, float>(a + i), tanh_form));
+  if (i < ne)
+    vstore_n<float, float>(g + i, vgelu(vload_n<float, float>(a + i, ne - i), tanh_form), ne - i);
+}
+void gelu_of(int64_t np, int64_t n, const double* a, bool tanh_form, double* g) {
+  for (int64_t i = 0; i < np * n; ++i) g[i] = sgelu(a[i], tanh_form);
+}
+
 // ------------------------------------------------------------------ tile pieces
 
 // Inception mixer output of image rows [g0, g1) into out [pixels][C]: the identity
@@ -310,20 +323,24 @@ void se_apply(const Shape& s, int64_t p0, int64_t np, A* t, const A* se) {
   }
 }
 
-// t -> hidden activations g = GELU(fc1(SE?(LN?(mixer(x))))) of rows [g0, g1) into hb.
+// t -> hidden activations g = GELU(fc1(SE?(LN?(mixer(x))))) of rows [g0, g1) into hb;
+// with keep_a, fc1's biased pre-activations go there (and g to hb).
 template <class T, class A>
 void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T* x,
-                 int64_t g0, int64_t g1, A* t, A* hb, A* dwb) {
+                 int64_t g0, int64_t g1, A* t, A* hb, A* dwb, A* keep_a = nullptr) {
   const int64_t np = (g1 - g0) * s.w;
   mixer_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, dwb);
   if (pk.se_scale) se_apply<A>(s, g0 * s.w, np, t, static_cast<const A*>(pk.se_scale));
   {
     prof::Scope ps(prof::kFc1);
     mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
-       A(0), hb, s.hidden);
+       A(0), keep_a ? keep_a : hb, s.hidden);
   }
   prof::Scope ps(prof::kGelu);
-  bias_gelu(np, s.hidden, hb, static_cast<const A*>(pk.b1), pk.tanh, static_cast<A*>(nullptr));
+  if (keep_a)
+    bias_gelu(np, s.hidden, keep_a, static_cast<const A*>(pk.b1), pk.tanh, hb);
+  else
+    bias_gelu(np, s.hidden, hb, static_cast<const A*>(pk.b1), pk.tanh, static_cast<A*>(nullptr));
 }
 
 // Per image row: rowsum[r][c] = sum over the row's pixels of the mixer(+norm) output.
@@ -426,6 +443,8 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
     A* zb = gb + pl.P * Hd;  // GRN: its output z, then dz
     A* dwb = zb + pl.P * Hd;
     const A* grn_f = static_cast<const A*>(pk.grn_f);
+    A* const store_a = static_cast<A*>(pk.grn_a);
+    const A* const store_dz = static_cast<const A*>(pk.grn_dz);
     for (int64_t chunk = cbeg; chunk < cend; ++chunk) {
       A* part = partials + chunk * pl.partial_elems;  // the stride the reduction reads
       // Run 0's weight-gradient sums may go straight to the caller's gradient tensors
@@ -452,11 +471,17 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
                                                        t2, mean, rstd);
           z = t2;
         }
-        {
-          prof::Scope ps(prof::kFc1);
-          mm(pl, Op::N, Op::T, np, Hd, C, A(1), z, C, w1, C, A(0), ab, Hd);
-        }
-        {
+        // a: fc1's biased pre-activations, then (gelu_backward) their gradient; the GRN
+        // statistics pass's copy when it kept one (scratch: overwriting it is fine).
+        A* const a = store_a ? store_a + p0 * Hd : ab;
+        if (store_a) {
+          prof::Scope ps(prof::kGelu);
+          gelu_of(np, Hd, a, pk.tanh, gb);
+        } else {
+          {
+            prof::Scope ps(prof::kFc1);
+            mm(pl, Op::N, Op::T, np, Hd, C, A(1), z, C, w1, C, A(0), ab, Hd);
+          }
           prof::Scope ps(prof::kGelu);
           bias_gelu(np, Hd, ab, b1, pk.tanh, gb);
         }
@@ -500,29 +525,30 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
           prof::Scope ps(prof::kWgrad);
           mm(pl, Op::T, Op::N, C, Hd, np, A(1), e, C, zin, Hd, wbeta, pw2, Hd);
         }
-        if (grn_f) {  // dz, then dg = dz * f + u * g
-          {
+        if (grn_f) {  // dz (kept by the statistics pass, or recomputed), then dg = dz * f + u * g
+          const A* dz = store_dz ? store_dz + p0 * Hd : zb;
+          if (!store_dz) {
             prof::Scope ps(prof::kDgrad);
             mm(pl, Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), zb, Hd);
           }
           prof::Scope ps(prof::kGrn);
-          grn_backward_apply<A>(s, p0, np, zb, grn_f, static_cast<const A*>(pk.grn_u), gb);
+          grn_backward_apply<A>(s, p0, np, dz, grn_f, static_cast<const A*>(pk.grn_u), gb);
         } else {
           prof::Scope ps(prof::kDgrad);
           mm(pl, Op::N, Op::N, np, Hd, C, A(1), dob, C, w2, Hd, A(0), gb, Hd);
         }
         {
           prof::Scope ps(prof::kGeluBwd);
-          gelu_backward(np, Hd, ab, gb, pk.tanh, part + lay.b1);
+          gelu_backward(np, Hd, a, gb, pk.tanh, part + lay.b1);
         }
         {
           prof::Scope ps(prof::kWgrad);
-          mm(pl, Op::T, Op::N, Hd, C, np, A(1), ab, Hd, z, C, wbeta, pw1, C);
+          mm(pl, Op::T, Op::N, Hd, C, np, A(1), a, Hd, z, C, wbeta, pw1, C);
         }
         if (!D) continue;
         {
           prof::Scope ps(prof::kDgrad);
-          mm(pl, Op::N, Op::N, np, C, Hd, A(1), ab, Hd, w1, C, A(0), dt2, C);
+          mm(pl, Op::N, Op::N, np, C, Hd, A(1), a, Hd, w1, C, A(0), dt2, C);
         }
         const A* dz = dt2;  // the gradient stored as D
         if (pk.norm) {
@@ -577,12 +603,16 @@ void grn_backward_stats_t(DType dt, const Shape& s, const Plan& pl, const Packed
   parallel_for_indexed(pl.ntiles, 1, [&](int slot, int64_t begin, int64_t end) {
     A* t = bufs + std::min(slot, nbufs - 1) * pl.bwd_elems;
     A* hb = t + pl.P * C;
-    A* db = hb + pl.P * Hd;
-    A* dwb = db + pl.P * Hd;
+    A* const own_db = hb + pl.P * Hd;
+    A* dwb = own_db + pl.P * Hd;
+    A* const store_a = static_cast<A*>(pk.grn_a);
+    A* const store_dz = static_cast<A*>(pk.grn_dz);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t g0 = tile * pl.rt, g1 = std::min(rows, g0 + pl.rt), np = (g1 - g0) * s.w;
-      hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb);
+      hidden_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, hb, dwb,
+                        store_a ? store_a + g0 * s.w * Hd : nullptr);
       scaled_grad<T, A>(s, pk, g0 * s.w, np, gy, t);
+      A* const db = store_dz ? store_dz + g0 * s.w * Hd : own_db;  // kept for the gradient pass
       mm(pl, Op::N, Op::N, np, Hd, C, A(1), t, C, w2, Hd, A(0), db, Hd);
       for (int64_t gr = g0; gr < g1; ++gr) {
         A* ot = rowt + gr * Hd;

@@ -98,6 +98,11 @@ struct Packed {
   // written by the statistics pass and read (GRN applied in place) by the output pass,
   // which then skips the mixer, SE and fc1. Null: the output pass recomputes them.
   void* hidden = nullptr;
+  // GRN backward (else null): the statistics pass's fc1 pre-activations a (biased) and
+  // GRN-output gradients dz = do W2 of every pixel, [N*H*W][hidden] each, read by the
+  // gradient pass instead of recomputing them (one GEMM fewer per tile each; same bits).
+  void* grn_a = nullptr;
+  void* grn_dz = nullptr;
 };
 
 // Backward outputs of phase A (the tiles): D = d(loss)/d(dwconv output), NHWC in the
