@@ -86,6 +86,9 @@ def test_bench_mlp_quick(grn):
     assert len(rows) == 2 and float(rows[0][-1]) < 1e-5  # fastvis matches the reference
     assert float(rows[0][-2]) < 0.7  # keeps less than eager PyTorch
     assert "C=16 8x8 N=1 training: timing fastvis, eager" in r.stderr
+    assert "fastvis path: " in r.stdout and "fused blocks' GEMM:" in r.stdout
+    if not grn:
+        assert "the core's tiled MLP" in r.stdout
 
 
 def test_bench_model_flop_count_matches_the_formula():

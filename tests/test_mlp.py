@@ -239,16 +239,20 @@ def _saved_bytes(fn, params):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("grn", [True, False])
 def test_saved_activations(grn, path):
-    """What autograd keeps: the tiled path x only (C values a pixel); the torch-GEMM path x
-    and h (C + hidden) plus GRN's (N, hidden) norms; the reference (eager PyTorch) keeps
-    GELU's output and GRN's output as well."""
+    """What autograd keeps: the tiled path x only (C values a pixel) plus, with GRN, its
+    (N, H, hidden) row sums; the torch-GEMM path x and h (C + hidden) plus GRN's (N,
+    hidden) norms; the reference (eager PyTorch) keeps GELU's output and GRN's output as
+    well."""
     n, h, w, c, hidden = 2, 6, 5, 8, 32
     t = {k: (None if v is None else v.requires_grad_(True)) for k, v in make(n, h, w, c, hidden, c, grn=grn).items()}
     params = [v for k, v in t.items() if v is not None and k != "x"]
     with force_path(path):
         got = _saved_bytes(lambda: call(mlp, t), params)
     px = n * h * w
-    want = 4 * px * c if path == "tiled" else 4 * (px * (c + hidden) + (n * hidden if grn else 0))
+    if path == "tiled":
+        want = 4 * (px * c + (n * h * hidden if grn else 0))
+    else:
+        want = 4 * (px * (c + hidden) + (n * hidden if grn else 0))
     assert got == want
     ref = _saved_bytes(lambda: call(mlp_reference, t), params)
     assert ref >= 4 * px * (c + 2 * hidden) and got < 0.7 * ref
@@ -341,6 +345,38 @@ def test_core_tiled_mlp_refuses_bad_input():
         _C.mlp_backward(gy, x, ws, False, 1e-6, [None] * 5 + [torch.empty(16), None])
     with pytest.raises(ValueError, match="grad_fc1_weight"):
         _C.mlp_backward(gy, x, ws, False, 1e-6, [None, torch.empty(16, 9)] + [None] * 5)
+    with pytest.raises(ValueError, match="no GRN"):
+        _C.mlp_forward(x, ws, False, 1e-6, y, None, torch.empty(1, 4, 16))
+    wg = ws[:4] + [torch.ones(16), torch.zeros(16)]
+    with pytest.raises(TypeError, match="accumulation type"):
+        _C.mlp_forward(x, wg, False, 1e-6, y, None, torch.empty(1, 4, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\[1, 4, 16\]"):
+        _C.mlp_backward(gy, x, wg, False, 1e-6, [None] * 7, None, torch.empty(1, 3, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_core_grn_stats_from_the_forward_change_no_bit(dtype):
+    """mlp_backward given the forward's GRN row sums skips recomputing them: bitwise the
+    same gradients as without them, and the sums are GRN's (sum over a row of gelu(fc1)^2)."""
+    from fastvis import _C
+    t = make(2, 7, 6, 16, 48, 16, dtype=dtype, grn=True)
+    x = t["x"].permute(0, 3, 1, 2)
+    ws = [t[k] for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "grn_weight", "grn_bias")]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    stats = torch.empty(2, 7, 48, dtype=acc)
+    y = torch.empty_like(t["x"])
+    _C.mlp_forward(x, ws, False, 1e-6, y.permute(0, 3, 1, 2), None, stats)
+    g = F.gelu(F.linear(t["x"].to(acc), t["fc1_weight"].to(acc), t["fc1_bias"].to(acc)))
+    torch.testing.assert_close(stats, g.square().sum(2), rtol=1e-4 if acc == torch.float32 else 1e-12,
+                               atol=1e-5 if acc == torch.float32 else 1e-12)
+    gy = torch.randn_like(t["x"]).permute(0, 3, 1, 2)
+    out = []
+    for s in (None, stats):
+        gs = [torch.empty_like(t["x"]).permute(0, 3, 1, 2)] + [torch.empty_like(w) for w in ws]
+        _C.mlp_backward(gy, x, ws, False, 1e-6, gs, None, s)
+        out.append(gs)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
 
 
 def test_bad_input_is_refused():

@@ -796,19 +796,22 @@ PYBIND11_MODULE(_C, m) {
           return mlp_forward_scratch_bytes(a.x, a.w, a.p);
         },
         py::arg("x"), py::arg("weights"), py::arg("tanh_gelu"), py::arg("grn_eps") = 1e-6);
+  // grn_stats: None, or GRN's (N, H, hidden) row sums to write (forward) / read (backward).
   m.def(
       "mlp_forward",
       [](py::object x, py::sequence ws, bool tanh_gelu, double grn_eps, py::object y,
-         py::object scratch) {
+         py::object scratch, py::object grn_stats) {
         MlpArgs a(x, ws, tanh_gelu, grn_eps);
         TensorView yv = a.b.view(y, "y");
+        TensorView sv;
+        if (!grn_stats.is_none()) sv = a.b.view(grn_stats, "grn_stats");
         const size_t need = mlp_forward_scratch_bytes(a.x, a.w, a.p);
         Scratch sc(a.b, scratch, need, a.x);
         py::gil_scoped_release nogil;
-        mlp_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes);
+        mlp_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes, grn_stats.is_none() ? nullptr : &sv);
       },
       py::arg("x"), py::arg("weights"), py::arg("tanh_gelu"), py::arg("grn_eps"), py::arg("y"),
-      py::arg("scratch") = py::none());
+      py::arg("scratch") = py::none(), py::arg("grn_stats") = py::none());
   m.def("mlp_backward_scratch_bytes",
         [](py::object x, py::sequence ws, bool tanh_gelu, double grn_eps) {
           MlpArgs a(x, ws, tanh_gelu, grn_eps);
@@ -818,17 +821,21 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "mlp_backward",
       [](py::object gy, py::object x, py::sequence ws, bool tanh_gelu, double grn_eps,
-         py::sequence grads, py::object scratch) {
+         py::sequence grads, py::object scratch, py::object grn_stats) {
         MlpArgs a(x, ws, tanh_gelu, grn_eps);
         a.grads(grads);
         TensorView gyv = a.b.view(gy, "grad_y");
+        TensorView sv;
+        if (!grn_stats.is_none()) sv = a.b.view(grn_stats, "grn_stats");
         const size_t need = mlp_backward_scratch_bytes(a.x, a.w, a.p);
         Scratch sc(a.b, scratch, need, a.x);
         py::gil_scoped_release nogil;
-        mlp_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes);
+        mlp_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes,
+                     grn_stats.is_none() ? nullptr : &sv);
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("tanh_gelu"),
-      py::arg("grn_eps"), py::arg("grads"), py::arg("scratch") = py::none());
+      py::arg("grn_eps"), py::arg("grads"), py::arg("scratch") = py::none(),
+      py::arg("grn_stats") = py::none());
   // ------------------------------------------------------------ global_response_norm
   // weight and bias are required; norm is (N, C) in the statistics dtype; activation is
   // GrnActivation's value (0 none, 1 exact GELU, 2 tanh GELU) applied to x first.

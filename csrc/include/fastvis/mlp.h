@@ -57,15 +57,22 @@ struct MlpShape {
 // Validates x, the weights and params (throws fastvis::Error) and returns the sizes.
 MlpShape mlp_shape(const TensorView& x, const MlpWeights& w, const MlpParams& p);
 
+// grn_stats (GRN only, optional): GRN's statistics, kept from the forward for the
+// backward: per image row, the sums over the row's pixels of the squared hidden
+// activations, a contiguous [N][H][hidden] tensor in the accumulation type (float32;
+// float64 for float64 tensors). mlp_forward writes them; mlp_backward given them skips the
+// statistics pass that would recompute them (fc1 and GELU of every tile). The values are
+// the ones that pass computes, so the results are bitwise the same either way.
 size_t mlp_forward_scratch_bytes(const TensorView& x, const MlpWeights& w, const MlpParams& p);
 // y: x's shape and dtype, channels-last, not overlapping x.
 void mlp_forward(const TensorView& x, const MlpWeights& w, const MlpParams& p,
-                 const TensorView& y, void* scratch, size_t scratch_bytes);
+                 const TensorView& y, void* scratch, size_t scratch_bytes,
+                 const TensorView* grn_stats = nullptr);
 
 size_t mlp_backward_scratch_bytes(const TensorView& x, const MlpWeights& w, const MlpParams& p);
 // grad_y: x's shape and dtype, channels-last. grads.x must not overlap x or grad_y.
 void mlp_backward(const TensorView& grad_y, const TensorView& x, const MlpWeights& w,
                   const MlpParams& p, const MlpGrads& grads, void* scratch,
-                  size_t scratch_bytes);
+                  size_t scratch_bytes, const TensorView* grn_stats = nullptr);
 
 }  // namespace fastvis

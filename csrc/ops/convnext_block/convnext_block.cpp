@@ -820,14 +820,20 @@ template <class A>
 void grn_backward_prepare(const Shape& s, const Plan& pl, const BwdScratch& bs,
                           const TensorView& x, const TensorView& grad_y,
                           const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
-                          const ConvNeXtBlockGrads& g) {
+                          const ConvNeXtBlockGrads& g, const void* saved_rowsq) {
   const int nt = get_num_threads();
   const int64_t Hd = s.hidden;
-  kernels().grn_forward_stats(x.dtype, s, pl, bs.pk, x.data, bs.rowsq, bs.bufs, nt);
+  // The forward's per-row sums of g^2 when its caller kept them (the same numbers this
+  // pass would compute: the tiling and summation order depend on the shape only).
+  const void* rowsq = saved_rowsq;
+  if (!rowsq) {
+    kernels().grn_forward_stats(x.dtype, s, pl, bs.pk, x.data, bs.rowsq, bs.bufs, nt);
+    rowsq = bs.rowsq;
+  }
   std::vector<double> G, den;
   A* f = static_cast<A*>(const_cast<void*>(bs.pk.grn_f));
   A* u = static_cast<A*>(const_cast<void*>(bs.pk.grn_u));
-  grn_norms<A>(s, static_cast<const A*>(bs.rowsq), *w.grn_weight, p.grn_eps, G, den, f);
+  grn_norms<A>(s, static_cast<const A*>(rowsq), *w.grn_weight, p.grn_eps, G, den, f);
   kernels().grn_backward_stats(x.dtype, s, pl, bs.pk, x.data, grad_y.data, bs.rowt, bs.rowdb,
                                bs.bufs, nt);
   const A* rowt = static_cast<const A*>(bs.rowt);
@@ -866,16 +872,18 @@ void grn_backward_prepare(const Shape& s, const Plan& pl, const BwdScratch& bs,
 // The backward's passes over the tiles (GRN's statistics passes, then the gradient pass
 // writing D and the partials) and the reduction of the parameter gradients, on the
 // scratch backward_layout carved. d: where D goes (null: not wanted, see backward_tiles).
+// saved_rowsq: the forward's GRN row sums, or null (recomputed).
 void run_backward_tiles(const TensorView& grad_y, const TensorView& x, const Shape& s,
                         const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
-                        const ConvNeXtBlockGrads& g, const BwdScratch& bs, void* d) {
+                        const ConvNeXtBlockGrads& g, const BwdScratch& bs, void* d,
+                        const void* saved_rowsq = nullptr) {
   const Plan pl = cnblock::plan(s, static_cast<int64_t>(acc_size(x.dtype)));
   if (w.grn_weight) {
     prof::Scope ps(prof::kGrnStats);
     if (x.dtype == DType::Float64)
-      grn_backward_prepare<double>(s, pl, bs, x, grad_y, w, p, g);
+      grn_backward_prepare<double>(s, pl, bs, x, grad_y, w, p, g, saved_rowsq);
     else
-      grn_backward_prepare<float>(s, pl, bs, x, grad_y, w, p, g);
+      grn_backward_prepare<float>(s, pl, bs, x, grad_y, w, p, g, saved_rowsq);
   }
   // Run 0's weight-gradient sums straight into the gradient tensors where they can be.
   const bool f64 = x.dtype == DType::Float64;
@@ -1188,6 +1196,21 @@ void check_disjoint(const TensorView& a, const TensorView& b, const char* an, co
   FV_CHECK_VALUE(ab + na <= bb || bb + nb <= ab, an, ": must not overlap ", bn);
 }
 
+// The GRN row sums kept between forward and backward: (N, H, hidden), contiguous, in the
+// accumulation type; only with GRN.
+void check_grn_stats(const TensorView* t, const MlpWeights& w, const MlpShape& m, DType dt) {
+  if (!t) return;
+  FV_CHECK_VALUE(w.grn_weight != nullptr, "grn_stats: given, but the MLP has no GRN");
+  core::check_cpu(*t, "grn_stats");
+  const DType want = dt == DType::Float64 ? DType::Float64 : DType::Float32;
+  FV_CHECK_TYPE(t->dtype == want, "grn_stats: expected dtype ", dtype_name(want),
+                " (the accumulation type), got ", dtype_name(t->dtype));
+  FV_CHECK_VALUE(t->ndim == 3 && t->shape[0] == m.n && t->shape[1] == m.h &&
+                     t->shape[2] == m.hidden && t->is_contiguous(),
+                 "grn_stats: expected a contiguous [", m.n, ", ", m.h, ", ", m.hidden,
+                 "] tensor, got ", t->describe());
+}
+
 void check_mlp_act(const TensorView& t, const MlpShape& m, DType dt, const char* name) {
   core::check_cpu(t, name);
   FV_CHECK_VALUE(t.ndim == 4 && t.shape[0] == m.n && t.shape[1] == m.c && t.shape[2] == m.h &&
@@ -1233,9 +1256,11 @@ size_t mlp_forward_scratch_bytes(const TensorView& x, const MlpWeights& w, const
 }
 
 void mlp_forward(const TensorView& x, const MlpWeights& w, const MlpParams& p,
-                 const TensorView& y, void* scratch, size_t scratch_bytes) {
+                 const TensorView& y, void* scratch, size_t scratch_bytes,
+                 const TensorView* grn_stats) {
   const MlpShape m = mlp_shape(x, w, p);
   check_mlp_act(y, m, x.dtype, "y");
+  check_grn_stats(grn_stats, w, m, x.dtype);
   if (m.n * m.h * m.w == 0) return;
   check_disjoint(y, x, "y", "x");
   FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
@@ -1247,6 +1272,7 @@ void mlp_forward(const TensorView& x, const MlpWeights& w, const MlpParams& p,
   void* rowsq = nullptr;
   forward_layout(x, s, bw, bp, scratch, scratch_bytes, &pk, &bufs, &rowsq);
   pk.residual = false;
+  if (grn_stats) rowsq = grn_stats->data;  // the statistics pass writes the caller's copy
   run_forward(x, s, bw, bp, pk, bufs, rowsq, nullptr, y.data);
 }
 
@@ -1258,10 +1284,12 @@ size_t mlp_backward_scratch_bytes(const TensorView& x, const MlpWeights& w, cons
 }
 
 void mlp_backward(const TensorView& grad_y, const TensorView& x, const MlpWeights& w,
-                  const MlpParams& p, const MlpGrads& g, void* scratch, size_t scratch_bytes) {
+                  const MlpParams& p, const MlpGrads& g, void* scratch, size_t scratch_bytes,
+                  const TensorView* grn_stats) {
   const MlpShape m = mlp_shape(x, w, p);
   const int64_t C = m.c, Hd = m.hidden;
   check_mlp_act(grad_y, m, x.dtype, "grad_y");
+  check_grn_stats(grn_stats, w, m, x.dtype);
   if (g.x) check_mlp_act(*g.x, m, x.dtype, "grad_x");
   check_grad(g.fc1_weight, nullptr, x, {Hd, C}, "grad_fc1_weight");
   check_grad(g.fc1_bias, nullptr, x, {Hd}, "grad_fc1_bias");
@@ -1299,7 +1327,8 @@ void mlp_backward(const TensorView& grad_y, const TensorView& x, const MlpWeight
   BwdScratch bs;
   backward_layout(x, s, bw, bp, &bg, scratch, scratch_bytes, &bs);
   bs.pk.residual = false;
-  run_backward_tiles(grad_y, x, s, bw, bp, bg, bs, g.x ? g.x->data : nullptr);
+  run_backward_tiles(grad_y, x, s, bw, bp, bg, bs, g.x ? g.x->data : nullptr,
+                     grn_stats ? grn_stats->data : nullptr);
 }
 
 }  // namespace fastvis

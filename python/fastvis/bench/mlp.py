@@ -118,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
     kind = "fc1, GELU, fc2" if args.no_grn else "fc1, GELU, GRN, fc2"
     print(f"fastvis {fastvis.__version__}, torch {torch.__version__}, {threads} thread(s), float32, "
           f"token MLP ({kind}), hidden = 4C")
+    from ..ops.mlp import tiled_grn_preferred
+    from .timing import gemm_line
+    path = ("the core's tiled MLP (fastvis/mlp.h)" if args.no_grn or tiled_grn_preferred()
+            else "torch GEMMs (with GRN the tiled MLP runs only on AVX-512 OpenBLAS kernels)")
+    print(f"fastvis path: {path}; {gemm_line()}")
     for pas in passes:
         header = ["C", "HxW", "N", "fastvis ms", "eager ms", "eager/fastvis"]
         if not args.no_compile:

@@ -16,8 +16,9 @@ Two CPU paths, the same results within rounding:
   values a pixel against eager PyTorch's C + 2 hidden, 9C for hidden = 4C); the backward
   recomputes fc1 per tile (5 GEMMs a tile instead of 4, all on cache-resident tiles) and
   reduces the parameter gradients in a fixed order (bit-identical for any thread count).
-  With GRN it takes extra statistics passes (two more GEMMs a tile in the backward), so it
-  is chosen for GRN only where the core's GEMM runs AVX-512 kernels
+  With GRN it takes a statistics pass in the forward (its (N, H, hidden) row sums are
+  saved for the backward) and one more in the backward (one more GEMM a tile), so it is
+  chosen for GRN only where the core's GEMM runs AVX-512 kernels
   (:func:`tiled_grn_preferred`).
 - **Torch GEMMs** (C_out != C, or GRN on AVX2 / MKL GEMMs): autograd keeps ``x`` and the
   hidden pre-activation ``h = fc1(x)`` (plus GRN's (N, hidden) norms), C + hidden values
@@ -208,7 +209,8 @@ register_autograd(_mlp_fwd, _backward, _setup_context)
 # ---------------------------------------------------------------- tiled custom ops
 #
 # The core's tiled MLP (fastvis/mlp.h): the fused blocks' tile engine without a mixer.
-# Autograd keeps x only; the backward recomputes fc1 tile by tile in cache.
+# Autograd keeps x only (and with GRN its (N, H, hidden) row sums, so the backward skips a
+# statistics pass); the backward recomputes fc1 tile by tile in cache.
 
 
 @forward_op("fastvis::mlp_tiled")
@@ -217,7 +219,9 @@ def _tiled_fwd(
     fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
     grn_weight: Optional[torch.Tensor], grn_bias: Optional[torch.Tensor], grn_eps: float,
     act: int,
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, stats): the output and, with GRN, its per-image-row sums of the squared hidden
+    activations (N, H, hidden) in the accumulation type (an empty tensor without GRN)."""
     _sync_threads()
     x = x.detach().contiguous()
     gb = grn_bias if (grn_weight is not None and grn_bias is not None) else (
@@ -225,24 +229,29 @@ def _tiled_fwd(
     ws = [None if t is None else t.detach() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                                        grn_weight, gb)]
     y = torch.empty_like(x)
+    stats = (torch.empty(x.shape[0], x.shape[1], fc1_weight.shape[0], dtype=_stats_dtype(x.dtype),
+                         device=x.device) if grn_weight is not None else x.new_empty(0))
     tanh = act == 2
     nbytes = lambda: memoised_size(
         ("mlp_tiled_fwd", _C.get_num_threads(), tuple(x.shape), x.dtype,
          tuple(None if t is None else tuple(t.shape) for t in ws)),
         lambda: _C.mlp_forward_scratch_bytes(_nchw(x), ws, tanh, grn_eps))
     _C.mlp_forward(dl(_nchw(x)), [None if t is None else dl(t) for t in ws], tanh, grn_eps,
-                   dl(_nchw(y)), scratch_arg_sized(x.device, nbytes))
-    return y
+                   dl(_nchw(y)), scratch_arg_sized(x.device, nbytes),
+                   dl(stats) if grn_weight is not None else None)
+    return y, stats
 
 
 @_tiled_fwd.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps, act):
-    return x.new_empty(x.shape)
+    stats = (x.new_empty((x.shape[0], x.shape[1], fc1_weight.shape[0]), dtype=_stats_dtype(x.dtype))
+             if grn_weight is not None else x.new_empty(0))
+    return x.new_empty(x.shape), stats
 
 
 @forward_op("fastvis::mlp_tiled_backward")
 def _tiled_bwd(
-    grad_y: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor,
+    grad_y: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, fc1_weight: torch.Tensor,
     fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
     grn_weight: Optional[torch.Tensor], grn_bias: Optional[torch.Tensor], grn_eps: float,
     act: int, needs: List[bool],
@@ -269,13 +278,14 @@ def _tiled_bwd(
         lambda: _C.mlp_backward_scratch_bytes(_nchw(x), ws, tanh, grn_eps))
     _C.mlp_backward(dl(_nchw(gy)), dl(_nchw(x)), [None if t is None else dl(t) for t in ws], tanh,
                     grn_eps, [None if t is None else dl(t) for t in grads],
-                    scratch_arg_sized(x.device, nbytes))
+                    scratch_arg_sized(x.device, nbytes),
+                    dl(stats.detach()) if stats.numel() else None)
     return outs
 
 
 @_tiled_bwd.register_fake
-def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps, act,
-      needs):
+def _(grad_y, x, stats, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps,
+      act, needs):
     like = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias]
     return [x.new_empty(t.shape) if (t is not None and need) else x.new_empty(0)
             for t, need in zip(like, needs)]
@@ -283,18 +293,23 @@ def _(grad_y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bia
 
 def _tiled_setup_context(ctx, inputs, output):
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, grn_eps, act = inputs
-    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias)
+    _, stats = output
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias, stats)
     ctx.grn_eps = grn_eps
     ctx.act = act
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
 
 
-def _tiled_backward(ctx, grad_y):
-    saved = ctx.saved_tensors
+def _tiled_backward(ctx, grad_y, _grad_stats):
+    if grad_y is None:  # y does not reach the loss
+        return (None,) * 9
+    *saved, stats = ctx.saved_tensors
     ni = ctx.needs_input_grad
     needs = [bool(ni[i]) and saved[i] is not None for i in range(7)]
     if not any(needs):
         return (None,) * 9
-    outs = call_op(_tiled_bwd, grad_y, *saved, ctx.grn_eps, ctx.act, needs)
+    outs = call_op(_tiled_bwd, grad_y, saved[0], stats, *saved[1:], ctx.grn_eps, ctx.act, needs)
     return (*[o if need else None for o, need in zip(outs, needs)], None, None)
 
 
@@ -317,11 +332,12 @@ _GRN_TILED = _avx512_openblas_gemm()
 
 def tiled_grn_preferred() -> bool:
     """Whether :func:`mlp` with GRN runs the core's tiled MLP: when the core's float GEMM is
-    OpenBLAS on AVX-512 kernels. GRN costs the tiled backward two extra GEMMs per tile (its
-    statistics pass), which those kernels pay for and AVX2 ones do not: measured on a Zen 5
-    core, UniRepLKNet-T's MLP shapes at N=8 ran fwd+bwd 1.25-1.6x faster than the torch-GEMM
-    path with OpenBLAS' SkylakeX kernels and 0.7-0.97x with its Haswell kernels
-    (bench/README.md). Elsewhere (MKL, AVX2) GRN keeps the torch-GEMM path."""
+    OpenBLAS on AVX-512 kernels. GRN costs the tiled backward one GEMM a tile more than the
+    torch-GEMM path (it recomputes fc1 instead of saving it): measured on a Zen 5 core,
+    UniRepLKNet-T's MLP shapes (N=1 and 8) ran fwd+bwd 1.7-2.5x faster than eager PyTorch
+    with OpenBLAS' SkylakeX kernels, and 0.90-1.01x the torch-GEMM path's time with its
+    Haswell kernels (bench/README.md). Elsewhere (MKL, AVX2) GRN keeps the torch-GEMM
+    path, which saves C + hidden values a pixel instead of C."""
     return _GRN_TILED
 
 
@@ -421,8 +437,9 @@ def mlp(
     if reference_enabled() or not cpu_core_serves("mlp", x):
         return mlp_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kw)
     if _tiled_serves(x, fc1_weight, fc2_weight, grn_weight):
-        return call_op(_tiled_fwd, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight,
+        y, _ = call_op(_tiled_fwd, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight,
                        grn_bias, e, _APPROX[approximate])
+        return y
     y, _, _ = call_op(_mlp_fwd, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight,
                       grn_bias, e, _APPROX[approximate])
     return y
