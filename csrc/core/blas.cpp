@@ -102,6 +102,8 @@ std::string sgemm_provider() {
   return p ? p->name : std::string("OpenBLAS");
 }
 
+bool float_gemm_is_openblas() { return g_provider.load() == nullptr; }
+
 void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;

@@ -55,6 +55,8 @@ using SetThreadsLocal = int (*)(int);
 void set_sgemm_provider(FortranSgemm fn, SetThreadsLocal set_threads_local, const std::string& name);
 // The float GEMM in use: "OpenBLAS" or the name given to set_sgemm_provider.
 std::string sgemm_provider();
+// True when gemm(float) runs OpenBLAS (no provider installed).
+bool float_gemm_is_openblas();
 
 }  // namespace core
 }  // namespace fastvis

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/blas.h"
 #include "core/checks.h"
 #include "core/scratch.h"
 #include "core/cpu_features.h"
@@ -40,12 +41,18 @@ Plan plan(const Shape& s, int64_t acc) {
   int64_t rt = std::max<int64_t>(1, (target + s.w - 1) / std::max<int64_t>(s.w, 1));
   rt = std::max<int64_t>(1, std::min(rt, rows));
   // Enough tiles to share between threads: halve the tiles towards 8 while they keep 256
-  // pixels, and below two tiles while they keep 64 (small images at batch 1: two tiles of
-  // one image, each GEMM on one thread, measured faster than one tile with every GEMM
-  // split over the pool).
+  // pixels, and below two tiles while they keep min2 pixels. Small images at batch 1 (one
+  // tile) thus run as two tiles, each GEMM on one thread, or as one tile with every GEMM
+  // split over the pool by columns. Which is faster depends on the GEMM: with PyTorch's
+  // MKL (Xeon, session 18) two tiles of 98 pixels were; with OpenBLAS, which packs the
+  // weight matrix at every call (two tiles pack both weights twice, split columns half of
+  // each once), one tile of 196 is: InceptionNeXt-T's 14x14 stage at N=1 (Zen 5), 13.2-13.3
+  // -> 11.8-12.0 ms on its SkylakeX kernels, 20.7 -> 19.3-19.9 on its Haswell ones, the
+  // training step unchanged. float64 blocks always multiply with OpenBLAS.
+  const int64_t min2 = (acc == 8 || core::float_gemm_is_openblas()) ? 128 : 64;
   for (;;) {
     const int64_t nt = (rows + rt - 1) / rt, half = (rt + 1) / 2;
-    if (rt > 1 && ((nt < 8 && half * s.w >= 256) || (nt < 2 && half * s.w >= 64)))
+    if (rt > 1 && ((nt < 8 && half * s.w >= 256) || (nt < 2 && half * s.w >= min2)))
       rt = half;
     else
       break;

@@ -56,8 +56,9 @@ struct Plan {
   int64_t inc_slice_elems = 0, inc_out_elems = 0;
 };
 
-// The plan depends on the shape only (not on the thread count), so tiling, GEMM sizes
-// and reduction order, hence results, are the same for any number of threads.
+// The plan depends on the shape (and, for batch-1 images of 128..255 pixels, on whether
+// the float GEMM is OpenBLAS), not on the thread count, so tiling, GEMM sizes and
+// reduction order, hence results, are the same for any number of threads.
 Plan plan(const Shape& s, int64_t acc_bytes);
 
 // Parameters in the accumulation type A (float, or double for float64 activations).
