@@ -665,7 +665,9 @@ def _schema_args(overload, values: dict, needs=None):
         if a.name in values:
             out.append(values[a.name])
         elif a.name == "needs":
-            n = sum("Tensor" in str(b.type) for b in overload._schema.arguments) - 2
+            # one per differentiable input: every tensor but grad_y, the GRN stats, drop_scale
+            n = sum("Tensor" in str(b.type) and b.name not in ("grad_y", "stats")
+                    for b in overload._schema.arguments) - 1
             out.append([True] * n if needs is None else (needs * n)[:n])
         elif a.name == "tanh_gelu":
             out.append(False)
@@ -694,10 +696,13 @@ def test_opcheck_custom_ops(dtype):
     torch.library.opcheck(fwd, _schema_args(fwd, dict(full, **grn)))
     gy = make_grad_output(cfg)
     det = {k: v.detach() for k, v in full.items()}
-    torch.library.opcheck(bwd, _schema_args(bwd, dict(det, grad_y=gy)))
-    torch.library.opcheck(bwd, _schema_args(bwd, dict(det, grad_y=gy,
-                                                      **{k: v.detach() for k, v in grn.items()})))
-    torch.library.opcheck(bwd, _schema_args(bwd, dict(det, grad_y=gy, drop_scale=None,
+    none = x.new_empty(0).detach()  # the forward's GRN statistics of a block without GRN
+    torch.library.opcheck(bwd, _schema_args(bwd, dict(det, grad_y=gy, stats=none)))
+    grn_d = {k: v.detach() for k, v in grn.items()}
+    _, stats = fwd(*_schema_args(fwd, dict(det, **grn_d)))
+    assert stats.shape == (cfg.n, cfg.h, cfg.hd)
+    torch.library.opcheck(bwd, _schema_args(bwd, dict(det, grad_y=gy, stats=stats, **grn_d)))
+    torch.library.opcheck(bwd, _schema_args(bwd, dict(det, grad_y=gy, stats=none, drop_scale=None,
                                                       tanh_gelu=True),
                                             needs=[False, True, False, True, True]))
 
@@ -1150,6 +1155,52 @@ def test_grn_store_budget_changes_no_bit(budget, dtype):
     assert g0.keys() == g1.keys()
     for k in g0:
         assert torch.equal(g0[k], g1[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_grn_stats_from_the_forward_change_no_bit(dtype):
+    """The core backward given the forward's GRN row sums (grn_stats) skips recomputing
+    them: bitwise the same gradients as without them. The op saves them (a tiny (N, H,
+    hidden) tensor) and passes them on; bad ones are refused."""
+    from fastvis import _C
+    cfg = BlockCfg(n=2, c=16, h=9, w=7, k=5, hidden=64, dtype=dtype, grn=True)
+    torch.manual_seed(3)
+    x, p, ds, grn = make_inputs(cfg)
+    ws = [p["dw_weight"], p["dw_bias"], p["norm_weight"], p["norm_bias"], p["fc1_weight"],
+          p["fc1_bias"], p["fc2_weight"], p["fc2_bias"], p["gamma"], None, grn["grn_weight"],
+          grn["grn_bias"]]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    stats = torch.empty(cfg.n, cfg.h, cfg.hd, dtype=acc)
+    y = torch.empty_like(x)
+    _C.convnext_block_forward(x, ws, cfg.eps, False, y, None, 1e-6, 0, True, stats)
+    y0 = torch.empty_like(x)
+    _C.convnext_block_forward(x, ws, cfg.eps, False, y0)
+    assert torch.equal(y, y0)
+    gy = make_grad_output(cfg)
+    out = []
+    for s in (None, stats):
+        gs = [torch.empty_like(x)] + [None if t is None else torch.empty_like(t) for t in
+                                      ws[:9] + ws[10:]]
+        _C.convnext_block_backward(gy, x, ws, cfg.eps, False, gs, None, 1e-6, 0, s)
+        out.append(gs)
+    for a, b in zip(*out):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"grn_stats: expected a contiguous \[2, 9, 64\]"):
+        _C.convnext_block_forward(x, ws, cfg.eps, False, y, None, 1e-6, 0, True, stats[:, :8])
+    with pytest.raises(ValueError, match="no GRN"):
+        _C.convnext_block_forward(x, ws[:10] + [None, None], cfg.eps, False, y, None, 1e-6, 0,
+                                  True, stats)
+    # the op passes them on: its graph holds them, and its gradients equal the core's
+    xl, pl_, _, gl = make_inputs(cfg, requires_grad=True)
+    with torch.no_grad():
+        xl.copy_(x)
+        for d, src in ((pl_, p), (gl, grn)):
+            for k in d:
+                if d[k] is not None:
+                    d[k].copy_(src[k])
+    yo, go = op_grads(xl, pl_, None, cfg, gy, gl)
+    assert torch.equal(yo, y)
+    assert torch.equal(go["x"], out[1][0]) and torch.equal(go["fc1_weight"], out[1][5])
 
 
 # --------------------------------------------------------------------------- k-major fc2

@@ -638,17 +638,21 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "convnext_block_forward",
       [](py::object x, py::sequence ws, double eps, bool tanh_gelu, py::object y,
-         py::object scratch, double grn_eps, uintptr_t stream, bool layer_norm) {
+         py::object scratch, double grn_eps, uintptr_t stream, bool layer_norm,
+         py::object grn_stats) {
         BlockArgs a(x, ws, eps, tanh_gelu, grn_eps, layer_norm);
         TensorView yv = a.b.view(y, "y");
+        TensorView sv;
+        if (!grn_stats.is_none()) sv = a.b.view(grn_stats, "grn_stats");
         const size_t need = convnext_block_forward_scratch_bytes(a.x, a.w, a.p);
         Scratch sc(a.b, scratch, need, a.x);
         py::gil_scoped_release nogil;
-        convnext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes, as_stream(stream));
+        convnext_block_forward(a.x, a.w, a.p, yv, sc.ptr, sc.bytes, as_stream(stream),
+                               grn_stats.is_none() ? nullptr : &sv);
       },
       py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"), py::arg("y"),
       py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6, py::arg("stream") = 0,
-      py::arg("layer_norm") = true);
+      py::arg("layer_norm") = true, py::arg("grn_stats") = py::none());
   // A chain of blocks for inference, one call: block i reads ys[i - 1] (x for i = 0) and
   // writes ys[i]; blocks[i] = (weights, eps, tanh_gelu, grn_eps) as for
   // convnext_block_forward. An output may be reused two blocks later (ping-pong buffers),
@@ -681,18 +685,22 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "convnext_block_backward",
       [](py::object gy, py::object x, py::sequence ws, double eps, bool tanh_gelu,
-         py::sequence grads, py::object scratch, double grn_eps, uintptr_t stream) {
+         py::sequence grads, py::object scratch, double grn_eps, uintptr_t stream,
+         py::object grn_stats) {
         BlockArgs a(x, ws, eps, tanh_gelu, grn_eps);
         a.grads(grads);
         TensorView gyv = a.b.view(gy, "grad_y");
+        TensorView sv;
+        if (!grn_stats.is_none()) sv = a.b.view(grn_stats, "grn_stats");
         const size_t need = convnext_block_backward_scratch_bytes(a.x, a.w, a.p);
         Scratch sc(a.b, scratch, need, a.x);
         py::gil_scoped_release nogil;
-        convnext_block_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes, as_stream(stream));
+        convnext_block_backward(gyv, a.x, a.w, a.p, a.g, sc.ptr, sc.bytes, as_stream(stream),
+                                grn_stats.is_none() ? nullptr : &sv);
       },
       py::arg("grad_y"), py::arg("x"), py::arg("weights"), py::arg("eps"), py::arg("tanh_gelu"),
       py::arg("grads"), py::arg("scratch") = py::none(), py::arg("grn_eps") = 1e-6,
-      py::arg("stream") = 0);
+      py::arg("stream") = 0, py::arg("grn_stats") = py::none());
   // ------------------------------------------------------------ metanext_block (inference)
   // weights: (hw_weight, hw_bias, w_weight, w_bias, h_weight, h_bias, fc1_weight, fc1_bias,
   // fc2_weight, fc2_bias, gamma, drop_scale), None where absent.

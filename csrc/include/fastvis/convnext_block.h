@@ -103,9 +103,16 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
 
 size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtBlockWeights& w,
                                             const ConvNeXtBlockParams& p);
+// grn_stats (CPU, GRN blocks only, optional): GRN's statistics kept from the forward for
+// the backward, as in fastvis/mlp.h: per image row the sums over the row's pixels of the
+// squared hidden activations, a contiguous [N][H][hidden] tensor in the accumulation type
+// (float32; float64 for float64 tensors). The forward writes them; the backward given them
+// skips the statistics pass that recomputes them (the mixer, LayerNorm, fc1 and GELU of
+// every tile). Bitwise the same results either way.
 void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                             const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
-                            size_t scratch_bytes, void* stream = nullptr);
+                            size_t scratch_bytes, void* stream = nullptr,
+                            const TensorView* grn_stats = nullptr);
 
 // GRN blocks (here, fastvis/mlp.h) keep per-pixel hidden-sized values between their passes
 // over the tiles when these fit in this many bytes of scratch (default 40 MB): the
@@ -122,6 +129,7 @@ size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXt
 void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
                              const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
                              const ConvNeXtBlockGrads& grads, void* scratch,
-                             size_t scratch_bytes, void* stream = nullptr);
+                             size_t scratch_bytes, void* stream = nullptr,
+                             const TensorView* grn_stats = nullptr);
 
 }  // namespace fastvis

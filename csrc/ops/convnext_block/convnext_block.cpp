@@ -219,6 +219,22 @@ void check_no_overlap(const TensorView& x, const TensorView& y) {
                  "y: must not overlap x (each tile reads rows of x around the rows it writes)");
 }
 
+// GRN's row sums kept between a forward and its backward (convnext_block.h, mlp.h):
+// (N, H, hidden), contiguous, in the accumulation type, CPU; only with GRN.
+void check_grn_stats(const TensorView* t, bool has_grn, int64_t n, int64_t h, int64_t hidden,
+                     DType dt) {
+  if (!t) return;
+  FV_CHECK_VALUE(has_grn, "grn_stats: given, but there is no GRN");
+  core::check_cpu(*t, "grn_stats");
+  const DType want = dt == DType::Float64 ? DType::Float64 : DType::Float32;
+  FV_CHECK_TYPE(t->dtype == want, "grn_stats: expected dtype ", dtype_name(want),
+                " (the accumulation type), got ", dtype_name(t->dtype));
+  FV_CHECK_VALUE(t->ndim == 3 && t->shape[0] == n && t->shape[1] == h && t->shape[2] == hidden &&
+                     t->is_contiguous(),
+                 "grn_stats: expected a contiguous [", n, ", ", h, ", ", hidden, "] tensor, got ",
+                 t->describe());
+}
+
 Shape shape_of(const TensorView& x, const ConvNeXtBlockWeights& w) {
   const ConvNeXtBlockShape s = convnext_block_shape(x, w, ConvNeXtBlockParams{});
   return Shape{s.n, s.c, s.h, s.w, s.k, s.hidden,
@@ -580,9 +596,11 @@ size_t convnext_block_forward_scratch_bytes(const TensorView& x, const ConvNeXtB
 
 void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                             const ConvNeXtBlockParams& p, const TensorView& y, void* scratch,
-                            size_t scratch_bytes, void* stream) {
+                            size_t scratch_bytes, void* stream, const TensorView* grn_stats) {
   FV_CHECK_VALUE(x.device.type != DeviceType::CUDA || !forward_only(w, p),
                  "convnext_block: the CUDA kernels have no SE step and always a LayerNorm");
+  FV_CHECK_VALUE(x.device.type != DeviceType::CUDA || grn_stats == nullptr,
+                 "grn_stats: CPU only (the CUDA kernels recompute GRN's statistics)");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::forward(x, w, p, y, scratch, scratch_bytes, stream);
@@ -596,6 +614,7 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
                      y.shape[3] == s0.w && y.dtype == x.dtype && is_nhwc(y),
                  "y: expected a channels-last ", dtype_name(x.dtype), " tensor of x's shape, got ",
                  y.describe());
+  check_grn_stats(grn_stats, w.grn_weight != nullptr, s0.n, s0.h, s0.hidden, x.dtype);
   if (s0.n * s0.h * s0.w == 0) return;
   check_no_overlap(x, y);
   FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
@@ -606,6 +625,7 @@ void convnext_block_forward(const TensorView& x, const ConvNeXtBlockWeights& w,
   void* serows = nullptr;
   // Carving checks the size as it goes (before anything is written).
   forward_layout(x, s, w, p, scratch, scratch_bytes, &pk, &bufs, &rowsq, &serows);
+  if (grn_stats) rowsq = grn_stats->data;  // the statistics pass writes the caller's copy
   run_forward(x, s, w, p, pk, bufs, rowsq, serows, y.data);
 }
 
@@ -932,10 +952,12 @@ size_t convnext_block_backward_scratch_bytes(const TensorView& x, const ConvNeXt
 void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
                              const ConvNeXtBlockWeights& w, const ConvNeXtBlockParams& p,
                              const ConvNeXtBlockGrads& g, void* scratch, size_t scratch_bytes,
-                             void* stream) {
+                             void* stream, const TensorView* grn_stats) {
   FV_CHECK_VALUE(!forward_only(w, p), "convnext_block: no backward for blocks without a "
                  "LayerNorm or with an SE step (inference-only forms); compute gradients "
                  "through the separate ops");
+  FV_CHECK_VALUE(x.device.type != DeviceType::CUDA || grn_stats == nullptr,
+                 "grn_stats: CPU only (the CUDA kernels recompute GRN's statistics)");
   if (x.device.type == DeviceType::CUDA) {  // validated by cnblock::cuda
 #if defined(FASTVIS_WITH_CUDA)
     return cnblock::cuda::backward(grad_y, x, w, p, g, scratch, scratch_bytes, stream);
@@ -967,6 +989,7 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
   check_grad(g.grn_bias, nullptr, x, {Hd}, "grad_grn_bias");
   FV_CHECK_VALUE(w.grn_weight || (!g.grn_weight && !g.grn_bias),
                  "grad_grn_weight / grad_grn_bias: the block has no GRN");
+  check_grn_stats(grn_stats, w.grn_weight != nullptr, s0.n, s0.h, Hd, x.dtype);
 
   if (s0.n * s0.h * s0.w == 0) {  // nothing flows: zero parameter gradients
     for (const TensorView* t : {g.dw_weight, g.dw_bias, g.norm_weight, g.norm_bias, g.fc1_weight,
@@ -982,7 +1005,7 @@ void convnext_block_backward(const TensorView& grad_y, const TensorView& x,
                  " bytes, got ", scratch_bytes);
   BwdScratch bs;
   backward_layout(x, s, w, p, &g, scratch, scratch_bytes, &bs);
-  run_backward_tiles(grad_y, x, s, w, p, g, bs, bs.d);
+  run_backward_tiles(grad_y, x, s, w, p, g, bs, bs.d, grn_stats ? grn_stats->data : nullptr);
   prof::Scope ps_dw(prof::kDwconvBwd);
 
   // Phase B: the depthwise convolution's backward on D, and the residual.
@@ -1203,21 +1226,6 @@ void check_disjoint(const TensorView& a, const TensorView& b, const char* an, co
   FV_CHECK_VALUE(ab + na <= bb || bb + nb <= ab, an, ": must not overlap ", bn);
 }
 
-// The GRN row sums kept between forward and backward: (N, H, hidden), contiguous, in the
-// accumulation type; only with GRN.
-void check_grn_stats(const TensorView* t, const MlpWeights& w, const MlpShape& m, DType dt) {
-  if (!t) return;
-  FV_CHECK_VALUE(w.grn_weight != nullptr, "grn_stats: given, but the MLP has no GRN");
-  core::check_cpu(*t, "grn_stats");
-  const DType want = dt == DType::Float64 ? DType::Float64 : DType::Float32;
-  FV_CHECK_TYPE(t->dtype == want, "grn_stats: expected dtype ", dtype_name(want),
-                " (the accumulation type), got ", dtype_name(t->dtype));
-  FV_CHECK_VALUE(t->ndim == 3 && t->shape[0] == m.n && t->shape[1] == m.h &&
-                     t->shape[2] == m.hidden && t->is_contiguous(),
-                 "grn_stats: expected a contiguous [", m.n, ", ", m.h, ", ", m.hidden,
-                 "] tensor, got ", t->describe());
-}
-
 void check_mlp_act(const TensorView& t, const MlpShape& m, DType dt, const char* name) {
   core::check_cpu(t, name);
   FV_CHECK_VALUE(t.ndim == 4 && t.shape[0] == m.n && t.shape[1] == m.c && t.shape[2] == m.h &&
@@ -1267,7 +1275,7 @@ void mlp_forward(const TensorView& x, const MlpWeights& w, const MlpParams& p,
                  const TensorView* grn_stats) {
   const MlpShape m = mlp_shape(x, w, p);
   check_mlp_act(y, m, x.dtype, "y");
-  check_grn_stats(grn_stats, w, m, x.dtype);
+  check_grn_stats(grn_stats, w.grn_weight != nullptr, m.n, m.h, m.hidden, x.dtype);
   if (m.n * m.h * m.w == 0) return;
   check_disjoint(y, x, "y", "x");
   FV_CHECK_VALUE(scratch != nullptr, "scratch: null pointer");
@@ -1296,7 +1304,7 @@ void mlp_backward(const TensorView& grad_y, const TensorView& x, const MlpWeight
   const MlpShape m = mlp_shape(x, w, p);
   const int64_t C = m.c, Hd = m.hidden;
   check_mlp_act(grad_y, m, x.dtype, "grad_y");
-  check_grn_stats(grn_stats, w, m, x.dtype);
+  check_grn_stats(grn_stats, w.grn_weight != nullptr, m.n, m.h, m.hidden, x.dtype);
   if (g.x) check_mlp_act(*g.x, m, x.dtype, "grad_x");
   check_grad(g.fc1_weight, nullptr, x, {Hd, C}, "grad_fc1_weight");
   check_grad(g.fc1_bias, nullptr, x, {Hd}, "grad_fc1_bias");

@@ -13,7 +13,7 @@ activations after GELU.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -106,29 +106,47 @@ def _cb_fwd(
     fc2_bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
     drop_scale: Optional[torch.Tensor], grn_weight: Optional[torch.Tensor],
     grn_bias: Optional[torch.Tensor], eps: float, tanh_gelu: bool, grn_eps: float,
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, stats): the block output and, for GRN blocks on the CPU, GRN's per-image-row sums
+    of the squared hidden activations (N, H, hidden) in the accumulation type, which the
+    backward reads instead of recomputing them (an empty tensor otherwise)."""
     _sync_threads()
     x = _nhwc(x.detach())
     ws = [None if t is None else t.detach() for t in
           (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
            gamma, drop_scale, grn_weight, grn_bias)]
     y = torch.empty_like(x, memory_format=torch.channels_last)
+    stats = _grn_stats_like(x, fc1_weight, grn_weight)
     nbytes = lambda: _scratch_bytes("convnext_block_fwd", _C.convnext_block_forward_scratch_bytes, x, ws,
                                     eps, tanh_gelu, grn_eps)
     _C.convnext_block_forward(dl(x), [dl(t) for t in ws], eps, tanh_gelu, dl(y),
-                              scratch_arg_sized(x.device, nbytes), grn_eps, stream_of(x))
-    return y
+                              scratch_arg_sized(x.device, nbytes), grn_eps, stream_of(x), True,
+                              dl(stats) if stats.numel() else None)
+    return y, stats
+
+
+def _grn_stats_like(x: torch.Tensor, fc1_weight: torch.Tensor, grn_weight) -> torch.Tensor:
+    """The forward's GRN row sums (N, H, hidden) for a CPU GRN block, else an empty tensor."""
+    if grn_weight is None or x.device.type != "cpu":
+        return x.new_empty(0)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty(x.shape[0], x.shape[2], fc1_weight.shape[0], dtype=acc, device=x.device)
 
 
 @_cb_fwd.register_fake
 def _(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
       gamma, drop_scale, grn_weight, grn_bias, eps, tanh_gelu, grn_eps):
-    return torch.empty_like(x, memory_format=torch.channels_last)
+    if grn_weight is None or x.device.type != "cpu":
+        stats = x.new_empty(0)
+    else:
+        stats = x.new_empty((x.shape[0], x.shape[2], fc1_weight.shape[0]),
+                            dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return torch.empty_like(x, memory_format=torch.channels_last), stats
 
 
 @forward_op("fastvis::convnext_block_backward")
 def _cb_bwd(
-    grad_y: torch.Tensor, x: torch.Tensor, dw_weight: torch.Tensor,
+    grad_y: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, dw_weight: torch.Tensor,
     dw_bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
     norm_bias: Optional[torch.Tensor], fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
     fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
@@ -151,12 +169,12 @@ def _cb_bwd(
                                     eps, tanh_gelu, grn_eps)
     _C.convnext_block_backward(dl(gy), dl(x), [dl(t) for t in ws], eps, tanh_gelu,
                                [dl(t) for t in grads], scratch_arg_sized(x.device, nbytes), grn_eps,
-                               stream_of(x))
+                               stream_of(x), dl(stats.detach()) if stats.numel() else None)
     return outs
 
 
 @_cb_bwd.register_fake
-def _(grad_y, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+def _(grad_y, x, stats, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
       fc2_bias, gamma, drop_scale, grn_weight, grn_bias, eps, tanh_gelu, grn_eps, needs):
     params = (dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
               fc2_bias, gamma, grn_weight, grn_bias)
@@ -169,28 +187,33 @@ def _(grad_y, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bia
 def _setup_context(ctx, inputs, output):
     (x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
      gamma, drop_scale, grn_weight, grn_bias, eps, tanh_gelu, grn_eps) = inputs
+    _, stats = output
     ctx.save_for_backward(x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                          fc2_weight, fc2_bias, gamma, drop_scale, grn_weight, grn_bias)
+                          fc2_weight, fc2_bias, gamma, drop_scale, grn_weight, grn_bias, stats)
     ctx.eps = eps
     ctx.tanh_gelu = tanh_gelu
     ctx.grn_eps = grn_eps
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
 
 
 # Input positions of the differentiable tensors (x and the parameters; not drop_scale).
 _DIFF_POS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12)
 
 
-def _backward(ctx, grad_y):
+def _backward(ctx, grad_y, _grad_stats):
+    if grad_y is None:  # y does not reach the loss
+        return (None,) * 16
     saved = ctx.saved_tensors
-    x, drop_scale = saved[0], saved[10]
+    x, drop_scale, stats = saved[0], saved[10], saved[13]
     params = saved[1:10] + saved[11:13]
     needs = [bool(ctx.needs_input_grad[0])] + [
         bool(ctx.needs_input_grad[pos]) and params[i] is not None
         for i, pos in enumerate(_DIFF_POS[1:])]
     if not any(needs):
         return (None,) * 16
-    outs = call_op(_cb_bwd, grad_y, x, *params[:9], drop_scale, *params[9:], ctx.eps, ctx.tanh_gelu,
-                   ctx.grn_eps, needs)
+    outs = call_op(_cb_bwd, grad_y, x, stats, *params[:9], drop_scale, *params[9:], ctx.eps,
+                   ctx.tanh_gelu, ctx.grn_eps, needs)
     grads = [o if need else None for o, need in zip(outs, needs)]
     if grads[0] is not None and not x.is_contiguous(memory_format=torch.channels_last):
         grads[0] = grads[0].contiguous()
@@ -328,8 +351,8 @@ def convnext_block(
         ds = None
         if drop_scale is not None:
             ds = drop_scale.reshape(-1).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        y = call_op(_cb_fwd, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                    fc2_weight, fc2_bias, gamma, ds, grn_weight, grn_bias, e, approximate == "tanh", ge)
+        y, _ = call_op(_cb_fwd, x, dw_weight, dw_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                       fc2_weight, fc2_bias, gamma, ds, grn_weight, grn_bias, e, approximate == "tanh", ge)
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()
         return y
@@ -388,7 +411,7 @@ def convnext_block_prepared(x: torch.Tensor, p: PreparedConvNeXtBlock) -> torch.
     for, no autocast, no reference mode); otherwise runs :func:`convnext_block`, which
     checks and dispatches as usual."""
     if prepared_direct(x, p):
-        y = _cb_fwd.fastvis_impl(x, *p.impl_args)
+        y, _ = _cb_fwd.fastvis_impl(x, *p.impl_args)
         if not x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous()
         return y
