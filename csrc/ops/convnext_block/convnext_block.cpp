@@ -386,8 +386,8 @@ size_t forward_layout(const TensorView& x, const Shape& s, const ConvNeXtBlockWe
                   ? sc.take(static_cast<size_t>(s.n * s.h * s.c) * acc_size(x.dtype))
                   : nullptr;
   // GRN: keep the statistics pass's hidden activations for the output pass when they fit
-  // in grn_store_bytes() (the Python layer keeps up to 64 MiB of scratch per thread, so a
-  // buffer this size is reused, not faulted in, from call to call): the output pass then
+  // in grn_store_bytes() (the bindings keep up to 128 MiB of scratch per calling thread, so
+  // a buffer this size is reused, not faulted in, from call to call): the output pass then
   // skips the mixer, SE and fc1 (a third of the block's GEMM work).
   const size_t hidden_bytes =
       static_cast<size_t>(s.n * s.h * s.w * s.hidden) * acc_size(x.dtype);
@@ -683,7 +683,7 @@ size_t backward_layout(const TensorView& x, const Shape& s, const ConvNeXtBlockW
     bs.rowt = sc.take(rb);
     bs.rowdb = sc.take(rb);
     // The statistics pass keeps dz (then also a) for the gradient pass when they fit in
-    // grn_store_bytes(): one GEMM fewer per tile each (of the seven GRN costs).
+    // grn_store_bytes(): one GEMM fewer per tile each in the gradient pass.
     const size_t hb = static_cast<size_t>(s.n * s.h * s.w * s.hidden) * a;
     const size_t cap = grn_store_bytes();
     if (hb <= cap) bs.pk.grn_dz = sc.take(hb);
