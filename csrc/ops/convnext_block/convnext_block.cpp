@@ -206,6 +206,23 @@ void check_param(const TensorView* t, const TensorView& x, std::initializer_list
   FV_CHECK_VALUE(t->data != nullptr || t->numel() == 0, name, ": null data pointer");
 }
 
+// The MLP's fc1 (hidden, C) / fc2 (C, hidden) weights and biases; returns hidden.
+int64_t check_mlp_params(const TensorView& x, int64_t c, const TensorView* fc1_weight,
+                         const TensorView* fc1_bias, const TensorView* fc2_weight,
+                         const TensorView* fc2_bias) {
+  FV_CHECK_TYPE(fc1_weight != nullptr, "fc1_weight: required, got none");
+  FV_CHECK_VALUE(fc1_weight->ndim == 2 && fc1_weight->shape[1] == c && fc1_weight->shape[0] >= 1,
+                 "fc1_weight: expected shape [hidden, ", c, "], got ", fc1_weight->describe());
+  const int64_t hidden = fc1_weight->shape[0];
+  FV_CHECK_VALUE(hidden * c < (int64_t(1) << 31), "fc1_weight: hidden x C = ", hidden * c,
+                 " is too large for the 32-bit BLAS interface");
+  check_param(fc1_weight, x, {hidden, c}, "fc1_weight", true);
+  check_param(fc2_weight, x, {c, hidden}, "fc2_weight", true);
+  check_param(fc1_bias, x, {hidden}, "fc1_bias", false);
+  check_param(fc2_bias, x, {c}, "fc2_bias", false);
+  return hidden;
+}
+
 bool is_nhwc(const TensorView& t) { return (core::dense_layouts(t) & 2) != 0; }
 
 // x and y (both dense) must not share memory: each tile reads rows of x around the rows
@@ -533,20 +550,11 @@ ConvNeXtBlockShape convnext_block_shape(const TensorView& x, const ConvNeXtBlock
   FV_CHECK_VALUE(k == w.dw_weight->shape[3] && k % 2 == 1 && k >= 1 && k <= 31,
                  "dw_weight: expected a square odd kernel of size 1..31, got ", k, "x",
                  w.dw_weight->shape[3]);
-  FV_CHECK_TYPE(w.fc1_weight != nullptr, "fc1_weight: required, got none");
-  FV_CHECK_VALUE(w.fc1_weight->ndim == 2 && w.fc1_weight->shape[1] == d.c &&
-                     w.fc1_weight->shape[0] >= 1,
-                 "fc1_weight: expected shape [hidden, ", d.c, "], got ", w.fc1_weight->describe());
-  const int64_t hidden = w.fc1_weight->shape[0];
-  FV_CHECK_VALUE(hidden * d.c < (int64_t(1) << 31), "fc1_weight: hidden x C = ", hidden * d.c,
-                 " is too large for the 32-bit BLAS interface");
-  check_param(w.fc1_weight, x, {hidden, d.c}, "fc1_weight", true);
-  check_param(w.fc2_weight, x, {d.c, hidden}, "fc2_weight", true);
+  const int64_t hidden = check_mlp_params(x, d.c, w.fc1_weight, w.fc1_bias, w.fc2_weight,
+                                          w.fc2_bias);
   check_param(w.dw_bias, x, {d.c}, "dw_bias", false);
   check_param(w.norm_weight, x, {d.c}, "norm_weight", false);
   check_param(w.norm_bias, x, {d.c}, "norm_bias", false);
-  check_param(w.fc1_bias, x, {hidden}, "fc1_bias", false);
-  check_param(w.fc2_bias, x, {d.c}, "fc2_bias", false);
   check_param(w.gamma, x, {d.c}, "gamma", false);
   check_param(w.grn_weight, x, {hidden}, "grn_weight", false);
   check_param(w.grn_bias, x, {hidden}, "grn_bias", false);
@@ -1139,17 +1147,8 @@ MetaNeXtBlockShape metanext_block_shape(const TensorView& x, const MetaNeXtBlock
   FV_CHECK_VALUE(p.dilation >= 1 && (std::max(ks, kb) - 1) * p.dilation < 4096,
                  "dilation: expected an integer >= 1 (with a kernel extent below 4096), got ",
                  p.dilation);
-  FV_CHECK_TYPE(w.fc1_weight != nullptr, "fc1_weight: required, got none");
-  FV_CHECK_VALUE(w.fc1_weight->ndim == 2 && w.fc1_weight->shape[1] == d.c &&
-                     w.fc1_weight->shape[0] >= 1,
-                 "fc1_weight: expected shape [hidden, ", d.c, "], got ", w.fc1_weight->describe());
-  const int64_t hidden = w.fc1_weight->shape[0];
-  FV_CHECK_VALUE(hidden * d.c < (int64_t(1) << 31), "fc1_weight: hidden x C = ", hidden * d.c,
-                 " is too large for the 32-bit BLAS interface");
-  check_param(w.fc1_weight, x, {hidden, d.c}, "fc1_weight", true);
-  check_param(w.fc2_weight, x, {d.c, hidden}, "fc2_weight", true);
-  check_param(w.fc1_bias, x, {hidden}, "fc1_bias", false);
-  check_param(w.fc2_bias, x, {d.c}, "fc2_bias", false);
+  const int64_t hidden = check_mlp_params(x, d.c, w.fc1_weight, w.fc1_bias, w.fc2_weight,
+                                          w.fc2_bias);
   check_param(w.gamma, x, {d.c}, "gamma", false);
   if (w.drop_scale) {
     core::check_cpu(*w.drop_scale, "drop_scale");
@@ -1243,17 +1242,8 @@ MlpShape mlp_shape(const TensorView& x, const MlpWeights& w, const MlpParams& p)
   core::check_cpu(x, "x");
   FV_CHECK_VALUE(is_nhwc(x), "x: the tiled MLP needs dense channels-last (NHWC) tokens, got ",
                  x.describe(), " with other strides");
-  FV_CHECK_TYPE(w.fc1_weight != nullptr, "fc1_weight: required, got none");
-  FV_CHECK_VALUE(w.fc1_weight->ndim == 2 && w.fc1_weight->shape[1] == d.c &&
-                     w.fc1_weight->shape[0] >= 1,
-                 "fc1_weight: expected shape [hidden, ", d.c, "], got ", w.fc1_weight->describe());
-  const int64_t hidden = w.fc1_weight->shape[0];
-  FV_CHECK_VALUE(hidden * d.c < (int64_t(1) << 31), "fc1_weight: hidden x C = ", hidden * d.c,
-                 " is too large for the 32-bit BLAS interface");
-  check_param(w.fc1_weight, x, {hidden, d.c}, "fc1_weight", true);
-  check_param(w.fc2_weight, x, {d.c, hidden}, "fc2_weight", true);
-  check_param(w.fc1_bias, x, {hidden}, "fc1_bias", false);
-  check_param(w.fc2_bias, x, {d.c}, "fc2_bias", false);
+  const int64_t hidden = check_mlp_params(x, d.c, w.fc1_weight, w.fc1_bias, w.fc2_weight,
+                                          w.fc2_bias);
   check_param(w.grn_weight, x, {hidden}, "grn_weight", false);
   check_param(w.grn_bias, x, {hidden}, "grn_bias", false);
   FV_CHECK_VALUE((w.grn_weight == nullptr) == (w.grn_bias == nullptr),

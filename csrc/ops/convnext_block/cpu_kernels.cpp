@@ -186,36 +186,11 @@ void dw_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, const T
   }
 }
 
-// y = ds[n] * gamma * (o + b2) for the np pixels starting at global pixel p0.
-template <class T, class A>
-void plain_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const A* o, T* y) {
-  using V = typename VT<A>::V;
-  constexpr int L = VT<A>::L;
-  const A* gamma = static_cast<const A*>(pk.gamma);
-  const A* b2 = static_cast<const A*>(pk.b2);
-  const A* ds = static_cast<const A*>(pk.ds);
-  const int64_t C = s.c, hw = s.h * s.w;
-  for (int64_t p = 0; p < np; ++p) {
-    const A sc = ds[(p0 + p) / hw];
-    const V scv = V{} + sc;
-    T* yp = y + (p0 + p) * C;
-    const A* op = o + p * C;
-    int64_t c = 0;
-    for (; c + L <= C; c += L)
-      vstore<T, A>(yp + c, scv * vload<A, A>(gamma + c) * (vload<A, A>(op + c) + vload<A, A>(b2 + c)));
-    for (; c < C; ++c) sstore<T, A>(yp + c, sc * gamma[c] * (op[c] + b2[c]));
-  }
-}
-
-// y = x + ds[n] * gamma * (o + b2) for the np pixels starting at global pixel p0 (without
-// the x term when the block has no residual, pk.residual false).
-template <class T, class A>
-void residual_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const T* x,
-                  const A* o, T* y) {
-  if (!pk.residual) {
-    plain_out<T, A>(s, pk, p0, np, o, y);
-    return;
-  }
+// y = x + ds[n] * gamma * (o + b2) for the np pixels starting at global pixel p0; without
+// the x term (RESIDUAL false) for blocks without a residual (the MLP op).
+template <class T, class A, bool RESIDUAL>
+void output_pixels(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const T* x,
+                   const A* o, T* y) {
   using V = typename VT<A>::V;
   constexpr int L = VT<A>::L;
   const A* gamma = static_cast<const A*>(pk.gamma);
@@ -229,12 +204,24 @@ void residual_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, cons
     T* yp = y + (p0 + p) * C;
     const A* op = o + p * C;
     int64_t c = 0;
-    for (; c + L <= C; c += L)
-      vstore<T, A>(yp + c, vload<T, A>(xp + c) + scv * vload<A, A>(gamma + c) *
-                                                     (vload<A, A>(op + c) + vload<A, A>(b2 + c)));
-    for (; c < C; ++c)
-      sstore<T, A>(yp + c, sload<T, A>(xp + c) + sc * gamma[c] * (op[c] + b2[c]));
+    for (; c + L <= C; c += L) {
+      const V v = scv * vload<A, A>(gamma + c) * (vload<A, A>(op + c) + vload<A, A>(b2 + c));
+      vstore<T, A>(yp + c, RESIDUAL ? vload<T, A>(xp + c) + v : v);
+    }
+    for (; c < C; ++c) {
+      const A v = sc * gamma[c] * (op[c] + b2[c]);
+      sstore<T, A>(yp + c, RESIDUAL ? sload<T, A>(xp + c) + v : v);
+    }
   }
+}
+
+template <class T, class A>
+void residual_out(const Shape& s, const Packed& pk, int64_t p0, int64_t np, const T* x,
+                  const A* o, T* y) {
+  if (pk.residual)
+    output_pixels<T, A, true>(s, pk, p0, np, x, o, y);
+  else
+    output_pixels<T, A, false>(s, pk, p0, np, x, o, y);
 }
 
 // GRN on the tile: h[p][j] = h[p][j] * f[n][j] + b[j] (n the pixel's image).
