@@ -168,6 +168,15 @@ struct Scratch {
   }
 };
 
+// Views of a sequence of optional tensors (None -> nullptr): out[i] points at views[i].
+void optional_views(Borrowed& b, const py::sequence& seq, int count, const char* const* names,
+                    TensorView* views, const TensorView** out) {
+  for (int i = 0; i < count; ++i) {
+    py::object o = seq[i];
+    out[i] = o.is_none() ? nullptr : (views[i] = b.view(o, names[i]), &views[i]);
+  }
+}
+
 void* as_stream(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
 // A chain of fused-block forwards in one call (CPU inference): block i reads ys[i - 1] (x
@@ -599,10 +608,7 @@ PYBIND11_MODULE(_C, m) {
       FV_CHECK_VALUE(nw == 12 || nw == 16, "weights: expected 12 or 16 entries, got ", nw);
       x = b.view(xo, "x");
       const TensorView* ptr[16] = {};
-      for (int i = 0; i < nw; ++i) {
-        py::object o = ws[i];
-        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
-      }
+      optional_views(b, ws, nw, names, wv, ptr);
       w = ConvNeXtBlockWeights{ptr[0], ptr[1], ptr[2],  ptr[3],  ptr[4],  ptr[5],
                                ptr[6], ptr[7], ptr[8],  ptr[9],  ptr[10], ptr[11],
                                ptr[12], ptr[13], ptr[14], ptr[15]};
@@ -618,10 +624,7 @@ PYBIND11_MODULE(_C, m) {
                                       "grad_gamma", "grad_grn_weight", "grad_grn_bias"};
       FV_CHECK_VALUE(py::len(gs) == 12, "grads: expected 12 entries, got ", py::len(gs));
       const TensorView* ptr[12];
-      for (int i = 0; i < 12; ++i) {
-        py::object o = gs[i];
-        ptr[i] = o.is_none() ? nullptr : (gv[i] = b.view(o, names[i]), &gv[i]);
-      }
+      optional_views(b, gs, 12, names, gv, ptr);
       g = ConvNeXtBlockGrads{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],  ptr[5],
                              ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11]};
     }
@@ -716,10 +719,7 @@ PYBIND11_MODULE(_C, m) {
       FV_CHECK_VALUE(py::len(ws) == 12, "weights: expected 12 entries, got ", py::len(ws));
       x = b.view(xo, "x");
       const TensorView* ptr[12];
-      for (int i = 0; i < 12; ++i) {
-        py::object o = ws[i];
-        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
-      }
+      optional_views(b, ws, 12, names, wv, ptr);
       w = MetaNeXtBlockWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4],  ptr[5],
                                ptr[6], ptr[7], ptr[8], ptr[9], ptr[10], ptr[11]};
       p.dilation = dilation;
@@ -777,10 +777,7 @@ PYBIND11_MODULE(_C, m) {
       FV_CHECK_VALUE(py::len(ws) == 6, "weights: expected 6 entries, got ", py::len(ws));
       x = b.view(xo, "x");
       const TensorView* ptr[6];
-      for (int i = 0; i < 6; ++i) {
-        py::object o = ws[i];
-        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
-      }
+      optional_views(b, ws, 6, names, wv, ptr);
       w = MlpWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5]};
       p.gelu_tanh = tanh_gelu;
       p.grn_eps = grn_eps;
@@ -791,10 +788,7 @@ PYBIND11_MODULE(_C, m) {
                                      "grad_grn_bias"};
       FV_CHECK_VALUE(py::len(gs) == 7, "grads: expected 7 entries, got ", py::len(gs));
       const TensorView* ptr[7];
-      for (int i = 0; i < 7; ++i) {
-        py::object o = gs[i];
-        ptr[i] = o.is_none() ? nullptr : (gv[i] = b.view(o, names[i]), &gv[i]);
-      }
+      optional_views(b, gs, 7, names, gv, ptr);
       g = MlpGrads{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6]};
     }
   };
@@ -1070,10 +1064,7 @@ PYBIND11_MODULE(_C, m) {
       FV_CHECK_VALUE(py::len(ws) == 6, "weights: expected 6 entries, got ", py::len(ws));
       x = b.view(xo, "x");
       const TensorView* ptr[6];
-      for (int i = 0; i < 6; ++i) {
-        py::object o = ws[i];
-        ptr[i] = o.is_none() ? nullptr : (wv[i] = b.view(o, names[i]), &wv[i]);
-      }
+      optional_views(b, ws, 6, names, wv, ptr);
       w = InceptionDWConv2dWeights{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5]};
       p.dilation = dilation;
     }
@@ -1082,10 +1073,7 @@ PYBIND11_MODULE(_C, m) {
                                      "grad_w_bias", "grad_h_weight", "grad_h_bias"};
       FV_CHECK_VALUE(py::len(gs) == 7, "grads: expected 7 entries, got ", py::len(gs));
       const TensorView* ptr[7];
-      for (int i = 0; i < 7; ++i) {
-        py::object o = gs[i];
-        ptr[i] = o.is_none() ? nullptr : (gv[i] = b.view(o, names[i]), &gv[i]);
-      }
+      optional_views(b, gs, 7, names, gv, ptr);
       g = InceptionDWConv2dGrads{ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6]};
     }
   };
