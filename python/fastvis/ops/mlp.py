@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from .. import _C
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
-from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, memoised_size,
-                      register_autograd, scratch_arg_sized, workspace)
+from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd,
+                      scratch_arg_sized, workspace)
 from ._checks import CPU_DTYPES, CUDA_DTYPES, check_eps, check_param_tensors, cpu_core_serves
 from .grn import global_response_norm_reference
 
@@ -213,6 +213,19 @@ register_autograd(_mlp_fwd, _backward, _setup_context)
 # statistics pass); the backward recomputes fc1 tile by tile in cache.
 
 
+def _tiled_weights(fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias):
+    """The core's weight list (fastvis/mlp.h), detached; GRN without a bias gets zeros (the
+    core takes GRN's two parameters together)."""
+    if grn_weight is not None and grn_bias is None:
+        grn_bias = torch.zeros_like(grn_weight)
+    return [None if t is None else t.detach() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                         grn_weight, grn_bias)]
+
+
+# The core's tiled MLP is CPU-only (mlp_shape refuses other devices) and the op runs only
+# where cpu_core_serves: scratch is the bindings' per-thread buffer (None).
+
+
 @forward_op("fastvis::mlp_tiled")
 def _tiled_fwd(
     x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
@@ -224,20 +237,11 @@ def _tiled_fwd(
     activations (N, H, hidden) in the accumulation type (an empty tensor without GRN)."""
     _sync_threads()
     x = x.detach().contiguous()
-    gb = grn_bias if (grn_weight is not None and grn_bias is not None) else (
-        None if grn_weight is None else torch.zeros_like(grn_weight))
-    ws = [None if t is None else t.detach() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                                       grn_weight, gb)]
+    ws = _tiled_weights(fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias)
     y = torch.empty_like(x)
     stats = (torch.empty(x.shape[0], x.shape[1], fc1_weight.shape[0], dtype=_stats_dtype(x.dtype),
                          device=x.device) if grn_weight is not None else x.new_empty(0))
-    tanh = act == 2
-    nbytes = lambda: memoised_size(
-        ("mlp_tiled_fwd", _C.get_num_threads(), tuple(x.shape), x.dtype,
-         tuple(None if t is None else tuple(t.shape) for t in ws)),
-        lambda: _C.mlp_forward_scratch_bytes(_nchw(x), ws, tanh, grn_eps))
-    _C.mlp_forward(dl(_nchw(x)), [None if t is None else dl(t) for t in ws], tanh, grn_eps,
-                   dl(_nchw(y)), scratch_arg_sized(x.device, nbytes),
+    _C.mlp_forward(dl(_nchw(x)), [dl(t) for t in ws], act == 2, grn_eps, dl(_nchw(y)), None,
                    dl(stats) if grn_weight is not None else None)
     return y, stats
 
@@ -261,25 +265,15 @@ def _tiled_bwd(
     _sync_threads()
     gy = grad_y.detach().contiguous()
     x = x.detach().contiguous()
-    gb = grn_bias if (grn_weight is not None and grn_bias is not None) else (
-        None if grn_weight is None else torch.zeros_like(grn_weight))
-    ws = [None if t is None else t.detach() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                                       grn_weight, gb)]
+    ws = _tiled_weights(fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias)
     like = [x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, grn_weight, grn_bias]
     outs = [torch.empty(t.shape, dtype=x.dtype, device=x.device) if (t is not None and need)
             else x.new_empty(0) for t, need in zip(like, needs)]
     grads = [o if (t is not None and need) else None for o, t, need in zip(outs, like, needs)]
     if grads[0] is not None:
         grads[0] = _nchw(grads[0])
-    tanh = act == 2
-    nbytes = lambda: memoised_size(
-        ("mlp_tiled_bwd", _C.get_num_threads(), tuple(x.shape), x.dtype,
-         tuple(None if t is None else tuple(t.shape) for t in ws)),
-        lambda: _C.mlp_backward_scratch_bytes(_nchw(x), ws, tanh, grn_eps))
-    _C.mlp_backward(dl(_nchw(gy)), dl(_nchw(x)), [None if t is None else dl(t) for t in ws], tanh,
-                    grn_eps, [None if t is None else dl(t) for t in grads],
-                    scratch_arg_sized(x.device, nbytes),
-                    dl(stats.detach()) if stats.numel() else None)
+    _C.mlp_backward(dl(_nchw(gy)), dl(_nchw(x)), [dl(t) for t in ws], act == 2, grn_eps,
+                    [dl(t) for t in grads], None, dl(stats.detach()) if stats.numel() else None)
     return outs
 
 
