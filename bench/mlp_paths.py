@@ -1,7 +1,8 @@
-"""The token MLP's two CPU paths, forced, side by side: fastvis.ops.mlp on the core's tiled
-MLP (fastvis/mlp.h) and on its torch-GEMM path, forward + backward through autograd, at a
-model's stage shapes, in one process (median ms of repeated steps, the paths alternating
-per round). With ``--core`` also the tiled MLP's core calls alone (own scratch, no
+"""The token MLP's CPU paths, forced, side by side: fastvis.ops.mlp on the core's tiled
+MLP (fastvis/mlp.h) and on its torch-GEMM path, the latter with its products as oneDNN 1x1
+convolutions ("oneDNN", where PyTorch has oneDNN) and as ``F.linear`` / ``mm`` ("mm"),
+forward + backward through autograd, at a model's stage shapes, in one process (the best
+of the rounds' median ms, the paths alternating per round). With ``--core`` also the tiled MLP's core calls alone (own scratch, no
 autograd); with ``--convnext-v2`` instead the fused ConvNeXt-V2 block's core backward with
 and without the forward's saved GRN row sums (7x7 dwconv, hidden = 4C).
 
@@ -39,7 +40,7 @@ def mlp_paths(model, batches, grn, core, reps, rounds):
 
     from fastvis import _C
     mod = sys.modules["fastvis.ops.mlp"]
-    real = mod._tiled_serves
+    real, onednn = mod._tiled_serves, mod._ONEDNN
     for n in batches:
         for h, c in STAGES[model]:
             hid = 4 * c
@@ -52,15 +53,18 @@ def mlp_paths(model, batches, grn, core, reps, rounds):
 
             def step():
                 mod.mlp(x, *ps, **gp).backward(gy)
-            times = {"tiled": [], "torch GEMMs": []}
+            names = ["tiled", "oneDNN", "mm"] if onednn else ["tiled", "mm"]
+            times = {name: [] for name in names}
             for _ in range(rounds):
-                for name in times:
+                for name in names:
                     mod._tiled_serves = (lambda *a: a[2].shape[0] == a[0].shape[-1]) if name == "tiled" \
                         else (lambda *a: False)
+                    mod._ONEDNN = name == "oneDNN"
                     times[name].append(_ms(step, reps))
-            mod._tiled_serves = real
-            t, m = min(times["tiled"]), min(times["torch GEMMs"])
-            line = f"N={n} {h}x{h} C={c}: tiled {t:.2f} ms, torch GEMMs {m:.2f} ms (tiled/torch {t / m:.2f})"
+            mod._tiled_serves, mod._ONEDNN = real, onednn
+            best = {name: min(ts) for name, ts in times.items()}
+            line = f"N={n} {h}x{h} C={c}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in best.items())
+            line += " (tiled/" + ", tiled/".join(f"{k} {best['tiled'] / best[k]:.2f}" for k in names[1:]) + ")"
             if core:
                 with torch.no_grad():
                     ws = [p.detach() for p in ps] + ([gp["grn_weight"].detach(), gp["grn_bias"].detach()]

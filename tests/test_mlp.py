@@ -1,12 +1,12 @@
-"""fastvis.ops.mlp: fc2(GRN?(GELU(fc1(x)))) on (N, H, W, C) tokens, on both of its CPU
+"""fastvis.ops.mlp: fc2(GRN?(GELU(fc1(x)))) on (N, H, W, C) tokens, on each of its CPU
 paths: the core's tiled MLP (fastvis/mlp.h: saves only x, recomputes fc1 in the backward)
-and the torch-GEMM path (saves x and fc1's output). Tests that depend on the path run on
-both (``force_path``); the op picks the tiled one where fc2 maps back to C (with GRN only
-on AVX-512 OpenBLAS kernels, ``tiled_grn_preferred``).
+and the torch-GEMM path (saves x and fc1's output), the latter with its products as oneDNN
+1x1 convolutions and as ``F.linear`` / ``mm``. Tests that depend on the path run on all
+three (``force_path``).
 
 Oracle: fastvis.ops.mlp_reference (F.linear, F.gelu, the GRN formula, F.linear) in float64
 on exactly the values the op saw, and torch.autograd through it. The op's GEMMs are
-torch's; its GELU / GRN are the core's GRN family (its own tests bound them per element,
+torch's (or the core's); its GELU / GRN are the core's GRN family (its own tests bound them per element,
 tests/test_grn*.py). Here: max |got - ref| <= tol * max(mag) per tensor, with mag for y the
 same composition evaluated on absolute values (|x|, |W|, |b|; GELU and GRN replaced by
 their magnitude bounds |h| and |h| (1 + |w| Nx) + |b|) and for a gradient its own largest
@@ -32,14 +32,16 @@ from conftest import single_threaded_torch, sweep
 
 mlp, mlp_reference = fastvis.ops.mlp, fastvis.ops.mlp_reference
 MLP_MODULE = sys.modules["fastvis.ops.mlp"]  # the module (fastvis.ops.mlp is the function)
-PATHS = ("tiled", "gemm")
+PATHS = ("tiled", "gemm", "mm")
 
 
 @contextlib.contextmanager
 def force_path(path: str):
     """Run fastvis.ops.mlp on one CPU path: "tiled" (the core's tiled MLP wherever it
-    applies, GRN included) or "gemm" (the torch-GEMM path)."""
-    real = MLP_MODULE._tiled_serves
+    applies, GRN included), "gemm" (the torch-GEMM path as it runs here: its products as
+    oneDNN 1x1 convolutions where PyTorch has oneDNN, for float32 / bfloat16) or "mm" (the
+    torch-GEMM path on ``F.linear`` / ``mm``)."""
+    real = MLP_MODULE._tiled_serves, MLP_MODULE._ONEDNN
     if path == "tiled":
         def serves(x, w1, w2, gw):
             return w2.shape[0] == x.shape[-1]
@@ -47,10 +49,14 @@ def force_path(path: str):
         def serves(x, w1, w2, gw):
             return False
     MLP_MODULE._tiled_serves = serves
+    if path == "mm":
+        MLP_MODULE._ONEDNN = False
     try:
         yield
     finally:
-        MLP_MODULE._tiled_serves = real
+        MLP_MODULE._tiled_serves, MLP_MODULE._ONEDNN = real
+
+
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 2.0 ** -6}
 NAMES = ("x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "grn_weight", "grn_bias")
 

@@ -24,7 +24,9 @@ Two CPU paths, the same results within rounding:
   hidden pre-activation ``h = fc1(x)`` (plus GRN's (N, hidden) norms), C + hidden values
   per pixel; the backward recomputes GELU's output (and GRN's, from the saved norms, in one
   pass over h) instead of reading it back, then runs the same four GEMMs as eager PyTorch.
-  The GEMMs are torch's (``F.linear`` / ``mm`` on 2-D views of the tokens); GELU + GRN
+  The GEMMs are torch's: 1x1 convolutions of the tokens' channels_last views where
+  PyTorch has oneDNN (float32, bfloat16; oneDNN runs AVX-512 kernels wherever the CPU has
+  them, MKL's ``F.linear`` runs AVX2 code on AMD CPUs), else ``F.linear`` / ``mm``; GELU + GRN
   forward and backward are the core's GRN family with its fused GELU prologue
   (:func:`fastvis.ops.global_response_norm` with ``activation="gelu"``); without GRN,
   torch's ``gelu`` and ``gelu_backward``.
@@ -62,6 +64,51 @@ def _gelu_name(act: int) -> str:
     return "tanh" if act == 2 else "none"
 
 
+# ---------------------------------------------------------------- the torch path's GEMMs
+#
+# The torch-GEMM path runs its four products as 1x1 convolutions of the tokens' channels_last
+# (N, C, H, W) views where PyTorch has oneDNN (float32, bfloat16): oneDNN picks its kernels by
+# the CPU's instruction set, while ``F.linear`` / ``mm`` go to MKL, which on AMD CPUs runs
+# its AVX2 code. Measured on a Zen 5 (2 threads, UniRepLKNet-T's MLP shapes, N=8): 1x1
+# convolution forward 360-510 GFLOP/s, input gradient 420-505, weight gradient 180-440,
+# against 180-235 for ``F.linear`` / ``mm`` (bench/README.md, session 27). Elsewhere, and
+# for float64, ``F.linear`` / ``mm``.
+
+_ONEDNN = bool(torch.backends.mkldnn.is_available())
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _onednn_serves(x: torch.Tensor) -> bool:
+    """Whether the torch-GEMM path's products run as oneDNN 1x1 convolutions for x."""
+    return _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) channels_last -> dense (N, H, W, C) tokens (a copy only if the strides
+    came back otherwise)."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _pointwise(t: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(t, w, b)`` on (N, H, W, C) tokens: a oneDNN 1x1 convolution where it
+    serves (:func:`_onednn_serves`)."""
+    if _onednn_serves(t):
+        return _tokens(F.conv2d(_nchw(t), w[:, :, None, None], b))
+    return F.linear(t, w, b)
+
+
+def _pointwise_grads(gy: torch.Tensor, t: torch.Tensor, w: torch.Tensor, mask):
+    """The gradients (input tokens, weight, bias) of ``_pointwise(t, w, b)`` for output
+    gradient gy, those ``mask`` asks for (None elsewhere), by oneDNN's convolution backward.
+    Only the weight gradient reads t's values."""
+    mask = [bool(m) for m in mask]
+    gi, gw, gb = torch.ops.aten.convolution_backward(
+        _nchw(gy), _nchw(t), w[:, :, None, None], [w.shape[0]] if mask[2] else None, [1, 1], [0, 0],
+        [1, 1], False, [0, 0], 1, mask)
+    return (_tokens(gi) if mask[0] else None, gw.view(w.shape) if mask[1] else None,
+            gb if mask[2] else None)
+
+
 # ---------------------------------------------------------------- custom ops
 
 
@@ -79,7 +126,7 @@ def _mlp_fwd(
     w1, w2 = fc1_weight.detach(), fc2_weight.detach()
     b1 = None if fc1_bias is None else fc1_bias.detach()
     b2 = None if fc2_bias is None else fc2_bias.detach()
-    h = F.linear(x, w1, b1)
+    h = _pointwise(x, w1, b1)
     if grn_weight is not None:
         a = workspace("mlp.a", h.shape, h.dtype, h.device)  # fc2's input, used here only
         norm = torch.empty(h.shape[0], h.shape[-1], dtype=_stats_dtype(h.dtype), device=h.device)
@@ -90,7 +137,7 @@ def _mlp_fwd(
     else:
         a = F.gelu(h, approximate=_gelu_name(act))
         norm = h.new_empty(0)
-    return F.linear(a, w2, b2), h, norm
+    return _pointwise(a, w2, b2), h, norm
 
 
 @_mlp_fwd.register_fake
@@ -129,8 +176,11 @@ def _mlp_bwd(
     # The hidden-sized temporaries (a, da, dh) never leave this call: per-thread workspaces.
     a = workspace("mlp.a", h.shape, h.dtype, h.device) if (n_w2 and grn) else None
     dh = None
+    onednn = _onednn_serves(x)
     if need_dh or a is not None:
-        if grn:
+        if onednn:
+            da = _pointwise_grads(gy, h, w2, (True, False, False))[0]
+        elif grn:
             da = torch.mm(gy2, w2, out=workspace("mlp.da", (gy2.shape[0], hidden), gy2.dtype, h.device)).view(h.shape)
         else:
             da = torch.mm(gy2, w2).view(h.shape)
@@ -148,20 +198,34 @@ def _mlp_bwd(
         elif need_dh:
             dh = torch.ops.aten.gelu_backward(da, h, approximate=_gelu_name(act))
         del da
-    if n_w2:
-        if a is None:
-            a = F.gelu(h, approximate=_gelu_name(act))
-        out_w2 = torch.mm(gy2.t(), a.reshape(-1, hidden))
-        del a
-    out_b2 = gy2.sum(0) if n_b2 else empty
-    if dh is not None:
-        dh2 = dh.reshape(-1, hidden)
-        if n_w1:
-            out_w1 = torch.mm(dh2.t(), x2)
-        if n_b1:
-            out_b1 = dh2.sum(0)
-        if n_x:
-            out_x = torch.mm(dh2, w1).view(*x.shape)
+    if n_w2 and a is None:
+        a = F.gelu(h, approximate=_gelu_name(act))
+    if onednn:
+        if n_w2 or n_b2:
+            _, gw2, gb2 = _pointwise_grads(gy, a if n_w2 else h, w2, (False, n_w2, n_b2))
+            out_w2 = gw2 if n_w2 else empty
+            out_b2 = gb2 if n_b2 else empty
+        else:
+            out_b2 = empty
+        a = None
+        if dh is not None and (n_x or n_w1 or n_b1):
+            gx, gw1, gb1 = _pointwise_grads(dh, x, w1, (n_x, n_w1, n_b1))
+            out_x = gx if n_x else empty
+            out_w1 = gw1 if n_w1 else empty
+            out_b1 = gb1 if n_b1 else empty
+    else:
+        if n_w2:
+            out_w2 = torch.mm(gy2.t(), a.reshape(-1, hidden))
+        a = None
+        out_b2 = gy2.sum(0) if n_b2 else empty
+        if dh is not None:
+            dh2 = dh.reshape(-1, hidden)
+            if n_w1:
+                out_w1 = torch.mm(dh2.t(), x2)
+            if n_b1:
+                out_b1 = dh2.sum(0)
+            if n_x:
+                out_x = torch.mm(dh2, w1).view(*x.shape)
     outs = [out_x, out_w1, out_b1, out_w2, out_b2, *outs_grn]
     return [o if o is not empty else x.new_empty(0) for o in outs]
 
