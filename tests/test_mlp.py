@@ -213,17 +213,32 @@ def test_tiled_grn_store_budget_changes_no_bit(dtype):
 
 
 def test_default_path_choice():
-    """C_out != C, or GRN without AVX-512 OpenBLAS kernels: the torch-GEMM path."""
-    t = make(1, 3, 3, 8, 16, 8, grn=False)
-    leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t.items()}
-    assert "mlp_tiled" in str(call(mlp, leaves).grad_fn.name())
-    t5 = make(1, 3, 3, 8, 16, 5, grn=False)
-    leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t5.items()}
-    assert "mlp_tiled" not in str(call(mlp, leaves).grad_fn.name())
-    tg = make(1, 3, 3, 8, 16, 8, grn=True)
-    leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in tg.items()}
-    tiled = "mlp_tiled" in str(call(mlp, leaves).grad_fn.name())
-    assert tiled == MLP_MODULE.tiled_grn_preferred()
+    """C_out != C: the torch-GEMM path; GRN: tiled only on AVX-512 OpenBLAS kernels; without
+    GRN tiled unless the core's GEMM runs below the CPU's width (then oneDNN for hidden
+    activations below the threshold); mlp_path names what the op runs."""
+    def runs(t):
+        leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t.items()}
+        name = str(call(mlp, leaves).grad_fn.name())
+        path = MLP_MODULE.mlp_path(leaves["x"], leaves["fc1_weight"], leaves["fc2_weight"],
+                                   leaves["grn_weight"])
+        assert ("mlp_tiled" in name) == (path == "tiled"), (name, path)
+        return path
+
+    onednn = "onednn" if MLP_MODULE._onednn_serves(torch.zeros(1)) else "mm"
+    assert runs(make(1, 3, 3, 8, 16, 5, grn=False)) == onednn
+    assert runs(make(1, 3, 3, 8, 16, 8, grn=True)) == ("tiled" if MLP_MODULE.tiled_grn_preferred() else onednn)
+    assert runs(make(1, 3, 3, 8, 16, 8, grn=False)) == ("onednn" if MLP_MODULE._ONEDNN_OVER_TILED else "tiled")
+    assert runs(make(1, 3, 3, 8, 16, 8, grn=False, dtype=torch.float64)) == "tiled"
+    # The hidden-size threshold (decided on shapes alone).
+    real = MLP_MODULE._ONEDNN_OVER_TILED
+    try:
+        MLP_MODULE._ONEDNN_OVER_TILED = True
+        w1, w2 = torch.empty(384, 96), torch.empty(96, 384)
+        small, big = torch.empty(4, 56, 56, 96), torch.empty(8, 56, 56, 96)  # 19.3 / 38.5 MB hidden
+        assert MLP_MODULE.mlp_path(small, w1, w2) == onednn
+        assert MLP_MODULE.mlp_path(big, w1, w2) == "tiled"
+    finally:
+        MLP_MODULE._ONEDNN_OVER_TILED = real
 
 
 def _saved_bytes(fn, params):

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     passes = ["training"] + ([] if args.no_inference else ["inference"])
     rows: Dict[str, List[List[str]]] = {p_: [] for p_ in passes}
     failed = False
+    from ..ops.mlp import mlp_path
     try:
         for c, hw in stages:
             hid = 4 * c
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                     with torch.no_grad():
                         a, b = cands["fastvis"](x).double(), cands["eager"](x).double()
                         err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-                    row = [f"{c}", f"{hw}x{hw}", f"{n}", f"{f:.2f}", f"{ms['eager']:.2f}",
+                    path = mlp_path(x, params["fc1_weight"], params["fc2_weight"], params["grn_weight"])
+                    row = [f"{c}", f"{hw}x{hw}", f"{n}", path, f"{f:.2f}", f"{ms['eager']:.2f}",
                            f"{ms['eager'] / f:.2f}x"]
                     if "compile" in ms:
                         row += [f"{ms['compile']:.2f}", f"{ms['compile'] / f:.2f}x"]
@@ -118,13 +120,13 @@ def run(args: argparse.Namespace) -> int:
     kind = "fc1, GELU, fc2" if args.no_grn else "fc1, GELU, GRN, fc2"
     print(f"fastvis {fastvis.__version__}, torch {torch.__version__}, {threads} thread(s), float32, "
           f"token MLP ({kind}), hidden = 4C")
-    from ..ops.mlp import tiled_grn_preferred
     from .timing import gemm_line
-    path = ("the core's tiled MLP (fastvis/mlp.h)" if args.no_grn or tiled_grn_preferred()
-            else "torch GEMMs (with GRN the tiled MLP runs only on AVX-512 OpenBLAS kernels)")
-    print(f"fastvis path: {path}; {gemm_line()}")
+    names = {"tiled": "the core's tiled MLP (fastvis/mlp.h)",
+             "onednn": "torch GEMMs on oneDNN 1x1 convolutions", "mm": "torch GEMMs (F.linear / mm)"}
+    print(f"fastvis path per shape (fastvis.ops.mlp.mlp_path): {', '.join(f'{k}: {v}' for k, v in names.items())}; "
+          f"{gemm_line()}")
     for pas in passes:
-        header = ["C", "HxW", "N", "fastvis ms", "eager ms", "eager/fastvis"]
+        header = ["C", "HxW", "N", "fastvis path", "fastvis ms", "eager ms", "eager/fastvis"]
         if not args.no_compile:
             header += ["compile ms", "compile/fastvis"]
         if pas == "training":
@@ -133,5 +135,5 @@ def run(args: argparse.Namespace) -> int:
         print()
         title = "training step (forward + backward)" if pas == "training" else "inference"
         print_table(f"Token MLP, {title}, median of interleaved blocks", header, rows[pas],
-                    fmt=args.format, n_left=3)
+                    fmt=args.format, n_left=4)
     return 130 if failed else 0

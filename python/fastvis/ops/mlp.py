@@ -10,7 +10,7 @@ Global Response Normalization on the hidden activations (per image, hence the 4-
 
 Two CPU paths, the same results within rounding:
 
-- **Tiled** (the default where fc2 maps back to C): the core's tiled MLP
+- **Tiled** (where fc2 maps back to C; the choice is :func:`mlp_path`): the core's tiled MLP
   (``fastvis/mlp.h``), the fused blocks' tile engine without a mixer. Tiles of image rows go
   through fc1 -> GELU (-> GRN) -> fc2 as the core's GEMMs in cache; autograd keeps x only (C
   values a pixel against eager PyTorch's C + 2 hidden, 9C for hidden = 4C); the backward
@@ -19,8 +19,11 @@ Two CPU paths, the same results within rounding:
   With GRN it takes a statistics pass in the forward (its (N, H, hidden) row sums are
   saved for the backward) and one more in the backward (one more GEMM a tile), so it is
   chosen for GRN only where the core's GEMM runs AVX-512 kernels
-  (:func:`tiled_grn_preferred`).
-- **Torch GEMMs** (C_out != C, or GRN on AVX2 / MKL GEMMs): autograd keeps ``x`` and the
+  (:func:`tiled_grn_preferred`). Without GRN it is the default, except where the core's
+  GEMM runs narrower kernels than the CPU has (OpenBLAS held to its Haswell kernels by
+  ``OPENBLAS_CORETYPE``, MKL on AMD) while PyTorch's oneDNN runs AVX-512 ones: there the
+  torch-GEMM path on oneDNN is taken unless the hidden activation is large.
+- **Torch GEMMs** (C_out != C, and the cases above): autograd keeps ``x`` and the
   hidden pre-activation ``h = fc1(x)`` (plus GRN's (N, hidden) norms), C + hidden values
   per pixel; the backward recomputes GELU's output (and GRN's, from the saved norms, in one
   pass over h) instead of reading it back, then runs the same four GEMMs as eager PyTorch.
@@ -40,7 +43,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import _C
+from .. import _C, _cpu
 from .._reference import reference_enabled
 from .._runtime import _sync_threads
 from ._bridge import (autocast_cast, autocast_dtype, call_op, dl, forward_op, register_autograd,
@@ -393,20 +396,64 @@ def tiled_grn_preferred() -> bool:
     OpenBLAS on AVX-512 kernels. GRN costs the tiled backward one GEMM a tile more than the
     torch-GEMM path (it recomputes fc1 instead of saving it): measured on a Zen 5 core,
     UniRepLKNet-T's MLP shapes (N=1 and 8) ran fwd+bwd 1.7-2.5x faster than eager PyTorch
-    with OpenBLAS' SkylakeX kernels, and 0.90-1.01x the torch-GEMM path's time with its
-    Haswell kernels (bench/README.md). Elsewhere (MKL, AVX2) GRN keeps the torch-GEMM
-    path, which saves C + hidden values a pixel instead of C."""
+    with OpenBLAS' SkylakeX kernels, 0.91-1.24x the time of the torch-GEMM path on oneDNN
+    (which saves C + hidden values a pixel instead of C), and 1.45-1.93x its time with
+    OpenBLAS' Haswell kernels (bench/README.md, session 27). Elsewhere GRN takes the
+    torch-GEMM path."""
     return _GRN_TILED
+
+
+def _core_gemm_below_cpu() -> bool:
+    """The CPU has AVX-512 but the core's float GEMM runs narrower kernels: OpenBLAS loaded
+    with an AVX2 kernel set (the environment's ``OPENBLAS_CORETYPE``, kept: fastvis._cpu),
+    or MKL on an AMD CPU (its AVX2 code)."""
+    vendor, flags = _cpu.cpu_facts()
+    if "avx512f" not in flags or _avx512_openblas_gemm():
+        return False
+    return not (_C.sgemm_provider().lower().startswith("mkl") and vendor == "GenuineIntel")
+
+
+# Decided once, at import, as _GRN_TILED: without GRN, the torch-GEMM path on oneDNN
+# instead of the tiled MLP where the core's GEMM runs below the CPU's vector width, unless
+# the hidden activation is large (below).
+_ONEDNN_OVER_TILED = _ONEDNN and _core_gemm_below_cpu()
+# Without GRN, the hidden activation size (N*H*W*hidden elements, in bytes of x's dtype)
+# from which the tiled MLP stays preferred even then: the torch-GEMM path streams that
+# tensor through memory several times (fc1's output saved, GELU, GELU recomputed and its
+# gradient, the products' inputs and outputs), the tiled one keeps it in cache. Measured
+# on a Zen 5 (32 MB L3, 2 threads, OpenBLAS' Haswell kernels, fwd + bwd, tiled time /
+# oneDNN time): InceptionNeXt-T's MLPs at 9.6-19 MB of hidden activation 1.20-1.92x (the
+# torch path faster), at 38.5 MB 0.62-0.98x, at 77 MB 0.64x (bench/README.md, session 27).
+_TILED_MIN_HIDDEN_BYTES = 32 << 20
+
+
+def mlp_path(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
+             grn_weight: Optional[torch.Tensor] = None) -> str:
+    """The CPU path :func:`mlp` takes for these arguments: ``"tiled"`` (the core's tiled
+    MLP), ``"onednn"`` (the torch-GEMM path, its products as oneDNN 1x1 convolutions) or
+    ``"mm"`` (the torch-GEMM path on ``F.linear`` / ``mm``). x: (N, H, W, C) tokens."""
+    if _tiled_serves(x, fc1_weight, fc2_weight, grn_weight):
+        return "tiled"
+    return "onednn" if _onednn_serves(x) else "mm"
 
 
 def _tiled_serves(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
                   grn_weight: Optional[torch.Tensor]) -> bool:
     """Whether :func:`mlp` runs the core's tiled MLP (CPU, checked by the caller): fc2 maps
-    back to x's width, and, with GRN, only where the core's GEMM runs AVX-512 kernels
-    (:func:`tiled_grn_preferred`)."""
-    if fc2_weight.shape[0] != x.shape[-1] or fc1_weight.shape[0] * x.shape[-1] >= 2 ** 31:
+    back to x's width, and
+    - with GRN, where the core's GEMM runs AVX-512 kernels (:func:`tiled_grn_preferred`);
+    - without, unless the core's GEMM runs below the CPU's vector width and oneDNN serves
+      x, where the torch-GEMM path on oneDNN takes hidden activations below
+      ``_TILED_MIN_HIDDEN_BYTES``."""
+    c = x.shape[-1]
+    hidden = fc1_weight.shape[0]
+    if fc2_weight.shape[0] != c or hidden * c >= 2 ** 31:
         return False
-    return grn_weight is None or tiled_grn_preferred()
+    if grn_weight is not None:
+        return tiled_grn_preferred()
+    if _ONEDNN_OVER_TILED and _onednn_serves(x):
+        return x.numel() // max(c, 1) * hidden * x.element_size() >= _TILED_MIN_HIDDEN_BYTES
+    return True
 
 
 # ---------------------------------------------------------------- public API
