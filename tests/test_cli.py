@@ -87,10 +87,9 @@ def test_bench_mlp_quick(grn):
     assert float(rows[0][-2]) < 0.7  # keeps less than eager PyTorch
     assert "C=16 8x8 N=1 training: timing fastvis, eager" in r.stderr
     assert "fastvis path per shape" in r.stdout and "fused blocks' GEMM:" in r.stdout
-    import sys
+    import importlib
     import torch
-    import fastvis.ops  # noqa: F401
-    mod = sys.modules["fastvis.ops.mlp"]
+    mod = importlib.import_module("fastvis.ops.mlp")
     path = mod.mlp_path(torch.zeros(1, 8, 8, 16), torch.zeros(64, 16), torch.zeros(16, 64),
                         None if not grn else torch.zeros(64))
     assert rows[0][3] == path  # the path column names what the op ran

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import sys
 import zlib
 
 import pytest
@@ -402,7 +403,22 @@ def test_use_reference_gives_the_same_result(monkeypatch):
 # --------------------------------------------------------------------------- BatchNorm folding
 
 
-def test_eval_bn_folding_is_used_and_never_stale():
+@pytest.mark.parametrize("engine", ["fused", "unfused"])
+def test_eval_bn_folding_is_used_and_never_stale(engine, monkeypatch):
+    """Both eval paths: the fused blocks, and the unfused ones (the core's mixer, then
+    fastvis.ops.mlp on oneDNN) that run where the core's GEMM is narrower than oneDNN's
+    (fastvis.ops.mlp.mlp_path); each folds the BatchNorm and never serves a stale fold."""
+    mlp_mod = sys.modules["fastvis.ops.mlp"]
+    if engine == "unfused" and not mlp_mod._ONEDNN:
+        pytest.skip("PyTorch without oneDNN: the blocks always run fused")
+    monkeypatch.setattr(mlp_mod, "_ONEDNN_OVER_TILED", engine == "unfused")
+    fused_calls = []
+    op = sys.modules["fastvis.ops.metanext_block"]._mn_fwd
+    real = op.fastvis_impl
+    monkeypatch.setattr(op, "fastvis_impl", lambda *a, **k: (fused_calls.append(1), real(*a, **k))[1])
+    chain = fastvis._C.metanext_block_forward_chain
+    monkeypatch.setattr(fastvis._C, "metanext_block_forward_chain",
+                        lambda *a: (fused_calls.append(1), chain(*a))[1])
     tm0, fm0 = pair("inception_next_atto")
     tm, fm = copy.deepcopy(tm0), copy.deepcopy(fm0)
     x = _randn(2, 3, 64, 64, tag="x/fold")
@@ -412,6 +428,7 @@ def test_eval_bn_folding_is_used_and_never_stale():
     with torch.no_grad():
         y = fm(x)
         assert not norm_calls, "eval mode must fold the block BatchNorm into fc1"
+        assert bool(fused_calls) == (engine == "fused")
         assert_close_scaled(y, tm(x), "folded")
         # folding off: the BatchNorm runs, same result
         for blk in (b for s in fm.stages for b in s.blocks):
@@ -650,6 +667,8 @@ def test_eval_stage_runs_its_blocks_in_one_core_call(monkeypatch):
     monkeypatch.setattr(_C, "metanext_block_forward_chain",
                         lambda x, blocks, ys: (chains.append(len(blocks)), real(x, blocks, ys))[1])
     depths = [len(s.blocks) for s in m.stages]
+    # The fused blocks (not the unfused eval path of a core GEMM narrower than oneDNN's).
+    monkeypatch.setattr(sys.modules["fastvis.ops.mlp"], "_ONEDNN_OVER_TILED", False)
     with torch.no_grad():
         y = m(x)
         assert chains == [d for d in depths if d > 1]

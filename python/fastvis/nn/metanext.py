@@ -43,10 +43,10 @@ from .._reference import reference_enabled
 from ..ops._bridge import autocast_dtype
 from ..ops.metanext_block import (PreparedMetaNeXtBlock, metanext_block, metanext_block_chain,
                                   metanext_block_prepared)
-from ..ops.mlp import mlp
+from ..ops.mlp import mlp, mlp_path
 from .convnext import drop_path_scale
 from .inception_dwconv import InceptionDWConv2d
-from .reparam import cached_fold, kmajor
+from .reparam import cached_fold, inference_only, kmajor
 
 __all__ = ["ConvMlp", "MetaNeXtBlock"]
 
@@ -179,6 +179,13 @@ class MetaNeXtBlock(nn.Module):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
+        # Where fastvis.ops.mlp takes oneDNN's products for this shape (the core's GEMM runs
+        # narrower kernels than the CPU has, the hidden activation is not large) the block
+        # runs unfused: the core's mixer, then that MLP. InceptionNeXt-T's blocks on a Zen 5
+        # with OpenBLAS' Haswell kernels: 1.5-1.7x faster than fused where the MLP would
+        # take oneDNN, 0.5x at N=8 56x56 where it would not (bench/README.md, session 27).
+        if mlp_path(x.permute(0, 2, 3, 1), self.mlp.fc1_matrix()[0], self.mlp.fc2_matrix()[0]) == "onednn":
+            return False
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,8 +210,12 @@ class MetaNeXtBlock(nn.Module):
         if self.fold_bn and _bn_foldable(self.norm):
             # Eval: BatchNorm folded into fc1 and the layer scale into fc2, so the rest of
             # the block is GEMM, GELU, GEMM, residual.
-            w1, b1 = self.mlp.fc1_matrix()
-            y = self.mlp(x, fc1=fold_bn_into_linear(self.norm, w1, b1), fc2=self._fc2_scaled())
+            def fold():
+                return fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()), self._fc2_scaled()
+            # In inference the folds are cached as the fused path's (one fold a block per
+            # parameter change, not per call: 4 of 39 ms of a batch-1 InceptionNeXt-T).
+            fc1, fc2 = cached_fold(self, x.dtype, fold, slot="_unfused") if inference_only(self, x) else fold()
+            y = self.mlp(x, fc1=fc1, fc2=fc2)
         else:
             # Training: the BatchNorm itself (batch statistics, running-stat updates); the
             # layer scale multiplies the output, as in timm (folding it into fc2 would make
