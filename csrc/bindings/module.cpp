@@ -250,11 +250,15 @@ PYBIND11_MODULE(_C, m) {
   // GFLOP/s of the core's BLAS on one thread for C[m x n] = A[m x k] B[k x n]^T (the fused
   // blocks' GEMM shape), best of `reps` calls: the ceiling the tile GEMMs are compared with.
   m.def("blas_sgemm_gflops",
-        [](int64_t m_, int64_t n_, int64_t k_, int reps) {
+        [](int64_t m_, int64_t n_, int64_t k_, int reps, bool nn) {
           py::gil_scoped_release nogil;
-          return fastvis::core::gemm_gflops(m_, n_, k_, reps);
+          return fastvis::core::gemm_gflops(m_, n_, k_, reps, nn);
         },
-        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("reps") = 5);
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("reps") = 5, py::arg("nn") = false);
+  // The core's own AVX-512 gemm(N, N) kernel (core/blas.h): -1 auto, 0 off, 1 on.
+  m.def("set_own_gemm", &fastvis::core::set_own_gemm, py::arg("mode"));
+  m.def("own_gemm_active", &fastvis::core::own_gemm_active);
+  m.def("own_gemm_available", &fastvis::core::own_gemm_available);
   m.def("set_num_threads", &fastvis::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &fastvis::get_num_threads);
   m.def("cuda_device_count", &fastvis::cuda_device_count);

@@ -11,6 +11,8 @@
 #include <mutex>
 #include <vector>
 
+#include "core/cpu_features.h"
+#include "core/gemm_kernels.h"
 #include "fastvis/error.h"
 #include "fastvis/threading.h"
 
@@ -104,9 +106,40 @@ std::string sgemm_provider() {
 
 bool float_gemm_is_openblas() { return g_provider.load() == nullptr; }
 
+namespace {
+std::atomic<int> g_own_mode{-1};  // set_own_gemm: -1 auto, 0 off, 1 on
+}  // namespace
+
+bool own_gemm_available() {
+#if defined(FV_HAVE_ISA_AVX512)
+  return cpu::selected_isa() == cpu::Isa::Avx512;
+#else
+  return false;
+#endif
+}
+
+void set_own_gemm(int mode) {
+  FV_CHECK_VALUE(mode >= -1 && mode <= 1, "set_own_gemm: expected -1 (auto), 0 (off) or 1 (on), got ", mode);
+  FV_CHECK_VALUE(mode != 1 || own_gemm_available(), "set_own_gemm: the core's own GEMM needs the AVX-512 "
+                 "path (selected: ", cpu::selected_isa_name(), ")");
+  g_own_mode.store(mode);
+}
+
+bool own_gemm_active() {
+  const int mode = g_own_mode.load(std::memory_order_relaxed);
+  if (mode >= 0) return mode == 1;
+  return own_gemm_available();
+}
+
 void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+#if defined(FV_HAVE_ISA_AVX512)
+  if (ta == Op::N && tb == Op::N && alpha == 1.0f && own_gemm_active()) {
+    avx512::sgemm_nn(m, n, k, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+#endif
   if (const Provider* p = g_provider.load(std::memory_order_acquire)) {
     provider_sgemm(*p, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
@@ -164,14 +197,17 @@ void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, con
   gemm_split_t<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps) {
+double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps, bool nn) {
   FV_CHECK_VALUE(m > 0 && n > 0 && k > 0 && reps > 0, "gemm_gflops: sizes and reps must be positive");
   std::vector<float> a(static_cast<size_t>(m * k), 1.0f), b(static_cast<size_t>(n * k), 0.5f),
       c(static_cast<size_t>(m * n));
   double best = 0;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    gemm(Op::N, Op::T, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n);
+    if (nn)
+      gemm(Op::N, Op::N, m, n, k, 1.0f, a.data(), k, b.data(), n, 0.0f, c.data(), n);
+    else
+      gemm(Op::N, Op::T, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (dt > 0) best = std::max(best, 2.0 * double(m) * double(n) * double(k) / dt * 1e-9);
   }

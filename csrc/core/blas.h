@@ -32,9 +32,18 @@ void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, cons
 void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
-// GFLOP/s of one single-threaded float gemm(N, T) of m x n x k on this thread, best of
-// `reps` calls: the ceiling the fused blocks' tile GEMMs are compared with.
-double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps);
+// GFLOP/s of one single-threaded float gemm(N, T) (or gemm(N, N) with nn) of m x n x k on
+// this thread, best of `reps` calls: the ceiling the fused blocks' tile GEMMs are compared
+// with.
+double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps, bool nn = false);
+
+// The core's own AVX-512 kernel for float gemm(N, N) with alpha 1 (core/gemm_kernels.h):
+// available where the AVX-512 path is compiled and selected; active by default there
+// (mode -1), or forced off (0) / on (1). When active it serves every such product in
+// place of the BLAS (or the installed provider).
+bool own_gemm_available();
+void set_own_gemm(int mode);
+bool own_gemm_active();
 
 // "OpenBLAS <version> <core>" as the library reports it.
 std::string blas_config();

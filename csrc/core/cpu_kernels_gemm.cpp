@@ -1,0 +1,149 @@
+// The core's own single-precision GEMM for row-major C = A B (+ beta C) with B stored
+// [k][n] (no transpose), AVX-512 only: the fused blocks' weight-stationary products
+// (fc2 with its k-major weight, fc1 with a k-major copy, the backward's dg = do W2 and
+// dt = da W1). Compiled once per instruction set like the ops' cpu_kernels*.cpp; the
+// kernel exists in the avx512 namespace only (core/gemm_kernels.h).
+//
+// Why not the BLAS: OpenBLAS packs B on every call (a tile GEMM of 49..256 rows against
+// a 768 x 3072 weight spends a large part of its time copying the weight), has no API to
+// keep a packed weight, and, where the environment holds it to its Haswell kernels
+// (OPENBLAS_CORETYPE), runs at half an AVX-512 core's rate.
+//
+// Scheme: no packing. The register tile is MR = 6 rows x NR = 64 columns (24 zmm
+// accumulators, four B vectors and a broadcast a step); per k it loads B's row k of the
+// 64-column panel (four contiguous vectors, ldb apart from the next k) and broadcasts
+// A[i][k] of its six rows. K is cut into blocks of KC so one panel (KC x 64 floats,
+// 64 KB) stays in L2 while every row block of A passes over it; C is read back and
+// updated once per K block. Column tails run masked vectors (any n), row tails smaller
+// MR. The summation order over k is fixed by the shape (k ascending within a block,
+// blocks ascending): results do not depend on threads or alignment.
+#include <algorithm>
+#include <cstdint>
+
+#include "core/gemm_kernels.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifndef FV_ISA
+#error "FV_ISA must name the instruction-set namespace"
+#endif
+
+namespace fastvis {
+namespace core {
+namespace FV_ISA {
+
+#if defined(__AVX512F__)
+namespace {
+
+constexpr int kMR = 6;
+constexpr int kNV = 4;  // vectors of 16 floats a row: NR = 64
+constexpr int64_t kKC = 256;
+
+// C[0..MR)[0..16 NV) (the last vector masked by `tail`) = (first ? beta C : C) + A B over
+// kc steps.
+// Accumulators in named registers: with an array of them (of __m512, declared may_alias,
+// or of a plain vector type) GCC stored all 24 to the stack on every k step, the array
+// being reachable through A's float pointers as far as it could tell (89 GFLOP/s).
+#define FV_ACC_ROW(i) __m512 c##i##0, c##i##1, c##i##2, c##i##3;
+#define FV_ZERO_ROW(i) c##i##0 = c##i##1 = c##i##2 = c##i##3 = _mm512_setzero_ps();
+#define FV_FMA_ROW(i)                                                  \
+  if (MR > i) {                                                       \
+    const __m512 av = _mm512_set1_ps(a[i * lda + p]);                 \
+    c##i##0 = _mm512_fmadd_ps(av, b0, c##i##0);                        \
+    if (NV > 1) c##i##1 = _mm512_fmadd_ps(av, b1, c##i##1);            \
+    if (NV > 2) c##i##2 = _mm512_fmadd_ps(av, b2, c##i##2);            \
+    if (NV > 3) c##i##3 = _mm512_fmadd_ps(av, b3, c##i##3);            \
+  }
+
+// C row r's vector v (masked by m) = acc + (first ? beta C : C).
+inline void store_acc(float* cp, __m512 acc, __mmask16 m, bool first, float beta) {
+  if (!first)
+    acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, cp));
+  else if (beta != 0.0f)
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(beta), _mm512_maskz_loadu_ps(m, cp), acc);
+  _mm512_mask_storeu_ps(cp, m, acc);
+}
+
+template <int MR, int NV>
+void micro(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict b,
+           int64_t ldb, float* __restrict c, int64_t ldc, bool first, float beta, __mmask16 tail) {
+  FV_ACC_ROW(0) FV_ACC_ROW(1) FV_ACC_ROW(2) FV_ACC_ROW(3) FV_ACC_ROW(4) FV_ACC_ROW(5)
+  FV_ZERO_ROW(0) FV_ZERO_ROW(1) FV_ZERO_ROW(2) FV_ZERO_ROW(3) FV_ZERO_ROW(4) FV_ZERO_ROW(5)
+  const __mmask16 m0 = NV == 1 ? tail : __mmask16(0xFFFF), m1 = NV == 2 ? tail : __mmask16(0xFFFF),
+                  m2 = NV == 3 ? tail : __mmask16(0xFFFF), m3 = NV == 4 ? tail : __mmask16(0xFFFF);
+  for (int64_t p = 0; p < kc; ++p) {
+    const float* bp = b + p * ldb;
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, bp);
+    const __m512 b1 = NV > 1 ? _mm512_maskz_loadu_ps(m1, bp + 16) : b0;
+    const __m512 b2 = NV > 2 ? _mm512_maskz_loadu_ps(m2, bp + 32) : b0;
+    const __m512 b3 = NV > 3 ? _mm512_maskz_loadu_ps(m3, bp + 48) : b0;
+    FV_FMA_ROW(0) FV_FMA_ROW(1) FV_FMA_ROW(2) FV_FMA_ROW(3) FV_FMA_ROW(4) FV_FMA_ROW(5)
+  }
+#define FV_STORE_ROW(i)                                                      \
+  if (MR > i) {                                                             \
+    float* cp = c + i * ldc;                                                \
+    store_acc(cp, c##i##0, m0, first, beta);                                \
+    if (NV > 1) store_acc(cp + 16, c##i##1, m1, first, beta);               \
+    if (NV > 2) store_acc(cp + 32, c##i##2, m2, first, beta);               \
+    if (NV > 3) store_acc(cp + 48, c##i##3, m3, first, beta);               \
+  }
+  FV_STORE_ROW(0) FV_STORE_ROW(1) FV_STORE_ROW(2) FV_STORE_ROW(3) FV_STORE_ROW(4) FV_STORE_ROW(5)
+#undef FV_STORE_ROW
+}
+#undef FV_ACC_ROW
+#undef FV_ZERO_ROW
+#undef FV_FMA_ROW
+
+template <int NV>
+inline void row_block(int mr, int64_t kc, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      float* c, int64_t ldc, bool first, float beta, __mmask16 tail) {
+  switch (mr) {
+    case 6: micro<6, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 5: micro<5, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 4: micro<4, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 3: micro<3, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 2: micro<2, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    default: micro<1, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+  }
+}
+
+}  // namespace
+
+void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {  // C = beta C
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
+    const int64_t kc = std::min(kKC, k - k0);
+    const bool first = k0 == 0;
+    for (int64_t j0 = 0; j0 < n; j0 += 16 * kNV) {
+      const int64_t nr = std::min<int64_t>(16 * kNV, n - j0);
+      const int nv = static_cast<int>((nr + 15) / 16);
+      const int rem = static_cast<int>(nr - 16 * (nv - 1));
+      const __mmask16 tail = static_cast<__mmask16>(rem == 16 ? 0xFFFF : (1u << rem) - 1);
+      const float* bp = b + k0 * ldb + j0;
+      for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, m - i0));
+        const float* ap = a + i0 * lda + k0;
+        float* cp = c + i0 * ldc + j0;
+        switch (nv) {
+          case 4: row_block<4>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
+          case 3: row_block<3>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
+          case 2: row_block<2>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
+          default: row_block<1>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
+        }
+      }
+    }
+  }
+}
+#endif  // __AVX512F__
+
+}  // namespace FV_ISA
+}  // namespace core
+}  // namespace fastvis
