@@ -248,7 +248,7 @@ def test_metanext_module_uses_the_fused_op_in_inference(monkeypatch):
     import fastvis.nn.metanext as mn
     op = importlib.import_module("fastvis.ops.metanext_block")._mn_fwd
     # The fused path (not the unfused one of a core GEMM narrower than oneDNN's, mlp_path).
-    monkeypatch.setattr(importlib.import_module("fastvis.ops.mlp"), "_ONEDNN_OVER_TILED", False)
+    monkeypatch.setattr(importlib.import_module("fastvis.ops.mlp"), "_CORE_GEMM_WIDE", True)
     calls = []
     real = op.fastvis_impl  # the fused kernel's entry, however the module reaches it
     monkeypatch.setattr(op, "fastvis_impl", lambda *a, **k: (calls.append(a[9].stride()), real(*a, **k))[1])

@@ -213,9 +213,10 @@ def test_tiled_grn_store_budget_changes_no_bit(dtype):
 
 
 def test_default_path_choice():
-    """C_out != C: the torch-GEMM path; GRN: tiled only on AVX-512 OpenBLAS kernels; without
-    GRN tiled unless the core's GEMM runs below the CPU's width (then oneDNN for hidden
-    activations below the threshold); mlp_path names what the op runs."""
+    """mlp_path names what the op runs, and follows the rules of _tiled_serves: C_out != C
+    the torch-GEMM path; a wide engine (own GEMM / AVX-512 BLAS) tiled except large hidden
+    widths at enough pixels; a narrow one oneDNN for GRN and for small hidden activations;
+    float64 (no oneDNN) tiled without GRN."""
     def runs(t):
         leaves = {k: (None if v is None else v.clone().requires_grad_(True)) for k, v in t.items()}
         name = str(call(mlp, leaves).grad_fn.name())
@@ -226,19 +227,28 @@ def test_default_path_choice():
 
     onednn = "onednn" if MLP_MODULE._onednn_serves(torch.zeros(1)) else "mm"
     assert runs(make(1, 3, 3, 8, 16, 5, grn=False)) == onednn
-    assert runs(make(1, 3, 3, 8, 16, 8, grn=True)) == ("tiled" if MLP_MODULE.tiled_grn_preferred() else onednn)
-    assert runs(make(1, 3, 3, 8, 16, 8, grn=False)) == ("onednn" if MLP_MODULE._ONEDNN_OVER_TILED else "tiled")
     assert runs(make(1, 3, 3, 8, 16, 8, grn=False, dtype=torch.float64)) == "tiled"
-    # The hidden-size threshold (decided on shapes alone).
-    real = MLP_MODULE._ONEDNN_OVER_TILED
+    real = MLP_MODULE._CORE_GEMM_WIDE
+    path = MLP_MODULE.mlp_path
     try:
-        MLP_MODULE._ONEDNN_OVER_TILED = True
-        w1, w2 = torch.empty(384, 96), torch.empty(96, 384)
-        small, big = torch.empty(4, 56, 56, 96), torch.empty(8, 56, 56, 96)  # 19.3 / 38.5 MB hidden
-        assert MLP_MODULE.mlp_path(small, w1, w2) == onednn
-        assert MLP_MODULE.mlp_path(big, w1, w2) == "tiled"
+        for wide in (True, False):
+            MLP_MODULE._CORE_GEMM_WIDE = wide
+            for grn in (False, True):
+                want = "tiled" if (wide or (not grn and onednn == "mm")) else onednn
+                assert runs(make(1, 3, 3, 8, 16, 8, grn=grn)) == want, (wide, grn)
+        if onednn == "onednn":  # the thresholds, on shapes alone
+            z = torch.empty
+            MLP_MODULE._CORE_GEMM_WIDE = True
+            assert path(z(1, 12, 12, 8), z(1024, 8), z(8, 1024)) == "onednn"  # 144 pixels
+            assert path(z(1, 11, 11, 8), z(1024, 8), z(8, 1024)) == "tiled"   # 121
+            assert path(z(1, 12, 12, 8), z(1000, 8), z(8, 1000)) == "tiled"
+            MLP_MODULE._CORE_GEMM_WIDE = False
+            w1, w2 = z(384, 96), z(96, 384)
+            assert path(z(4, 56, 56, 96), w1, w2) == "onednn"  # 19.3 MB of hidden activation
+            assert path(z(8, 56, 56, 96), w1, w2) == "tiled"   # 38.5 MB
+            assert path(z(8, 56, 56, 96), w1, w2, z(384)) == "onednn"
     finally:
-        MLP_MODULE._ONEDNN_OVER_TILED = real
+        MLP_MODULE._CORE_GEMM_WIDE = real
 
 
 def _saved_bytes(fn, params):

@@ -411,7 +411,7 @@ def test_eval_bn_folding_is_used_and_never_stale(engine, monkeypatch):
     mlp_mod = sys.modules["fastvis.ops.mlp"]
     if engine == "unfused" and not mlp_mod._ONEDNN:
         pytest.skip("PyTorch without oneDNN: the blocks always run fused")
-    monkeypatch.setattr(mlp_mod, "_ONEDNN_OVER_TILED", engine == "unfused")
+    monkeypatch.setattr(mlp_mod, "_CORE_GEMM_WIDE", engine == "fused")
     fused_calls = []
     op = sys.modules["fastvis.ops.metanext_block"]._mn_fwd
     real = op.fastvis_impl
@@ -668,7 +668,7 @@ def test_eval_stage_runs_its_blocks_in_one_core_call(monkeypatch):
                         lambda x, blocks, ys: (chains.append(len(blocks)), real(x, blocks, ys))[1])
     depths = [len(s.blocks) for s in m.stages]
     # The fused blocks (not the unfused eval path of a core GEMM narrower than oneDNN's).
-    monkeypatch.setattr(sys.modules["fastvis.ops.mlp"], "_ONEDNN_OVER_TILED", False)
+    monkeypatch.setattr(sys.modules["fastvis.ops.mlp"], "_CORE_GEMM_WIDE", True)
     with torch.no_grad():
         y = m(x)
         assert chains == [d for d in depths if d > 1]

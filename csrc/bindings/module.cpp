@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <memory>
@@ -255,6 +256,33 @@ PYBIND11_MODULE(_C, m) {
           return fastvis::core::gemm_gflops(m_, n_, k_, reps, nn);
         },
         py::arg("m"), py::arg("n"), py::arg("k"), py::arg("reps") = 5, py::arg("nn") = false);
+  // The core's float GEMM as the fused blocks call it (core::gemm: the own kernel where it
+  // applies, else the BLAS / provider), on 2-D float32 arrays with unit column stride: c =
+  // alpha op(a) op(b) + beta c. For tests and benchmarks.
+  m.def("sgemm",
+        [](bool ta, bool tb, py::object a, py::object b, py::object c, double alpha, double beta) {
+          Borrowed h;
+          const TensorView va = h.view(a, "a"), vb = h.view(b, "b"), vc = h.view(c, "c");
+          for (const TensorView* t : {&va, &vb, &vc}) {
+            FV_CHECK_TYPE(t->dtype == DType::Float32, "sgemm: expected float32 arrays, got ", t->describe());
+            FV_CHECK_VALUE(t->ndim == 2 && t->strides[1] == 1 && t->strides[0] >= std::max<int64_t>(1, t->shape[1]) &&
+                               t->device.type == DeviceType::CPU,
+                           "sgemm: expected 2-D CPU arrays with unit column stride, got ", t->describe());
+          }
+          const int64_t m_ = vc.shape[0], n_ = vc.shape[1], k_ = ta ? va.shape[0] : va.shape[1];
+          FV_CHECK_VALUE((ta ? va.shape[1] : va.shape[0]) == m_ && (tb ? vb.shape[1] : vb.shape[0]) == k_ &&
+                             (tb ? vb.shape[0] : vb.shape[1]) == n_,
+                         "sgemm: shapes do not chain: a ", va.describe(), ", b ", vb.describe(), ", c ",
+                         vc.describe());
+          py::gil_scoped_release nogil;
+          fastvis::core::gemm(ta ? fastvis::core::Op::T : fastvis::core::Op::N,
+                              tb ? fastvis::core::Op::T : fastvis::core::Op::N, m_, n_, k_,
+                              static_cast<float>(alpha), static_cast<const float*>(va.data), va.strides[0],
+                              static_cast<const float*>(vb.data), vb.strides[0], static_cast<float>(beta),
+                              static_cast<float*>(vc.data), vc.strides[0]);
+        },
+        py::arg("ta"), py::arg("tb"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("alpha") = 1.0,
+        py::arg("beta") = 0.0);
   // The core's own AVX-512 gemm(N, N) kernel (core/blas.h): -1 auto, 0 off, 1 on.
   m.def("set_own_gemm", &fastvis::core::set_own_gemm, py::arg("mode"));
   m.def("own_gemm_active", &fastvis::core::own_gemm_active);

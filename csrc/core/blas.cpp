@@ -135,8 +135,11 @@ void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const floa
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
 #if defined(FV_HAVE_ISA_AVX512)
-  if (ta == Op::N && tb == Op::N && alpha == 1.0f && own_gemm_active()) {
-    avx512::sgemm_nn(m, n, k, a, lda, b, ldb, beta, c, ldc);
+  if (tb == Op::N && alpha == 1.0f && own_gemm_active()) {
+    if (ta == Op::N)
+      avx512::sgemm_nn(m, n, k, a, lda, b, ldb, beta, c, ldc);
+    else
+      avx512::sgemm_tn(m, n, k, a, lda, b, ldb, beta, c, ldc);
     return;
   }
 #endif

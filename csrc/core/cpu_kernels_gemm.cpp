@@ -50,7 +50,7 @@ constexpr int64_t kKC = 256;
 #define FV_ZERO_ROW(i) c##i##0 = c##i##1 = c##i##2 = c##i##3 = _mm512_setzero_ps();
 #define FV_FMA_ROW(i)                                                  \
   if (MR > i) {                                                       \
-    const __m512 av = _mm512_set1_ps(a[i * lda + p]);                 \
+    const __m512 av = _mm512_set1_ps(TA ? a[p * lda + i] : a[i * lda + p]); \
     c##i##0 = _mm512_fmadd_ps(av, b0, c##i##0);                        \
     if (NV > 1) c##i##1 = _mm512_fmadd_ps(av, b1, c##i##1);            \
     if (NV > 2) c##i##2 = _mm512_fmadd_ps(av, b2, c##i##2);            \
@@ -66,7 +66,7 @@ inline void store_acc(float* cp, __m512 acc, __mmask16 m, bool first, float beta
   _mm512_mask_storeu_ps(cp, m, acc);
 }
 
-template <int MR, int NV>
+template <bool TA, int MR, int NV>
 void micro(int64_t kc, const float* __restrict a, int64_t lda, const float* __restrict b,
            int64_t ldb, float* __restrict c, int64_t ldc, bool first, float beta, __mmask16 tail) {
   FV_ACC_ROW(0) FV_ACC_ROW(1) FV_ACC_ROW(2) FV_ACC_ROW(3) FV_ACC_ROW(4) FV_ACC_ROW(5)
@@ -96,22 +96,21 @@ void micro(int64_t kc, const float* __restrict a, int64_t lda, const float* __re
 #undef FV_ZERO_ROW
 #undef FV_FMA_ROW
 
-template <int NV>
+template <bool TA, int NV>
 inline void row_block(int mr, int64_t kc, const float* a, int64_t lda, const float* b, int64_t ldb,
                       float* c, int64_t ldc, bool first, float beta, __mmask16 tail) {
   switch (mr) {
-    case 6: micro<6, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
-    case 5: micro<5, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
-    case 4: micro<4, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
-    case 3: micro<3, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
-    case 2: micro<2, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
-    default: micro<1, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 6: micro<TA, 6, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 5: micro<TA, 5, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 4: micro<TA, 4, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 3: micro<TA, 3, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    case 2: micro<TA, 2, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
+    default: micro<TA, 1, NV>(kc, a, lda, b, ldb, c, ldc, first, beta, tail); break;
   }
 }
 
-}  // namespace
-
-void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+template <bool TA>
+void sgemm_xn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
               int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {  // C = beta C
@@ -130,17 +129,28 @@ void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
       const float* bp = b + k0 * ldb + j0;
       for (int64_t i0 = 0; i0 < m; i0 += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, m - i0));
-        const float* ap = a + i0 * lda + k0;
+        const float* ap = TA ? a + k0 * lda + i0 : a + i0 * lda + k0;
         float* cp = c + i0 * ldc + j0;
         switch (nv) {
-          case 4: row_block<4>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
-          case 3: row_block<3>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
-          case 2: row_block<2>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
-          default: row_block<1>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
+          case 4: row_block<TA, 4>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
+          case 3: row_block<TA, 3>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
+          case 2: row_block<TA, 2>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
+          default: row_block<TA, 1>(mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail); break;
         }
       }
     }
   }
+}
+
+}  // namespace
+
+void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float beta, float* c, int64_t ldc) {
+  sgemm_xn<false>(m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+void sgemm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float beta, float* c, int64_t ldc) {
+  sgemm_xn<true>(m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 #endif  // __AVX512F__
 

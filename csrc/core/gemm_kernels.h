@@ -10,6 +10,10 @@ namespace avx512 {
 // row stride ldb (B stored [k][n]), C with row stride ldc. Serial, in the calling thread.
 void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
               int64_t ldb, float beta, float* c, int64_t ldc);
+// The same with A stored transposed: C = A^T B + beta C, A [k][m] with row stride lda (the
+// weight gradients' products, k = the tile's pixels).
+void sgemm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float beta, float* c, int64_t ldc);
 }  // namespace avx512
 }  // namespace core
 }  // namespace fastvis

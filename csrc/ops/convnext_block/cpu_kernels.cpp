@@ -320,8 +320,12 @@ void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, con
   if (pk.se_scale) se_apply<A>(s, g0 * s.w, np, t, static_cast<const A*>(pk.se_scale));
   {
     prof::Scope ps(prof::kFc1);
-    mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
-       A(0), keep_a ? keep_a : hb, s.hidden);
+    if (pk.w1t)
+      mm(pl, Op::N, Op::N, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1t), s.hidden,
+         A(0), keep_a ? keep_a : hb, s.hidden);
+    else
+      mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
+         A(0), keep_a ? keep_a : hb, s.hidden);
   }
   prof::Scope ps(prof::kGelu);
   if (keep_a)
@@ -467,7 +471,10 @@ void backward_tiles_t(DType dt, const Shape& s, const Plan& pl, const Packed& pk
         } else {
           {
             prof::Scope ps(prof::kFc1);
-            mm(pl, Op::N, Op::T, np, Hd, C, A(1), z, C, w1, C, A(0), ab, Hd);
+            if (pk.w1t)
+              mm(pl, Op::N, Op::N, np, Hd, C, A(1), z, C, static_cast<const A*>(pk.w1t), Hd, A(0), ab, Hd);
+            else
+              mm(pl, Op::N, Op::T, np, Hd, C, A(1), z, C, w1, C, A(0), ab, Hd);
           }
           prof::Scope ps(prof::kGelu);
           bias_gelu(np, Hd, ab, b1, pk.tanh, gb);

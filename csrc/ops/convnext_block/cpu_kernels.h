@@ -68,7 +68,10 @@ struct Packed {
   const void* dwb;    // [cp]
   const void* nw;     // [C]
   const void* nb;     // [C]
-  const void* w1;     // [hidden][C]
+  const void* w1;     // [hidden][C] (null in a forward given w1t)
+  // fc1's weight stored k-major, [C][hidden], or null: as w2t, for fc1's product without a
+  // transposed weight (the core's own gemm(N, N), core/blas.h).
+  const void* w1t = nullptr;
   const void* b1;     // [hidden]
   const void* w2;     // [C][hidden] (null in a forward given w2t)
   // fc2's weight stored k-major, [hidden][C] (a (C, hidden) tensor with strides (1, C)),

@@ -35,7 +35,7 @@ from ..ops.convnext_block import (PreparedConvNeXtBlock, convnext_block, convnex
                                  convnext_block_prepared)
 from .depthwise_conv import DepthwiseConv2d
 from .layer_norm import LayerNorm2d
-from .reparam import cached_fold, inference_only, kmajor
+from .reparam import cached_fold, inference_only, kmajor, kmajor_fc1
 
 from .grn import GlobalResponseNorm  # the GRN module; the block passes its parameters to the fused op
 
@@ -251,7 +251,7 @@ class ConvNeXtBlock(nn.Module):
         mlp, grn = self.mlp, self.mlp.grn
         return PreparedConvNeXtBlock(
             x, self.conv_dw.weight, self.conv_dw.bias, self.norm.weight, self.norm.bias,
-            mlp.fc1.weight.reshape(self.hidden, self.dim), mlp.fc1.bias,
+            kmajor_fc1(mlp.fc1.weight.reshape(self.hidden, self.dim)), mlp.fc1.bias,
             kmajor(mlp.fc2.weight.reshape(self.dim, self.hidden)), mlp.fc2.bias, self.gamma,
             self.norm.eps,
             grn_weight=None if grn is None else grn.weight,

@@ -43,10 +43,10 @@ from .._reference import reference_enabled
 from ..ops._bridge import autocast_dtype
 from ..ops.metanext_block import (PreparedMetaNeXtBlock, metanext_block, metanext_block_chain,
                                   metanext_block_prepared)
-from ..ops.mlp import mlp, mlp_path
+from ..ops.mlp import core_gemm_wide, mlp, mlp_path
 from .convnext import drop_path_scale
 from .inception_dwconv import InceptionDWConv2d
-from .reparam import cached_fold, inference_only, kmajor
+from .reparam import cached_fold, inference_only, kmajor, kmajor_fc1
 
 __all__ = ["ConvMlp", "MetaNeXtBlock"]
 
@@ -179,12 +179,15 @@ class MetaNeXtBlock(nn.Module):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
-        # Where fastvis.ops.mlp takes oneDNN's products for this shape (the core's GEMM runs
-        # narrower kernels than the CPU has, the hidden activation is not large) the block
-        # runs unfused: the core's mixer, then that MLP. InceptionNeXt-T's blocks on a Zen 5
-        # with OpenBLAS' Haswell kernels: 1.5-1.7x faster than fused where the MLP would
-        # take oneDNN, 0.5x at N=8 56x56 where it would not (bench/README.md, session 27).
-        if mlp_path(x.permute(0, 2, 3, 1), self.mlp.fc1_matrix()[0], self.mlp.fc2_matrix()[0]) == "onednn":
+        # Where the fused block's products would run narrower kernels than the CPU has (no
+        # own AVX-512 GEMM, the BLAS on AVX2 code: fastvis.ops.mlp.core_gemm_wide) and
+        # fastvis.ops.mlp takes oneDNN's products for this shape, the block runs unfused:
+        # the core's mixer, then that MLP. InceptionNeXt-T's blocks on a Zen 5 with OpenBLAS'
+        # Haswell kernels: 1.5-1.7x faster than fused where the MLP takes oneDNN, 0.5x at
+        # N=8 56x56 where it does not (bench/README.md, session 27). With the own GEMM the
+        # fused blocks are faster at every stage.
+        if not core_gemm_wide() and mlp_path(
+                x.permute(0, 2, 3, 1), self.mlp.fc1_matrix()[0], self.mlp.fc2_matrix()[0]) == "onednn":
             return False
         return True
 
@@ -199,8 +202,7 @@ class MetaNeXtBlock(nn.Module):
             if autocast_dtype(x) is None:
                 return metanext_block_prepared(x, self._prepared_for(x))
             w1, b1, w2 = cached_fold(self, x.dtype, lambda: (  # autocast
-                *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()), kmajor(self.mlp.fc2_matrix()[0])),
-                slot="_autocast")
+                *self._fc1_folded(), kmajor(self.mlp.fc2_matrix()[0])), slot="_autocast")
             b2 = self.mlp.fc2.bias
             return metanext_block(x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight,
                                   tm.dwconv_w.bias, tm.dwconv_h.weight, tm.dwconv_h.bias,
@@ -229,14 +231,19 @@ class MetaNeXtBlock(nn.Module):
         return shortcut + y
 
     def _prepared_for(self, x: torch.Tensor) -> PreparedMetaNeXtBlock:
-        """The fused call's arguments, the BatchNorm folded into fc1 and fc2's weight k-major,
+        """The fused call's arguments, the BatchNorm folded into fc1, fc2's weight k-major,
         checked once and cached until a parameter or buffer changes."""
         tm = self.token_mixer
         return cached_fold(self, x.dtype, lambda: PreparedMetaNeXtBlock(
             x, tm.dwconv_hw.weight, tm.dwconv_hw.bias, tm.dwconv_w.weight, tm.dwconv_w.bias,
-            tm.dwconv_h.weight, tm.dwconv_h.bias,
-            *fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix()),
+            tm.dwconv_h.weight, tm.dwconv_h.bias, *self._fc1_folded(),
             kmajor(self.mlp.fc2_matrix()[0]), self.mlp.fc2.bias, self.gamma, tm.dilation))
+
+    def _fc1_folded(self) -> _Linear:
+        """fc1 with the BatchNorm folded in, its weight as the fused kernel multiplies it
+        fastest (kmajor_fc1)."""
+        w1, b1 = fold_bn_into_linear(self.norm, *self.mlp.fc1_matrix())
+        return kmajor_fc1(w1), b1
 
     def _fc2_scaled(self) -> Optional[_Linear]:
         """fc2 with the layer scale folded in, ``(gamma W2, gamma b2)``; None without gamma."""

@@ -147,6 +147,15 @@ def kmajor(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().t().contiguous().t()
 
 
+def kmajor_fc1(weight: torch.Tensor) -> torch.Tensor:
+    """fc1's (hidden, C) weight for the eval-form caches: k-major (:func:`kmajor`) where the
+    core's own AVX-512 gemm(N, N) runs (``fastvis._C.own_gemm_active()``; fc1's product then
+    needs no transposed operand, which would go to the BLAS), else as it is. Either form
+    gives the same results; this only picks the faster product."""
+    from .. import _C
+    return kmajor(weight) if _C.own_gemm_active() else weight.detach()
+
+
 def kmajor_conv(weight: torch.Tensor) -> torch.Tensor:
     """A (Cout, Cin, kh, kw) convolution weight with the same values stored k-major,
     (kh, kw, Cin, Cout) in memory: for :func:`fastvis.ops.patch_conv2d` a (K x Cout)

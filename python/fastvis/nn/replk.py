@@ -27,7 +27,7 @@ from .convnext import drop_path_scale
 from .depthwise_conv import DepthwiseConv2d
 from ..ops.convnext_block import dwconv_mlp_block
 from .reparam import (Reparameterizable, bn_scale_shift, branches_forward, cached_fold, fuse_conv_bn,
-                      inference_only, kmajor, pad_kernel_to)
+                      inference_only, kmajor, kmajor_fc1, pad_kernel_to)
 
 __all__ = ["ConvBN", "ReparamLargeKernelConv", "RepLKBlock", "ConvFFN", "apply_drop_path"]
 
@@ -216,7 +216,7 @@ class ConvFFN(nn.Module):
         fc2_w = s2[:, None] * w2
         ones = torch.ones(w1.shape[1], 1, 1, 1, dtype=torch.float64, device=w1.device)
         ones, fc1_w, fc1_b, fc2_w, t2 = (t.to(dtype).contiguous() for t in (ones, fc1_w, fc1_b, fc2_w, t2))
-        return ones, fc1_w, fc1_b, kmajor(fc2_w), t2
+        return ones, kmajor_fc1(fc1_w), fc1_b, kmajor(fc2_w), t2
 
     def extra_repr(self) -> str:
         return f"drop_path={self.drop_path}"

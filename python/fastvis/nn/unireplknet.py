@@ -36,7 +36,7 @@ from .depthwise_conv import DepthwiseConv2d
 from .dilated_reparam import DILATED_BRANCHES, DilatedReparamBlock
 from .._reference import reference_enabled
 from .reparam import (Reparameterizable, cached_fold, foldable_batch_norm, fuse_conv_bn, inference_only,
-                      kmajor, scaled_batch_norm)
+                      kmajor, kmajor_fc1, scaled_batch_norm)
 from .replk import apply_drop_path
 
 __all__ = ["UniRepLKNetBlock", "UniRepLKNetGRN", "SEBlock", "NCHWtoNHWC", "NHWCtoNCHW"]
@@ -249,7 +249,7 @@ class UniRepLKNetBlock(Reparameterizable, nn.Module):
         cast = (lambda t: None if t is None else t.detach().to(dtype).contiguous())
         return dict(
             dw_weight=cast(w), dw_bias=cast(b),
-            fc1_weight=cast(self.pwconv1[1].weight), fc1_bias=cast(self.pwconv1[1].bias),
+            fc1_weight=kmajor_fc1(cast(self.pwconv1[1].weight)), fc1_bias=cast(self.pwconv1[1].bias),
             fc2_weight=kmajor(cast(w2)), fc2_bias=cast(b2),
             se_down_weight=cast(self.se.down.weight.flatten(1)), se_down_bias=cast(self.se.down.bias),
             se_up_weight=cast(self.se.up.weight.flatten(1)), se_up_bias=cast(self.se.up.bias),

@@ -17,13 +17,13 @@ Two CPU paths, the same results within rounding:
   recomputes fc1 per tile (5 GEMMs a tile instead of 4, all on cache-resident tiles) and
   reduces the parameter gradients in a fixed order (bit-identical for any thread count).
   With GRN it takes a statistics pass in the forward (its (N, H, hidden) row sums are
-  saved for the backward) and one more in the backward (one more GEMM a tile), so it is
-  chosen for GRN only where the core's GEMM runs AVX-512 kernels
-  (:func:`tiled_grn_preferred`). Without GRN it is the default, except where the core's
-  GEMM runs narrower kernels than the CPU has (OpenBLAS held to its Haswell kernels by
-  ``OPENBLAS_CORETYPE``, MKL on AMD) while PyTorch's oneDNN runs AVX-512 ones: there the
-  torch-GEMM path on oneDNN is taken unless the hidden activation is large.
-- **Torch GEMMs** (C_out != C, and the cases above): autograd keeps ``x`` and the
+  saved for the backward) and one more in the backward (one more GEMM a tile). Chosen
+  where the engine's products run at the CPU's full width (the core's own AVX-512 GEMM,
+  or an AVX-512 BLAS: :func:`core_gemm_wide`) except for hidden widths of 1024 and more
+  at 128 pixels or more (measured slower there than oneDNN's products; likely because
+  tiles of 256+ pixels then hold over 1 MB of hidden activations each), and, where the engine is narrower than oneDNN, without GRN for large hidden
+  activations only (``_tiled_serves`` has the measurements).
+- **Torch GEMMs** (C_out != C, and the rest): autograd keeps ``x`` and the
   hidden pre-activation ``h = fc1(x)`` (plus GRN's (N, hidden) norms), C + hidden values
   per pixel; the backward recomputes GELU's output (and GRN's, from the saved norms, in one
   pass over h) instead of reading it back, then runs the same four GEMMs as eager PyTorch.
@@ -386,45 +386,50 @@ def _avx512_openblas_gemm() -> bool:
         k in _C.blas_config().lower() for k in _AVX512_OPENBLAS)
 
 
+def _core_gemm_wide() -> bool:
+    """The tile engine's products run at the CPU's full vector width: the core's own AVX-512
+    GEMM kernel is active (core/blas.h: it serves the engine's untransposed products), or
+    the BLAS runs AVX-512 kernels (OpenBLAS' SkylakeX set, MKL on an Intel CPU), or the CPU
+    has no AVX-512 (so nothing is wider)."""
+    if _C.own_gemm_active() or _avx512_openblas_gemm():
+        return True
+    vendor, flags = _cpu.cpu_facts()
+    return "avx512f" not in flags or (_C.sgemm_provider().lower().startswith("mkl") and vendor == "GenuineIntel")
+
+
 # Decided once, at import (after fastvis._runtime installed the GEMM), so torch.compile
-# traces a constant.
-_GRN_TILED = _avx512_openblas_gemm()
+# traces constants. Tests and bench/mlp_paths.py override them.
+_CORE_GEMM_WIDE = _core_gemm_wide()
+# Where the engine is wide and oneDNN serves x, the torch-GEMM path on oneDNN from these
+# hidden widths and pixel counts (the likely cause: the tiled MLP's tiles of 256+ pixels
+# then hold over 1 MB of hidden activations each, several such buffers in the backward,
+# beyond a 1 MB L2; not verified with counters). Measured on a Zen 5 (own GEMM kernel, 2 threads, fwd + bwd, tiled time / oneDNN time,
+# bench/mlp_paths.py): InceptionNeXt-T hidden 384-768 0.36-0.90, 1536 (196-1568 pixels)
+# 1.21-1.22, 3072 at 392 pixels 1.14 and at 49 pixels 0.73; UniRepLKNet-T (GRN) hidden
+# 320-640 0.77-0.95, 1280-2560 at 196-1568 pixels 1.13-1.44, at 49 pixels 1.0 (session 27).
+_ONEDNN_MIN_HIDDEN = 1024
+_ONEDNN_MIN_PIXELS = 128
+# Where the engine is narrower than oneDNN (the CPU has AVX-512, the core's GEMM does not
+# use it): GRN takes oneDNN, and so does an MLP without GRN below this hidden activation
+# size (N*H*W*hidden elements, in bytes of x's dtype): the torch-GEMM path streams that
+# tensor through memory several times (fc1's output saved, GELU, GELU recomputed and its
+# gradient, the products' inputs and outputs), the tiled one keeps it in cache. Measured on
+# a Zen 5 (32 MB L3, OpenBLAS' Haswell kernels, tiled time / oneDNN time): InceptionNeXt-T
+# at 9.6-19 MB of hidden activation 1.20-1.92x, at 38.5 MB 0.62-0.98x, at 77 MB 0.64x.
+_TILED_MIN_HIDDEN_BYTES = 32 << 20
+
+
+def core_gemm_wide() -> bool:
+    """Whether the fused blocks' and the tiled MLP's products run at the CPU's full vector
+    width (decided at import; see ``_core_gemm_wide``)."""
+    return _CORE_GEMM_WIDE
 
 
 def tiled_grn_preferred() -> bool:
-    """Whether :func:`mlp` with GRN runs the core's tiled MLP: when the core's float GEMM is
-    OpenBLAS on AVX-512 kernels. GRN costs the tiled backward one GEMM a tile more than the
-    torch-GEMM path (it recomputes fc1 instead of saving it): measured on a Zen 5 core,
-    UniRepLKNet-T's MLP shapes (N=1 and 8) ran fwd+bwd 1.7-2.5x faster than eager PyTorch
-    with OpenBLAS' SkylakeX kernels, 0.91-1.24x the time of the torch-GEMM path on oneDNN
-    (which saves C + hidden values a pixel instead of C), and 1.45-1.93x its time with
-    OpenBLAS' Haswell kernels (bench/README.md, session 27). Elsewhere GRN takes the
-    torch-GEMM path."""
-    return _GRN_TILED
-
-
-def _core_gemm_below_cpu() -> bool:
-    """The CPU has AVX-512 but the core's float GEMM runs narrower kernels: OpenBLAS loaded
-    with an AVX2 kernel set (the environment's ``OPENBLAS_CORETYPE``, kept: fastvis._cpu),
-    or MKL on an AMD CPU (its AVX2 code)."""
-    vendor, flags = _cpu.cpu_facts()
-    if "avx512f" not in flags or _avx512_openblas_gemm():
-        return False
-    return not (_C.sgemm_provider().lower().startswith("mkl") and vendor == "GenuineIntel")
-
-
-# Decided once, at import, as _GRN_TILED: without GRN, the torch-GEMM path on oneDNN
-# instead of the tiled MLP where the core's GEMM runs below the CPU's vector width, unless
-# the hidden activation is large (below).
-_ONEDNN_OVER_TILED = _ONEDNN and _core_gemm_below_cpu()
-# Without GRN, the hidden activation size (N*H*W*hidden elements, in bytes of x's dtype)
-# from which the tiled MLP stays preferred even then: the torch-GEMM path streams that
-# tensor through memory several times (fc1's output saved, GELU, GELU recomputed and its
-# gradient, the products' inputs and outputs), the tiled one keeps it in cache. Measured
-# on a Zen 5 (32 MB L3, 2 threads, OpenBLAS' Haswell kernels, fwd + bwd, tiled time /
-# oneDNN time): InceptionNeXt-T's MLPs at 9.6-19 MB of hidden activation 1.20-1.92x (the
-# torch path faster), at 38.5 MB 0.62-0.98x, at 77 MB 0.64x (bench/README.md, session 27).
-_TILED_MIN_HIDDEN_BYTES = 32 << 20
+    """Whether :func:`mlp` with GRN may run the core's tiled MLP: where its products run at
+    the CPU's full width (:func:`core_gemm_wide`). GRN costs the tiled backward one GEMM a
+    tile more than the torch-GEMM path (it recomputes fc1 instead of saving it)."""
+    return _CORE_GEMM_WIDE
 
 
 def mlp_path(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
@@ -441,19 +446,23 @@ def _tiled_serves(x: torch.Tensor, fc1_weight: torch.Tensor, fc2_weight: torch.T
                   grn_weight: Optional[torch.Tensor]) -> bool:
     """Whether :func:`mlp` runs the core's tiled MLP (CPU, checked by the caller): fc2 maps
     back to x's width, and
-    - with GRN, where the core's GEMM runs AVX-512 kernels (:func:`tiled_grn_preferred`);
-    - without, unless the core's GEMM runs below the CPU's vector width and oneDNN serves
-      x, where the torch-GEMM path on oneDNN takes hidden activations below
-      ``_TILED_MIN_HIDDEN_BYTES``."""
+    - where oneDNN does not serve x: without GRN always, with GRN where the engine is wide;
+    - where it does and the engine is wide: unless hidden >= ``_ONEDNN_MIN_HIDDEN`` at
+      ``_ONEDNN_MIN_PIXELS`` pixels or more;
+    - where it does and the engine is narrower: without GRN, for hidden activations of
+      ``_TILED_MIN_HIDDEN_BYTES`` or more."""
     c = x.shape[-1]
     hidden = fc1_weight.shape[0]
     if fc2_weight.shape[0] != c or hidden * c >= 2 ** 31:
         return False
+    pixels = x.numel() // max(c, 1)
+    if not _onednn_serves(x):
+        return grn_weight is None or _CORE_GEMM_WIDE
+    if _CORE_GEMM_WIDE:
+        return not (hidden >= _ONEDNN_MIN_HIDDEN and pixels >= _ONEDNN_MIN_PIXELS)
     if grn_weight is not None:
-        return tiled_grn_preferred()
-    if _ONEDNN_OVER_TILED and _onednn_serves(x):
-        return x.numel() // max(c, 1) * hidden * x.element_size() >= _TILED_MIN_HIDDEN_BYTES
-    return True
+        return False
+    return pixels * hidden * x.element_size() >= _TILED_MIN_HIDDEN_BYTES
 
 
 # ---------------------------------------------------------------- public API
