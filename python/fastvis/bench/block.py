@@ -212,8 +212,8 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     passes = ["inference"] + ([] if args.no_backward else ["training"])
     results: List[Result] = []
-    from .. import _C
-    sgemm = _C.blas_sgemm_gflops(256, 1536, 384, 5) * threads
+    from .timing import core_sgemm_name, core_sgemm_rate
+    sgemm = core_sgemm_rate()[0] * threads
     say(f"block: {len(stages)} stage(s) x {len(batches)} batch size(s) x {len(passes)} pass(es), "
         f"{args.dtype}, {threads} thread(s)")
     interrupted = False
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"fastvis {fastvis.__version__}, torch {torch.__version__}, {threads} thread(s), "
           f"{args.dtype}, kernel {args.kernel}, {'ConvNeXt-V2 (GRN)' if args.v2 else 'ConvNeXt (layer scale)'} blocks")
     print(gemm_line())
-    print(f"sgemm ceiling: {sgemm:.0f} GFLOP/s ({threads} x one thread's {_C.sgemm_provider()} sgemm of "
+    print(f"sgemm ceiling: {sgemm:.0f} GFLOP/s ({threads} x one thread's {core_sgemm_name()} sgemm of "
           f"256x1536x384, measured in this run); GFLOP/s below count model FLOPs "
           f"(4*C*hidden + 2*k^2*C per pixel, training 3x)")
     for pas in passes:

@@ -15,7 +15,8 @@ Reported: images per second of each candidate and the ratios candidate-time / fa
 (> 1: fastvis is faster), and the largest difference between fastvis' and timm's logits.
 Then the machine's bound: the model's convolution and matrix-product FLOPs per image
 (torch.utils.flop_counter) at the sgemm rate measured in the same run (the thread count x
-one thread's sgemm of 256x1536x384 in the fused blocks' BLAS, as ``fastvis bench block``), in images per
+one thread's sgemm of 256x1536x384 as the fused blocks call it: the core's own AVX-512 kernel where
+it is active, else their BLAS; as ``fastvis bench block``), in images per
 second, with fastvis' rate and twice the baseline's (the issues' inference target) as
 fractions of it. Above 100 %: faster than every counted FLOP at the sgemm rate.
 Then a training step (forward, backward, SGD step; train mode) of fastvis against timm
@@ -153,8 +154,9 @@ def _print_bound_table(results: List[Result], sgemm: float, threads: int, fmt: s
         return
     head = ["model", "N", "GFLOP/img", "sgemm bound img/s", "fastvis img/s", "fastvis / bound",
             "baseline", "baseline img/s"]
-    from .. import _C
-    rate = f"{sgemm:.0f} GFLOP/s ({threads} x one thread's {_C.sgemm_provider()} sgemm of 256x1536x384, this run)"
+    from .timing import core_sgemm_name
+    rate = (f"{sgemm:.0f} GFLOP/s ({threads} x one thread's {core_sgemm_name()} sgemm of 256x1536x384, "
+            f"measured at the start of this run)")
     print()
     if train:
         print_table(f"Training step against the machine's sgemm bound: {TRAIN_FLOP_FACTOR} x the forward's "
@@ -308,7 +310,8 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     results: List[Result] = []
     interrupted = False
-    sgemm = fastvis._C.blas_sgemm_gflops(256, 1536, 384, 5) * threads
+    from .timing import core_sgemm_rate
+    sgemm = core_sgemm_rate()[0] * threads
     say(f"model: {len(models)} model(s) x {len(batches)} batch size(s), {size}x{size}, "
         f"{threads} thread(s)")
     try:

@@ -206,4 +206,23 @@ def gemm_line() -> str:
     from fastvis import _C
 
     info = fastvis.build_info()
-    return f"fused blocks' GEMM: {_C.sgemm_provider()}; core OpenBLAS: {info.get('openblas', '?')}"
+    own = "on" if _C.own_gemm_active() else "off"
+    return (f"fused blocks' GEMM: {_C.sgemm_provider()}, the core's own AVX-512 kernel for untransposed "
+            f"products {own}; core OpenBLAS: {info.get('openblas', '?')}")
+
+
+def core_sgemm_rate(reps: int = 5):
+    """(GFLOP/s of one thread, name): the fused blocks' GEMM on 256x1536x384 as they call it
+    (the own AVX-512 kernel's untransposed product where it is active, else the BLAS /
+    provider), the per-thread ceiling the benchmarks compare with."""
+    from fastvis import _C
+
+    own = _C.own_gemm_active()
+    return _C.blas_sgemm_gflops(256, 1536, 384, reps, nn=own), core_sgemm_name()
+
+
+def core_sgemm_name() -> str:
+    """The GEMM :func:`core_sgemm_rate` measures, for table captions."""
+    from fastvis import _C
+
+    return "the own AVX-512 kernel's" if _C.own_gemm_active() else f"{_C.sgemm_provider()}"
