@@ -225,4 +225,4 @@ def core_sgemm_name() -> str:
     """The GEMM :func:`core_sgemm_rate` measures, for table captions."""
     from fastvis import _C
 
-    return "the own AVX-512 kernel's" if _C.own_gemm_active() else f"{_C.sgemm_provider()}"
+    return "own AVX-512 kernel" if _C.own_gemm_active() else f"{_C.sgemm_provider()}"
