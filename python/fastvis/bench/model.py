@@ -9,7 +9,9 @@ into timm's), and times, interleaved in the same run:
 * timm channels_last: the same with the model and input in channels_last;
 * timm compile: timm's model under ``torch.compile`` (inductor);
 * ONNX Runtime: timm's model exported with ``torch.onnx.export`` (dynamo exporter), run by
-  ``onnxruntime`` on the CPU execution provider with the same thread count.
+  ``onnxruntime`` on the CPU execution provider with the same thread count, its worker
+  threads not spin-waiting between runs (spinning, they slowed the candidates timed after
+  it; ONNX Runtime alone runs a few per cent faster with it).
 
 Reported: images per second of each candidate and the ratios candidate-time / fastvis-time
 (> 1: fastvis is faster), and the largest difference between fastvis' and timm's logits.
@@ -183,6 +185,11 @@ def _onnx_session(model, x, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # No spin-waiting of its worker threads after a run: they kept a core busy while the
+    # next candidate ran (interleaved, inception_next_tiny at N=1 on 2 cores: fastvis 22.5 ->
+    # 26.3 ms next to a spinning session). ONNX Runtime itself runs ~5 % slower so (21.4 ->
+    # 22.4 ms there; bench/README.md, session 27).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     xn = x.numpy()
