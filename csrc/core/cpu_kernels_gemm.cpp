@@ -1,7 +1,7 @@
-// The core's own single-precision GEMM for row-major C = A B (+ beta C) with B stored
-// [k][n] (no transpose), AVX-512 only: the fused blocks' weight-stationary products
-// (fc2 with its k-major weight, fc1 with a k-major copy, the backward's dg = do W2 and
-// dt = da W1). Compiled once per instruction set like the ops' cpu_kernels*.cpp; the
+// The core's own single-precision GEMM for row-major C = op(A) B (+ beta C), op(A) = A or
+// A^T, B stored [k][n] (no transpose), AVX-512 only: the fused blocks' weight-stationary
+// products (fc2 with its k-major weight, fc1 with a k-major copy, the backward's
+// dg = do W2 and dt = da W1) and their weight gradients (A^T: the tile's pixels are k). Compiled once per instruction set like the ops' cpu_kernels*.cpp; the
 // kernel exists in the avx512 namespace only (core/gemm_kernels.h).
 //
 // Why not the BLAS: OpenBLAS packs B on every call (a tile GEMM of 49..256 rows against
@@ -16,8 +16,9 @@
 // 64 KB) stays in L2 while every row block of A passes over it; C is read back and
 // updated once per K block. A panel's first row block prefetches B's rows 24 ahead into L2
 // (the weights of a late stage do not stay in L3 between calls). Column tails run masked
-// vectors (any n), row tails smaller MR. The summation order over k is fixed by the shape (k ascending within a block,
-// blocks ascending): results do not depend on threads or alignment.
+// vectors (any n), row tails smaller MR. The summation order over k is fixed by the shape
+// (k ascending within a block, blocks ascending): results do not depend on threads or
+// alignment.
 #include <algorithm>
 #include <cstdint>
 

@@ -21,8 +21,9 @@ Two CPU paths, the same results within rounding:
   where the engine's products run at the CPU's full width (the core's own AVX-512 GEMM,
   or an AVX-512 BLAS: :func:`core_gemm_wide`) except for hidden widths of 1024 and more
   at 128 pixels or more (measured slower there than oneDNN's products; likely because
-  tiles of 256+ pixels then hold over 1 MB of hidden activations each), and, where the engine is narrower than oneDNN, without GRN for large hidden
-  activations only (``_tiled_serves`` has the measurements).
+  tiles of 256+ pixels then hold over 1 MB of hidden activations each), and, where the
+  engine is narrower than oneDNN, without GRN for large hidden activations only
+  (``_tiled_serves`` has the measurements).
 - **Torch GEMMs** (C_out != C, and the rest): autograd keeps ``x`` and the
   hidden pre-activation ``h = fc1(x)`` (plus GRN's (N, hidden) norms), C + hidden values
   per pixel; the backward recomputes GELU's output (and GRN's, from the saved norms, in one
