@@ -48,6 +48,8 @@ def test_build_info_keys_and_values():
     # linked OpenBLAS (scipy-openblas32) as the library reports itself.
     assert info["blas"] in ("OpenBLAS", "MKL (PyTorch's libtorch_cpu)"), info["blas"]
     assert info["openblas"].startswith("OpenBLAS"), info["openblas"]
+    # The own GEMM kernel: on by default wherever the AVX-512 path is selected.
+    assert info["own_gemm"] == (selected == "avx512"), (info["own_gemm"], selected)
     # A snapshot: mutating it does not change the library.
     info["version"] = "x"
     assert fastvis.build_info()["version"] == fastvis.__version__
