@@ -9,19 +9,8 @@ mixer, then fc1 / GELU / fc2 as oneDNN 1x1 convolutions, the residual). Median m
 from __future__ import annotations
 
 import argparse
-import time
 
-
-def _ms(f, reps):
-    for _ in range(3):
-        f()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
+from mlp_paths import _ms  # bench/ is the script directory: sys.path[0]
 
 
 def main() -> None:
