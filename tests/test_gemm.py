@@ -72,6 +72,21 @@ def test_xn_sweep(ta, m, n, k, pads, beta, seed):
             _C.set_own_gemm(-1)
 
 
+@settings(max_examples=120, deadline=None)
+@given(m=st.integers(1, 10), n=st.integers(1, 150), k=st.integers(0, 800),
+       pads=st.tuples(st.integers(0, 3), st.integers(0, 17), st.integers(0, 5)),
+       beta=st.sampled_from([0.0, 1.0, 0.5]), seed=st.integers(0, 2 ** 16))
+def test_nt_few_rows_sweep(m, n, k, pads, beta, seed):
+    """gemm(N, T) around the own few-rows kernel's limit (kFewRows = 8: m <= 8 runs the dot
+    products, m > 8 the BLAS), k = 0 included (C = beta C), k tails of every length."""
+    for mode in ([1, 0] if OWN else [0]):
+        _C.set_own_gemm(mode)
+        try:
+            _check(False, True, m, n, k, pads, beta, seed)
+        finally:
+            _C.set_own_gemm(-1)
+
+
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("m,n,k", [(256, 1536, 384), (49, 768, 3072), (6, 64, 256), (7, 65, 257), (1, 1, 1)])
 def test_block_shapes(engine, ta, tb, m, n, k):

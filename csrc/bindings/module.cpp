@@ -455,6 +455,18 @@ PYBIND11_MODULE(_C, m) {
     return &v;
   };
 
+  // ---- linear (fastvis/linear.h): y = x weight^T + bias on (M, K) rows; bias None or (N,)
+  m.def(
+      "linear_forward",
+      [opt_view](py::object x, py::object w, py::object bias, py::object y) {
+        Borrowed b;
+        TensorView xv = b.view(x, "x"), wv = b.view(w, "weight"), yv = b.view(y, "y"), bv;
+        const TensorView* bp = opt_view(b, bias, bv, "bias");
+        py::gil_scoped_release nogil;
+        linear_forward(xv, wv, bp, yv);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"));
+
   // ---- patch convolution (stride == kernel by default; any stride / zero padding): forward, weight gradient
   auto pc_params = [](const std::vector<int64_t>& stride, const std::vector<int64_t>& padding) {
     FV_CHECK_VALUE(stride.size() == 2 && padding.size() == 2,

@@ -5,6 +5,8 @@
 
 namespace fastvis {
 namespace core {
+// Up to this many rows of A, core::gemm sends C = A B^T to sgemm_nt_few (below).
+constexpr int64_t kFewRows = 8;
 namespace avx512 {
 // Row-major C[m x n] = A[m x k] B[k x n] + beta C (alpha 1), A with row stride lda, B with
 // row stride ldb (B stored [k][n]), C with row stride ldc. Serial, in the calling thread.
@@ -14,6 +16,11 @@ void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
 // weight gradients' products, k = the tile's pixels).
 void sgemm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
               int64_t ldb, float beta, float* c, int64_t ldc);
+// C = A B^T + beta C for few rows of A (the kernel reads both along k: dot products, no
+// packing), B stored [n][k] with row stride ldb (an nn.Linear weight): the bandwidth-bound
+// products of a classifier head at small batch. Any m; meant for m <= kFewRows.
+void sgemm_nt_few(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float beta, float* c, int64_t ldc);
 }  // namespace avx512
 }  // namespace core
 }  // namespace fastvis

@@ -8,6 +8,7 @@
 #include "fastvis/grn.h"
 #include "fastvis/inception_dwconv.h"
 #include "fastvis/layer_norm.h"
+#include "fastvis/linear.h"
 #include "fastvis/metanext_block.h"
 #include "fastvis/mlp.h"
 #include "fastvis/patch_conv.h"

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..nn.convnext import ConvNeXtBlock, run_blocks, trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
+from ..nn.linear import Linear
 from ..nn.layer_norm import LayerNorm2d
 from ..nn.patch_conv import PatchConv2d, PatchConvLN
 from ._backbone import StagedBackbone, positive_int, probability
@@ -99,11 +100,11 @@ class NormClassifierHead(nn.Module):
         self.flatten = nn.Flatten(1)
         self.pre_logits = nn.Identity()
         self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(in_features, num_classes, **factory) if num_classes > 0 else nn.Identity()
+        self.fc = Linear(in_features, num_classes, **factory) if num_classes > 0 else nn.Identity()
 
     def reset(self, num_classes: int) -> None:
         w = self.norm.weight
-        self.fc = (nn.Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
+        self.fc = (Linear(self.num_features, num_classes, device=w.device, dtype=w.dtype)
                    if num_classes > 0 else nn.Identity())
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

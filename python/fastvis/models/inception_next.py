@@ -29,6 +29,7 @@ from torch import nn
 
 from ..nn.convnext import trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
+from ..nn.linear import Linear
 from ..nn.inception_dwconv import InceptionDWConv2d
 from ..nn.metanext import MetaNeXtBlock, run_blocks
 from ..nn.patch_conv import PatchConv2d, PatchConvBN
@@ -133,10 +134,10 @@ class MlpClassifierHead(nn.Module):
         self.num_features = hidden = int(mlp_ratio * in_features)
         self.use_bias = bias
         self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.fc1 = nn.Linear(in_features, hidden, bias=bias, **factory)
+        self.fc1 = Linear(in_features, hidden, bias=bias, **factory)
         self.act = nn.GELU()
         self.norm = nn.LayerNorm(hidden, eps=1e-6, **factory)
-        self.fc2 = nn.Linear(hidden, num_classes, bias=bias, **factory) if num_classes > 0 else nn.Identity()
+        self.fc2 = Linear(hidden, num_classes, bias=bias, **factory) if num_classes > 0 else nn.Identity()
         self.drop = nn.Dropout(drop)
 
     def reset(self, num_classes: int, reset_other: bool = False) -> None:
@@ -148,7 +149,7 @@ class MlpClassifierHead(nn.Module):
             self.fc1, self.act, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
             self.num_features = self.in_features
         # nn.Linear's default initialisation, as timm's reset
-        self.fc2 = (nn.Linear(self.num_features, num_classes, bias=self.use_bias, **factory)
+        self.fc2 = (Linear(self.num_features, num_classes, bias=self.use_bias, **factory)
                     if num_classes > 0 else nn.Identity())
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

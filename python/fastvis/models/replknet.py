@@ -24,6 +24,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..nn.linear import Linear
 from ..nn.replk import ConvBN, ConvFFN, RepLKBlock
 from ._features import FeatureInfo
 from ._registry import register_model
@@ -138,7 +139,7 @@ class RepLKNet(_ReparamModelMixin, nn.Module):
         self.num_features = self.head_hidden_size = channels[-1]
         self.norm = nn.BatchNorm2d(channels[-1], **factory)
         self.head_drop = nn.Dropout(self.drop_rate)
-        self.head = nn.Linear(channels[-1], self.num_classes, **factory) if self.num_classes > 0 else nn.Identity()
+        self.head = Linear(channels[-1], self.num_classes, **factory) if self.num_classes > 0 else nn.Identity()
         self.pretrained_cfg = _default_cfg(in_chans, self.num_classes)
         if features_only:
             self.as_features(out_indices)

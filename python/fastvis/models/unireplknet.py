@@ -25,6 +25,7 @@ from torch import nn
 
 from ..nn.convnext import trunc_normal_02_
 from ..nn.depthwise_conv import DepthwiseConv2d
+from ..nn.linear import Linear
 from ..nn.patch_conv import PatchConv2d
 from ..nn.layer_norm import LayerNorm2d
 from ..nn.reparam import Reparameterizable
@@ -107,7 +108,7 @@ class _ReparamModelMixin(StagedBackbone, Reparameterizable):
             raise ValueError(f"reset_classifier: num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = int(num_classes)
         w = self.norm.weight
-        self.head = (nn.Linear(self.num_features, self.num_classes, device=w.device, dtype=w.dtype)
+        self.head = (Linear(self.num_features, self.num_classes, device=w.device, dtype=w.dtype)
                      if self.num_classes > 0 else nn.Identity())
         self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=self.num_classes)
 
@@ -193,7 +194,7 @@ class UniRepLKNet(_ReparamModelMixin, nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6, **factory)
         self.head_drop = nn.Dropout(self.drop_rate)
-        self.head = nn.Linear(dims[-1], self.num_classes, **factory) if self.num_classes > 0 else nn.Identity()
+        self.head = Linear(dims[-1], self.num_classes, **factory) if self.num_classes > 0 else nn.Identity()
         self._init_weights(head_init_scale)
         self.pretrained_cfg = _default_cfg(in_chans, self.num_classes)
         if features_only:

@@ -5,6 +5,7 @@ from .dilated_reparam import DILATED_BRANCHES, DilatedReparamBlock
 from .grn import GlobalResponseNorm
 from .inception_dwconv import InceptionDWConv2d
 from .layer_norm import LayerNorm2d
+from .linear import Linear
 from .metanext import ConvMlp, MetaNeXtBlock
 from .patch_conv import PatchConv2d, PatchConvBN, PatchConvLN
 from .reparam import Reparameterizable, reparameterize
@@ -23,6 +24,7 @@ __all__ = [
     "GlobalResponseNorm",
     "InceptionDWConv2d",
     "LayerNorm2d",
+    "Linear",
     "MetaNeXtBlock",
     "PatchConv2d",
     "PatchConvBN",

@@ -7,6 +7,7 @@ from .convnext_block import (convnext_block, convnext_block_reference, dwconv_ml
 from .grn import global_response_norm, global_response_norm_reference
 from .inception_dwconv import inception_depthwise_conv2d, inception_depthwise_conv2d_reference
 from .layer_norm import layer_norm_channels, layer_norm_channels_reference
+from .linear import linear
 from .mlp import mlp, mlp_reference
 from .metanext_block import fold_affine_into_fc1, metanext_block, metanext_block_reference
 from .patch_conv import patch_conv2d, patch_conv2d_reference
@@ -31,6 +32,7 @@ __all__ = [
     "fold_affine_into_fc1",
     "metanext_block",
     "metanext_block_reference",
+    "linear",
     "mlp",
     "mlp_reference",
     "inception_depthwise_conv2d",
