@@ -2,7 +2,8 @@
 
 Every block is a :class:`fastvis.nn.MetaNeXtBlock` whose token mixer is
 :class:`fastvis.nn.InceptionDWConv2d` (fastvis depthwise kernels); the stem, the
-downsampling layers, the BatchNorms of training mode and the head are plain PyTorch.
+downsampling layers and the BatchNorms of training mode are plain PyTorch, the head's
+linear layers :class:`fastvis.nn.Linear` (the core's streaming kernel at small batch).
 Activations are kept channels_last inside.
 
 State-dict layout (timm's ``MetaNeXt``; the official sail-sg checkpoints use the same)::
