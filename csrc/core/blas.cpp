@@ -170,7 +170,8 @@ namespace {
 
 template <class A>
 void gemm_split_t(Op ta, Op tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda,
-                  const A* b, int64_t ldb, A beta, A* c, int64_t ldc) {
+                  const A* b, int64_t ldb, A beta, A* c, int64_t ldc,
+                  const std::function<void(int64_t, int64_t)>* epilogue) {
   // Column blocks of a width set by n alone (results do not depend on the thread count):
   // up to 8 blocks, but at least two and, where n allows, 384 columns wide. Narrow blocks
   // of a k-major B run slowly at small m (MKL, 49 x 96 x 3072 with ldb 768: 94 GFLOP/s
@@ -181,6 +182,7 @@ void gemm_split_t(Op ta, Op tb, int64_t m, int64_t n, int64_t k, A alpha, const 
   const int64_t blocks = (n + per - 1) / per;
   if (blocks <= 1) {
     gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (epilogue) (*epilogue)(0, n);
     return;
   }
   parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -189,6 +191,7 @@ void gemm_split_t(Op ta, Op tb, int64_t m, int64_t n, int64_t k, A alpha, const 
       // op(B)'s columns j0.. : B's columns (no transpose) or rows (transposed).
       const A* bj = tb == Op::N ? b + j0 : b + j0 * ldb;
       gemm(ta, tb, m, nj, k, alpha, a, lda, bj, ldb, beta, c + j0, ldc);
+      if (epilogue) (*epilogue)(j0, nj);
     }
   });
 }
@@ -197,11 +200,21 @@ void gemm_split_t(Op ta, Op tb, int64_t m, int64_t n, int64_t k, A alpha, const 
 
 void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm_split_t<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_split_t<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nullptr);
 }
 void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  gemm_split_t<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_split_t<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nullptr);
+}
+void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                const std::function<void(int64_t, int64_t)>& epilogue) {
+  gemm_split_t<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, &epilogue);
+}
+void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc,
+                const std::function<void(int64_t, int64_t)>& epilogue) {
+  gemm_split_t<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, &epilogue);
 }
 
 double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps, bool nn) {

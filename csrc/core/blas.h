@@ -9,6 +9,7 @@
 // bundled copy, another soname) use.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace fastvis {
@@ -31,6 +32,16 @@ void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, cons
                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+
+// As gemm_split, and after each column block's product, on the thread that computed it,
+// epilogue(j0, nj) for C's columns [j0, j0 + nj) (an elementwise pass over the block while
+// it is in that core's cache, run in parallel with the other blocks).
+void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                const std::function<void(int64_t, int64_t)>& epilogue);
+void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc,
+                const std::function<void(int64_t, int64_t)>& epilogue);
 
 // GFLOP/s of one single-threaded float gemm(N, T) (or gemm(N, N) with nn) of m x n x k on
 // this thread, best of `reps` calls: the ceiling the fused blocks' tile GEMMs are compared

@@ -44,13 +44,13 @@ inline void mm(const Plan& pl, Op ta, Op tb, int64_t m, int64_t n, int64_t k, A 
 //
 // The GELU math (vgelu, vgelu_grad, sgelu, sgelu_grad) is in core/gelu.h.
 
-// h[p][j] = gelu(h[p][j] + b[j]) over np rows of n; with `keep`, h keeps the biased
-// pre-activation and the GELU goes to g.
-void bias_gelu(int64_t np, int64_t n, float* h, const float* b, bool tanh_form, float* g) {
+// h[p][j] = gelu(h[p][j] + b[j]) over np rows of n (row stride ld of h and g); with `keep`,
+// h keeps the biased pre-activation and the GELU goes to g.
+void bias_gelu_ld(int64_t np, int64_t n, int64_t ld, float* h, const float* b, bool tanh_form, float* g) {
   constexpr int L = VT<float>::L;
   for (int64_t p = 0; p < np; ++p) {
-    float* hp = h + p * n;
-    float* gp = g ? g + p * n : hp;
+    float* hp = h + p * ld;
+    float* gp = g ? g + p * ld : hp;
     int64_t j = 0;
     for (; j + L <= n; j += L) {
       const VF v = vload<float, float>(hp + j) + vload<float, float>(b + j);
@@ -64,16 +64,20 @@ void bias_gelu(int64_t np, int64_t n, float* h, const float* b, bool tanh_form, 
     }
   }
 }
-void bias_gelu(int64_t np, int64_t n, double* h, const double* b, bool tanh_form, double* g) {
+void bias_gelu_ld(int64_t np, int64_t n, int64_t ld, double* h, const double* b, bool tanh_form, double* g) {
   for (int64_t p = 0; p < np; ++p) {
-    double* hp = h + p * n;
-    double* gp = g ? g + p * n : hp;
+    double* hp = h + p * ld;
+    double* gp = g ? g + p * ld : hp;
     for (int64_t j = 0; j < n; ++j) {
       const double v = hp[j] + b[j];
       if (g) hp[j] = v;
       gp[j] = sgelu(v, tanh_form);
     }
   }
+}
+template <class A>
+inline void bias_gelu(int64_t np, int64_t n, A* h, const A* b, bool tanh_form, A* g) {
+  bias_gelu_ld(np, n, n, h, b, tanh_form, g);
 }
 
 // h[p][j] = dg[p][j] * gelu'(h[p][j]) (h holds the pre-activation), and db[j] += h[p][j]
@@ -318,20 +322,32 @@ void hidden_tile(DType dt, const Shape& s, const Plan& pl, const Packed& pk, con
   const int64_t np = (g1 - g0) * s.w;
   mixer_tile<T, A>(dt, s, pl, pk, x, g0, g1, t, dwb);
   if (pk.se_scale) se_apply<A>(s, g0 * s.w, np, t, static_cast<const A*>(pk.se_scale));
-  {
-    prof::Scope ps(prof::kFc1);
-    if (pk.w1t)
-      mm(pl, Op::N, Op::N, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1t), s.hidden,
-         A(0), keep_a ? keep_a : hb, s.hidden);
+  // GELU over each column block of fc1's output right after it (with a split GEMM: on the
+  // thread that computed the block, in parallel; a one-tile plan ran it on one thread after
+  // the product). With the split, the fc1 phase of the profiler includes its thread's GELU.
+  const A* b1 = static_cast<const A*>(pk.b1);
+  const int64_t Hd = s.hidden;
+  auto gelu_cols = [&](int64_t j0, int64_t nj) {
+    prof::Scope ps(prof::kGelu);
+    if (keep_a)
+      bias_gelu_ld(np, nj, Hd, keep_a + j0, b1 + j0, pk.tanh, hb + j0);
     else
-      mm(pl, Op::N, Op::T, np, s.hidden, s.c, A(1), t, s.c, static_cast<const A*>(pk.w1), s.c,
-         A(0), keep_a ? keep_a : hb, s.hidden);
+      bias_gelu_ld(np, nj, Hd, hb + j0, b1 + j0, pk.tanh, static_cast<A*>(nullptr));
+  };
+  const bool kmaj = pk.w1t != nullptr;
+  const A* w1 = static_cast<const A*>(kmaj ? pk.w1t : pk.w1);
+  A* a = keep_a ? keep_a : hb;
+  if (pl.split_gemm) {
+    prof::Scope ps(prof::kFc1);
+    core::gemm_split(Op::N, kmaj ? Op::N : Op::T, np, Hd, s.c, A(1), t, s.c, w1, kmaj ? Hd : s.c, A(0), a,
+                     Hd, std::function<void(int64_t, int64_t)>(gelu_cols));
+  } else {
+    {
+      prof::Scope ps(prof::kFc1);
+      core::gemm(Op::N, kmaj ? Op::N : Op::T, np, Hd, s.c, A(1), t, s.c, w1, kmaj ? Hd : s.c, A(0), a, Hd);
+    }
+    gelu_cols(0, Hd);
   }
-  prof::Scope ps(prof::kGelu);
-  if (keep_a)
-    bias_gelu(np, s.hidden, keep_a, static_cast<const A*>(pk.b1), pk.tanh, hb);
-  else
-    bias_gelu(np, s.hidden, hb, static_cast<const A*>(pk.b1), pk.tanh, static_cast<A*>(nullptr));
 }
 
 // Per image row: rowsum[r][c] = sum over the row's pixels of the mixer(+norm) output.
