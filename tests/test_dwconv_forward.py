@@ -424,7 +424,7 @@ def test_forward_packed_row_reuse(threads, kh, kw, stride, dilation):
 
 # k x 1 kernels in row bands (stride 1 and dilation 1 down the column, no horizontal
 # padding or stride, C a whole number of vectors: each output row a weighted sum of kh
-# input rows, bands of 4-6 rows). Heights below kh, at kh, a band and a bit, several bands;
+# input rows, bands of 4-8 rows). Heights below kh, at kh, a band and a bit, several bands;
 # padding apart, asymmetric, and up to kh - 1 (rows that read a single input row);
 # kh up to 63; C of one and several vectors of the widest path (16 floats, 8 doubles),
 # and C that is not (the other paths); 1-3 threads (a thread's rows starting inside a
@@ -436,6 +436,9 @@ def test_forward_packed_row_reuse(threads, kh, kw, stride, dilation):
     (9, (0, 0, 0, 0), 1, torch.float64), (3, (1, 1, 0, 0), 2, torch.float64),
     (5, (4, 3, 0, 0), 1, torch.float32), (31, (15, 15, 0, 0), 1, torch.float32),
     (63, (31, 31, 0, 0), 1, torch.float64), (3, (2, 0, 0, 0), 1, torch.float32),
+    # 7, 9, 11 on AVX-512: bands of 8 rows, weights in registers (row_band_regw)
+    (7, (3, 3, 0, 0), 1, torch.bfloat16), (11, (10, 0, 0, 0), 1, torch.float64),
+    (9, (4, 4, 0, 0), 1, torch.float32),
 ])
 def test_forward_row_band(threads, kh, pads, sw, dtype):
     vec = 8 if dtype == torch.float64 else 16

@@ -1036,10 +1036,109 @@ __attribute__((always_inline)) inline void row_band_chunk(int64_t kh, int64_t cp
   }
 }
 
+#if FV_VEC_BYTES == 64
+// k x 1 bands with the kernel height a compile-time KH (AVX-512's 32 registers): one channel
+// vector at a time with its KH weights held in registers, a band of KR output rows swept
+// pixel by pixel, PX pixels at once (KH + PX * KR + PX registers: 29 for 11x1). Each input
+// vector is loaded once per band and multiplied into the band's rows it reaches. The
+// register-window band (row_band_chunk) takes its weights from L1 as memory operands, one
+// load per multiply-add, which left it load-bound. Same summation order (bias, then the
+// taps in kernel-row order): the same results.
+template <class T, class A, class Y, int KR, int KH, int PX>
+__attribute__((always_inline)) inline void regw_pixels(const T* const* xr, int s_lo, int s_hi, int nr,
+                                                       int64_t off_x, int64_t XP,
+                                                       const typename VT<A>::V* wv, typename VT<A>::V bv,
+                                                       Y* const* yr, int64_t off_y, int64_t YP) {
+  using V = typename VT<A>::V;
+  constexpr int NS = KR + KH - 1;
+  V acc[PX][KR];
+#pragma GCC unroll 16
+  for (int r = 0; r < KR; ++r)
+#pragma GCC unroll 4
+    for (int q = 0; q < PX; ++q) acc[q][r] = bv;
+#pragma GCC unroll 40
+  for (int s = 0; s < NS; ++s) {
+    if (s < s_lo || s >= s_hi) continue;
+    V xv[PX];
+#pragma GCC unroll 4
+    for (int q = 0; q < PX; ++q) xv[q] = vload<T, A>(xr[s] + off_x + q * XP);
+#pragma GCC unroll 16
+    for (int r = 0; r < KR; ++r) {
+      const int i = s - r;
+      if (i < 0 || i >= KH) continue;
+#pragma GCC unroll 4
+      for (int q = 0; q < PX; ++q) acc[q][r] += xv[q] * wv[i];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < KR; ++r) {
+    if (r >= nr) break;
+#pragma GCC unroll 4
+    for (int q = 0; q < PX; ++q) vstore<Y, A>(yr[r] + off_y + q * YP, acc[q][r]);
+  }
+}
+
+template <class T, class A, class Y, int KH>
+void row_band_regw(const Geom& g, const T* xn, const A* wpk, const A* bias, Y* yn, int64_t oh,
+                   int64_t nrows) {
+  using V = typename VT<A>::V;
+  constexpr int KR = 8, PX = 2, NS = KR + KH - 1;
+  constexpr int64_t L = VT<A>::L;
+  const int64_t XP = in_pitch(g), YP = out_pitch(g), m = g.c / L, W = g.ow;
+  const T* xr[NS];
+  Y* yr[KR];
+  for (int64_t b0 = oh; b0 < oh + nrows; b0 += KR) {
+    const int nr = static_cast<int>(std::min<int64_t>(KR, oh + nrows - b0));
+    const int64_t ih0 = b0 - g.pt;  // the input row of band slot 0
+    const int64_t ns = nr + KH - 1;
+    const int s_lo = static_cast<int>(std::min(ns, std::max<int64_t>(0, -ih0)));
+    const int s_hi = static_cast<int>(std::max<int64_t>(s_lo, std::min(ns, g.h - ih0)));
+    for (int s = 0; s < NS; ++s) xr[s] = (s >= s_lo && s < s_hi) ? xn + (ih0 + s) * g.w * XP : xn;
+    for (int r = 0; r < KR; ++r) yr[r] = yn + (b0 + std::min(r, nr - 1)) * W * YP;
+    for (int64_t cv = 0; cv < m; ++cv) {
+      V wv[KH];
+#pragma GCC unroll 16
+      for (int i = 0; i < KH; ++i) wv[i] = vload<A, A>(wpk + i * g.cp + cv * L);
+      const V bv = bias ? vload<A, A>(bias + cv * L) : V{};
+      int64_t p = 0;
+      for (; p + PX <= W; p += PX)
+        regw_pixels<T, A, Y, KR, KH, PX>(xr, s_lo, s_hi, nr, p * XP + cv * L, XP, wv, bv, yr,
+                                         p * YP + cv * L, YP);
+      for (; p < W; ++p)
+        regw_pixels<T, A, Y, KR, KH, 1>(xr, s_lo, s_hi, nr, p * XP + cv * L, XP, wv, bv, yr,
+                                        p * YP + cv * L, YP);
+    }
+  }
+}
+
+// row_band_regw for the kernel heights where it measured faster, when a band's input and
+// output rows (KR + KH - 1 and KR rows of the whole width) fit L2; else false. Against
+// row_band_chunk, C=128, 56x56, two threads, one process alternating (medians of 15, ms),
+// forward / input gradient: N=1 7x1 0.056 -> 0.048 / 0.058 -> 0.052, 9x1 0.059 -> 0.051 /
+// 0.063 -> 0.056, 11x1 0.064-0.065 -> 0.055 / 0.067-0.068 -> 0.059; N=8 7x1 0.394 -> 0.381,
+// 9x1 0.396 -> 0.382, 11x1 0.47-0.50 -> 0.37-0.42 / 0.48-0.49 -> 0.44-0.45. 5x1 was slower
+// at N=8 (0.354 -> 0.418) and 13x1 (31 of the 32 registers) level: they keep the window.
+template <class T, class A, class Y>
+bool row_band_regw_any(const Geom& g, const T* xn, const A* wpk, const A* bias, Y* yn, int64_t oh,
+                       int64_t nrows) {
+  const int64_t row_bytes = g.w * in_pitch(g) * static_cast<int64_t>(sizeof(T));
+  if ((8 + g.kh - 1 + 8) * row_bytes > (int64_t{768} << 10)) return false;
+  switch (g.kh) {
+    case 7: row_band_regw<T, A, Y, 7>(g, xn, wpk, bias, yn, oh, nrows); return true;
+    case 9: row_band_regw<T, A, Y, 9>(g, xn, wpk, bias, yn, oh, nrows); return true;
+    case 11: row_band_regw<T, A, Y, 11>(g, xn, wpk, bias, yn, oh, nrows); return true;
+    default: return false;
+  }
+}
+#endif
+
 // Output rows [oh, oh + nrows) of one image (xn, yn: its input and output).
 template <class T, class A, class Y>
 void row_band_rows(const Geom& g, const T* xn, const A* wpk, const A* bias, Y* yn, int64_t oh,
                    int64_t nrows) {
+#if FV_VEC_BYTES == 64
+  if (row_band_regw_any<T, A, Y>(g, xn, wpk, bias, yn, oh, nrows)) return;
+#endif
   // Rows per band: 24 (AVX-512) or 16 (AVX2, baseline) accumulators. N=8, C=128, 56x56,
   // 11x1, minimum of 31: 6 rows 1.49-1.65 ms, 4 rows 1.71-1.80, 8 rows x 2 vectors 1.82-2.05;
   // on the AVX2 path 4 rows 2.39 ms, 2 rows 3.12.
