@@ -92,3 +92,62 @@ int main() {
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, f"rc={run.returncode}: {run.stdout}{run.stderr}"
     assert "stride" in run.stdout.lower(), run.stdout
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
+def test_native_linear(tmp_path):
+    """fastvis/linear.h from a native program: a few rows (the own kernel where AVX-512 is
+    selected) and many rows (the split GEMM), against a double loop; a bad shape throws."""
+    src = tmp_path / "linear.cpp"
+    src.write_text(r'''
+#include <cmath>
+#include <cstdio>
+#include <vector>
+#include "fastvis/fastvis.h"
+int check(int m, int n, int k) {
+  std::vector<float> x(m * k), w(n * k), b(n), y(m * n);
+  for (int i = 0; i < m * k; ++i) x[i] = std::sin(0.37f * i);
+  for (int i = 0; i < n * k; ++i) w[i] = std::cos(0.11f * i);
+  for (int i = 0; i < n; ++i) b[i] = 0.01f * i;
+  auto xv = fastvis::make_view(x.data(), fastvis::DType::Float32, {m, k});
+  auto wv = fastvis::make_view(w.data(), fastvis::DType::Float32, {n, k});
+  auto bv = fastvis::make_view(b.data(), fastvis::DType::Float32, {n});
+  auto yv = fastvis::make_view(y.data(), fastvis::DType::Float32, {m, n});
+  fastvis::linear_forward(xv, wv, &bv, yv);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double ref = b[j], mag = std::fabs(b[j]);
+      for (int p = 0; p < k; ++p) {
+        ref += double(x[i * k + p]) * w[j * k + p];
+        mag += std::fabs(double(x[i * k + p]) * w[j * k + p]);
+      }
+      if (std::fabs(y[i * n + j] - ref) > 1e-6 * (k + 1) * mag + 1e-30) {
+        std::printf("mismatch m=%d n=%d k=%d at (%d, %d): %g vs %g\n", m, n, k, i, j, y[i * n + j], ref);
+        return 1;
+      }
+    }
+  return 0;
+}
+int main() {
+  if (check(1, 300, 77) || check(5, 130, 64) || check(20, 70, 33)) return 1;
+  std::vector<float> x(6), w(6), y(4);
+  try {
+    fastvis::linear_forward(fastvis::make_view(x.data(), fastvis::DType::Float32, {2, 3}),
+                            fastvis::make_view(w.data(), fastvis::DType::Float32, {3, 2}), nullptr,
+                            fastvis::make_view(y.data(), fastvis::DType::Float32, {2, 2}));
+  } catch (const fastvis::Error& e) {
+    std::printf("ok %s\n", e.what());
+    return e.kind() == fastvis::ErrorKind::Value ? 0 : 2;
+  }
+  return 3;
+}
+''')
+    exe = tmp_path / "linear"
+    inc, libdir = fastvis.get_include(), fastvis.get_library_dir()
+    build = subprocess.run([CXX, "-std=c++17", "-O1", str(src), f"-I{inc}", f"-L{libdir}",
+                            "-lfastvis_core", f"-Wl,-rpath,{libdir}", "-o", str(exe)],
+                           capture_output=True, text=True, timeout=240)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"rc={run.returncode}: {run.stdout}{run.stderr}"
+    assert "weight must be" in run.stdout, run.stdout
