@@ -72,13 +72,16 @@ def test_xn_sweep(ta, m, n, k, pads, beta, seed):
             _C.set_own_gemm(-1)
 
 
-@settings(max_examples=120, deadline=None)
-@given(m=st.integers(1, 10), n=st.integers(1, 150), k=st.integers(0, 800),
+@settings(max_examples=150, deadline=None)
+@given(m=st.one_of(st.integers(1, 10), st.integers(11, 40)), n=st.integers(1, 150),
+       k=st.integers(0, 800),
        pads=st.tuples(st.integers(0, 3), st.integers(0, 17), st.integers(0, 5)),
        beta=st.sampled_from([0.0, 1.0, 0.5]), seed=st.integers(0, 2 ** 16))
-def test_nt_few_rows_sweep(m, n, k, pads, beta, seed):
-    """gemm(N, T) around the own few-rows kernel's limit (kFewRows = 8: m <= 8 runs the dot
-    products, m > 8 the BLAS), k = 0 included (C = beta C), k tails of every length."""
+def test_nt_sweep(m, n, k, pads, beta, seed):
+    """gemm(N, T): the own few-rows kernel (m <= kFewRows = 8: dot products) and, above it,
+    the packed-panel kernel (B^T's panels transposed 16 x 16 at a time, partial blocks by
+    element: n and k of every remainder mod 16 and 64, k past one KC block of 256), k = 0
+    included (C = beta C); and the BLAS."""
     for mode in ([1, 0] if OWN else [0]):
         _C.set_own_gemm(mode)
         try:

@@ -142,8 +142,11 @@ void gemm(Op ta, Op tb, int64_t m, int64_t n, int64_t k, float alpha, const floa
       avx512::sgemm_tn(m, n, k, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  if (ta == Op::N && tb == Op::T && alpha == 1.0f && m <= kFewRows && own_gemm_active()) {
-    avx512::sgemm_nt_few(m, n, k, a, lda, b, ldb, beta, c, ldc);
+  if (ta == Op::N && tb == Op::T && alpha == 1.0f && own_gemm_active()) {
+    if (m <= kFewRows)
+      avx512::sgemm_nt_few(m, n, k, a, lda, b, ldb, beta, c, ldc);
+    else
+      avx512::sgemm_nt(m, n, k, a, lda, b, ldb, beta, c, ldc);
     return;
   }
 #endif

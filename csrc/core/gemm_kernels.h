@@ -16,6 +16,11 @@ void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
 // weight gradients' products, k = the tile's pixels).
 void sgemm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
               int64_t ldb, float beta, float* c, int64_t ldc);
+// C = A B^T + beta C, B stored [n][k] with row stride ldb: each 64-column panel of B^T
+// (KC of k) transposed into a buffer in L2, then the kernel above over it (the training
+// forward's products with an nn.Linear weight, where no k-major copy is kept).
+void sgemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float beta, float* c, int64_t ldc);
 // C = A B^T + beta C for few rows of A (the kernel reads both along k: dot products, no
 // packing), B stored [n][k] with row stride ldb (an nn.Linear weight): the bandwidth-bound
 // products of a classifier head at small batch. Any m; meant for m <= kFewRows.

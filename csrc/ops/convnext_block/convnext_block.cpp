@@ -298,10 +298,6 @@ template <class A> void pack_vector(const TensorView* t, int64_t n, int64_t len,
 // The parameters in A: matrices used in place when they already are contiguous A. A
 // k-major fc1 / fc2 weight (is_kmajor) gives w1t / w2t, used in place when it is of type A,
 // and, unless fwd_only (the forward reads only those), a row-major copy for the backward.
-// Pixels of a call from which row-major weights get transposed copies for the own kernel
-// (below). Measured (Zen 5, UniRepLKNet-T's MLP at 7x7, N=8: 392 pixels, fwd + bwd through
-// the tiled MLP): 30.8 ms with the BLAS' transposed products, 27.9 with the copies.
-constexpr int64_t kTransposeMinPixels = 256;
 template <class A>
 Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights& w,
                 const ConvNeXtBlockParams& p, ScratchCarver& sc, bool dry, bool fwd_only) {
@@ -332,31 +328,11 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
       for (int64_t i = 0; i < rows * cols; ++i) m[i] = static_cast<A>(load_as_double(t.dtype, t.data, i));
     return m;
   };
-  // Where the core's own GEMM runs gemm(N, N) (core/blas.h) and the call has pixels enough to
-  // repay the copy (kTransposeMinPixels), row-major weights get transposed copies for the
-  // products that would otherwise need a transposed weight (fc1, fc2 of the forward and
-  // the backward's recomputation), which the own kernel does not serve.
-  const bool transpose = sizeof(A) == 4 && core::own_gemm_active() && s.n * s.h * s.w >= kTransposeMinPixels;
-  auto transposed = [&](const TensorView& t, int64_t rows, int64_t cols) -> const A* {
-    A* m = take(rows * cols);  // [cols][rows]
-    if (dry) return m;
-    const int64_t sr = t.strides[0], sc = t.strides[1];
-    auto blocks = [&](auto load) {  // 32 x 32 blocks: both sides stay in L1
-      for (int64_t r0 = 0; r0 < rows; r0 += 32)
-        for (int64_t c0 = 0; c0 < cols; c0 += 32) {
-          const int64_t r1 = std::min(rows, r0 + 32), c1 = std::min(cols, c0 + 32);
-          for (int64_t c = c0; c < c1; ++c)
-            for (int64_t r = r0; r < r1; ++r) m[c * rows + r] = load(r * sr + c * sc);
-        }
-    };
-    if (t.dtype == DType::Float32) {
-      const float* src = static_cast<const float*>(t.data);
-      blocks([src](int64_t i) { return static_cast<A>(src[i]); });
-    } else {
-      blocks([&t](int64_t i) { return static_cast<A>(load_as_double(t.dtype, t.data, i)); });
-    }
-    return m;
-  };
+  // Row-major weights are used as they are: the forward's products with them (fc1, fc2 and
+  // the backward's recomputation) are gemm(N, T), which the own kernel serves by packing
+  // B^T's panels. (Until session 28 calls of 256+ pixels transposed the weights once per
+  // call for its gemm(N, N) and smaller ones ran the BLAS: the tiled MLP's forward + backward
+  // at 7x7, N=8, C=768 went 39.7 -> 32.6 ms without the copies.)
   const A* w1t = kmajor_of(*w.fc1_weight, s.hidden, s.c);
   if (w1t && fwd_only) {
     // the forward's fc1 reads w1t only
@@ -367,9 +343,7 @@ Packed pack_all(const TensorView& x, const Shape& s, const ConvNeXtBlockWeights&
     if (!dry) pack_matrix<A>(*w.fc1_weight, s.hidden, s.c, m);
     w1 = m;
   }
-  if (!w1t && transpose) w1t = transposed(*w.fc1_weight, s.hidden, s.c);
   const A* w2t = kmajor_of(*w.fc2_weight, s.c, s.hidden);
-  if (!w2t && transpose) w2t = transposed(*w.fc2_weight, s.c, s.hidden);
   if (w2t && fwd_only) {
     // the forward's fc2 reads w2t only
   } else if (native && w.fc2_weight->is_contiguous()) {
