@@ -111,11 +111,11 @@ def test_bench_model_flop_count_matches_the_formula():
 
 def test_bench_gemm_line_names_the_gemm_and_the_openblas_kernels():
     """`bench model` / `bench block` headers say which GEMM and OpenBLAS kernels ran, and
-    whether the core's own kernel serves the untransposed products."""
+    whether the core's own kernels serve the products."""
     line = timing.gemm_line()
     assert f"fused blocks' GEMM: {fastvis._C.sgemm_provider()}," in line
     own = "on" if fastvis._C.own_gemm_active() else "off"
-    assert f"own AVX-512 kernel for untransposed products {own};" in line
+    assert f"own AVX-512 kernels {own};" in line
     assert fastvis.build_info()["openblas"] in line and "OpenBLAS" in line
     assert ("own AVX-512" in timing.core_sgemm_name()) == fastvis._C.own_gemm_active()
 

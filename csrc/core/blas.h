@@ -48,8 +48,8 @@ void gemm_split(Op ta, Op tb, int64_t m, int64_t n, int64_t k, double alpha, con
 // with.
 double gemm_gflops(int64_t m, int64_t n, int64_t k, int reps, bool nn = false);
 
-// The core's own AVX-512 kernel for float gemm(N, N) and gemm(T, N) with alpha 1
-// (core/gemm_kernels.h):
+// The core's own AVX-512 kernels for float gemm(N, N), gemm(T, N) and gemm(N, T) with
+// alpha 1 (core/gemm_kernels.h):
 // available where the AVX-512 path is compiled and selected; active by default there
 // (mode -1), or forced off (0) / on (1). When active it serves every such product in
 // place of the BLAS (or the installed provider).

@@ -1,5 +1,6 @@
 // The core's own single-precision GEMM for row-major C = op(A) B (+ beta C), op(A) = A or
-// A^T, B stored [k][n] (no transpose), AVX-512 only: the fused blocks' weight-stationary
+// A^T, B stored [k][n] (no transpose), and C = A B^T (+ beta C) (sgemm_nt, sgemm_nt_few at
+// the end), AVX-512 only: the fused blocks' weight-stationary
 // products (fc2 with its k-major weight, fc1 with a k-major copy, the backward's
 // dg = do W2 and dt = da W1) and their weight gradients (A^T: the tile's pixels are k). Compiled once per instruction set like the ops' cpu_kernels*.cpp; the
 // kernel exists in the avx512 namespace only (core/gemm_kernels.h).

@@ -59,7 +59,7 @@ def build_info() -> Dict[str, Any]:
     info["torch"] = torch.__version__
     info["blas"] = _C.sgemm_provider()  # the fused blocks' float GEMM (see _select_blas)
     info["openblas"] = _C.blas_config()  # scipy-openblas32: double GEMMs, and float without MKL
-    # The core's own AVX-512 kernel for the fused blocks' untransposed float products.
+    # The core's own AVX-512 kernels for the fused blocks' float products (and small-batch linears).
     info["own_gemm"] = bool(_C.own_gemm_active())
     info["cuda_status"] = (
         "compiled, never run on a GPU (unverified on hardware)" if info["cuda"] else "not built"

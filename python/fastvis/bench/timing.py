@@ -207,8 +207,8 @@ def gemm_line() -> str:
 
     info = fastvis.build_info()
     own = "on" if _C.own_gemm_active() else "off"
-    return (f"fused blocks' GEMM: {_C.sgemm_provider()}, the core's own AVX-512 kernel for untransposed "
-            f"products {own}; core OpenBLAS: {info.get('openblas', '?')}")
+    return (f"fused blocks' GEMM: {_C.sgemm_provider()}, the core's own AVX-512 kernels "
+            f"{own}; core OpenBLAS: {info.get('openblas', '?')}")
 
 
 def core_sgemm_rate(reps: int = 5):

@@ -389,7 +389,7 @@ def _avx512_openblas_gemm() -> bool:
 
 def _core_gemm_wide() -> bool:
     """The tile engine's products run at the CPU's full vector width: the core's own AVX-512
-    GEMM kernel is active (core/blas.h: it serves the engine's untransposed products), or
+    GEMM kernel is active (core/blas.h: it serves all of the engine's float products), or
     the BLAS runs AVX-512 kernels (OpenBLAS' SkylakeX set, MKL on an Intel CPU), or the CPU
     has no AVX-512 (so nothing is wider)."""
     if _C.own_gemm_active() or _avx512_openblas_gemm():
