@@ -154,6 +154,9 @@ def test_a_provider_computing_the_right_product_is_installed_and_used():
     # One thread: the Python callback then runs on this thread only (no pool thread waits for
     # the GIL while this one waits for the pool).
     fastvis.set_num_threads(1)
+    # The core's own AVX-512 kernels, where active, serve every product the block makes:
+    # off here, so the products reach the provider.
+    _C.set_own_gemm(0)
     try:
         _C.set_sgemm_provider(ctypes.cast(sgemm, ctypes.c_void_p).value, 0, "numpy sgemm")
         assert _C.sgemm_provider() == "numpy sgemm"
@@ -162,6 +165,7 @@ def test_a_provider_computing_the_right_product_is_installed_and_used():
             got = fastvis.ops.convnext_block(x, *args)
         assert len(calls) > n_checked  # the block's GEMMs went through the provider
     finally:
+        _C.set_own_gemm(-1)
         fastvis.set_num_threads(0)
         if before == MKL_NAME and symbols is not None:
             _C.set_sgemm_provider(symbols[0], symbols[1], MKL_NAME)
