@@ -248,8 +248,10 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("fn"), py::arg("set_threads_local") = 0, py::arg("name") = "");
   m.def("sgemm_provider", [] { return fastvis::core::sgemm_provider(); });
-  // GFLOP/s of the core's BLAS on one thread for C[m x n] = A[m x k] B[k x n]^T (the fused
-  // blocks' GEMM shape), best of `reps` calls: the ceiling the tile GEMMs are compared with.
+  // GFLOP/s of the core's float GEMM (core::gemm: the own AVX-512 kernels where active, else
+  // the BLAS / provider; the name predates them) on one thread for C[m x n] = A[m x k]
+  // B[k x n]^T (or A B with nn), best of `reps` calls: the ceiling the tile GEMMs are
+  // compared with.
   m.def("blas_sgemm_gflops",
         [](int64_t m_, int64_t n_, int64_t k_, int reps, bool nn) {
           py::gil_scoped_release nogil;
