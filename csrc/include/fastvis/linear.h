@@ -13,9 +13,9 @@
 // a few rows against a weight of several MB that has left the caches since the last image
 // (InceptionNeXt's MLP head: 16 MB). Up to core::kFewRows (8) rows, float32, the core's own
 // AVX-512 kernel reads each weight row once as a stream of dot products, the columns split
-// over the threads; otherwise the core's GEMM (the BLAS) runs in column blocks. Each
-// output is one dot product whose summation order depends only on K: results are the same
-// for any thread count.
+// over the threads; more rows run the core's GEMM in column blocks (the own packed-panel
+// kernel where active, else the BLAS; float64 always the BLAS). The summation order of
+// each output depends only on the shape: results are the same for any thread count.
 #pragma once
 #include "fastvis/tensor.h"
 

@@ -1,6 +1,7 @@
 // The linear op (fastvis/linear.h): argument checks and the split of the product over
-// the threads. The arithmetic is core::gemm's (core/blas.h): the own few-rows kernel for
-// float32 products of up to kFewRows rows where the AVX-512 path is active, else the BLAS.
+// the threads. The arithmetic is core::gemm's (core/blas.h): where the own AVX-512 kernels
+// are active, the few-rows kernel for float32 products of up to kFewRows rows and the
+// packed-panel one above that; else the BLAS.
 #include "fastvis/linear.h"
 
 #include <algorithm>
