@@ -239,9 +239,9 @@ def test_default_path_choice():
         if onednn == "onednn":  # the thresholds, on shapes alone
             z = torch.empty
             MLP_MODULE._CORE_GEMM_WIDE = True
-            assert path(z(1, 12, 12, 8), z(1024, 8), z(8, 1024)) == "onednn"  # 144 pixels
-            assert path(z(1, 11, 11, 8), z(1024, 8), z(8, 1024)) == "tiled"   # 121
-            assert path(z(1, 12, 12, 8), z(1000, 8), z(8, 1000)) == "tiled"
+            assert path(z(1, 32, 32, 8), z(1024, 8), z(8, 1024)) == "onednn"  # 1024 pixels
+            assert path(z(1, 31, 32, 8), z(1024, 8), z(8, 1024)) == "tiled"   # 992
+            assert path(z(1, 32, 32, 8), z(1000, 8), z(8, 1000)) == "tiled"
             MLP_MODULE._CORE_GEMM_WIDE = False
             w1, w2 = z(384, 96), z(96, 384)
             assert path(z(4, 56, 56, 96), w1, w2) == "onednn"  # 19.3 MB of hidden activation

@@ -20,8 +20,8 @@ Two CPU paths, the same results within rounding:
   saved for the backward) and one more in the backward (one more GEMM a tile). Chosen
   where the engine's products run at the CPU's full width (the core's own AVX-512 GEMM,
   or an AVX-512 BLAS: :func:`core_gemm_wide`) except for hidden widths of 1024 and more
-  at 128 pixels or more (measured slower there than oneDNN's products; likely because
-  tiles of 256+ pixels then hold over 1 MB of hidden activations each), and, where the
+  at 1024 pixels or more (measured 1.08x slower there than oneDNN's products; likely
+  because tiles of 256+ pixels then hold over 1 MB of hidden activations each), and, where the
   engine is narrower than oneDNN, without GRN for large hidden activations only
   (``_tiled_serves`` has the measurements).
 - **Torch GEMMs** (C_out != C, and the rest): autograd keeps ``x`` and the
@@ -404,12 +404,17 @@ _CORE_GEMM_WIDE = _core_gemm_wide()
 # Where the engine is wide and oneDNN serves x, the torch-GEMM path on oneDNN from these
 # hidden widths and pixel counts (the likely cause: the tiled MLP's tiles of 256+ pixels
 # then hold over 1 MB of hidden activations each, several such buffers in the backward,
-# beyond a 1 MB L2; not verified with counters). Measured on a Zen 5 (own GEMM kernel, 2 threads, fwd + bwd, tiled time / oneDNN time,
-# bench/mlp_paths.py): InceptionNeXt-T hidden 384-768 0.36-0.90, 1536 (196-1568 pixels)
-# 1.21-1.22, 3072 at 392 pixels 1.14 and at 49 pixels 0.73; UniRepLKNet-T (GRN) hidden
-# 320-640 0.77-0.95, 1280-2560 at 196-1568 pixels 1.13-1.44, at 49 pixels 1.0 (session 27).
+# beyond a 1 MB L2; not verified with counters). Measured on a Zen 5 (own GEMM kernels, 2
+# threads, fwd + bwd, tiled time / oneDNN time, bench/mlp_paths.py), session 28, after the
+# own kernel took over gemm(N, T) (session 27, before it, oneDNN won from 128 pixels:
+# InceptionNeXt-T hidden 1536 1.21-1.22, UniRepLKNet-T 1280-2560 1.13-1.44):
+# InceptionNeXt-T hidden 384-768 0.32-0.87, 1536 at 196 pixels 0.85 and at 1568 1.08, 3072
+# at 49 pixels 0.53 and at 392 0.90; UniRepLKNet-T (GRN) hidden 320-640 0.78-0.87, 1280 at
+# 196 pixels 1.03 and at 1568 1.08, 2560 at 49 pixels 0.73 and at 392 1.00. Training step,
+# one process alternating 128 / 1024 pixels: inception_next_tiny N=1 109.4 -> 102.8 ms,
+# N=8 level, unireplknet_t N=1 level.
 _ONEDNN_MIN_HIDDEN = 1024
-_ONEDNN_MIN_PIXELS = 128
+_ONEDNN_MIN_PIXELS = 1024
 # Where the engine is narrower than oneDNN (the CPU has AVX-512, the core's GEMM does not
 # use it): GRN takes oneDNN, and so does an MLP without GRN below this hidden activation
 # size (N*H*W*hidden elements, in bytes of x's dtype): the torch-GEMM path streams that
