@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvis.ops import linear
+from mlp_paths import _ms  # bench/ is the script directory: sys.path[0]
 
 # (name, N, K): the heads of the models fastvis builds
 SHAPES = [
@@ -29,17 +30,6 @@ def _cold(fn, junk, reps):
     ts = []
     for _ in range(reps):
         junk.add_(1.0)
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
-def _warm(fn, reps):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
@@ -64,7 +54,7 @@ def main() -> None:
                 torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-3)
                 fv, pt = (lambda: linear(x, w, b)), (lambda: F.linear(x, w, b))
                 fc, pc = _cold(fv, junk, a.reps), _cold(pt, junk, a.reps)
-                fw, pw = _warm(fv, 4 * a.reps), _warm(pt, 4 * a.reps)
+                fw, pw = _ms(fv, 4 * a.reps), _ms(pt, 4 * a.reps)
                 print(f"| {name} | {n} | {m} | {n * k * 4 / 2 ** 20:.1f} | {fc:.3f} | {pc:.3f} | {pc / fc:.2f}x "
                       f"| {fw:.3f} | {pw:.3f} | {pw / fw:.2f}x |")
 

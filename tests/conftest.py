@@ -385,3 +385,30 @@ def conv_configs(draw, dtypes=(torch.float32,), max_hw: int = 20, max_c: int = 4
 def unambiguous_layout(t: torch.Tensor) -> bool:
     """True when t is dense in exactly one of NCHW / channels_last."""
     return t.is_contiguous() != t.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------ the core's GEMM engines
+
+
+@pytest.fixture(params=["own", "blas"])
+def gemm_engine(request):
+    """The core's float GEMM forced to the own AVX-512 kernels ("own"; skipped where they
+    are not available) or to the BLAS ("blas"), back to automatic afterwards."""
+    from fastvis import _C
+    if request.param == "own" and not _C.own_gemm_available():
+        pytest.skip("no AVX-512 path here: the own kernel is not available")
+    _C.set_own_gemm(1 if request.param == "own" else 0)
+    yield request.param
+    _C.set_own_gemm(-1)
+
+
+def each_gemm_engine(check) -> None:
+    """check() with the own kernels forced on (where available), then with the BLAS; for
+    hypothesis tests, which cannot take a parametrised fixture."""
+    from fastvis import _C
+    for mode in ([1, 0] if _C.own_gemm_available() else [0]):
+        _C.set_own_gemm(mode)
+        try:
+            check()
+        finally:
+            _C.set_own_gemm(-1)

@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import each_gemm_engine
 from fastvis import _C
 
 U = 2.0 ** -24
@@ -49,27 +50,13 @@ def _check(ta, tb, m, n, k, pads, beta, seed):
         f"{float((err / bound).max()):.3g}")
 
 
-@pytest.fixture(params=["own", "blas"])
-def engine(request):
-    if request.param == "own" and not OWN:
-        pytest.skip("no AVX-512 path here: the own kernel is not available")
-    _C.set_own_gemm(1 if request.param == "own" else 0)
-    yield request.param
-    _C.set_own_gemm(-1)
-
-
 @settings(max_examples=150, deadline=None)
 @given(ta=st.booleans(), m=st.integers(1, 20), n=st.integers(1, 150), k=st.integers(1, 600),
        pads=st.tuples(st.integers(0, 3), st.integers(0, 17), st.integers(0, 5)),
        beta=st.sampled_from([0.0, 1.0, 0.5]), seed=st.integers(0, 2 ** 16))
 def test_xn_sweep(ta, m, n, k, pads, beta, seed):
     """gemm(N, N) and gemm(T, N): the own kernel's two forms, and the BLAS."""
-    for mode in ([1, 0] if OWN else [0]):
-        _C.set_own_gemm(mode)
-        try:
-            _check(ta, False, m, n, k, pads, beta, seed)
-        finally:
-            _C.set_own_gemm(-1)
+    each_gemm_engine(lambda: _check(ta, False, m, n, k, pads, beta, seed))
 
 
 @settings(max_examples=150, deadline=None)
@@ -82,17 +69,12 @@ def test_nt_sweep(m, n, k, pads, beta, seed):
     the packed-panel kernel (B^T's panels transposed 16 x 16 at a time, partial blocks by
     element: n and k of every remainder mod 16 and 64, k past one KC block of 256), k = 0
     included (C = beta C); and the BLAS."""
-    for mode in ([1, 0] if OWN else [0]):
-        _C.set_own_gemm(mode)
-        try:
-            _check(False, True, m, n, k, pads, beta, seed)
-        finally:
-            _C.set_own_gemm(-1)
+    each_gemm_engine(lambda: _check(False, True, m, n, k, pads, beta, seed))
 
 
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("m,n,k", [(256, 1536, 384), (49, 768, 3072), (6, 64, 256), (7, 65, 257), (1, 1, 1)])
-def test_block_shapes(engine, ta, tb, m, n, k):
+def test_block_shapes(gemm_engine, ta, tb, m, n, k):
     _check(ta, tb, m, n, k, (0, 0, 0), 0.0, m + n + k)
     _check(ta, tb, m, n, k, (1, 3, 2), 1.0, m * n + k)
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvis
+from conftest import each_gemm_engine
 from fastvis import _C
 from fastvis.ops.linear import FEW_ROWS, linear
 
@@ -42,15 +43,6 @@ def _check_core(m, n, k, pads, with_bias, dtype, seed):
     assert (err <= bound).all(), f"m={m} n={n} k={k}: max err / bound {float((err / bound).max()):.3g}"
 
 
-@pytest.fixture(params=["own", "blas"])
-def engine(request):
-    if request.param == "own" and not OWN:
-        pytest.skip("no AVX-512 path here: the own kernel is not available")
-    _C.set_own_gemm(1 if request.param == "own" else 0)
-    yield request.param
-    _C.set_own_gemm(-1)
-
-
 @settings(max_examples=120, deadline=None)
 @given(m=st.integers(1, 20), n=st.integers(1, 300), k=st.integers(0, 700),
        pads=st.tuples(st.integers(0, 3), st.integers(0, 17), st.integers(0, 5)),
@@ -59,16 +51,11 @@ def engine(request):
 def test_core_sweep(m, n, k, pads, with_bias, dtype, seed):
     """Both sides of the few-rows limit (m <= 8: 64-column blocks, the own dot-product
     kernel for float32; more rows: the split GEMM), k = 0 (y = bias), row strides."""
-    for mode in ([1, 0] if OWN else [0]):
-        _C.set_own_gemm(mode)
-        try:
-            _check_core(m, n, k, pads, with_bias, dtype, seed)
-        finally:
-            _C.set_own_gemm(-1)
+    each_gemm_engine(lambda: _check_core(m, n, k, pads, with_bias, dtype, seed))
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 2304, 768), (1, 1000, 2304), (8, 1000, 768), (3, 65, 17), (9, 130, 33)])
-def test_core_head_shapes(engine, m, n, k):
+def test_core_head_shapes(gemm_engine, m, n, k):
     _check_core(m, n, k, (0, 0, 0), True, torch.float32, m + n + k)
     _check_core(m, n, k, (1, 5, 2), False, torch.float32, m * n + k)
 

@@ -132,15 +132,64 @@ inline void panel(int nv, int mr, int64_t kc, const float* a, int64_t lda, const
   }
 }
 
-template <bool TA>
-void sgemm_xn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-              int64_t ldb, float beta, float* c, int64_t ldc) {
+// B^T's 64-column panel [j0, j0 + nr) x [k0, k0 + kc) (rows j0.. of B stored [n][k]) into
+// buf [kc][64]: what the micro-kernels read for an untransposed B. Blocks of 16 x 16
+// transposed in registers; a partial block (the panel's last rows or k's tail) by element.
+inline void pack_bt(const float* __restrict b, int64_t ldb, int64_t nr, int64_t kc, float* __restrict buf) {
+  int64_t j = 0;
+  for (; j + 16 <= nr; j += 16) {
+    int64_t p = 0;
+    for (; p + 16 <= kc; p += 16) {
+      __m512 r[16];
+      for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(b + (j + q) * ldb + p);
+      // 16 x 16 transpose: 32-bit, 64-bit, 128-bit and 256-bit interleaves.
+      __m512 t[16];
+      for (int q = 0; q < 16; q += 2) {
+        t[q] = _mm512_unpacklo_ps(r[q], r[q + 1]);
+        t[q + 1] = _mm512_unpackhi_ps(r[q], r[q + 1]);
+      }
+      for (int q = 0; q < 16; q += 4) {
+        for (int h = 0; h < 2; ++h) {
+          r[q + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[q + h]), _mm512_castps_pd(t[q + 2 + h])));
+          r[q + 2 + h] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[q + h]), _mm512_castps_pd(t[q + 2 + h])));
+        }
+      }
+      // r[q]: rows q..(q & ~3)+3 interleaved; gather the 128-bit lanes of four rows.
+      for (int q = 0; q < 16; q += 8) {
+        for (int h = 0; h < 4; ++h) {
+          t[q + h] = _mm512_shuffle_f32x4(r[q + h], r[q + 4 + h], 0x88);
+          t[q + 4 + h] = _mm512_shuffle_f32x4(r[q + h], r[q + 4 + h], 0xDD);
+        }
+      }
+      for (int h = 0; h < 8; ++h) {
+        r[h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0x88);
+        r[8 + h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0xDD);
+      }
+      // r[x] now holds column p + perm(x) of rows j..j+15.
+      constexpr int perm[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+      for (int x = 0; x < 16; ++x) _mm512_storeu_ps(buf + (p + perm[x]) * 64 + j, r[x]);
+    }
+    for (; p < kc; ++p)
+      for (int q = 0; q < 16; ++q) buf[p * 64 + j + q] = b[(j + q) * ldb + p];
+  }
+  for (; j < nr; ++j)
+    for (int64_t p = 0; p < kc; ++p) buf[p * 64 + j] = b[j * ldb + p];
+}
+
+// The blocked loop of every form: K in blocks of KC, 64-column panels, row blocks of MR.
+// PACK: B stored [n][k], each panel of B^T transposed into buf first (pack_bt, then read
+// from L2 by every row block); else B stored [k][n], read in place, its rows prefetched by
+// a panel's first row block.
+template <bool TA, bool PACK>
+void sgemm_blocks(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                  int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {  // C = beta C
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
     return;
   }
+  alignas(64) float buf[PACK ? kKC * 16 * kNV : 16];
   for (int64_t k0 = 0; k0 < k; k0 += kKC) {
     const int64_t kc = std::min(kKC, k - k0);
     const bool first = k0 == 0;
@@ -150,14 +199,20 @@ void sgemm_xn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, cons
       const int rem = static_cast<int>(nr - 16 * (nv - 1));
       const __mmask16 tail = static_cast<__mmask16>(rem == 16 ? 0xFFFF : (1u << rem) - 1);
       const float* bp = b + k0 * ldb + j0;
+      int64_t ldp = ldb;
+      if (PACK) {
+        pack_bt(b + j0 * ldb + k0, ldb, nr, kc, buf);
+        bp = buf;
+        ldp = 16 * kNV;
+      }
       for (int64_t i0 = 0; i0 < m; i0 += kMR) {
         const int mr = static_cast<int>(std::min<int64_t>(kMR, m - i0));
         const float* ap = TA ? a + k0 * lda + i0 : a + i0 * lda + k0;
         float* cp = c + i0 * ldc + j0;
-        if (i0 == 0)
-          panel<TA, true>(nv, mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail);
+        if (!PACK && i0 == 0)
+          panel<TA, true>(nv, mr, kc, ap, lda, bp, ldp, cp, ldc, first, beta, tail);
         else
-          panel<TA, false>(nv, mr, kc, ap, lda, bp, ldb, cp, ldc, first, beta, tail);
+          panel<TA, false>(nv, mr, kc, ap, lda, bp, ldp, cp, ldc, first, beta, tail);
       }
     }
   }
@@ -258,86 +313,17 @@ void sgemm_nt_few(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, 
   }
 }
 
-namespace {
-// B^T's 64-column panel [j0, j0 + nr) x [k0, k0 + kc) (rows j0.. of B stored [n][k]) into
-// buf [kc][64]: what the micro-kernels read for an untransposed B. Blocks of 16 x 16
-// transposed in registers; a partial block (the panel's last rows or k's tail) by element.
-inline void pack_bt(const float* __restrict b, int64_t ldb, int64_t nr, int64_t kc, float* __restrict buf) {
-  int64_t j = 0;
-  for (; j + 16 <= nr; j += 16) {
-    int64_t p = 0;
-    for (; p + 16 <= kc; p += 16) {
-      __m512 r[16];
-      for (int q = 0; q < 16; ++q) r[q] = _mm512_loadu_ps(b + (j + q) * ldb + p);
-      // 16 x 16 transpose: 32-bit, 64-bit, 128-bit and 256-bit interleaves.
-      __m512 t[16];
-      for (int q = 0; q < 16; q += 2) {
-        t[q] = _mm512_unpacklo_ps(r[q], r[q + 1]);
-        t[q + 1] = _mm512_unpackhi_ps(r[q], r[q + 1]);
-      }
-      for (int q = 0; q < 16; q += 4) {
-        for (int h = 0; h < 2; ++h) {
-          r[q + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[q + h]), _mm512_castps_pd(t[q + 2 + h])));
-          r[q + 2 + h] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[q + h]), _mm512_castps_pd(t[q + 2 + h])));
-        }
-      }
-      // r[q]: rows q..(q & ~3)+3 interleaved; gather the 128-bit lanes of four rows.
-      for (int q = 0; q < 16; q += 8) {
-        for (int h = 0; h < 4; ++h) {
-          t[q + h] = _mm512_shuffle_f32x4(r[q + h], r[q + 4 + h], 0x88);
-          t[q + 4 + h] = _mm512_shuffle_f32x4(r[q + h], r[q + 4 + h], 0xDD);
-        }
-      }
-      for (int h = 0; h < 8; ++h) {
-        r[h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0x88);
-        r[8 + h] = _mm512_shuffle_f32x4(t[h], t[8 + h], 0xDD);
-      }
-      // r[x] now holds column p + perm(x) of rows j..j+15.
-      constexpr int perm[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
-      for (int x = 0; x < 16; ++x) _mm512_storeu_ps(buf + (p + perm[x]) * 64 + j, r[x]);
-    }
-    for (; p < kc; ++p)
-      for (int q = 0; q < 16; ++q) buf[p * 64 + j + q] = b[(j + q) * ldb + p];
-  }
-  for (; j < nr; ++j)
-    for (int64_t p = 0; p < kc; ++p) buf[p * 64 + j] = b[j * ldb + p];
-}
-
-}  // namespace
-
-void sgemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-              int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  if (k <= 0) {
-    sgemm_xn<false>(m, n, k, a, lda, b, ldb, beta, c, ldc);  // C = beta C
-    return;
-  }
-  alignas(64) float buf[kKC * 16 * kNV];
-  for (int64_t k0 = 0; k0 < k; k0 += kKC) {
-    const int64_t kc = std::min(kKC, k - k0);
-    const bool first = k0 == 0;
-    for (int64_t j0 = 0; j0 < n; j0 += 16 * kNV) {
-      const int64_t nr = std::min<int64_t>(16 * kNV, n - j0);
-      const int nv = static_cast<int>((nr + 15) / 16);
-      const int rem = static_cast<int>(nr - 16 * (nv - 1));
-      const __mmask16 tail = static_cast<__mmask16>(rem == 16 ? 0xFFFF : (1u << rem) - 1);
-      pack_bt(b + j0 * ldb + k0, ldb, nr, kc, buf);
-      for (int64_t i0 = 0; i0 < m; i0 += kMR) {
-        const int mr = static_cast<int>(std::min<int64_t>(kMR, m - i0));
-        panel<false, false>(nv, mr, kc, a + i0 * lda + k0, lda, buf, 16 * kNV, c + i0 * ldc + j0, ldc,
-                            first, beta, tail);
-      }
-    }
-  }
-}
-
 void sgemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
               int64_t ldb, float beta, float* c, int64_t ldc) {
-  sgemm_xn<false>(m, n, k, a, lda, b, ldb, beta, c, ldc);
+  sgemm_blocks<false, false>(m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+void sgemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+              int64_t ldb, float beta, float* c, int64_t ldc) {
+  sgemm_blocks<false, true>(m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 void sgemm_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
               int64_t ldb, float beta, float* c, int64_t ldc) {
-  sgemm_xn<true>(m, n, k, a, lda, b, ldb, beta, c, ldc);
+  sgemm_blocks<true, false>(m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 #endif  // __AVX512F__
 
