@@ -258,19 +258,6 @@ def test_custom_op_opcheck():
             torch.library.opcheck(torch.ops.fastvis.patch_conv2d_backward.default, (gy, xx, ww, [2, 2], [1, 1], *need))
 
 
-def test_weight_gradient_in_the_weights_format():
-    """grad_weight comes in the weight's own memory format (a channels_last weight, as
-    Module.to(memory_format=torch.channels_last) leaves it, gets a channels_last gradient:
-    no transposing copy per step), contiguous otherwise; the values are conv2d's either way."""
-    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
-    for fmt in (torch.channels_last, torch.contiguous_format):
-        w = torch.randn(32, 16, 2, 2).contiguous(memory_format=fmt).requires_grad_()
-        gw, = torch.autograd.grad(patch_conv2d(x, w).square().sum(), (w,))
-        assert gw.is_contiguous(memory_format=fmt), (fmt, gw.stride())
-        ref, = torch.autograd.grad(F.conv2d(x, w, stride=2).square().sum(), (w,))
-        torch.testing.assert_close(gw, ref, rtol=1e-4, atol=1e-4)
-
-
 def test_other_dtypes_and_reference_switch():
     x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
     w = torch.randn(6, 4, 2, 2, dtype=torch.bfloat16)

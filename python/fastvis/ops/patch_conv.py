@@ -67,19 +67,9 @@ def _dense_weight(weight: torch.Tensor) -> torch.Tensor:
     return w
 
 
-# The backward's gradients come in layouts fixed by the shapes and the weight's strides (so
-# the fake kernel's always match under torch.compile): grad_x channels_last, grad_weight in
-# the weight's own format (channels_last for a channels_last weight, what
-# Module.to(memory_format=torch.channels_last) leaves; else contiguous). A contiguous
-# grad_weight for a channels_last weight cost a transposing copy a step (InceptionNeXt-T's
-# last downsampling layer, 768 x 384 x 2 x 2: 1.35 ms of a ~100 ms batch-1 step).
-_GX_FORMAT = torch.channels_last
-
-
-def _gw_format(weight: torch.Tensor) -> torch.memory_format:
-    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+# The backward's gradients come in fixed layouts, whatever the inputs' strides (so the fake
+# kernel's always match under torch.compile): grad_x channels_last, grad_weight contiguous.
+_GX_FORMAT, _GW_FORMAT = torch.channels_last, torch.contiguous_format
 
 
 # Patches of fewer values (Cin * kh * kw) than this take PyTorch's whole backward: their
@@ -111,7 +101,7 @@ def _pc_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride:
             gy, x, w, [w.shape[0]], stride, padding, [1, 1], False, [0, 0], 1,
             [need_input, need_weight, need_bias])
         return [gx.contiguous(memory_format=_GX_FORMAT) if need_input else x.new_empty(0),
-                gw.contiguous(memory_format=_gw_format(weight)) if need_weight else x.new_empty(0),
+                gw.contiguous(memory_format=_GW_FORMAT) if need_weight else x.new_empty(0),
                 gb if need_bias else x.new_empty(0)]
     if need_input:
         gx = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, [1, 1], False,
@@ -125,14 +115,14 @@ def _pc_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride:
                                         scratch_arg_sized(x.device, nbytes), stride, padding)
         if gb is None:
             gb = x.new_empty(0)
-        gw = gw.contiguous(memory_format=_gw_format(weight)) if need_weight else x.new_empty(0)
+        gw = gw.contiguous(memory_format=_GW_FORMAT) if need_weight else x.new_empty(0)
     return [gx if need_input else x.new_empty(0), gw, gb]
 
 
 @_pc_bwd.register_fake
 def _(grad_y, x, weight, stride, padding, need_input, need_weight, need_bias):
     gx = torch.empty_like(x, memory_format=_GX_FORMAT) if need_input else x.new_empty(0)
-    gw = torch.empty_like(weight, memory_format=_gw_format(weight)) if need_weight else weight.new_empty(0)
+    gw = torch.empty_like(weight, memory_format=_GW_FORMAT) if need_weight else weight.new_empty(0)
     gb = weight.new_empty(weight.shape[0]) if need_bias else weight.new_empty(0)
     return [gx, gw, gb]
 
