@@ -6,7 +6,8 @@ weight of several MB (InceptionNeXt's MLP head: 7 + 9 MB) that the rest of the n
 pushed out of the caches since the previous image, so the product is a read of the weight
 from DRAM. PyTorch's ``F.linear`` (MKL's sgemv on these AMD CPUs) read it at 16-20 GB/s
 here; the core's few-rows kernel reads each weight row once as a stream of dot products
-over both threads, prefetching the next rows, at 40-50 GB/s (``bench/head_linear.py``).
+over both threads, prefetching the next rows, at ~50 GB/s (the core call alone, cache
+cold); through this op 1.3-1.9x ``F.linear``'s speed at batch 1 (``bench/head_linear.py``).
 
 Only that case runs the core: eval-style calls with nothing needing gradients, on the CPU,
 float32, at most :data:`FEW_ROWS` rows (the leading dimensions of x multiplied out), where
