@@ -43,18 +43,18 @@ void run(const TensorView& x, const TensorView& w, const TensorView* bias, const
   const int64_t ldx = m > 1 ? x.strides[0] : std::max<int64_t>(k, 1);
   const int64_t ldw = n > 1 ? w.strides[0] : std::max<int64_t>(k, 1);
   const int64_t ldy = m > 1 ? y.strides[0] : std::max<int64_t>(n, 1);
-  // y = bias (then beta = 1) or nothing (beta = 0) over columns [j0, j1).
-  auto fill = [&](int64_t j0, int64_t j1) {
+  // y = bias (then beta = 1) or nothing (beta = 0) over rows [i0, i1) and columns [j0, j1).
+  auto fill = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     if (!bias) return;
     const T* bp = static_cast<const T*>(bias->data);
-    for (int64_t i = 0; i < m; ++i)
+    for (int64_t i = i0; i < i1; ++i)
       for (int64_t j = j0; j < j1; ++j) yp[i * ldy + j] = bp[j * bias->strides[0]];
   };
   const T beta = bias ? T(1) : T(0);
   if (k == 0) {  // no products: y = bias or 0
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) yp[i * ldy + j] = T(0);
-    fill(0, n);
+    fill(0, m, 0, n);
     return;
   }
   if (m <= core::kFewRows) {
@@ -64,18 +64,13 @@ void run(const TensorView& x, const TensorView& w, const TensorView* bias, const
     const int64_t blocks = (n + kCols - 1) / kCols;
     parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t j0 = b0 * kCols, j1 = std::min(n, b1 * kCols);
-      fill(j0, j1);
+      fill(0, m, j0, j1);
       core::gemm(core::Op::N, core::Op::T, m, j1 - j0, k, T(1), xp, ldx, wp + j0 * ldw, ldw, beta,
                  yp + j0, ldy);
     });
     return;
   }
-  parallel_for(m, 64, [&](int64_t i0, int64_t i1) {  // the bias rows, then the product
-    for (int64_t i = i0; i < i1; ++i)
-      if (bias)
-        for (int64_t j = 0; j < n; ++j)
-          yp[i * ldy + j] = static_cast<const T*>(bias->data)[j * bias->strides[0]];
-  });
+  parallel_for(m, 64, [&](int64_t i0, int64_t i1) { fill(i0, i1, 0, n); });  // then the product
   core::gemm_split(core::Op::N, core::Op::T, m, n, k, T(1), xp, ldx, wp, ldw, beta, yp, ldy);
 }
 
